@@ -1,0 +1,1 @@
+"""Attention math and controllers, in plain PyTorch (no host imports)."""

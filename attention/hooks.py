@@ -1,0 +1,149 @@
+"""The core's view of a UNet: one hook per attention call, with a context saying where it is.
+
+Host adapters (``hosts/comfy.py``, ``hosts/diffusers.py``) call an :class:`AttentionHook` from every
+self- and cross-attention layer with the *projected* q, k, v (``(batch, tokens, heads * dim)``, heads
+not yet split) and an :class:`AttentionContext`. The hook returns the attention output in the same
+layout (before the output projection), or ``None`` to decline, in which case the host's own attention
+runs unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, Sequence
+
+import torch
+
+AttentionKind = Literal["self", "cross"]
+RowKind = Literal["cond", "uncond"]
+COND: RowKind = "cond"
+UNCOND: RowKind = "uncond"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A transformer block of the UNet, in forward call order.
+
+    ``index`` counts transformer blocks (one self- and one cross-attention each) in the order the
+    UNet runs them: on SD1.x, 0-5 encoder, 6 middle, 7-15 decoder (METHODS.md numbering).
+    ``stage`` is "down", "mid" or "up"; ``downscale`` the factor between the latent and this
+    layer's token grid (1, 2, 4, 8); ``host_key`` the host's own name for the block.
+    """
+
+    index: int
+    stage: Literal["down", "mid", "up"]
+    downscale: int
+    host_key: tuple
+
+
+@dataclass(frozen=True)
+class RowInfo:
+    """What each batch row of one attention call is.
+
+    ``kind[i]`` is "cond" or "uncond"; ``slot[i]`` is the row's prompt slot: its index inside its
+    cond/uncond chunk, i.e. which latent of the user's batch (and so which prompt of a multi-prompt
+    edit) the row belongs to.
+    """
+
+    kind: tuple[RowKind, ...]
+    slot: tuple[int, ...]
+
+    @staticmethod
+    def from_chunks(chunk_kinds: Sequence[RowKind], rows_per_chunk: int) -> "RowInfo":
+        """Rows of a batch made of equal chunks, each all-cond or all-uncond (ComfyUI's layout)."""
+        kind = tuple(k for k in chunk_kinds for _ in range(rows_per_chunk))
+        slot = tuple(s for _ in chunk_kinds for s in range(rows_per_chunk))
+        return RowInfo(kind, slot)
+
+    def rows(self, kind: RowKind | None = None, slot: int | None = None) -> list[int]:
+        """Indices of the rows matching ``kind`` and/or ``slot``."""
+        return [
+            i
+            for i, (k, s) in enumerate(zip(self.kind, self.slot))
+            if (kind is None or k == kind) and (slot is None or s == slot)
+        ]
+
+    @property
+    def cond_rows(self) -> list[int]:
+        return self.rows(COND)
+
+    @property
+    def uncond_rows(self) -> list[int]:
+        return self.rows(UNCOND)
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """Where an attention call happens and what its rows are."""
+
+    layer: LayerInfo
+    kind: AttentionKind
+    grid: tuple[int, int]  # token grid (height, width) of the queries
+    heads: int
+    dim_head: int
+    rows: RowInfo
+    step: int | None  # index of the current sampling step, None when unknown (e.g. outside sampling)
+    total_steps: int | None
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+class AttentionHook(Protocol):
+    """Called for every attention call; returns ``(batch, q_tokens, heads*dim)`` or ``None``."""
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor | None: ...
+
+
+class HookShapeError(RuntimeError):
+    """A hook returned something the host cannot use in place of attention."""
+
+
+def check_hook_output(out: object, q: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """Validate a hook's return value, naming the layer when it is wrong."""
+    expected = (q.shape[0], q.shape[1], v.shape[2])
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise HookShapeError(
+            f"RealEdit: the attention hook on layer {ctx.layer.index} ({ctx.kind}-attention, "
+            f"{ctx.layer.stage} block {ctx.layer.host_key}, {ctx.grid[0]}x{ctx.grid[1]} tokens) returned "
+            f"{got}; it must return a tensor of shape {expected} (batch, tokens, heads*dim) or None."
+        )
+    return out
+
+
+def grid_for(latent_hw: tuple[int, int], downscale: int, tokens: int) -> tuple[int, int]:
+    """Token grid of a layer that sees the latent downsampled ``downscale`` times.
+
+    Stride-2 convolutions round up, so halve with ceiling as many times as needed. Falls back to a
+    square/aspect-ratio guess when the count does not match (e.g. a host that resized).
+    """
+    h, w = latent_hw
+    factor = 1
+    while factor < downscale:
+        h, w, factor = (h + 1) // 2, (w + 1) // 2, factor * 2
+    if h * w == tokens:
+        return h, w
+    ratio = latent_hw[1] / latent_hw[0]
+    h = max(1, round((tokens / ratio) ** 0.5))
+    return (h, tokens // h) if tokens % h == 0 else (tokens, 1)
+
+
+class ChainHook:
+    """Run hooks in order; the first one that returns an output wins."""
+
+    def __init__(self, *hooks: AttentionHook):
+        self.hooks = hooks
+
+    def __call__(self, q, k, v, ctx):
+        for hook in self.hooks:
+            out = hook(q, k, v, ctx)
+            if out is not None:
+                return out
+        return None

@@ -1,0 +1,1 @@
+"""Compatibility helpers for odd installs (no ComfyUI imports)."""

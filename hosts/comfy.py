@@ -1,0 +1,218 @@
+"""ComfyUI host: install an :class:`~..attention.hooks.AttentionHook` on a ``ModelPatcher`` clone.
+
+Every transformer block of the UNet gets an ``attn1`` and an ``attn2`` replace patch (discovered from
+the model, so SD1.x, SD2.x and SDXL all work). A patch already present on a block (IPAdapter-style
+packs) is wrapped: it runs whenever our hook declines, and hooks can call it through
+``ctx``-independent :meth:`HookedAttention.host_attention`. The big state of a hook lives in the hook
+object itself; ``model_options`` only holds small closures, and the closure's ``__deepcopy__`` returns
+itself so ``ModelPatcher.clone()`` never copies banks or stores.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
+
+from ..attention.hooks import (
+    AttentionContext,
+    AttentionHook,
+    AttentionKind,
+    LayerInfo,
+    RowInfo,
+    check_hook_output,
+    grid_for,
+)
+
+# ComfyUI's cond_or_uncond uses 0 for the positive and 1 for the negative prompt.
+_ROW_KIND = {0: "cond", 1: "uncond"}
+
+
+class UnsupportedModelError(ValueError):
+    """The MODEL has no UNet transformer blocks this pack knows how to patch."""
+
+
+def _diffusion_model(model_patcher: Any) -> torch.nn.Module:
+    model = getattr(model_patcher, "model", None)
+    unet = getattr(model, "diffusion_model", None)
+    if not isinstance(unet, UNetModel):
+        name = type(unet if unet is not None else model).__name__
+        raise UnsupportedModelError(
+            f"RealEdit: the MODEL input is a {name}, not a Stable Diffusion UNet (SD1.x, SD2.x, SDXL); "
+            "connect a model loaded from an SD-family checkpoint."
+        )
+    return unet
+
+
+def discover_layers(model_patcher: Any) -> list[LayerInfo]:
+    """The UNet's transformer blocks in forward call order, keyed as ComfyUI's replace patches are."""
+    unet = _diffusion_model(model_patcher)
+    layers: list[LayerInfo] = []
+    downscale = 1
+
+    def add_transformers(block: torch.nn.Module, stage: str, host_block: tuple[str, int]) -> None:
+        for module in block:
+            if isinstance(module, comfy_attention.SpatialTransformer):
+                for t in range(len(module.transformer_blocks)):
+                    key = (*host_block, t)
+                    layers.append(LayerInfo(len(layers), stage, downscale, key))
+
+    def resamples(block: torch.nn.Module, kind: type) -> bool:
+        return any(isinstance(m, kind) for m in block.modules())
+
+    for i, block in enumerate(unet.input_blocks):
+        if resamples(block, Downsample):
+            downscale *= 2
+        add_transformers(block, "down", ("input", i))
+    add_transformers(unet.middle_block, "mid", ("middle", 0))
+    for i, block in enumerate(unet.output_blocks):
+        add_transformers(block, "up", ("output", i))
+        if resamples(block, Upsample):
+            downscale //= 2
+    if not layers:
+        raise UnsupportedModelError(
+            f"RealEdit: found no transformer blocks in {type(unet).__name__} of "
+            f"{type(model_patcher.model).__name__}; attention editing needs a UNet with cross-attention."
+        )
+    return layers
+
+
+class _SigmaSteps:
+    """Maps the sigma of the current model call to its step index in ``sample_sigmas``.
+
+    Patches receive sigmas, not steps. The same ``sigmas`` tensor object is passed to every layer of
+    one model call, so the (device-syncing) lookup runs once per call, not once per layer.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[torch.Tensor | None, torch.Tensor | None, int | None, int | None] = (
+            None, None, None, None,
+        )
+
+    def __call__(self, extra_options: dict) -> tuple[int | None, int | None]:
+        sigmas = extra_options.get("sigmas")
+        schedule = extra_options.get("sample_sigmas")
+        last_sigmas, last_schedule, step, total = self._last
+        if sigmas is last_sigmas and schedule is last_schedule:
+            return step, total
+        step, total = sigma_to_step(sigmas, schedule)
+        self._last = (sigmas, schedule, step, total)
+        return step, total
+
+
+def sigma_to_step(sigmas: torch.Tensor | None, schedule: torch.Tensor | None) -> tuple[int | None, int | None]:
+    """Index of the sampling step a model call at ``sigmas`` belongs to, and the number of steps.
+
+    An exact (rtol 1e-4) match with a schedule entry wins; a sigma between two entries (the
+    intermediate evaluations of heun or dpmpp_2s) belongs to the step whose interval contains it.
+    Works for descending (sampling) and ascending (inversion) schedules.
+    """
+    if sigmas is None or schedule is None or len(schedule) < 2:
+        return None, None
+    values = schedule.detach().float().cpu().tolist()
+    sigma = float(sigmas.reshape(-1)[0])
+    total = len(values) - 1
+    for i, s in enumerate(values[:-1]):
+        if abs(s - sigma) <= 1e-4 * max(abs(s), 1e-8):
+            return i, total
+    for i in range(total):
+        lo, hi = sorted(values[i : i + 2])
+        if lo <= sigma <= hi:
+            return i, total
+    return None, total
+
+
+class HookedAttention:
+    """The replace patch for one (block, self/cross) pair."""
+
+    def __init__(
+        self,
+        hook: AttentionHook,
+        layer: LayerInfo,
+        kind: AttentionKind,
+        previous: Callable | None,
+        steps: _SigmaSteps,
+    ) -> None:
+        self.hook, self.layer, self.kind, self.previous, self.steps = hook, layer, kind, previous, steps
+        self._rows_cache: tuple[tuple, RowInfo] | None = None
+
+    def __deepcopy__(self, memo: dict) -> "HookedAttention":
+        return self  # ModelPatcher.clone() deep-copies model_options; the hook's state is shared
+
+    def host_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        """What would have run without us: the wrapped patch, else ComfyUI's attention backend."""
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options)
+        return comfy_attention.optimized_attention(
+            q, k, v, extra_options["n_heads"],
+            attn_precision=extra_options.get("attn_precision"),
+            transformer_options=extra_options,
+        )
+
+    def _rows(self, extra_options: dict, batch: int) -> RowInfo:
+        chunks = tuple(extra_options.get("cond_or_uncond") or (0,))
+        key = (chunks, batch)
+        if self._rows_cache is None or self._rows_cache[0] != key:
+            if batch % len(chunks):
+                chunks = (0,)  # called outside a sampler with an unrelated batch: all rows cond
+            kinds = [_ROW_KIND.get(c, "cond") for c in chunks]
+            self._rows_cache = (key, RowInfo.from_chunks(kinds, batch // len(chunks)))
+        return self._rows_cache[1]
+
+    def context(self, q: torch.Tensor, extra_options: dict) -> AttentionContext:
+        shape = extra_options.get("activations_shape")
+        if shape is not None and shape[-2] * shape[-1] == q.shape[1]:
+            grid = (int(shape[-2]), int(shape[-1]))
+        else:
+            original = extra_options.get("original_shape") or [0, 0, q.shape[1], 1]
+            grid = grid_for((original[-2], original[-1]), self.layer.downscale, q.shape[1])
+        step, total = self.steps(extra_options)
+        heads = extra_options["n_heads"]
+        return AttentionContext(
+            layer=self.layer,
+            kind=self.kind,
+            grid=grid,
+            heads=heads,
+            dim_head=extra_options.get("dim_head", q.shape[-1] // heads),
+            rows=self._rows(extra_options, q.shape[0]),
+            step=step,
+            total_steps=total,
+        )
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        ctx = self.context(q, extra_options)
+        out = self.hook(q, k, v, ctx)
+        if out is None:
+            return self.host_attention(q, k, v, extra_options)
+        return check_hook_output(out, q, v, ctx)
+
+
+def install_hook(model_patcher: Any, hook: AttentionHook, *, self_attention: bool = True,
+                 cross_attention: bool = True) -> Any:
+    """Return a clone of ``model_patcher`` whose every attention call goes through ``hook``.
+
+    The input model is never modified. Replace patches already on the model are wrapped and keep
+    running whenever the hook declines.
+    """
+    layers = discover_layers(model_patcher)
+    patched = model_patcher.clone()
+    replace = patched.model_options.get("transformer_options", {}).get("patches_replace", {})
+    steps = _SigmaSteps()
+    kinds = [("attn1", "self")] * self_attention + [("attn2", "cross")] * cross_attention
+    for layer in layers:
+        for slot, kind in kinds:
+            existing = replace.get(slot, {})
+            previous = existing.get(layer.host_key, existing.get(layer.host_key[:2]))
+            patch = HookedAttention(hook, layer, kind, previous, steps)
+            patched.set_model_patch_replace(patch, slot, *layer.host_key)
+    return patched
+
+
+def installed_patches(model_patcher: Any) -> list[HookedAttention]:
+    """Our patches on a model (for tests and for nodes that look for an earlier RealEdit node)."""
+    replace = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
+    return [p for slot in replace.values() for p in slot.values() if isinstance(p, HookedAttention)]

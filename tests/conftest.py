@@ -1,0 +1,36 @@
+"""Shared fixtures. Two threads stall at random on the 2-core CI machines: pin one."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from realedit.testbed.comfy_env import DEFAULT_COMFYUI_PATH, bootstrap_comfyui, find_comfyui  # noqa: E402
+
+COMFY_SKIP_REASON = (
+    f"ComfyUI not found at $COMFYUI_PATH or {DEFAULT_COMFYUI_PATH}: ComfyUI-host tests skipped "
+    "(see README, 'Running the tests')"
+)
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI imported in-process; skips the test with a visible reason when absent."""
+    if find_comfyui() is None:
+        pytest.skip(COMFY_SKIP_REASON)
+    bootstrap_comfyui()
+    import comfy.model_management
+
+    return comfy
+
+
+def pytest_report_header(config):
+    path = find_comfyui()
+    return f"ComfyUI host: {path}" if path else f"ComfyUI host: none ({COMFY_SKIP_REASON})"
