@@ -9,8 +9,8 @@ runs unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol, Sequence
 
 import torch
 
@@ -87,6 +87,11 @@ class AttentionContext:
     rows: RowInfo
     step: int | None  # index of the current sampling step, None when unknown (e.g. outside sampling)
     total_steps: int | None
+    # What would run without this pack (another pack's patch, else the host's backend); hooks call it
+    # for the "plain" part of their output so they stack with IPAdapter-style packs.
+    host_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     @property
     def tokens(self) -> int:

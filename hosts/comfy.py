@@ -3,20 +3,22 @@
 Every transformer block of the UNet gets an ``attn1`` and an ``attn2`` replace patch (discovered from
 the model, so SD1.x, SD2.x and SDXL all work). A patch already present on a block (IPAdapter-style
 packs) is wrapped: it runs whenever our hook declines, and hooks can call it through
-``ctx``-independent :meth:`HookedAttention.host_attention`. The big state of a hook lives in the hook
+``ctx.host_attention``. The big state of a hook lives in the hook
 object itself; ``model_options`` only holds small closures, and the closure's ``__deepcopy__`` returns
 itself so ``ModelPatcher.clone()`` never copies banks or stores.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Callable
+
+import functools
 
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
+from comfy.patcher_extension import WrappersMP
 
 from ..attention.hooks import (
     AttentionContext,
@@ -28,6 +30,7 @@ from ..attention.hooks import (
     grid_for,
 )
 
+WRAPPER_KEY = "realedit"
 # ComfyUI's cond_or_uncond uses 0 for the positive and 1 for the negative prompt.
 _ROW_KIND = {0: "cond", 1: "uncond"}
 
@@ -181,6 +184,7 @@ class HookedAttention:
             rows=self._rows(extra_options, q.shape[0]),
             step=step,
             total_steps=total,
+            host_attention=functools.partial(self.host_attention, extra_options=extra_options),
         )
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
@@ -209,7 +213,24 @@ def install_hook(model_patcher: Any, hook: AttentionHook, *, self_attention: boo
             previous = existing.get(layer.host_key, existing.get(layer.host_key[:2]))
             patch = HookedAttention(hook, layer, kind, previous, steps)
             patched.set_model_patch_replace(patch, slot, *layer.host_key)
+    begin_run = getattr(hook, "begin_run", None)
+    if begin_run is not None:
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _RunStart(begin_run))
     return patched
+
+
+class _RunStart:
+    """Outer-sample wrapper: tells a hook that a sampling run begins (reset per-run state)."""
+
+    def __init__(self, begin_run: Callable[[], None]) -> None:
+        self.begin_run = begin_run
+
+    def __deepcopy__(self, memo: dict) -> "_RunStart":
+        return self
+
+    def __call__(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:
+        self.begin_run()
+        return executor(*args, **kwargs)
 
 
 def installed_patches(model_patcher: Any) -> list[HookedAttention]:

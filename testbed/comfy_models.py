@@ -14,6 +14,8 @@ import torch
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
+import comfy.sd
 import comfy.supported_models
 
 Family = Literal["sd1", "sd2", "sdxl", "ip2p"]
@@ -93,6 +95,8 @@ def _randomise(module: torch.nn.Module, scale: float) -> None:
     """Fill every parameter with seeded noise (ComfyUI's ops leave weights uninitialised)."""
     with torch.no_grad():
         for name, param in module.named_parameters():
+            if param.ndim == 0:  # scalars (CLIP's logit_scale) keep their value
+                continue
             if name.endswith("bias"):
                 param.normal_(0.0, 0.02 * scale)
             elif param.ndim == 1:  # norm weights
@@ -100,3 +104,92 @@ def _randomise(module: torch.nn.Module, scale: float) -> None:
             else:
                 fan_in = param[0].numel()
                 param.normal_(0.0, scale / fan_in**0.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text encoders: the family's own ComfyUI CLIP classes and the REAL bundled tokenizer, tiny weights.
+# ---------------------------------------------------------------------------------------------------
+
+def _tiny_text_config(hidden: int) -> dict[str, Any]:
+    """Overrides for a ComfyUI CLIP text-model JSON config: 3 layers (penultimate-layer users need
+    at least 3), 2 heads, the real vocabulary and 77 positions so real token ids embed."""
+    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=2, num_hidden_layers=3,
+                vocab_size=49408, max_position_embeddings=77)
+
+
+# Per family: the ``<model_name>_model_config`` overrides ComfyUI's SDClipModel applies on top of the
+# bundled JSON configs. Hidden widths add up to the tiny UNets' context_dim (64).
+TINY_CLIP_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "sd1": {"clip_l_model_config": _tiny_text_config(64)},
+    "sd2": {"clip_h_model_config": _tiny_text_config(64)},
+    "sdxl": {"clip_l_model_config": _tiny_text_config(32), "clip_g_model_config": _tiny_text_config(32)},
+}
+TINY_CLIP_OPTIONS["ip2p"] = TINY_CLIP_OPTIONS["sd1"]
+
+# SDXL's UNet adm input (2816) is the projected CLIP-G pooled output (1280) + 6 * 256 size embeddings.
+SDXL_POOLED_DIM = 1280
+
+
+def make_tiny_clip(seed: int = 0, family: Family = "sd1") -> comfy.sd.CLIP:
+    """A ComfyUI CLIP for the family with a tiny random-weight text transformer, fp32 on the CPU.
+
+    The tokenizer is the real one bundled with ComfyUI (``comfy/sd1_tokenizer``), so ``tokenize``,
+    prompt weighting and ``CLIPTextEncode`` behave as with a real checkpoint; ``encode`` gives
+    ``(1, 77, 64)`` conditioning matching the tiny UNets' ``context_dim`` (SDXL: CLIP-L 32 + CLIP-G 32
+    wide, with a 1280-wide projected pooled output as the SDXL UNet's adm input needs).
+    """
+    target = _model_config(family).clip_target({})
+    options = {key: dict(value) for key, value in TINY_CLIP_OPTIONS[family].items()}
+    options.update(dtype=torch.float32, initial_device=torch.device("cpu"))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        clip = comfy.sd.CLIP(target=target, model_options=options)
+        if family == "sdxl":  # ComfyUI's text_projection is square; SDXL needs a 1280-wide pooled output
+            clip_g = clip.cond_stage_model.clip_g.transformer
+            clip_g.text_projection = comfy.ops.manual_cast.Linear(
+                clip_g.text_projection.in_features, SDXL_POOLED_DIM, bias=False, dtype=torch.float32)
+        _randomise(clip.cond_stage_model, 1.0)
+    return clip
+
+
+# ---------------------------------------------------------------------------------------------------
+# VAE: ComfyUI's SD AutoencoderKL with narrow channels (8x downscale, 4 latent channels).
+# ---------------------------------------------------------------------------------------------------
+
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "params": {
+        "embed_dim": 4,
+        "ddconfig": {
+            "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+            "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+        },
+    }
+}
+
+
+def make_tiny_vae(seed: int = 0) -> comfy.sd.VAE:
+    """A ComfyUI VAE (SD-style AutoencoderKL: 3 -> 4 channels, 8x downscale), random weights, fp32.
+
+    Built through ``comfy.sd.VAE(sd, config=...)`` so encode/decode, tiling fallbacks and the
+    ``VAEEncode``/``VAEDecode`` nodes run ComfyUI's own code. 128x128 images give 16x16 latents.
+    """
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoencoderKL(**TINY_VAE_CONFIG["params"])
+        _randomise(model, 1.0)
+    state_dict = model.state_dict()
+    config = {"params": {**TINY_VAE_CONFIG["params"], "ddconfig": dict(TINY_VAE_CONFIG["params"]["ddconfig"])}}
+    return comfy.sd.VAE(sd=state_dict, config=config, dtype=torch.float32)
+
+
+def make_tiny_checkpoint(family: Family = "sd1", seed: int = 0, weight_scale: float = 1.0,
+                         prediction: Literal["eps", "v"] = "eps",
+                         ) -> tuple[comfy.model_patcher.ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE]:
+    """What ``CheckpointLoaderSimple`` returns, tiny: ``(MODEL, CLIP, VAE)`` for the family.
+
+    The three parts use seeds ``seed``, ``seed + 1`` and ``seed + 2``; same arguments, same weights.
+    """
+    model = make_tiny_unet(family, seed=seed, weight_scale=weight_scale, prediction=prediction)
+    return model, make_tiny_clip(seed + 1, family=family), make_tiny_vae(seed + 2)

@@ -1,0 +1,30 @@
+"""ComfyUI nodes (V3 API): thin wrappers that validate inputs, call the core and report progress."""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import ComfyExtension, io
+
+from .probe import AttentionProbe, ProbeReport
+
+SAM_FOLDER = "sams"
+
+
+def register_model_folders() -> None:
+    """Register ``models/sams`` with folder_paths (extra_model_paths.yaml entries still apply)."""
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, SAM_FOLDER)
+    if SAM_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[SAM_FOLDER] = ([default], {".pth", ".pt", ".safetensors"})
+    else:
+        folder_paths.add_model_folder_path(SAM_FOLDER, default)
+
+
+NODES: list[type[io.ComfyNode]] = [AttentionProbe, ProbeReport]
+
+
+class RealEditExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
