@@ -49,7 +49,7 @@ class RowInfo:
     slot: tuple[int, ...]
 
     @staticmethod
-    def from_chunks(chunk_kinds: Sequence[RowKind], rows_per_chunk: int) -> "RowInfo":
+    def from_chunks(chunk_kinds: Sequence[RowKind], rows_per_chunk: int) -> RowInfo:
         """Rows of a batch made of equal chunks, each all-cond or all-uncond (ComfyUI's layout)."""
         kind = tuple(k for k in chunk_kinds for _ in range(rows_per_chunk))
         slot = tuple(s for _ in chunk_kinds for s in range(rows_per_chunk))
@@ -87,8 +87,9 @@ class AttentionContext:
     rows: RowInfo
     step: int | None  # index of the current sampling step, None when unknown (e.g. outside sampling)
     total_steps: int | None
-    # What would run without this pack (another pack's patch, else the host's backend); hooks call it
-    # for the "plain" part of their output so they stack with IPAdapter-style packs.
+    # What would run without this pack; hooks call it for the "plain" part of their output. ComfyUI:
+    # another pack's replace patch if one was there (IPAdapter-style), else ComfyUI's backend.
+    # diffusers: the UNet's own SDPA (other processors have no q/k/v-level form).
     host_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = field(
         default=None, compare=False, repr=False
     )
@@ -99,7 +100,13 @@ class AttentionContext:
 
 
 class AttentionHook(Protocol):
-    """Called for every attention call; returns ``(batch, q_tokens, heads*dim)`` or ``None``."""
+    """Called for every attention call; returns ``(batch, q_tokens, heads*dim)`` or ``None``.
+
+    A hook may also define ``begin_run()``: hosts call it when a sampling run starts (ComfyUI: an
+    outer-sample wrapper; diffusers: on install, or when the caller says so), so per-run state such
+    as running-mean maps is reset and a re-queued graph repeats itself exactly. Calls that carry an
+    attention mask of the host's own are not routed to hooks.
+    """
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
@@ -135,18 +142,30 @@ def grid_for(latent_hw: tuple[int, int], downscale: int, tokens: int) -> tuple[i
         h, w, factor = (h + 1) // 2, (w + 1) // 2, factor * 2
     if h * w == tokens:
         return h, w
-    ratio = latent_hw[1] / latent_hw[0]
-    h = max(1, round((tokens / ratio) ** 0.5))
+    ratio = latent_hw[1] / max(latent_hw[0], 1)
+    h = max(1, round((tokens / max(ratio, 1e-6)) ** 0.5))
     return (h, tokens // h) if tokens % h == 0 else (tokens, 1)
 
 
 class ChainHook:
-    """Run hooks in order; the first one that returns an output wins."""
+    """Run hooks in order; the first one that returns an output wins (recorders that always decline
+    go first). ``begin_run`` reaches every member that has one."""
 
-    def __init__(self, *hooks: AttentionHook):
+    def __init__(self, *hooks: AttentionHook) -> None:
         self.hooks = hooks
 
-    def __call__(self, q, k, v, ctx):
+    def __deepcopy__(self, memo: dict) -> ChainHook:
+        return self
+
+    def begin_run(self) -> None:
+        for hook in self.hooks:
+            begin_run = getattr(hook, "begin_run", None)
+            if begin_run is not None:
+                begin_run()
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor | None:
         for hook in self.hooks:
             out = hook(q, k, v, ctx)
             if out is not None:

@@ -34,7 +34,7 @@ class ProbeHook:
     def __init__(self) -> None:
         self.records: list[ProbeRecord] = []
 
-    def __deepcopy__(self, memo: dict) -> "ProbeHook":
+    def __deepcopy__(self, memo: dict) -> ProbeHook:
         return self
 
     def begin_run(self) -> None:

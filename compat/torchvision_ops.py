@@ -23,13 +23,16 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 _NMS_SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
 _registrations: list[Any] = []  # keeps torch.library registrations alive
 
 
-def nms(boxes: "torch.Tensor", scores: "torch.Tensor", iou_threshold: float) -> "torch.Tensor":
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Greedy non-maximum suppression of (N, 4) xyxy boxes; returns kept indices by falling score.
 
     Same contract as ``torchvision.ops.nms``: a box is dropped when its IoU with a kept,
@@ -58,8 +61,8 @@ def nms(boxes: "torch.Tensor", scores: "torch.Tensor", iou_threshold: float) -> 
 
 
 def batched_nms(
-    boxes: "torch.Tensor", scores: "torch.Tensor", idxs: "torch.Tensor", iou_threshold: float
-) -> "torch.Tensor":
+    boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
     """NMS performed independently per category ``idxs`` (``torchvision.ops.batched_nms``)."""
     import torch
 

@@ -10,13 +10,11 @@ itself so ``ModelPatcher.clone()`` never copies banks or stores.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
-import functools
-
-import torch
-
 import comfy.ldm.modules.attention as comfy_attention
+import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
 from comfy.patcher_extension import WrappersMP
 
@@ -108,18 +106,19 @@ class _SigmaSteps:
 
 
 def sigma_to_step(sigmas: torch.Tensor | None, schedule: torch.Tensor | None) -> tuple[int | None, int | None]:
-    """Index of the sampling step a model call at ``sigmas`` belongs to, and the number of steps.
+    """Index of the schedule entry a model call at ``sigmas`` belongs to, and the number of steps.
 
-    An exact (rtol 1e-4) match with a schedule entry wins; a sigma between two entries (the
-    intermediate evaluations of heun or dpmpp_2s) belongs to the step whose interval contains it.
-    Works for descending (sampling) and ascending (inversion) schedules.
+    An exact (rtol 1e-4) match with a schedule entry gives that entry's index: the step that starts
+    there when sampling; when inverting along an ascending schedule with the "next" convention, the
+    label's index (up to ``total``). A sigma between two entries (the intermediate evaluations of
+    heun or dpmpp_2s) belongs to the step whose interval contains it.
     """
     if sigmas is None or schedule is None or len(schedule) < 2:
         return None, None
     values = schedule.detach().float().cpu().tolist()
     sigma = float(sigmas.reshape(-1)[0])
     total = len(values) - 1
-    for i, s in enumerate(values[:-1]):
+    for i, s in enumerate(values):
         if abs(s - sigma) <= 1e-4 * max(abs(s), 1e-8):
             return i, total
     for i in range(total):
@@ -143,7 +142,7 @@ class HookedAttention:
         self.hook, self.layer, self.kind, self.previous, self.steps = hook, layer, kind, previous, steps
         self._rows_cache: tuple[tuple, RowInfo] | None = None
 
-    def __deepcopy__(self, memo: dict) -> "HookedAttention":
+    def __deepcopy__(self, memo: dict) -> HookedAttention:
         return self  # ModelPatcher.clone() deep-copies model_options; the hook's state is shared
 
     def host_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
@@ -225,7 +224,7 @@ class _RunStart:
     def __init__(self, begin_run: Callable[[], None]) -> None:
         self.begin_run = begin_run
 
-    def __deepcopy__(self, memo: dict) -> "_RunStart":
+    def __deepcopy__(self, memo: dict) -> _RunStart:
         return self
 
     def __call__(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:

@@ -32,7 +32,6 @@ def bootstrap_comfyui(path: Path | None = None) -> Path:
         sys.path.insert(0, str(path))
     if "comfy.model_management" not in sys.modules:
         import torch
-
         from comfy.cli_args import args  # ComfyUI parses no command line unless asked to
 
         args.cpu = not torch.cuda.is_available()

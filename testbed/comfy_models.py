@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
-
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 import comfy.sd
 import comfy.supported_models
+import torch
 
 Family = Literal["sd1", "sd2", "sdxl", "ip2p"]
 
@@ -71,11 +70,13 @@ def _model_config(family: Family) -> Any:
 
 
 def make_tiny_unet(family: Family = "sd1", seed: int = 0, weight_scale: float = 1.0,
-                   prediction: Literal["eps", "v"] = "eps") -> comfy.model_patcher.ModelPatcher:
+                   prediction: Literal["eps", "v"] = "eps",
+                   output_scale: float = 1.0) -> comfy.model_patcher.ModelPatcher:
     """A random-weight ComfyUI MODEL of the given family's shape, in fp32 on the CPU.
 
-    ``weight_scale`` < 1 shrinks every weight, which makes the UNet smooth enough for inversion round
-    trips (a raw random UNet is too rough).
+    ``output_scale`` < 1 shrinks the final convolution: the prediction then varies little with the
+    input, which makes the UNet smooth enough for inversion round trips (a raw random UNet is too
+    rough; shrinking every weight does not help, the group norms undo it).
     """
     config = _model_config(family)
     config.unet_config["dtype"] = torch.float32
@@ -86,6 +87,9 @@ def make_tiny_unet(family: Family = "sd1", seed: int = 0, weight_scale: float = 
         model.model_type = model_type
         model.model_sampling = comfy.model_base.model_sampling(config, model_type)
         _randomise(model.diffusion_model, weight_scale)
+        with torch.no_grad():
+            for param in model.diffusion_model.out[-1].parameters():
+                param.mul_(output_scale)
     model.eval()
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))

@@ -18,19 +18,19 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 
 Family = Literal["sd1", "sd2", "sdxl", "ip2p"]
 
-_SD_COMMON: dict[str, Any] = dict(
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64, 64, 64),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64,
-    norm_num_groups=32,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-)
+_SD_COMMON: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64, 64, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 64,
+    "norm_num_groups": 32,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
 
 DIFFUSERS_TINY_CONFIGS: dict[str, dict[str, Any]] = {
     # SD1.x: 16 transformer blocks, conv proj_in/proj_out, 8 heads at every level.
@@ -39,25 +39,25 @@ DIFFUSERS_TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "sd2": dict(_SD_COMMON, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True),
     # SDXL: 3 levels, none at the top level, 2 blocks per transformer, "text_time" adm of
     # 1280 (pooled text) + 6 * 256 (size/crop time ids) = 2816 inputs, as ComfyUI's SDXL.
-    "sdxl": dict(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 2),
-        attention_head_dim=(2, 4, 4),
-        use_linear_projection=True,
-        cross_attention_dim=64,
-        norm_num_groups=32,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-    ),
+    "sdxl": {
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2, 2),
+        "attention_head_dim": (2, 4, 4),
+        "use_linear_projection": True,
+        "cross_attention_dim": 64,
+        "norm_num_groups": 32,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    },
 }
 DIFFUSERS_TINY_CONFIGS["ip2p"] = dict(DIFFUSERS_TINY_CONFIGS["sd1"], in_channels=8)
 

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-
 from realedit.attention.hooks import HookShapeError
 from realedit.attention.math import attention, map_attention_chunks
 from realedit.attention.probe import ProbeHook
@@ -89,7 +88,7 @@ def test_layers_grids_and_heads_follow_the_unet(env, family, grids, heads, dim_h
     # call order: each layer's self-attention then its cross-attention, layers in UNet order
     order = list(dict.fromkeys((c.layer.index, c.kind) for c in seen))
     assert order == [(i, k) for i in range(len(grids)) for k in ("self", "cross")]
-    for (index, kind), ctx in first_call.items():
+    for (index, _kind), ctx in first_call.items():
         assert ctx.grid == (grids[index], grids[index])
         if heads is not None:
             assert ctx.heads == heads[index]
@@ -125,13 +124,14 @@ def test_step_index_maps_each_model_call_to_its_step(env, sd1, sampler, steps):
     assert {ctx.total_steps for ctx in seen} == {total}
 
 
-def test_step_index_of_intermediate_sigmas():
+def test_step_index_of_intermediate_sigmas(comfy):
     from realedit.hosts.comfy import sigma_to_step
 
     schedule = torch.tensor([10.0, 5.0, 2.0, 0.0])
     assert sigma_to_step(torch.tensor([5.0]), schedule) == (1, 3)
     assert sigma_to_step(torch.tensor([3.0]), schedule) == (1, 3)  # heun's second evaluation
     assert sigma_to_step(torch.tensor([2.0]), schedule.flip(0)) == (1, 3)  # ascending: inversion
+    assert sigma_to_step(torch.tensor([10.0]), schedule.flip(0)) == (3, 3)  # last label when inverting
     assert sigma_to_step(None, schedule) == (None, None)
 
 
@@ -154,7 +154,10 @@ def test_cond_and_uncond_rows_are_identified(env, sd1, cfg, uncond_tokens, expec
     assert sorted(kinds) == sorted(expected_calls)
     # Check each row's values really come from its own prompt: v = to_v(context) of that prompt.
     to_v = sd1.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_v
-    contexts = {"cond": helpers.conditioning("sd1", 1)[0][0], "uncond": helpers.conditioning("sd1", 2, uncond_tokens)[0][0]}
+    contexts = {
+        "cond": helpers.conditioning("sd1", 1)[0][0],
+        "uncond": helpers.conditioning("sd1", 2, uncond_tokens)[0][0],
+    }
     for rows, v in calls:
         for row, kind in enumerate(rows.kind):
             expected = to_v(contexts[kind])[0]

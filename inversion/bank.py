@@ -1,0 +1,132 @@
+"""The reference feature bank: self-attention K and V of the reference image, per layer and step.
+
+SpecRef (Algorithm 1, stage 1) keeps the reference's self-attention keys and values from its DDIM
+inversion and lets the edit path attend to them (Eq. 2). Storing every layer and step costs about
+4.6 GB in fp32 at 512x512; the edit only reads the decoder's finest layers in steps 4-49 of 50, so
+only that window is kept (METHODS.md), in fp16 by default. ``live`` mode stores nothing but the
+reference's latent trajectory and recomputes K/V as one extra row of each edit step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..attention.hooks import AttentionContext, LayerInfo
+
+BankMode = Literal["stored", "live"]
+
+
+@dataclass(frozen=True)
+class LayerWindow:
+    """Which attention layers, by position and resolution rather than list index.
+
+    ``finest`` counts the model's attention resolutions from the finest: 2 selects the 64x64 and
+    32x32 layers of SD1.x at 512 px (layers 10-15 of the decoder), and the same two finest levels
+    on SD2.x and SDXL.
+    """
+
+    stage: Literal["down", "mid", "up", "any"] = "up"
+    finest: int = 2
+
+    def select(self, layers: list[LayerInfo]) -> list[int]:
+        levels = sorted({layer.downscale for layer in layers})[: max(self.finest, 0)]
+        return [
+            layer.index
+            for layer in layers
+            if (self.stage == "any" or layer.stage == self.stage) and layer.downscale in levels
+        ]
+
+
+@dataclass(frozen=True)
+class StepWindow:
+    """Edit steps ``int(start * N) .. int(end * N) - 1`` (P2P-style fractions of the steps)."""
+
+    start: float = 0.08  # step 4 of 50
+    end: float = 1.0
+
+    def select(self, total_steps: int) -> range:
+        return range(int(self.start * total_steps), int(self.end * total_steps))
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    layers: LayerWindow = field(default_factory=LayerWindow)
+    steps: StepWindow = field(default_factory=StepWindow)
+    dtype: torch.dtype = torch.float16
+    device: torch.device | None = None  # None: where the K/V were computed
+    mode: BankMode = "stored"
+
+
+class ReferenceBank:
+    """K/V per (layer index, edit step), each (tokens, heads*dim) for the one reference row.
+
+    Edit step s reads what was saved at the timestep edit step s evaluates (see
+    ``inversion.ddim``: label index ``N - s`` of the ascending schedule).
+    """
+
+    def __init__(self, layers: list[int], steps: range, total_steps: int, dtype: torch.dtype,
+                 device: torch.device | None) -> None:
+        self.layers, self.steps, self.total_steps = frozenset(layers), steps, total_steps
+        self.dtype, self.device = dtype, device
+        self.entries: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __deepcopy__(self, memo: dict) -> ReferenceBank:
+        return self  # never copied by ModelPatcher.clone()
+
+    def wants(self, layer: int, step: int) -> bool:
+        return layer in self.layers and step in self.steps
+
+    def put(self, layer: int, step: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        device = self.device or k.device
+        self.entries[(layer, step)] = (k.to(device, self.dtype), v.to(device, self.dtype))
+
+    def get(self, layer: int, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.entries.get((layer, step))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.entries.values())
+
+    def describe(self) -> str:
+        layers = sorted(self.layers)
+        steps = f"{self.steps.start}-{self.steps.stop - 1}" if len(self.steps) else "none"
+        return (f"RealEdit reference bank: {len(self.entries)} entries, layers {layers}, edit steps {steps} "
+                f"of {self.total_steps}, {self.dtype}, {self.nbytes / 2**20:.1f} MiB")
+
+
+class BankRecorder:
+    """Attention hook used while inverting the reference: saves its self-attention K/V, declines.
+
+    ``slot`` is the reference's row slot in the batch (0 when inverted alone; 1 when inverted in one
+    batch after the source). Only conditional rows are read: with guidance 1 they are the only rows.
+    """
+
+    def __init__(self, bank: ReferenceBank, slot: int = 0) -> None:
+        self.bank, self.slot = bank, slot
+
+    def __deepcopy__(self, memo: dict) -> BankRecorder:
+        return self
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> None:
+        if ctx.kind != "self" or ctx.step is None or ctx.total_steps is None:
+            return None
+        step = ctx.total_steps - ctx.step  # label index j of the ascending schedule -> edit step N - j
+        if self.bank.wants(ctx.layer.index, step):
+            rows = ctx.rows.rows(kind="cond", slot=self.slot)
+            if rows:
+                self.bank.put(ctx.layer.index, step, k[rows[0]], v[rows[0]])
+        return None
+
+
+def bank_nbytes(layers: list[LayerInfo], grid_of_latent: tuple[int, int], width_of: dict[int, int],
+                steps: int, bytes_per_value: int) -> int:
+    """Bytes a bank of K and V takes, computed from shapes (for benchmarks on big models)."""
+    h, w = grid_of_latent
+    total = 0
+    for layer in layers:
+        tokens = -(-h // layer.downscale) * -(-w // layer.downscale)
+        total += 2 * tokens * width_of[layer.index] * steps * bytes_per_value
+    return total

@@ -1,0 +1,152 @@
+"""Deterministic DDIM inversion (eta 0) in sigma space.
+
+Host-neutral formulation: latents live in the "sigma space" of k-diffusion samplers, where a latent
+at noise level sigma is ``x = x0 + sigma * eps`` (the DDPM latent is ``x / sqrt(1 + sigma^2)``). In
+that space a DDIM step with eta 0 is an Euler step, in both directions:
+
+    x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * eps                         (SpecRef Eq. 1)
+
+The two conventions differ only in *where* eps is predicted:
+
+* ``"current"``: at x_i with its own level sigma_i. SpecRef Eq. 1 as written, and what ComfyUI's
+  FlipSigmas + euler computes at cfg 1.
+* ``"next"``: the UNet sees the same DDPM latent x_i / sqrt(1 + sigma_i^2) but labelled with the next
+  timestep sigma_{i+1}. diffusers' DDIMInverseScheduler and the official P2P / null-text / SpecRef
+  code do this. It is our default: every edit step s then evaluates the UNet at exactly the timestep
+  an inversion call used, so a reference bank has an entry for every edit step (with ``"current"``
+  the first edit step, at sigma_max, has none).
+
+A ``Denoiser`` is the host's model call in k-diffusion form: ``denoised = model(x, sigma)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+
+Convention = Literal["current", "next"]
+CONVENTIONS: tuple[Convention, ...] = ("next", "current")
+DEFAULT_CONVENTION: Convention = "next"
+# sigma 0 cannot be a model input in sigma space (eps = (x - denoised) / sigma); FlipSigmas uses this.
+ZERO_SIGMA_STAND_IN = 1e-4
+
+Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
+StepCallback = Callable[[int, torch.Tensor], None]
+
+
+def inversion_sigmas(sampling_sigmas: torch.Tensor) -> torch.Tensor:
+    """The ascending schedule that inverts a descending sampling schedule ``sigma_max .. 0``.
+
+    The 0 at the clean end becomes ``ZERO_SIGMA_STAND_IN`` (as ComfyUI's FlipSigmas does).
+    """
+    if sampling_sigmas.ndim != 1 or len(sampling_sigmas) < 3:
+        raise ValueError("RealEdit: inversion needs a schedule of at least 2 steps (steps >= 2).")
+    ascending = sampling_sigmas.flip(0).clone()
+    if ascending[0] == 0:
+        ascending[0] = ZERO_SIGMA_STAND_IN
+    return ascending
+
+
+def model_input(x: torch.Tensor, sigmas: torch.Tensor, i: int, convention: Convention) -> tuple[torch.Tensor, float]:
+    """What the UNet is given at inversion step i (x_i -> x_{i+1}): the input latent and its label.
+
+    For ``"next"`` the latent is rescaled so that the host's input scaling (1 / sqrt(1 + sigma^2))
+    at the *next* label still hands the UNet the DDPM latent of level sigma_i. Live reference
+    features reuse this function, so they see exactly what the inversion saw.
+    """
+    if convention == "current":
+        return x, float(sigmas[i])
+    s_i, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    return x * math.sqrt((1 + s_next**2) / (1 + s_i**2)), s_next
+
+
+def label_index(i: int, convention: Convention) -> int:
+    """Index in the ascending schedule of the label used at inversion step i."""
+    return i + 1 if convention == "next" else i
+
+
+def eps_from_denoised(x_in: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+    """k-diffusion's ``to_d``: the noise implied by a denoised prediction at level sigma."""
+    return (x_in - denoised) / sigma
+
+
+def invert(
+    model: Denoiser,
+    x0: torch.Tensor,
+    sigmas: torch.Tensor,
+    convention: Convention = DEFAULT_CONVENTION,
+    callback: StepCallback | None = None,
+) -> list[torch.Tensor]:
+    """DDIM-invert ``x0`` along the ascending ``sigmas``; returns the trajectory x_0 .. x_N.
+
+    ``callback(i, x_{i+1})`` runs after every step (progress, cancellation).
+    """
+    check_finite(x0, "latent")
+    trajectory = [x0]
+    x = x0
+    for i in range(len(sigmas) - 1):
+        x_in, label = model_input(x, sigmas, i, convention)
+        eps = eps_from_denoised(x_in, model(x_in, label), label)
+        x = x + (sigmas[i + 1] - sigmas[i]) * eps  # Eq. 1 in sigma space
+        trajectory.append(x)
+        if callback is not None:
+            callback(i, x)
+    return trajectory
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(
+            f"RealEdit: the {name} contains NaN or inf values; re-encode the image (check the VAE and "
+            "its dtype) before inverting."
+        )
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """The result of a DDIM inversion: everything an editing sampler needs, and a fingerprint.
+
+    ``trajectory[j]`` is the latent at ``sigmas[j]`` (ascending, j = 0 clean .. N noisiest), in the
+    host model's internal latent space. Edit step s (descending) sits at level ``sigmas[N - s]``.
+    """
+
+    trajectory: tuple[torch.Tensor, ...]
+    sigmas: torch.Tensor
+    convention: Convention
+    fingerprint: str
+    embeddings: tuple[torch.Tensor, ...] | None = None  # per-step optimised embeddings (BARET)
+
+    def __deepcopy__(self, memo: dict) -> Inversion:
+        return self
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def z_T(self) -> torch.Tensor:
+        return self.trajectory[-1]
+
+    def latent_for_edit_step(self, s: int) -> torch.Tensor:
+        """The inverted latent at the level edit step s starts from (the pinned reconstruction)."""
+        return self.trajectory[self.steps - s]
+
+    def reversed(self) -> Sequence[torch.Tensor]:
+        """The trajectory in editing order: x_N, x_{N-1}, ..., x_0."""
+        return self.trajectory[::-1]
+
+    def check_compatible(self, fingerprint: str, steps: int, what: str = "INVERSION") -> None:
+        """Refuse an inversion made with another model, schedule or step count."""
+        if steps != self.steps:
+            raise ValueError(
+                f"RealEdit: the {what} was made with {self.steps} steps but this node uses {steps}; "
+                "set the same steps on both nodes (or re-run the inversion)."
+            )
+        if fingerprint != self.fingerprint:
+            raise ValueError(
+                f"RealEdit: the {what} was made with a different model or settings ({self.fingerprint}) "
+                f"than this node's ({fingerprint}); invert with the same MODEL, scheduler and steps."
+            )

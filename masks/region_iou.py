@@ -1,0 +1,143 @@
+"""Region-IoU (ZONE Sec. 4.3, Eq. 6): pick the segment that best matches the rough mask M_b.
+
+R(j) = area(S^j & M_b) / area(S^j | M_b) for every candidate segment S^j (SAM's automatic masks, or
+a MASK batch from any segmenter); the refined mask is M_f = S^k with k = argmax_j R(j).
+
+* Vectorised: all N intersections and areas in a few tensor operations, no loop over segments.
+* Float masks are binarised at > 0.5; bool masks are used as they are (and are the fastest input).
+* M_b is resized to the segments' size when they differ, with nearest-neighbour sampling at pixel
+  centres (``nearest-exact``), then binarised.
+* Ties: the lowest segment index wins. Empty segments have IoU 0.
+* Empty M_b, no segments, or no segment overlapping M_b: ``fallback="error"`` (default) raises a
+  ValueError that names the input and the fix; ``fallback="rough"`` returns M_b itself with IoU 0
+  and index -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .composite import TensorLike, as_mask_hw
+
+Fallback = Literal["error", "rough"]
+FALLBACKS: tuple[str, ...] = ("error", "rough")
+
+_LANE_WORDS = 128  # int64 words summed per chunk: each byte lane then holds <= 128, no carry
+
+
+@dataclass(frozen=True)
+class RegionIoUResult:
+    """The Eq. 6 choice: ``mask`` is M_f, (H, W) bool at the segments' size."""
+
+    index: int  # k; -1 when the fallback returned M_b
+    iou: float  # R(k)
+    mask: torch.Tensor  # (H, W) bool
+    ious: torch.Tensor  # (N,) float64, R(j) for every segment
+    fallback_used: bool
+
+
+def as_segments(segments: TensorLike | list[TensorLike]) -> torch.Tensor:
+    """(N, H, W) or (H, W) masks (bool or float, or a list of (H, W)) -> (N, H, W) bool."""
+    if isinstance(segments, (list, tuple)):
+        if not segments:
+            return torch.zeros(0, 0, 0, dtype=torch.bool)
+        segments = torch.stack([torch.as_tensor(s) for s in segments])
+    x = torch.as_tensor(segments)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"segments: expected masks (N, H, W), got shape {tuple(x.shape)}")
+    return x if x.dtype == torch.bool else x > 0.5
+
+
+def _as_words(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N, P) int64, P = ceil(H*W / 1024) * 128: eight pixels (bytes) per word."""
+    n = masks.shape[0]
+    flat = masks.reshape(n, -1)  # (N, H*W)
+    pad = (-flat.shape[1]) % (8 * _LANE_WORDS)
+    if pad:
+        flat = F.pad(flat.view(torch.uint8), (0, pad)).view(torch.bool)
+    return flat.contiguous().view(torch.int64)
+
+
+def _count_true(words: torch.Tensor) -> torch.Tensor:
+    """Number of true pixels per row of :func:`_as_words` output, (N,) int64, exact.
+
+    Summing 128 words adds their eight byte lanes independently (each lane <= 128 < 256, no carry
+    between lanes), then the lanes are summed as bytes: about 6x faster than converting the bool
+    masks to a number type first, which dominates the cost at 100 x 512 x 512.
+    """
+    n = words.shape[0]
+    lanes = words.view(n, -1, _LANE_WORDS).sum(2)  # (N, chunks) int64, 8 byte lanes each
+    return lanes.view(torch.uint8).view(n, -1).sum(1, dtype=torch.int64)
+
+
+def _match_size(rough: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a (H, W) bool mask to ``size`` with pixel-centre nearest sampling."""
+    if tuple(rough.shape) == tuple(size):
+        return rough
+    x = rough[None, None].float()  # (1, 1, H, W) for interpolate
+    return F.interpolate(x, size=size, mode="nearest-exact")[0, 0] > 0.5
+
+
+def segment_ious(rough_mask: TensorLike, segments: TensorLike | list[TensorLike]) -> torch.Tensor:
+    """R(j) of Eq. 6 for every segment, (N,) float64. M_b must not be empty."""
+    segs = as_segments(segments)
+    rough = _match_size(as_mask_hw(rough_mask, "rough_mask").to(segs.device), tuple(segs.shape[1:]))
+    words = _as_words(segs)  # (N, P)
+    rough_words = _as_words(rough[None])  # (1, P)
+    inter = _count_true(words & rough_words)
+    union = _count_true(words) + _count_true(rough_words) - inter
+    return inter.double() / union.double()
+
+
+def _fallback(rough: torch.Tensor, ious: torch.Tensor, fallback: Fallback, reason: str) -> RegionIoUResult:
+    """Raise ``reason`` (fallback "error") or return M_b itself with IoU 0 (fallback "rough")."""
+    if fallback == "error":
+        raise ValueError(reason + " Or set the fallback to 'rough' to use M_b itself as the refined mask.")
+    return RegionIoUResult(index=-1, iou=0.0, mask=rough, ious=ious, fallback_used=True)
+
+
+def region_iou(
+    rough_mask: TensorLike,
+    segments: TensorLike | list[TensorLike],
+    *,
+    fallback: Fallback = "error",
+) -> RegionIoUResult:
+    """Eq. 6: the segment with the highest IoU against the rough mask M_b (lowest index on ties).
+
+    Args:
+        rough_mask: M_b, (H, W) or (1, H, W), any size (resized to the segments' size).
+        segments: S^1..S^N, (N, H, W) bool or float (a ComfyUI MASK batch), or a list of (H, W).
+        fallback: "error" raises a ValueError when M_b is empty, there are no segments, or no segment
+            overlaps M_b; "rough" returns M_b (resized) with ``index=-1``, ``iou=0.0``.
+    """
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    segs = as_segments(segments)
+    if segs.shape[0] == 0:
+        rough = as_mask_hw(rough_mask, "rough_mask")
+        reason = "Region-IoU: 'segments' is empty (no candidate masks). Run the segmenter on the edited image."
+        return _fallback(rough, torch.zeros(0, dtype=torch.float64), fallback, reason)
+    rough = _match_size(as_mask_hw(rough_mask, "rough_mask").to(segs.device), tuple(segs.shape[1:]))
+    if not bool(rough.any()):
+        reason = (
+            "Region-IoU: the rough mask M_b ('rough_mask') is empty, so the instruction was not localised. "
+            "Lower the threshold T of the IP2P edit mask, or rephrase the instruction."
+        )
+        return _fallback(rough, torch.zeros(segs.shape[0], dtype=torch.float64), fallback, reason)
+    ious = segment_ious(rough, segs)
+    best = ious.max()
+    if float(best) == 0.0:
+        reason = (
+            f"Region-IoU: none of the {segs.shape[0]} segments overlaps the rough mask M_b. Segment the "
+            "edited image (the original for 'remove') or lower the segmenter's quality thresholds."
+        )
+        return _fallback(rough, ious, fallback, reason)
+    index = int(torch.nonzero(ious == best)[0, 0])  # first maximum: lowest index wins ties
+    return RegionIoUResult(index=index, iou=float(best), mask=segs[index], ious=ious, fallback_used=False)
+

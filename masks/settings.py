@@ -1,0 +1,67 @@
+"""ZONE defaults in one place (papers/zone.txt; corrections in shared METHODS.md, section ZONE).
+
+Nodes read their default values *and* the tooltip text saying where each value comes from from here,
+so a default changes in exactly one line. ``origin("fft_d0")`` returns that text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _d(value: Any, origin: str) -> Any:
+    """A dataclass field with a default and the default's origin (for tooltips)."""
+    return field(default=value, metadata={"origin": origin})
+
+
+@dataclass(frozen=True)
+class ZoneSettings:
+    """Every ZONE default, with its origin in the field metadata."""
+
+    # Sec. 4.2, Eq. 4: rough mask M_b = (A^1 - A^L) < T, maps scaled to [0, 1].
+    mask_threshold: float = _d(
+        128 / 255, "paper Eq. 4: T = 128 (of 255); the official code effectively uses ~54/255"
+    )
+    # Sec. 4.4, Eq. 7-8: the FFT edge smoother.
+    dilation_kernel: int = _d(3, "official code: 3x3 rectangular kernel for M_f -> M_d")
+    dilation_iterations: int = _d(4, "official code: --dilate_strength 4")
+    fft_d0: float = _d(200.0, "paper Eq. 8: ideal low-pass radius D0 = 200 for a 512x512 image")
+    fft_d0_reference_size: int = _d(512, "paper Sec. 4.4: D0 is given for 512x512; scaled with size")
+    fft_threshold: float = _d(30 / 255, "official code: --threshold 30 (of 255) on |iFFT| of the difference")
+    closing_kernel: int = _d(21, "official code: 21x21 morphological closing (part of g in Eq. 7)")
+    blend_alpha: float = _d(
+        0.6, "official code: --alpha 0.6; band = 0.6 * edited + 0.4 * original"
+    )
+    # Sec. 4.2, Eq. 5: fused IP2P + MagicBrush.
+    beta_remove: float = _d(0.2, "paper Eq. 5: beta = 0.2 when the action is 'remove'")
+    beta_other: float = _d(0.01, "paper Eq. 5: beta = 0.01 for 'add' and 'change'")
+    # Sec. 4.3: SAM automatic mask generator (segment-anything's own defaults).
+    sam_points_per_side: int = _d(32, "segment-anything SamAutomaticMaskGenerator default")
+    sam_pred_iou_thresh: float = _d(0.88, "segment-anything SamAutomaticMaskGenerator default")
+    sam_stability_score_thresh: float = _d(0.95, "segment-anything SamAutomaticMaskGenerator default")
+    sam_box_nms_thresh: float = _d(0.7, "segment-anything SamAutomaticMaskGenerator default")
+    # Appendix B and IP2P: sampling.
+    steps: int = _d(20, "paper appendix B: 20 sampling steps")
+    text_cfg: float = _d(7.5, "InstructPix2Pix default text guidance s_T (Eq. 2)")
+    image_cfg: float = _d(1.5, "InstructPix2Pix default image guidance s_I (Eq. 2)")
+
+    @property
+    def blend_original_weight(self) -> float:
+        """Weight of the original image in the blend band (1 - alpha = 0.4 by default)."""
+        return 1.0 - self.blend_alpha
+
+    def beta(self, action: str) -> float:
+        """Eq. 5's beta for an action ("add" / "remove" / "change")."""
+        return self.beta_remove if action == "remove" else self.beta_other
+
+
+ZONE_DEFAULTS = ZoneSettings()
+
+
+def origin(name: str) -> str:
+    """Where the default of ``ZoneSettings.<name>`` comes from (tooltip text)."""
+    for f in fields(ZoneSettings):
+        if f.name == name:
+            return f.metadata["origin"]
+    raise KeyError(f"ZoneSettings has no field {name!r}")

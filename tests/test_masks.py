@@ -1,0 +1,441 @@
+"""ZONE mask pipeline on plain tensors: actions, Region-IoU (Eq. 6), FFT smoother (Eq. 7-8), composite."""
+
+from __future__ import annotations
+
+import math
+
+import kornia
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from realedit.masks import (
+    ACTION_WORDS,
+    ZONE_DEFAULTS,
+    ZoneSettings,
+    action_tooltip,
+    classify_action,
+    closing,
+    composite,
+    difference_magnitude,
+    dilate,
+    fft_edge_smooth,
+    lowpass_mask,
+    luma,
+    origin,
+    region_iou,
+    segment_ious,
+)
+
+# ----------------------------------------------------------------------------------------- settings
+
+
+def test_settings_defaults_and_origins():
+    s = ZONE_DEFAULTS
+    assert s.mask_threshold == 128 / 255 and s.fft_threshold == 30 / 255
+    assert (s.fft_d0, s.fft_d0_reference_size) == (200.0, 512)
+    assert (s.dilation_kernel, s.dilation_iterations, s.closing_kernel) == (3, 4, 21)
+    assert s.blend_alpha == 0.6 and s.blend_original_weight == pytest.approx(0.4)
+    assert (s.beta("remove"), s.beta("add"), s.beta("change")) == (0.2, 0.01, 0.01)
+    assert (s.sam_points_per_side, s.sam_pred_iou_thresh) == (32, 0.88)
+    assert (s.sam_stability_score_thresh, s.sam_box_nms_thresh) == (0.95, 0.7)
+    assert (s.steps, s.text_cfg, s.image_cfg) == (20, 7.5, 1.5)
+    for name in ZoneSettings.__dataclass_fields__:
+        assert origin(name)
+    with pytest.raises(KeyError):
+        origin("nope")
+
+
+# ------------------------------------------------------------------------------------------ actions
+
+ACTION_TABLE = [
+    # paper, appendix C.2 Table 3 (the classifier's training examples)
+    ("Turn the bicycle into a motorcycle", "change"),
+    ("Make the apple a banana", "change"),
+    ("Swap the baseball glove for a tennis racket", "change"),
+    ("Replace the chair with a couch", "change"),
+    ("Put a frisbee next to the cat", "add"),
+    ("Attach a remote to the TV", "add"),
+    ("Include a toothbrush on the dining table", "add"),
+    ("Give the horse a suitcase", "add"),
+    ("Remove the horse", "remove"),
+    ("Take away the umbrella", "remove"),
+    ("Delete the traffic light", "remove"),
+    ("Erase the microwave", "remove"),
+    # paper Table 4, the GPT prompt and the issue
+    ("paint the car red", "change"),
+    ("get off his tie", "remove"),
+    ("give him glasses", "add"),
+    ("turn the cat into a dog", "change"),
+    ("give the dog a hat", "add"),
+    ("get rid of the person on the left", "remove"),
+    ("make his tie blue", "change"),
+    ("give her a hat", "add"),
+    ("remove the cup", "remove"),
+    ("make her old", "change"),
+    # case, punctuation, inflections, phrases
+    ("REMOVE THE CUP!!!", "remove"),
+    ("Please, get-rid-of the cup.", "remove"),
+    ("take-away the umbrella", "remove"),
+    ("Could you place a vase on the table?", "add"),
+    ("Adding a rainbow to the sky", "add"),
+    ("Put on sunglasses", "add"),
+    ("Take off his hat", "remove"),
+    ("the photo with the cup removed", "remove"),
+    ("make the cup disappear", "remove"),
+    ("Got rid of the lamp", "remove"),
+    # whole words only
+    ("the address on the padded envelope", "change"),
+    ("give the room a warmer tone", "add"),
+    ("what if the horse wears a hat?", "change"),
+    ("", "change"),
+    ("42 !!", "change"),
+    # precedence: removal anywhere, else the first add/change verb
+    ("add a scarf and remove the hat", "remove"),
+    ("Replace the sky with a sunset and put a bird in it", "change"),
+    ("put a bird in the sky and make it blue", "add"),
+    # noun and negated uses
+    ("Change the place to Paris", "change"),
+    ("Move the vase to the place by the window", "change"),
+    ("don't remove the cup, make it red", "change"),
+    ("make it snowy without removing the trees", "change"),
+]
+
+
+@pytest.mark.parametrize(("instruction", "expected"), ACTION_TABLE)
+def test_action_rules(instruction, expected):
+    assert classify_action(instruction) == expected
+
+
+def test_action_override():
+    assert classify_action("Remove the cup", "add") == "add"
+    assert classify_action("Make it red", " REMOVE ") == "remove"
+    assert classify_action("Remove the cup", "auto") == "remove"
+    assert classify_action("Remove the cup", None) == "remove"
+    with pytest.raises(ValueError, match="auto"):
+        classify_action("Remove the cup", "move")
+
+
+def test_action_tooltip_lists_every_word():
+    tip = action_tooltip()
+    for words in ACTION_WORDS.values():
+        for word in words:
+            assert word in tip
+
+
+# --------------------------------------------------------------------------------------- Region-IoU
+
+
+def brute_force_region_iou(rough: torch.Tensor, segs: torch.Tensor) -> tuple[int, float, list[float]]:
+    """Eq. 6 one segment at a time: strict '>' keeps the first of equal maxima."""
+    best_j, best, ious = -1, -1.0, []
+    for j in range(segs.shape[0]):
+        inter = int((segs[j] & rough).sum())
+        union = int((segs[j] | rough).sum())
+        ious.append(inter / union)
+        if ious[-1] > best:
+            best_j, best = j, ious[-1]
+    return best_j, best, ious
+
+
+def random_case(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    h, w = (int(v) for v in torch.randint(3, 41, (2,), generator=gen))
+    n = int(torch.randint(1, 13, (1,), generator=gen))
+    density = torch.rand(n, 1, 1, generator=gen)
+    segs = torch.rand(n, h, w, generator=gen) < density
+    segs[torch.rand(n, generator=gen) < 0.15] = False  # some empty segments
+    if n > 2 and bool(torch.rand(1, generator=gen) < 0.3):
+        segs[n - 1] = segs[1]  # a duplicate: an exact tie
+    rough = torch.rand(h, w, generator=gen) < float(torch.rand(1, generator=gen))
+    return rough, segs
+
+
+def test_region_iou_matches_brute_force_on_random_masks():
+    gen = torch.Generator().manual_seed(1234)
+    checked = 0
+    for _ in range(400):
+        rough, segs = random_case(gen)
+        if not rough.any():
+            with pytest.raises(ValueError, match="rough_mask"):
+                region_iou(rough, segs)
+            continue
+        index, best, ious = brute_force_region_iou(rough, segs)
+        assert segment_ious(rough, segs).tolist() == ious
+        if best == 0.0:
+            with pytest.raises(ValueError, match="overlaps"):
+                region_iou(rough, segs)
+            continue
+        result = region_iou(rough, segs)
+        assert (result.index, result.iou) == (index, best)
+        assert torch.equal(result.mask, segs[index]) and not result.fallback_used
+        checked += 1
+    assert checked > 300
+
+
+@pytest.mark.parametrize("size", [(32, 32), (37, 53), (512, 512)])
+def test_region_iou_exact_counts_at_word_boundaries(size):
+    gen = torch.Generator().manual_seed(7)
+    segs = torch.rand(3, *size, generator=gen) < 0.5
+    rough = torch.rand(*size, generator=gen) < 0.5
+    assert segment_ious(rough, segs).tolist() == brute_force_region_iou(rough, segs)[2]
+
+
+def test_region_iou_ties_lowest_index_and_empty_segments():
+    rough = torch.zeros(8, 8, dtype=torch.bool)
+    rough[:, :4] = True  # 32 pixels
+    segs = torch.zeros(5, 8, 8, dtype=torch.bool)
+    segs[1, :4, :4] = True  # inside M_b, 16 px: IoU 16/32 = 1/2
+    segs[2, :, :2] = True  # another 16 px inside: 1/2, a tie with 1
+    segs[3, :2, :] = True  # 8 inside, 16 px: IoU 8/40
+    result = region_iou(rough, segs)
+    assert (result.index, result.iou) == (1, 0.5)
+    assert result.ious.tolist() == [0.0, 0.5, 0.5, 0.2, 0.0]  # empty segments have IoU 0
+
+
+def test_region_iou_empty_rough_mask_errors_and_falls_back():
+    segs = torch.ones(2, 6, 6, dtype=torch.bool)
+    empty = torch.zeros(6, 6)
+    with pytest.raises(ValueError, match=r"rough_mask.*empty[\s\S]*fallback"):
+        region_iou(empty, segs)
+    result = region_iou(empty, segs, fallback="rough")
+    assert (result.index, result.iou, result.fallback_used) == (-1, 0.0, True)
+    assert not result.mask.any() and result.mask.shape == (6, 6)
+
+
+def test_region_iou_no_overlap_and_no_segments():
+    rough = torch.zeros(6, 6, dtype=torch.bool)
+    rough[0, 0] = True
+    segs = torch.zeros(3, 6, 6, dtype=torch.bool)
+    segs[0, 5, 5] = True
+    with pytest.raises(ValueError, match="none of the 3 segments overlaps"):
+        region_iou(rough, segs)
+    result = region_iou(rough, segs, fallback="rough")
+    assert result.fallback_used and torch.equal(result.mask, rough)
+    with pytest.raises(ValueError, match="'segments' is empty"):
+        region_iou(rough, torch.zeros(0, 6, 6))
+    assert region_iou(rough, [], fallback="rough").index == -1
+    with pytest.raises(ValueError, match="fallback must be"):
+        region_iou(rough, segs, fallback="nearest")  # type: ignore[arg-type]
+
+
+def test_region_iou_resizes_rough_mask_and_binarises_floats():
+    rough = torch.zeros(16, 16)
+    rough[4:12, 4:12] = 0.8  # float: > 0.5 counts
+    rough[0, 0] = 0.3  # does not
+    segs = torch.zeros(3, 64, 64)
+    segs[1, 16:48, 16:48] = 1.0  # the rough square at 4x
+    segs[2, 16:48, 16:40] = 0.9
+    result = region_iou(rough, segs)
+    assert (result.index, result.iou) == (1, 1.0)
+    assert result.mask.dtype == torch.bool and result.mask.shape == (64, 64)
+    numpy_segs = [s.numpy() > 0.5 for s in segs]  # SAM's layout: a list of (H, W) bool arrays
+    assert region_iou(rough.numpy(), numpy_segs).index == 1
+    with pytest.raises(ValueError, match="segments"):
+        region_iou(rough, torch.zeros(2, 2, 8, 8))
+
+
+# -------------------------------------------------------------------------------------- FFT smoother
+
+
+def grid(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-centre coordinates in [0, 1]: the same scene renders at any size."""
+    c = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return c[:, None].expand(n, n), c[None, :].expand(n, n)
+
+
+def texture(n: int) -> torch.Tensor:
+    y, x = grid(n)
+    base = 0.5 + 0.15 * torch.sin(2 * math.pi * 7 * x) * torch.cos(2 * math.pi * 5 * y)
+    base = base + 0.1 * torch.sin(2 * math.pi * (3 * x + 11 * y))
+    return torch.stack([base, 0.9 * base + 0.05, 0.8 * base + 0.1], -1).float()  # (n, n, 3)
+
+
+def noise(shape: tuple[int, ...], amplitude: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return amplitude * (2 * torch.rand(shape, generator=gen) - 1)
+
+
+def box(n: int, cy: float, cx: float, half: float) -> torch.Tensor:
+    y, x = grid(n)
+    return ((y - cy).abs() < half) & ((x - cx).abs() < half)
+
+
+def square_scene(n: int = 256):
+    """A darkened square whose edit spills past M_f (2 px at 512); over-edit noise and a far object."""
+    orig = (texture(n) + noise((n, n, 3), 0.02, 0)).clamp(0, 1)
+    edited = orig + noise((n, n, 3), 0.03, 1)  # IP2P's global over-edit
+    m_f = box(n, 0.4, 0.35, 0.1)
+    changed = box(n, 0.4, 0.35, 0.1 + 2 / 512)  # the edit reaches beyond the segment
+    assert bool(changed[m_f].all())
+    edited[changed] = 0.1 * edited[changed] + 0.9 * torch.tensor([0.02, 0.02, 0.1])
+    far = box(n, 0.8, 0.8, 0.08)
+    edited[far] = 1 - edited[far]  # over-edited elsewhere: must stay original
+    return orig, edited.clamp(0, 1), m_f, changed, far
+
+
+def shadow_scene(n: int = 512, width: float = 2.5 / 512):
+    """A recoloured disk (M_f) casting a soft shadow: strength 0.35 * exp(-d / width) outside."""
+    y, x = grid(n)
+    d = torch.sqrt((x - 0.5) ** 2 + (y - 0.5) ** 2) - 0.12  # signed distance to the disk
+    orig = texture(n)
+    disk = d <= 0
+    edited = orig.clone()
+    edited[disk] = torch.tensor([0.9, 0.3, 0.2])
+    shadow = (0.35 * torch.exp(-d.clamp(min=0) / width)).float() * ~disk
+    edited = edited - shadow[..., None] + noise((n, n, 3), 0.03, 2)
+    return orig, edited.clamp(0, 1), disk, (d * n).float()  # distance in pixels
+
+
+def test_smoother_square_keeps_the_change_and_drops_the_background():
+    orig, edited, m_f, changed, far = square_scene()
+    assert bool((changed & ~m_f).any()), "the edit spills past M_f at 256 px"
+    for clip in (True, False):
+        result = fft_edge_smooth(orig, edited, m_f, clip_to_dilation=clip)
+        final, band = result.final_mask, result.dilated_mask
+        assert final.dtype == torch.bool and final.shape == m_f.shape
+        assert torch.equal(band, dilate(m_f, 3, 4))
+        assert bool(final[changed].all()), "the changed region (incl. its spill) is in M_f*"
+        assert not (final & ~band).any(), "nothing beyond the dilation band"
+        assert not (final & far).any()
+        outer_ring = band & ~dilate(changed, 3, 2)  # unchanged, 3 px from the change
+        assert not (final & outer_ring).any()
+
+
+def test_smoother_soft_shadow():
+    orig, edited, disk, dist = shadow_scene()
+    result = fft_edge_smooth(orig, edited, disk)
+    final = result.final_mask
+    assert bool(final[disk].all())
+    strong = (dist > 0) & (dist <= 2)  # shadow >= 0.16 here, above 30/255
+    assert bool(final[strong].all()), "the strong part of the shadow joins M_f*"
+    assert not (final & ~result.dilated_mask).any()
+    unclipped = fft_edge_smooth(orig, edited, disk, clip_to_dilation=False).final_mask
+    assert not (unclipped & (dist > 4.5)).any(), "the faint shadow tail and background stay out"
+
+
+def upsample(mask: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest-exact")[0, 0] > 0.5
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a & b).sum()) / float((a | b).sum())
+
+
+@pytest.mark.parametrize("scene", ["square", "shadow"])
+def test_smoother_scale_invariance(scene):
+    def final(n: int) -> torch.Tensor:
+        if scene == "square":
+            orig, edited, m_f, *_ = square_scene(n)
+        else:
+            orig, edited, m_f, _ = shadow_scene(n)
+        return fft_edge_smooth(orig, edited, m_f).final_mask
+
+    assert iou(upsample(final(256), 512), final(512)) > 0.9
+
+
+def test_lowpass_radius_scales_with_size():
+    def keeps(h: int, w: int, ky: int, kx: int) -> bool:
+        return bool(lowpass_mask(h, w)[ky % h, kx % w])
+
+    k = torch.fft.fftfreq(512, 1 / 512)
+    assert int(lowpass_mask(512, 512).sum()) == int(((k[:, None] ** 2 + k[None] ** 2) <= 200**2).sum())
+    assert keeps(512, 512, 120, 160) and keeps(512, 512, -200, 0) and not keeps(512, 512, 0, 201)
+    assert keeps(256, 256, 60, -80) and not keeps(256, 256, 101, 0)  # D0 = 100 at 256
+    assert keeps(256, 512, 100, 0) and not keeps(256, 512, 101, 0)  # per axis: 200/512 cycles/px
+    assert keeps(256, 512, 0, 200) and not keeps(256, 512, 0, 201)
+
+
+def test_difference_equals_the_papers_two_transforms():
+    orig, edited, m_f, *_ = square_scene(64)
+    m_d = dilate(m_f)
+    keep = lowpass_mask(64, 64)
+    low_l = torch.fft.fft2(luma(edited) * m_d) * keep  # H(f(I_L,d))
+    low_g = torch.fft.fft2(luma(orig) * m_d) * keep  # H(f(I_G,d))
+    expected = torch.fft.ifft2(low_l - low_g).abs()
+    assert torch.allclose(difference_magnitude(orig, edited, m_d), expected, atol=1e-6)
+
+
+def test_morphology_matches_kornia_reference():
+    mask = torch.rand(48, 40, generator=torch.Generator().manual_seed(3)) < 0.2
+    x = mask[None, None].float()
+    iterated = x
+    for _ in range(4):
+        iterated = kornia.morphology.dilation(iterated, torch.ones(3, 3))
+    assert torch.equal(dilate(mask, 3, 4), iterated[0, 0] > 0.5)
+    reference = kornia.morphology.closing(x, torch.ones(21, 21))[0, 0] > 0.5
+    assert torch.equal(closing(mask, 21), reference)
+    assert torch.equal(dilate(mask, 3, 0), mask)
+    with pytest.raises(ValueError, match="odd"):
+        closing(mask, 20)
+
+
+def test_smoother_contains_m_f_and_handles_empty_and_layouts():
+    gen = torch.Generator().manual_seed(5)
+    orig = torch.rand(1, 40, 48, 3, generator=gen)  # a batch of one
+    edited = orig.clone()  # no change at all: M_f* is M_f (nothing else differs)
+    m_f = torch.rand(40, 48, generator=gen) < 0.05
+    result = fft_edge_smooth(orig, edited, m_f[None].float())
+    assert bool(result.final_mask[m_f].all())
+    empty = fft_edge_smooth(orig, torch.rand(40, 48, 3, generator=gen), torch.zeros(40, 48))
+    assert not empty.final_mask.any() and not empty.dilated_mask.any()
+    with pytest.raises(ValueError, match="refined_mask is 20x48"):
+        fft_edge_smooth(orig, edited, torch.zeros(20, 48))
+    with pytest.raises(ValueError, match="size mismatch"):
+        fft_edge_smooth(orig, edited[:, :20], m_f)
+    with pytest.raises(ValueError, match="batch of 2"):
+        fft_edge_smooth(orig.expand(2, -1, -1, -1), edited, m_f)
+
+
+def test_luma_is_bt601():
+    image = torch.eye(3)[None]  # (1, 3, 3): one red, one green, one blue pixel
+    assert torch.allclose(luma(image), torch.tensor([[0.299, 0.587, 0.114]]))
+
+
+# ----------------------------------------------------------------------------------------- composite
+
+
+def composite_case(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    orig = torch.rand(64, 80, 3, generator=gen)
+    edited = torch.rand(64, 80, 3, generator=gen)
+    m_f = torch.zeros(64, 80, dtype=torch.bool)
+    m_f[20:40, 30:50] = True
+    m_f_star = dilate(m_f, 3, 3)
+    return orig, edited, m_f, m_f_star
+
+
+def test_composite_is_bit_identical_outside_and_edited_inside():
+    orig, edited, m_f, m_f_star = composite_case()
+    out = composite(orig, edited, m_f, m_f_star)
+    outside, band = ~m_f_star, m_f_star & ~m_f
+    assert torch.equal(out[outside].view(torch.int32), orig[outside].view(torch.int32))
+    assert torch.equal(out[m_f], edited[m_f])
+    assert torch.allclose(out[band], 0.6 * edited[band] + 0.4 * orig[band], atol=1e-6)
+    # why torch.where: an arithmetic blend with weight 0 does not return the same bits
+    assert not torch.equal(0.6 * orig + 0.4 * orig, orig)
+
+
+def test_composite_layouts_dtypes_and_m_f_outside_m_f_star():
+    orig, edited, m_f, m_f_star = composite_case(1)
+    out = composite(orig[None].double(), edited[None], m_f[None].float(), m_f_star.numpy())
+    assert out.shape == (1, 64, 80, 3) and out.dtype == torch.float64
+    assert torch.equal(out[0][~m_f_star], orig.double()[~m_f_star])
+    # M_f reaching past M_f*: still edited there, never blended
+    shrunk = m_f.clone()
+    shrunk[20] = False
+    out = composite(orig, edited, m_f, shrunk)
+    assert torch.equal(out[m_f], edited[m_f]) and torch.equal(out[~m_f], orig[~m_f])
+    empty = torch.zeros(64, 80, dtype=torch.bool)
+    assert torch.equal(composite(orig, edited, empty, empty), orig)
+
+
+def test_composite_size_errors():
+    orig, edited, m_f, m_f_star = composite_case()
+    with pytest.raises(ValueError, match="edited is"):
+        composite(orig, edited[:32], m_f, m_f_star)
+    with pytest.raises(ValueError, match="m_f_star is 32x80"):
+        composite(orig, edited, m_f, m_f_star[:32])
+    with pytest.raises(ValueError, match="batch of 2"):
+        composite(torch.stack([orig, orig]), edited, m_f, m_f_star)
+    with pytest.raises(ValueError, match="mask"):
+        composite(orig, edited, np.zeros((2, 64, 80)), m_f_star)
