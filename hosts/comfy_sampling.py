@@ -15,6 +15,7 @@ import comfy.sample
 import comfy.samplers
 import torch
 
+from ..inversion.bank import BankRecorder, BankSettings, ReferenceBank, ReferenceFeatures
 from ..inversion.ddim import (
     DEFAULT_CONVENTION,
     Convention,
@@ -23,6 +24,7 @@ from ..inversion.ddim import (
     inversion_sigmas,
     invert,
 )
+from .comfy import discover_layers, install_hook
 
 # Schedulers uniform in the model's timesteps: DDIM inversion retraces them exactly.
 INVERSION_SCHEDULERS = ("ddim_uniform", "normal", "simple", "sgm_uniform")
@@ -117,3 +119,46 @@ def ddim_invert(
         convention=convention,
         fingerprint=model_fingerprint(model),
     )
+
+
+def bank_for(model: Any, settings: BankSettings, total_steps: int) -> tuple[list[int], range]:
+    """The layer indices and edit steps a bank keeps on this model; refuses an empty layer window."""
+    layers = discover_layers(model)
+    chosen = settings.layers.select(layers)
+    if not chosen:
+        levels = sorted({layer.downscale for layer in layers})
+        raise ValueError(
+            f"RealEdit: the layer window (stage '{settings.layers.stage}', {settings.layers.finest} finest "
+            f"resolutions) selects no attention layer of this model (its attention downscales: {levels}); "
+            "use stage 'up' or 'any' and finest >= 1."
+        )
+    return chosen, settings.steps.select(total_steps)
+
+
+def reference_features(
+    model: Any,
+    latent: torch.Tensor,
+    conditioning: list,
+    settings: BankSettings | None = None,
+    *,
+    steps: int = 50,
+    scheduler: str = "ddim_uniform",
+    convention: Convention = DEFAULT_CONVENTION,
+    callback: StepCallback | None = None,
+) -> ReferenceFeatures:
+    """Invert the reference and keep its self-attention K/V inside the windows (SpecRef stage 1).
+
+    In ``live`` mode only the trajectory is kept; the edit sampler recomputes K/V on the fly.
+    """
+    settings = settings or BankSettings()
+    total = len(sampling_sigmas(model, scheduler, steps)) - 1
+    layers, edit_steps = bank_for(model, settings, total)
+    bank = None
+    inverting = model
+    if settings.mode == "stored":
+        device = settings.device or model.offload_device
+        bank = ReferenceBank(layers, edit_steps, total, settings.dtype, device)
+        inverting = install_hook(model, BankRecorder(bank), cross_attention=False)
+    inversion = ddim_invert(inverting, latent, conditioning, steps=steps, scheduler=scheduler,
+                            convention=convention, callback=callback)
+    return ReferenceFeatures(settings.mode, inversion, bank, tuple(layers), edit_steps, conditioning)

@@ -130,3 +130,29 @@ def bank_nbytes(layers: list[LayerInfo], grid_of_latent: tuple[int, int], width_
         tokens = -(-h // layer.downscale) * -(-w // layer.downscale)
         total += 2 * tokens * width_of[layer.index] * steps * bytes_per_value
     return total
+
+
+@dataclass(frozen=True)
+class ReferenceFeatures:
+    """What the SR-attention needs from the reference: a stored bank, or (live) its trajectory.
+
+    ``inversion`` is the reference's DDIM inversion (its trajectory is kept in both modes: a few MB);
+    ``conditioning`` the prompt it was inverted with (live mode runs it again as an extra row).
+    """
+
+    mode: BankMode
+    inversion: object  # inversion.ddim.Inversion
+    bank: ReferenceBank | None
+    layers: tuple[int, ...]
+    steps: range
+    conditioning: object = None
+
+    def __deepcopy__(self, memo: dict) -> ReferenceFeatures:
+        return self
+
+    def describe(self) -> str:
+        if self.bank is not None:
+            return self.bank.describe()
+        latents = sum(t.numel() * t.element_size() for t in self.inversion.trajectory)
+        return (f"RealEdit reference (live): trajectory of {len(self.inversion.trajectory)} latents, "
+                f"{latents / 2**20:.2f} MiB; K/V recomputed each edit step for layers {list(self.layers)}")

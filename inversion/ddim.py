@@ -134,6 +134,17 @@ class Inversion:
         """The inverted latent at the level edit step s starts from (the pinned reconstruction)."""
         return self.trajectory[self.steps - s]
 
+    def pinned_model_input(self, s: int) -> tuple[torch.Tensor, float]:
+        """What the inversion fed the UNet at the timestep edit step s evaluates: (input, sigma).
+
+        Live reference features run the reference through the edit step with exactly this input,
+        so they reproduce the K/V a stored bank would hold for step s.
+        """
+        i = self.steps - 1 - s if self.convention == "next" else self.steps - s
+        if not 0 <= i < self.steps:
+            raise ValueError(f"RealEdit: edit step {s} has no inversion call under the '{self.convention}' convention.")
+        return model_input(self.trajectory[i], self.sigmas, i, self.convention)
+
     def reversed(self) -> Sequence[torch.Tensor]:
         """The trajectory in editing order: x_N, x_{N-1}, ..., x_0."""
         return self.trajectory[::-1]

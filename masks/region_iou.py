@@ -85,14 +85,15 @@ def _match_size(rough: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def segment_ious(rough_mask: TensorLike, segments: TensorLike | list[TensorLike]) -> torch.Tensor:
-    """R(j) of Eq. 6 for every segment, (N,) float64. M_b must not be empty."""
+    """R(j) of Eq. 6 for every segment, (N,) float64 (0 where both masks are empty)."""
     segs = as_segments(segments)
     rough = _match_size(as_mask_hw(rough_mask, "rough_mask").to(segs.device), tuple(segs.shape[1:]))
     words = _as_words(segs)  # (N, P)
     rough_words = _as_words(rough[None])  # (1, P)
     inter = _count_true(words & rough_words)
     union = _count_true(words) + _count_true(rough_words) - inter
-    return inter.double() / union.double()
+    # empty segment and empty M_b: IoU 0 rather than 0/0
+    return torch.where(union > 0, inter.double() / union.clamp(min=1).double(), 0.0)
 
 
 def _fallback(rough: torch.Tensor, ious: torch.Tensor, fallback: Fallback, reason: str) -> RegionIoUResult:
@@ -127,7 +128,7 @@ def region_iou(
     if not bool(rough.any()):
         reason = (
             "Region-IoU: the rough mask M_b ('rough_mask') is empty, so the instruction was not localised. "
-            "Lower the threshold T of the IP2P edit mask, or rephrase the instruction."
+            "Raise the threshold T of the IP2P edit mask (M_b = A^1 - A^L < T), or rephrase the instruction."
         )
         return _fallback(rough, torch.zeros(segs.shape[0], dtype=torch.float64), fallback, reason)
     ious = segment_ious(rough, segs)
@@ -139,5 +140,5 @@ def region_iou(
         )
         return _fallback(rough, ious, fallback, reason)
     index = int(torch.nonzero(ious == best)[0, 0])  # first maximum: lowest index wins ties
-    return RegionIoUResult(index=index, iou=float(best), mask=segs[index], ious=ious, fallback_used=False)
+    return RegionIoUResult(index=index, iou=float(best), mask=segs[index].clone(), ious=ious, fallback_used=False)
 

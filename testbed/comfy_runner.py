@@ -26,6 +26,7 @@ import copy
 import importlib
 import itertools
 import logging
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -110,6 +111,23 @@ def _quiet_logging(level: int = logging.ERROR) -> Iterator[None]:
         root.setLevel(previous)
 
 
+def _import_utils_package(root: Path) -> None:
+    """Import ComfyUI's top-level ``utils`` package (``server.py``, which some extras import, needs it).
+
+    ComfyUI's ``nodes.py`` puts ``comfy/`` first on ``sys.path``, after which ``import utils`` finds
+    ``comfy/utils.py`` instead; ``main.py`` imports the package before that happens, so do we,
+    with the checkout's root searched first.
+    """
+    if "utils" in sys.modules:
+        return
+    saved = list(sys.path)
+    sys.path.insert(0, str(root))
+    try:
+        importlib.import_module("utils.install_util")
+    finally:
+        sys.path[:] = saved
+
+
 def load_comfy_nodes(extras: bool = True) -> list[str]:
     """Import ComfyUI's ``nodes``/``execution`` and (once per process) its built-in extra nodes.
 
@@ -117,11 +135,8 @@ def load_comfy_nodes(extras: bool = True) -> list[str]:
     machine without a working torchaudio, the audio nodes). API nodes and ``custom_nodes/`` are
     never loaded. Idempotent.
     """
-    bootstrap_comfyui()
-    # ComfyUI's nodes.py puts comfy/ first on sys.path, after which ``import utils`` would find
-    # comfy/utils.py instead of ComfyUI's top-level ``utils`` package (needed by server.py, which
-    # some extras import). main.py imports the package first; so do we.
-    importlib.import_module("utils.install_util")
+    root = bootstrap_comfyui()
+    _import_utils_package(root)
     import nodes
 
     if extras and _state["extras_failed"] is None:

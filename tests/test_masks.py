@@ -190,6 +190,7 @@ def test_region_iou_ties_lowest_index_and_empty_segments():
     result = region_iou(rough, segs)
     assert (result.index, result.iou) == (1, 0.5)
     assert result.ious.tolist() == [0.0, 0.5, 0.5, 0.2, 0.0]  # empty segments have IoU 0
+    assert segment_ious(torch.zeros(8, 8), segs).tolist() == [0.0] * 5  # empty vs empty: 0, not NaN
 
 
 def test_region_iou_empty_rough_mask_errors_and_falls_back():
@@ -406,13 +407,13 @@ def composite_case(seed: int = 0):
 
 def test_composite_is_bit_identical_outside_and_edited_inside():
     orig, edited, m_f, m_f_star = composite_case()
-    out = composite(orig, edited, m_f, m_f_star)
     outside, band = ~m_f_star, m_f_star & ~m_f
+    orig[:4] = -0.0  # a blend with weight 0 would turn these into +0.0
+    edited[-4:] = float("nan")  # a broken decode far from the edit must not leak in
+    out = composite(orig, edited, m_f, m_f_star)
     assert torch.equal(out[outside].view(torch.int32), orig[outside].view(torch.int32))
     assert torch.equal(out[m_f], edited[m_f])
     assert torch.allclose(out[band], 0.6 * edited[band] + 0.4 * orig[band], atol=1e-6)
-    # why torch.where: an arithmetic blend with weight 0 does not return the same bits
-    assert not torch.equal(0.6 * orig + 0.4 * orig, orig)
 
 
 def test_composite_layouts_dtypes_and_m_f_outside_m_f_star():
