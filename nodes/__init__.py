@@ -6,6 +6,7 @@ import os
 
 from comfy_api.latest import ComfyExtension, io
 
+from .inversion import DDIMInvert, ReferenceFeatures
 from .probe import AttentionProbe, ProbeReport
 
 SAM_FOLDER = "sams"
@@ -22,7 +23,7 @@ def register_model_folders() -> None:
         folder_paths.add_model_folder_path(SAM_FOLDER, default)
 
 
-NODES: list[type[io.ComfyNode]] = [AttentionProbe, ProbeReport]
+NODES: list[type[io.ComfyNode]] = [AttentionProbe, ProbeReport, DDIMInvert, ReferenceFeatures]
 
 
 class RealEditExtension(ComfyExtension):

@@ -1,0 +1,40 @@
+"""Shared node plumbing: progress with cancellation, custom socket types, validation helpers."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import comfy.model_management
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+Inversion = io.Custom("REALEDIT_INVERSION")
+RefFeatures = io.Custom("REALEDIT_REF_FEATURES")
+
+
+def progress(total: int) -> Callable[[int, object], None]:
+    """A per-step callback: advances ComfyUI's progress bar and honours the Cancel button."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def step(i: int, _latent: object = None) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(i + 1, total)
+
+    return step
+
+
+def latent_samples(latent: dict, name: str = "latent") -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        raise ValueError(f"RealEdit: the {name} input is not an image LATENT (VAE Encode the photo first).")
+    return samples
+
+
+def single_image(samples: torch.Tensor, name: str) -> torch.Tensor:
+    if samples.shape[0] != 1:
+        raise ValueError(
+            f"RealEdit: the {name} holds a batch of {samples.shape[0]}; inversion edits one image at a time "
+            "(use 'Latent From Batch' to pick one)."
+        )
+    return samples

@@ -1,0 +1,137 @@
+"""RealEdit DDIM Invert and RealEdit Reference Features (SpecRef stage 1, shared by every method)."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..hosts.comfy_sampling import INVERSION_SCHEDULERS, ddim_invert, reference_features, sampling_sigmas
+from ..inversion.bank import BankSettings, LayerWindow, StepWindow
+from ..inversion.ddim import CONVENTIONS, DEFAULT_CONVENTION
+from .common import Inversion, RefFeatures, latent_samples, progress, single_image
+
+CATEGORY = "RealEdit/inversion"
+CONVENTION_TOOLTIP = (
+    "Where the inversion predicts noise. 'next' (default): at the current latent labelled with the next "
+    "timestep, as diffusers' DDIMInverseScheduler and the official P2P / null-text / SpecRef code; every "
+    "edit step then has a matching reference entry. 'current': at the current latent and its own timestep, "
+    "SpecRef Eq. 1 as written (ComfyUI's FlipSigmas + euler)."
+)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _steps_input() -> io.Int.Input:
+    return io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps; the edit sampler uses the same.")
+
+
+def _scheduler_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "scheduler", options=list(INVERSION_SCHEDULERS), default="ddim_uniform",
+        tooltip="Schedules uniform in the model's timesteps, which DDIM inversion retraces exactly.",
+    )
+
+
+def _convention_input() -> io.Combo.Input:
+    return io.Combo.Input("convention", options=list(CONVENTIONS), default=DEFAULT_CONVENTION,
+                          tooltip=CONVENTION_TOOLTIP)
+
+
+class DDIMInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RealEditDDIMInvert",
+            display_name="RealEdit DDIM Invert",
+            category=CATEGORY,
+            description=(
+                "Deterministic DDIM (eta 0) inversion of a photo's latent on your model (SD1.x/2.x/XL, eps or "
+                "v-prediction). Outputs the noisy latent z_T (sample it with noise disabled to reconstruct) "
+                "and the whole trajectory for the RealEdit edit samplers."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Latent.Input("latent", tooltip="The VAE-encoded photo (one image)."),
+                io.Conditioning.Input("positive", tooltip="The prompt to invert with (the source caption)."),
+                _steps_input(),
+                io.Float.Input("guidance", default=1.0, min=1.0, max=30.0, step=0.1,
+                               tooltip="CFG during inversion; 1 (no CFG) is the standard and the default."),
+                _scheduler_input(),
+                _convention_input(),
+                io.Conditioning.Input("negative", optional=True, tooltip="Only needed with guidance above 1."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="z_T", tooltip="The inverted noise latent."),
+                Inversion.Output(display_name="inversion"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, positive, steps, guidance, scheduler, convention, negative=None) -> io.NodeOutput:
+        samples = single_image(latent_samples(latent), "latent")
+        total = len(sampling_sigmas(model, scheduler, steps)) - 1
+        inversion = ddim_invert(model, samples, positive, steps=steps, scheduler=scheduler, guidance=guidance,
+                                negative=negative, convention=convention, callback=progress(total))
+        z_T = model.model.process_latent_out(inversion.z_T.to(samples.device)).to(samples.dtype)
+        return io.NodeOutput({"samples": z_T}, inversion)
+
+
+class ReferenceFeatures(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RealEditReferenceFeatures",
+            display_name="RealEdit Reference Features",
+            category=CATEGORY,
+            description=(
+                "Inverts the reference photo and keeps its self-attention K/V in the layers and steps the "
+                "SpecRef edit reads (SpecRef stage 1). 'stored' keeps them (fast edit, memory); 'live' keeps "
+                "only the reference's trajectory and recomputes them as one extra row of each edit step."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Latent.Input("reference", tooltip="The VAE-encoded reference photo (one image)."),
+                io.Conditioning.Input("conditioning", tooltip="The reference's prompt; SpecRef uses an empty "
+                                      "prompt: connect CLIP Text Encode with an empty text."),
+                _steps_input(),
+                _scheduler_input(),
+                _convention_input(),
+                io.Combo.Input("layers", options=["decoder", "encoder", "all"], default="decoder",
+                               tooltip="Which half of the UNet (default: the decoder, SpecRef's choice)."),
+                io.Int.Input("finest_resolutions", default=2, min=1, max=4,
+                             tooltip="How many of the finest attention resolutions to keep: 2 = 64x64 and "
+                                     "32x32 on SD1.x at 512 px (layers 10-15), the same on SD2.x/SDXL."),
+                io.Float.Input("step_start", default=0.08, min=0.0, max=1.0, step=0.01,
+                               tooltip="First edit step kept, as a fraction (0.08 = step 4 of 50, SpecRef)."),
+                io.Float.Input("step_end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the kept steps, as a fraction (exclusive)."),
+                io.Combo.Input("mode", options=["stored", "live"], default="stored",
+                               tooltip="stored: keep K/V (about 1.1 GB fp16 at 512 px with the defaults; no "
+                                       "extra compute). live: keep a few MB; each edit step runs one extra "
+                                       "batch row (about +50% edit time on a two-path batch)."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="fp16", tooltip="Storage precision."),
+                io.Combo.Input("device", options=["offload", "compute"], default="offload",
+                               tooltip="Where the bank lives: the model's offload device (CPU RAM when the "
+                                       "model is offloaded) or the compute device (faster, uses VRAM)."),
+            ],
+            outputs=[RefFeatures.Output(display_name="ref_features")],
+        )
+
+    @classmethod
+    def execute(cls, model, reference, conditioning, steps, scheduler, convention, layers, finest_resolutions,
+                step_start, step_end, mode, dtype, device) -> io.NodeOutput:
+        samples = single_image(latent_samples(reference, "reference"), "reference")
+        if step_end < step_start:
+            raise ValueError("RealEdit: step_end must not be below step_start.")
+        stage = {"decoder": "up", "encoder": "down", "all": "any"}[layers]
+        settings = BankSettings(
+            layers=LayerWindow(stage=stage, finest=finest_resolutions),
+            steps=StepWindow(step_start, step_end),
+            dtype=DTYPES[dtype],
+            device=model.offload_device if device == "offload" else model.load_device,
+            mode=mode,
+        )
+        total = len(sampling_sigmas(model, scheduler, steps)) - 1
+        features = reference_features(model, samples, conditioning, settings, steps=steps, scheduler=scheduler,
+                                      convention=convention, callback=progress(total))
+        text = features.describe()
+        return io.NodeOutput(features, ui=ui.PreviewText(text))
