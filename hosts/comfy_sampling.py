@@ -93,7 +93,7 @@ def ddim_invert(
     """DDIM-invert a user-space LATENT on a ComfyUI MODEL; the trajectory is in model space."""
     check_sd_model(model, latent)
     check_finite(latent, "LATENT")
-    sigmas = inversion_sigmas(sampling_sigmas(model, scheduler, steps))  # ascending
+    sigmas = inversion_sigmas(sampling_sigmas(model, scheduler, steps), convention)  # ascending
     trajectory: list[torch.Tensor] = []
 
     def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):

@@ -37,15 +37,17 @@ Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor], None]
 
 
-def inversion_sigmas(sampling_sigmas: torch.Tensor) -> torch.Tensor:
+def inversion_sigmas(sampling_sigmas: torch.Tensor, convention: Convention = DEFAULT_CONVENTION) -> torch.Tensor:
     """The ascending schedule that inverts a descending sampling schedule ``sigma_max .. 0``.
 
-    The 0 at the clean end becomes ``ZERO_SIGMA_STAND_IN`` (as ComfyUI's FlipSigmas does).
+    With ``"current"`` the UNet is evaluated at the clean end, where sigma 0 cannot be used; it
+    becomes ``ZERO_SIGMA_STAND_IN`` there (as ComfyUI's FlipSigmas does). ``"next"`` never
+    evaluates it and keeps the exact 0 (alpha-bar 1, as DDIMInverseScheduler with set_alpha_to_one).
     """
     if sampling_sigmas.ndim != 1 or len(sampling_sigmas) < 3:
         raise ValueError("RealEdit: inversion needs a schedule of at least 2 steps (steps >= 2).")
     ascending = sampling_sigmas.flip(0).clone()
-    if ascending[0] == 0:
+    if convention == "current" and ascending[0] == 0:
         ascending[0] = ZERO_SIGMA_STAND_IN
     return ascending
 

@@ -71,8 +71,8 @@ class WorkflowResult:
     ``outputs`` maps each requested node id to its outputs, one entry per output slot (a slot that
     ComfyUI ran as a list -- ``OUTPUT_IS_LIST`` or list-mapped execution with several items -- is a
     list; a single item is unwrapped). ``raw_outputs`` keeps ComfyUI's list-per-slot form. ``ui``
-    holds the UI results of output nodes (``PreviewImage`` ...), ``messages`` the (event, data)
-    pairs the executor sent to its server.
+    holds the UI results of output nodes (``PreviewImage`` ...), ``messages`` the executor's
+    ``(event, data)`` status messages (``execution_start``, ``execution_cached``, ``execution_success``).
     """
 
     outputs: dict[str, tuple[Any, ...]]
@@ -172,7 +172,8 @@ def load_pack(path: Path | str | None = None) -> list[str]:
     handler = _Collect(logging.WARNING)
     logging.getLogger().addHandler(handler)
     try:
-        ok = asyncio.run(nodes.load_custom_node(str(root), module_parent="custom_nodes"))
+        # As ComfyUI's init_external_custom_nodes: a custom node never replaces a built-in one.
+        ok = asyncio.run(nodes.load_custom_node(str(root), ignore=before, module_parent="custom_nodes"))
     finally:
         logging.getLogger().removeHandler(handler)
     if not ok:
@@ -269,7 +270,8 @@ def run_workflow(
         outputs: node ids whose outputs to return; they are executed even if they are not output
             nodes. Default: none (only the output nodes run; see ``ui``).
         overrides: ``{node_id: outputs_tuple}`` (or a zero-argument callable returning it): that node
-            is replaced for this run by a constant node with the same output types.
+            is replaced for this run by a constant node with the same output types (a slot the
+            original marks ``OUTPUT_IS_LIST`` takes a list).
         tiny_checkpoint: family (``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"ip2p"``) of the tiny
             ``(MODEL, CLIP, VAE)`` substituted for every ``CheckpointLoaderSimple`` not in
             ``overrides`` (built fresh each run with ``checkpoint_seed``); ``None`` keeps the loaders.
@@ -350,7 +352,7 @@ def run_workflow(
     if missing:
         raise WorkflowError(f"ComfyUI produced no outputs for {missing}", stage="execution", details=messages)
     return WorkflowResult(outputs={nid: _unwrap(value) for nid, value in raw.items()}, raw_outputs=raw, ui=ui,
-                          messages=messages + server.messages)
+                          messages=messages)
 
 
 def _tiny_checkpoint_factory(family: str, seed: int) -> Callable[[], tuple[Any, Any, Any]]:

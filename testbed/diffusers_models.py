@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 Family = Literal["sd1", "sd2", "sdxl", "ip2p"]
 
@@ -111,3 +111,16 @@ def make_ddim_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+
+
+def make_tiny_diffusers_vae(seed: int = 0) -> AutoencoderKL:
+    """A random-weight SD-style ``AutoencoderKL``: 8x downscale, 4 latent channels, narrow blocks."""
+    config = dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 32), scaling_factor=0.18215,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**config)
+    return vae.eval()

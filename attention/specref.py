@@ -1,0 +1,370 @@
+"""SpecRef's edit-time attention control (Sec. II-D2, Eq. 2-3 and 5, Algorithm 1 stage 2).
+
+One :class:`SpecRefHook` serves the two-path edit batch: slot 0 is the reconstruction (source prompt,
+pinned to the inversion trajectory), slot 1 the edit (target prompt) and, in live mode, slot 2 the
+reference row whose own self-attention K/V are the reference features. Per attention call it
+
+* records the conditional cross-attention maps of the ``map_downscale`` layers (16x16 at 512 px) of
+  slots 0 and 1 into a :class:`~.maps.CrossAttentionStore` (LocalBlend, Eq. 5, and M_t);
+* applies Prompt-to-Prompt between slot 0 and slot 1 (cross-attention Replace / Refine / Reweight,
+  self-attention map replacement) through a :class:`~.p2p.P2PHook`;
+* applies SR-attention (Eq. 2-3) to the edit path's conditional rows (optionally also the
+  unconditional ones) inside the reference's layer and step windows:
+  ``O = M_t * softmax(Q K_ref^T / sqrt(d) + M_s^inf) V_ref + (1 - M_t) * O_self``.
+
+M_t at step s is the target word's map averaged over every call recorded since the first step of the
+run (running mean, reset by :meth:`SpecRefHook.begin_run`), min-max normalised, resized bilinearly to
+the layer's grid and thresholded; it is computed once per step, at the step's first SR call (on SD1.x
+the step's own 16x16 layers have all run by then, as they precede the decoder's finest layers). M_s is
+the reference MASK resized bilinearly to the reference's token grid and thresholded. A call in which
+no control is active returns ``None``, so the host's own attention runs bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..inversion.bank import ReferenceBank
+from ..inversion.ddim import ZERO_SIGMA_STAND_IN, Inversion, model_input
+from .hooks import AttentionContext
+from .local_blend import LocalBlend
+from .maps import CrossAttentionStore, normalize_minmax
+from .math import DEFAULT_MAX_ELEMENTS, attention
+from .p2p import CrossEdit, P2PHook
+from .settings import SpecRefSettings
+from .sr_attention import SRResult, resize_mask_to_grid, sr_attention
+
+log = logging.getLogger("realedit")
+
+SOURCE_SLOT, EDIT_SLOT, LIVE_REFERENCE_SLOT = 0, 1, 2
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class SpecRefError(ValueError):
+    """Settings or inputs SpecRef editing cannot run with."""
+
+
+# -- inputs -------------------------------------------------------------------------------------------
+def as_mask(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """A MASK ((H, W) or (1, H, W)) as a float (H, W) tensor on the CPU; refuses empty or batched masks."""
+    if mask is None:
+        return None
+    m = mask.detach()
+    if m.dim() == 3 and m.shape[0] == 1:
+        m = m[0]
+    if m.dim() != 2:
+        raise SpecRefError(f"RealEdit: the {name} must be one mask (H, W) or (1, H, W), got shape "
+                           f"{tuple(mask.shape)}.")
+    m = m.float().cpu()
+    if not torch.isfinite(m).all():
+        raise SpecRefError(f"RealEdit: the {name} contains NaN or inf values.")
+    if not bool((m > 0).any()):
+        raise SpecRefError(f"RealEdit: the {name} is empty (all zero); draw or segment the region it marks.")
+    return m
+
+
+@dataclass(frozen=True, eq=False)
+class SpecRefControls:
+    """What the edit does besides the reference features themselves (host-neutral settings object).
+
+    ``cross_edit``: P2P cross-attention control (Replace / Refine / Reweight) or None; its window is
+    ``settings.p2p.cross_replace``. Self-attention map replacement follows ``settings.p2p.self_replace``
+    (0 disables it). ``local_blend``: LocalBlend (Eq. 5) on the blend words' token positions per path.
+    ``target_positions``: token positions (BOS = 0) of the target word(s) in the target prompt, whose
+    running-mean map is M_t; ``target_mask`` replaces that map by a fixed MASK (user-drawn M_t).
+    ``ref_mask``: M_s, the reference object in the reference image (None: the whole reference).
+    ``sr_uncond``: SR-attention also on the edit path's unconditional rows (official code's option).
+    """
+
+    settings: SpecRefSettings = field(default_factory=SpecRefSettings)
+    cross_edit: CrossEdit | None = None
+    local_blend: LocalBlend | None = None
+    target_positions: Sequence[int] | None = None
+    target_mask: torch.Tensor | None = None
+    ref_mask: torch.Tensor | None = None
+    sr_uncond: bool = False
+    self_replace_uncond: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_mask", as_mask(self.target_mask, "target mask (M_t)"))
+        object.__setattr__(self, "ref_mask", as_mask(self.ref_mask, "reference mask (M_s)"))
+        if self.target_positions is not None:
+            positions = tuple(int(p) for p in self.target_positions)
+            if not positions or min(positions) < 0:
+                raise SpecRefError(f"RealEdit: target word positions must be token indices >= 0, got "
+                                   f"{self.target_positions!r}.")
+            object.__setattr__(self, "target_positions", positions)
+
+    @property
+    def records_maps(self) -> bool:
+        """Whether cross-attention maps are recorded (LocalBlend, or M_t from target words)."""
+        return self.local_blend is not None or self.target_positions is not None
+
+
+# -- reference features --------------------------------------------------------------------------------
+class ReferenceSource(Protocol):
+    """Where SR-attention takes K_ref / V_ref from (Eq. 2-3), with its layer and step windows."""
+
+    layers: frozenset[int]
+    steps: range
+
+    def kv(self, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> KV | None:
+        """(1, ref_tokens, heads*dim) K and V for this call, or None when unavailable."""
+        ...
+
+
+class StoredReference:
+    """Stored mode: edit step s reads the bank entry saved at the same timestep, ``(layer, s)``."""
+
+    def __init__(self, bank: ReferenceBank) -> None:
+        self.bank = bank
+        self.layers, self.steps = frozenset(bank.layers), bank.steps
+
+    def __deepcopy__(self, memo: dict) -> StoredReference:
+        return self
+
+    def kv(self, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> KV | None:
+        entry = self.bank.get(ctx.layer.index, ctx.step) if ctx.step is not None else None
+        if entry is None:
+            return None
+        k_ref, v_ref = entry
+        return k_ref[None].to(k.device, k.dtype), v_ref[None].to(v.device, v.dtype)
+
+
+class LiveReference:
+    """Live mode: the reference is an extra conditional row of the batch (``slot``); its own K/V in
+    this very call are K_ref / V_ref. The sampler feeds it the reference inversion's latents."""
+
+    def __init__(self, layers: Collection[int], steps: range, slot: int = LIVE_REFERENCE_SLOT) -> None:
+        self.layers, self.steps, self.slot = frozenset(layers), steps, slot
+
+    def __deepcopy__(self, memo: dict) -> LiveReference:
+        return self
+
+    def kv(self, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> KV | None:
+        rows = ctx.rows.rows("cond", self.slot)
+        if not rows:
+            return None
+        r = rows[0]
+        return k[r : r + 1], v[r : r + 1]
+
+
+def live_reference_input(reference: Inversion, step: int) -> torch.Tensor:
+    """The live reference row's latent at edit step ``step``: exactly what the inversion fed the UNet
+    when it evaluated the timestep of that step (so live K/V equal the stored bank's)."""
+    n = reference.steps
+    i = n - step - 1 if reference.convention == "next" else n - step
+    return model_input(reference.trajectory[i], reference.sigmas, i, reference.convention)[0]
+
+
+def edit_sigmas(inversion: Inversion) -> torch.Tensor:
+    """The descending sampling schedule an inversion retraces (the clean end's stand-in back to 0)."""
+    sigmas = inversion.sigmas.flip(0).clone()
+    if float(sigmas[-1]) == ZERO_SIGMA_STAND_IN:
+        sigmas[-1] = 0.0
+    return sigmas
+
+
+def reference_grid(tokens: int, query_grid: tuple[int, int], mask_hw: tuple[int, int] | None) -> tuple[int, int]:
+    """The reference's token grid: the query grid when the token counts match (a reference latent of the
+    source's size), else the factorisation of ``tokens`` whose aspect is closest to the reference mask's
+    (else the query grid's)."""
+    if tokens == query_grid[0] * query_grid[1]:
+        return query_grid
+    aspect = (mask_hw[0] / mask_hw[1]) if mask_hw is not None else query_grid[0] / query_grid[1]
+    pairs = [(h, tokens // h) for h in range(1, tokens + 1) if tokens % h == 0]
+    return min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - math.log(aspect)))
+
+
+# -- the hook ------------------------------------------------------------------------------------------
+@dataclass
+class SRStats:
+    """What SR-attention did during a run (for node messages and tests)."""
+
+    applied: int = 0  # SR calls that mixed in the reference (layer, step, rows)
+    empty_mt: int = 0  # SR calls skipped because M_t was empty (word drew no attention / threshold)
+    missing_reference: int = 0  # SR calls without reference K/V (no bank entry, no live row)
+    fallback_queries: int = 0  # queries M_t selected but M_s left without a key (took O_self)
+
+
+class SpecRefHook:
+    """SpecRef's attention hook: maps, P2P and SR-attention for a two-path batch (see module doc).
+
+    ``reference`` is a :class:`StoredReference` or :class:`LiveReference` (None: no SR-attention,
+    i.e. P2P with LocalBlend maps only).
+    """
+
+    def __init__(self, controls: SpecRefControls, reference: ReferenceSource | None = None, *,
+                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
+        if reference is not None and controls.target_positions is None and controls.target_mask is None:
+            raise SpecRefError("RealEdit: SR-attention needs M_t: give the target word(s) of the target "
+                               "prompt (or a fixed target mask).")
+        self.controls, self.reference = controls, reference
+        s = controls.settings
+        self.store = CrossAttentionStore(downscales=(s.map_downscale,), kinds=("cond",),
+                                         slots=(SOURCE_SLOT, EDIT_SLOT), max_elements=max_elements) \
+            if controls.records_maps else None
+        self.p2p = P2PHook(controls.cross_edit, s.p2p, store=self.store, src_slot=SOURCE_SLOT,
+                           edit_slot=EDIT_SLOT, self_replace_uncond=controls.self_replace_uncond,
+                           max_elements=max_elements)
+        self.begin_run()
+
+    def __deepcopy__(self, memo: dict) -> SpecRefHook:
+        return self
+
+    def begin_run(self) -> None:
+        """Start of a sampling run: forget maps, masks and statistics (re-queued graphs repeat)."""
+        if self.store is not None:
+            self.store.reset()
+        self._mt_step: int | None = None
+        self._mt_map: torch.Tensor | None = None
+        self._grid_cache: dict[tuple, torch.Tensor] = {}
+        self.last_blend_mask: torch.Tensor | None = None
+        self.stats = SRStats()
+        self._warned: set[str] = set()
+
+    # -- attention ------------------------------------------------------------------------------------
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
+        if ctx.kind == "cross":
+            return self.p2p.cross_attention(q, k, v, ctx)
+        return self.self_attention(q, k, v, ctx)
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       ctx: AttentionContext) -> torch.Tensor | None:
+        """P2P self-attention replacement, then SR-attention (Eq. 2-3) on the edit rows."""
+        out = self.p2p.self_attention(q, k, v, ctx)
+        plan = self._sr_plan(k, v, ctx)
+        if plan is None:
+            return out
+        rows, k_ref, v_ref, m_t = plan
+        base = out if out is not None else self._host(q, k, v, ctx)
+        m_s = self._m_s(k_ref.shape[1], ctx)
+        result = sr_attention(q[rows], k[rows], v[rows], k_ref, v_ref, ctx.heads, m_s, m_t, o_self=base[rows])
+        base[rows] = result.output.to(base.dtype)
+        self._note(result, ctx)
+        return base
+
+    @staticmethod
+    def _host(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if ctx.host_attention is not None:
+            return ctx.host_attention(q, k, v)
+        return attention(q, k, v, ctx.heads)
+
+    def sr_rows(self, ctx: AttentionContext) -> list[int]:
+        """The rows SR-attention edits: the edit path's conditional (and optionally unconditional) rows."""
+        rows = ctx.rows.rows("cond", EDIT_SLOT)
+        if self.controls.sr_uncond:
+            rows += ctx.rows.rows("uncond", EDIT_SLOT)
+        return sorted(rows)
+
+    def sr_active(self, ctx: AttentionContext) -> bool:
+        """SR-attention's windows: a self-attention call in the reference's layers and steps."""
+        ref = self.reference
+        return (ref is not None and ctx.kind == "self" and ctx.step is not None
+                and ctx.layer.index in ref.layers and ctx.step in ref.steps)
+
+    def _sr_plan(self, k: torch.Tensor, v: torch.Tensor,
+                 ctx: AttentionContext) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if not self.sr_active(ctx):
+            return None
+        rows = self.sr_rows(ctx)
+        if not rows:
+            return None
+        m_t = self._m_t(ctx)
+        if m_t is None or not bool(m_t.any()):
+            self.stats.empty_mt += 1
+            return None
+        assert self.reference is not None
+        kv = self.reference.kv(k, v, ctx)
+        if kv is None:
+            self.stats.missing_reference += 1
+            self._warn_once("ref", f"RealEdit: no reference K/V for layer {ctx.layer.index} at step {ctx.step}; "
+                            "SR-attention skipped there (bank window, or the live reference row was not "
+                            "in this batch).")
+            return None
+        return rows, kv[0], kv[1], m_t.to(k.device, k.dtype)
+
+    def _note(self, result: SRResult, ctx: AttentionContext) -> None:
+        self.stats.applied += 1
+        if result.fallback_count:
+            self.stats.fallback_queries += result.fallback_count
+            self._warn_once("fallback", f"RealEdit: the reference mask leaves some queries of layer "
+                            f"{ctx.layer.index} without a reference key; they keep their own attention.")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    # -- masks ----------------------------------------------------------------------------------------
+    def _m_s(self, ref_tokens: int, ctx: AttentionContext) -> torch.Tensor:
+        """M_s on the reference's token grid: (ref_tokens,) bool (Eq. 2), all True without a mask."""
+        mask = self.controls.ref_mask
+        key = ("ms", ref_tokens, ctx.grid)
+        if key not in self._grid_cache:
+            if mask is None:
+                self._grid_cache[key] = torch.ones(ref_tokens, dtype=torch.bool)
+            else:
+                grid = reference_grid(ref_tokens, ctx.grid, tuple(mask.shape))
+                self._grid_cache[key] = resize_mask_to_grid(mask, grid, self.controls.settings.ms_threshold)
+        return self._grid_cache[key]
+
+    def target_map(self) -> torch.Tensor | None:
+        """The (h, w) map M_t is thresholded from: the fixed target mask, or the target word's running-mean
+        map over every call recorded so far, min-max normalised (None before any map was recorded)."""
+        if self.controls.target_mask is not None:
+            return self.controls.target_mask
+        store, positions = self.store, self.controls.target_positions
+        if store is None or positions is None or EDIT_SLOT not in store.recorded_slots("cond"):
+            return None
+        maps = store.maps("cond", [EDIT_SLOT])[0]  # (tokens, h, w)
+        bad = [p for p in positions if p >= maps.shape[0]]
+        if bad:
+            raise SpecRefError(f"RealEdit: target word positions {bad} lie outside the {maps.shape[0]} "
+                               "prompt tokens.")
+        return normalize_minmax(maps[list(positions)].sum(0))
+
+    def _m_t(self, ctx: AttentionContext) -> torch.Tensor | None:
+        """M_t on the query grid: (q_tokens,) float 0/1 (Eq. 3), computed once per step."""
+        if ctx.step != self._mt_step:
+            self._mt_map = self.target_map()
+            self._mt_step = ctx.step
+            self._grid_cache = {k: v for k, v in self._grid_cache.items() if k[0] != "mt"}
+        if self._mt_map is None:
+            return None
+        key = ("mt", ctx.grid)
+        if key not in self._grid_cache:
+            thr = self.controls.settings.mt_threshold
+            self._grid_cache[key] = resize_mask_to_grid(self._mt_map, ctx.grid, thr, keep_nonempty=False).float()
+        return self._grid_cache[key]
+
+    # -- LocalBlend and previews ----------------------------------------------------------------------
+    def blend(self, x_src: torch.Tensor, x_edit: torch.Tensor, step: int, total: int) -> torch.Tensor:
+        """LocalBlend after step ``step`` (Eq. 5): the edit latent outside the mask := x_src exactly."""
+        lb = self.controls.local_blend
+        if lb is None or self.store is None:
+            return x_edit
+        out, mask = lb(x_src, x_edit, self.store, step, total)
+        if mask is not None:
+            self.last_blend_mask = mask
+        return out
+
+    def mt_mask(self, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+        """The final M_t (the map the next step would use) at latent size, (H, W) float 0/1, for preview."""
+        m = self.target_map()
+        if m is None:
+            return None
+        m = F.interpolate(m[None, None].float(), size=latent_hw, mode="bilinear", align_corners=False,
+                          antialias=latent_hw[0] < m.shape[0] or latent_hw[1] < m.shape[1])[0, 0]
+        return (m > self.controls.settings.mt_threshold).float()
+
+    def blend_mask(self) -> torch.Tensor | None:
+        """The last LocalBlend mask used, (H, W) float 0/1, or None when LocalBlend never ran."""
+        return None if self.last_blend_mask is None else self.last_blend_mask.float()

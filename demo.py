@@ -1,0 +1,115 @@
+"""The README's demo: every RealEdit method end to end on the built-in tiny model.
+
+    python -m realedit.demo --out out/demo                      # tiny random-weight model
+    python -m realedit.demo --out out/demo --checkpoint sd15.safetensors   # a real SD checkpoint (ComfyUI)
+
+The built-in model has random weights: its images show that the pipeline runs and what it writes,
+not an edit. Where a ComfyUI checkout is found ($COMFYUI_PATH or /opt/ComfyUI) the demo runs the
+shipped workflows through ComfyUI's own executor; otherwise it runs the same steps on the diffusers
+host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+WORKFLOWS = ROOT / "workflows" / "api"
+
+
+def _save_image(image, path: Path) -> None:
+    """Save a (H, W, 3) float image in [0, 1] (or a (H, W) mask) as PNG."""
+    import numpy as np
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).save(path)
+    print(f"  wrote {path}")
+
+
+def run_comfy(out: Path, checkpoint: Path | None, size: int, steps: int) -> None:
+    from realedit.testbed import comfy_runner
+
+    print("ComfyUI found: running the shipped workflows through ComfyUI's executor")
+    for twin in sorted(WORKFLOWS.glob("*.json")):
+        workflow = _resize(json.loads(twin.read_text()), size, steps)
+        kwargs: dict = {"output_dir": out}
+        if checkpoint is not None:
+            import folder_paths
+
+            folder_paths.add_model_folder_path("checkpoints", str(checkpoint.parent))
+            for node in workflow.values():
+                if node["class_type"] == "CheckpointLoaderSimple":
+                    node["inputs"]["ckpt_name"] = checkpoint.name
+            kwargs["tiny_checkpoint"] = None
+        result = comfy_runner.run_workflow(workflow, **kwargs)
+        print(f"{twin.stem}:")
+        for ui in result.ui.values():
+            for image in ui.get("images", []):
+                print(f"  wrote {out / image.get('subfolder', '') / image['filename']}")
+            for text in ui.get("text", []):
+                print("  " + text.replace("\n", "\n  "))
+
+
+def _resize(workflow: dict, size: int, steps: int) -> dict:
+    for node in workflow.values():
+        for key, value in (("width", size), ("height", size), ("steps", steps)):
+            if key in node["inputs"] and not isinstance(node["inputs"][key], list):
+                node["inputs"][key] = value
+    return workflow
+
+
+def run_diffusers(out: Path, size: int, steps: int) -> None:
+    import torch
+
+    from realedit.attention.probe import ProbeHook
+    from realedit.hosts.diffusers import DiffusersHost
+    from realedit.hosts.diffusers_sampling import cfg_denoiser, sample, sampling_sigmas, use_schedule
+    from realedit.testbed.diffusers_models import make_ddim_scheduler, make_tiny_diffusers_unet, make_tiny_diffusers_vae
+
+    print("No ComfyUI found: running on the diffusers host (tiny random-weight UNet and VAE)")
+    unet, vae, scheduler = make_tiny_diffusers_unet("sd1"), make_tiny_diffusers_vae(), make_ddim_scheduler()
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
+    _, sigmas = sampling_sigmas(scheduler, steps)
+    probe = ProbeHook()
+    with torch.no_grad(), DiffusersHost(unet, probe) as host:
+        use_schedule(host, sigmas, scheduler.alphas_cumprod)
+        denoise = cfg_denoiser(host, scheduler.alphas_cumprod, cond, uncond, cfg=7.5, total_steps=steps)
+        x = torch.randn(1, 4, size // 8, size // 8, generator=g) * sigmas[0]
+        latent = sample(denoise, x, sigmas)
+        image = vae.decode(latent / vae.config.scaling_factor).sample
+    print("probe (hooked sampling):\n  " + probe.summary().replace("\n", "\n  "))
+    _save_image((image[0].permute(1, 2, 0) + 1) / 2, out / "probe_sample.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for images and masks")
+    parser.add_argument("--checkpoint", type=Path, help="a real SD1.x checkpoint (.safetensors); needs ComfyUI")
+    parser.add_argument("--host", choices=["auto", "comfy", "diffusers"], default="auto")
+    parser.add_argument("--size", type=int, default=128, help="image size in pixels (tiny model: 128)")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from realedit.testbed.comfy_env import bootstrap_comfyui, find_comfyui
+
+    use_comfy = args.host == "comfy" or (args.host == "auto" and find_comfyui() is not None)
+    if args.checkpoint is not None and not use_comfy:
+        sys.exit("--checkpoint needs a ComfyUI checkout (set COMFYUI_PATH).")
+    if use_comfy:
+        bootstrap_comfyui()
+        run_comfy(args.out, args.checkpoint, args.size, args.steps)
+    else:
+        run_diffusers(args.out, args.size, args.steps)
+    print(f"done: outputs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

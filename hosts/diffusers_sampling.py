@@ -1,0 +1,106 @@
+"""The core's samplers on the diffusers host: the Python API for scripts, and CI's second UNet.
+
+Same sigma-space formulation as the ComfyUI host (``inversion.ddim``): a latent at level sigma is
+``x0 + sigma * eps`` and the UNet sees the DDPM latent ``x / sqrt(1 + sigma^2)`` with the timestep
+whose alpha-bar gives that sigma. Latents here are the VAE's scaled latents (what diffusers' UNet
+takes), so there is no ``process_latent_in`` step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..attention.hooks import RowInfo
+from ..inversion.ddim import DEFAULT_CONVENTION, Convention, Denoiser, Inversion, inversion_sigmas, invert
+from .diffusers import DiffusersHost
+
+StepCallback = Callable[[int, torch.Tensor], None]
+
+
+def sampling_sigmas(scheduler, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) of the scheduler's sampling schedule; sigmas descend and end with 0."""
+    if steps < 2:
+        raise ValueError("RealEdit: steps must be at least 2.")
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.clone()
+    alphas = scheduler.alphas_cumprod.double()[timesteps]
+    sigmas = ((1 - alphas) / alphas).sqrt()
+    return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+def timestep_for_sigma(sigma: float, alphas_cumprod: torch.Tensor) -> float:
+    """The (fractional) training timestep of a noise level, interpolating log-sigma like ComfyUI."""
+    log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod).sqrt()).double().log()
+    log_sigma = math.log(max(sigma, 1e-10))
+    if log_sigma <= log_sigmas[0]:
+        return 0.0
+    if log_sigma >= log_sigmas[-1]:
+        return float(len(log_sigmas) - 1)
+    high = int(torch.searchsorted(log_sigmas, torch.tensor(log_sigma, dtype=torch.float64)))
+    low = high - 1
+    w = (log_sigma - float(log_sigmas[low])) / float(log_sigmas[high] - log_sigmas[low])
+    return low + w
+
+
+def use_schedule(host: DiffusersHost, sigmas: torch.Tensor, alphas_cumprod: torch.Tensor) -> None:
+    """Tell the host the schedule so hooks see step indices as on ComfyUI (index of the sigma)."""
+    host.schedule = [timestep_for_sigma(float(s), alphas_cumprod) for s in sigmas]
+
+
+def cfg_denoiser(host: DiffusersHost, alphas_cumprod: torch.Tensor, cond: torch.Tensor,
+                 uncond: torch.Tensor | None = None, cfg: float = 1.0, *, total_steps: int | None = None,
+                 **added_cond: torch.Tensor) -> Denoiser:
+    """k-diffusion-style ``denoised = f(x, sigma)`` with classifier-free guidance.
+
+    The batch is [uncond rows, cond rows] (diffusers' order) when cfg != 1, cond rows only otherwise;
+    the host is told which is which. Step indices come from the host's schedule (``use_schedule``);
+    ``total_steps`` is the number of steps (the schedule has one more entry, as ComfyUI's does).
+    """
+    batch_rows: dict[int, RowInfo] = {}
+
+    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        t = torch.tensor(timestep_for_sigma(sigma, alphas_cumprod), dtype=x.dtype)
+        x_ddpm = x / math.sqrt(1 + sigma**2)
+        if cfg == 1.0 or uncond is None:
+            eps = host.predict_noise(x_ddpm, t, cond.expand(x.shape[0], -1, -1), total_steps=total_steps,
+                                     rows=RowInfo.from_chunks(["cond"], x.shape[0]), **added_cond)
+        else:
+            b = x.shape[0]
+            rows = batch_rows.setdefault(b, RowInfo.from_chunks(["uncond", "cond"], b))
+            context = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
+            extra = {k: torch.cat([v, v]) for k, v in added_cond.items()}
+            eps_uncond, eps_cond = host.predict_noise(torch.cat([x_ddpm, x_ddpm]), t, context, rows=rows,
+                                                      total_steps=total_steps, **extra).chunk(2)
+            eps = eps_uncond + cfg * (eps_cond - eps_uncond)
+        return x - sigma * eps
+
+    return denoise
+
+
+def sample(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
+           callback: StepCallback | None = None) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) = Euler in sigma space, along descending ``sigmas``."""
+    for i in range(len(sigmas) - 1):
+        sigma = float(sigmas[i])
+        eps = (x - denoise(x, sigma)) / sigma
+        x = x + (sigmas[i + 1] - sigmas[i]) * eps
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def ddim_invert(host: DiffusersHost, scheduler, latent: torch.Tensor, cond: torch.Tensor, *, steps: int = 50,
+                convention: Convention = DEFAULT_CONVENTION, callback: StepCallback | None = None,
+                **added_cond: torch.Tensor) -> Inversion:
+    """DDIM-invert a (scaled) latent on a diffusers UNet; mirrors ``hosts.comfy_sampling.ddim_invert``."""
+    _, sigmas = sampling_sigmas(scheduler, steps)
+    ascending = inversion_sigmas(sigmas, convention)
+    use_schedule(host, ascending, scheduler.alphas_cumprod)
+    host.begin_run()
+    denoise = cfg_denoiser(host, scheduler.alphas_cumprod, cond, total_steps=steps, **added_cond)
+    trajectory = invert(denoise, latent, ascending, convention, callback=callback)
+    return Inversion(tuple(t.detach() for t in trajectory), ascending, convention,
+                     fingerprint=f"{type(host.unet).__name__}@{id(host.unet):x}")

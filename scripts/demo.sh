@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up .venv (scripts/setup_env.sh) and run the demo: every method on the built-in tiny model.
+# Extra arguments go to the demo (python -m realedit.demo --help), e.g. --checkpoint model.safetensors.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/setup_env.sh"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec "$root/.venv/bin/python" -m realedit.demo "$@"
