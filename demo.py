@@ -65,7 +65,6 @@ def _resize(workflow: dict, size: int, steps: int) -> dict:
 
 def run_diffusers(out: Path, size: int, steps: int) -> None:
     import torch
-
     from realedit.attention.probe import ProbeHook
     from realedit.hosts.diffusers import DiffusersHost
     from realedit.hosts.diffusers_sampling import cfg_denoiser, sample, sampling_sigmas, use_schedule

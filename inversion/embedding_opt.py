@@ -45,6 +45,8 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from .ddim import Inversion
+
 logger = logging.getLogger(__name__)
 
 Branch = Literal["cond", "uncond"]
@@ -99,22 +101,9 @@ class OptimisationSettings:
             raise ValueError(f"RealEdit: at CFG {self.cfg} the {branch} embedding has no effect; use another CFG.")
 
 
-def ttis_settings(iterations: int = 5, lr: LearningRate = 1e-3, eps: float = 1e-5, delta: float = 2e-5,
-                  cfg: float = 7.5) -> OptimisationSettings:
-    """BARET TTIS defaults (Sec. 4.1): Adam lr 1e-3, 5 iterations per step, CFG 7.5."""
-    return OptimisationSettings(iterations=iterations, lr=lr, eps=eps, delta=delta, cfg=cfg)
-
-
 def null_text_lr(start: float = 1e-2, horizon: int = 100) -> Callable[[int], float]:
     """Null-text inversion's schedule: ``start * (1 - s / horizon)`` at edit step s."""
     return lambda step: start * (1.0 - step / horizon)
-
-
-def null_text_settings(iterations: int = 10, lr: LearningRate | None = None, eps: float = 1e-5,
-                       delta: float = 2e-5, cfg: float = 7.5) -> OptimisationSettings:
-    """Null-text inversion defaults (Mokady et al. 2023): 10 iterations, lr 1e-2 * (1 - s / 100)."""
-    return OptimisationSettings(iterations=iterations, lr=null_text_lr() if lr is None else lr, eps=eps,
-                                delta=delta, cfg=cfg)
 
 
 @dataclass(frozen=True)
@@ -350,3 +339,25 @@ def _check_inputs(trajectory: Sequence[torch.Tensor], sigmas: torch.Tensor, cond
             raise ValueError(f"RealEdit: the {name} embedding must be (batch, tokens, width), got {tuple(t.shape)}.")
         if not torch.isfinite(t).all():
             raise ValueError(f"RealEdit: the {name} embedding contains NaN or inf values.")
+
+
+@dataclass(frozen=True)
+class OptimisedInversion(Inversion):
+    """A DDIM inversion with per-step optimised embeddings: TTIS (BARET Sec. 3.1) or null-text inversion.
+
+    ``embeddings[s]`` is the embedding of edit step s (s = 0 the noisiest) for the ``branch`` it
+    replaces: "cond" (TTIS, the optimised target embedding e_opt,t) or "uncond" (null-text). The other
+    branch keeps ``fixed_embedding`` at every step; ``initial_embedding`` is where step 0 started (TTIS:
+    the target embedding e_target of Eq. 3). ``optimisation`` holds per-step losses and iteration counts.
+    """
+
+    branch: Branch = "cond"
+    cfg: float = 7.5
+    initial_embedding: torch.Tensor | None = None
+    fixed_embedding: torch.Tensor | None = None
+    optimisation: EmbeddingOptimisation | None = None
+
+    def embedding_for_edit_step(self, s: int) -> torch.Tensor:
+        if self.embeddings is None:
+            raise ValueError("RealEdit: this INVERSION carries no optimised embeddings.")
+        return self.embeddings[s]

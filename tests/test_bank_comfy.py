@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-
 from realedit.inversion.bank import BankSettings, LayerWindow, StepWindow
 
 pytestmark = pytest.mark.comfy

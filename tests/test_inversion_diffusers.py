@@ -8,7 +8,6 @@ import torch
 pytest.importorskip("diffusers")
 
 from diffusers import DDIMInverseScheduler  # noqa: E402
-
 from realedit.attention.probe import ProbeHook  # noqa: E402
 from realedit.hosts.diffusers import DiffusersHost  # noqa: E402
 from realedit.hosts.diffusers_sampling import cfg_denoiser, ddim_invert, sample, sampling_sigmas, use_schedule  # noqa: E402

@@ -42,9 +42,9 @@ def runner(comfy):
 
 @pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
 def test_ui_workflow_queues_exactly_its_api_twin(runner, api_path):
-    import nodes
-
     from realedit.testbed.workflow_format import ui_to_api
+
+    import nodes
 
     ui_path = ROOT / "workflows" / api_path.name
     assert ui_path.is_file(), "run scripts/build_ui_workflows.py"

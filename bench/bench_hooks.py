@@ -1,0 +1,136 @@
+"""Benchmark: sampling with RealEdit's pass-through hooks vs the unpatched model (target ratio <= 1.05),
+DDIM inversion vs plain sampling (target <= 1.05), and the reference bank's memory (targets: stored
+<= 0.25, live <= 0.01 of a full fp32 bank).
+
+Side by side in one run, same model, seed and steps, alternating the two variants so drift hits both.
+
+    .venv/bin/python bench/bench_hooks.py                 # tiny model + SD1.5-shaped UNet, CPU
+    .venv/bin/python bench/bench_hooks.py --only tiny     # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from realedit.testbed.comfy_env import bootstrap_comfyui  # noqa: E402
+
+
+def _timed(fn, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _side_by_side(a, b, repeats: int) -> tuple[float, float]:
+    a(), b()  # warm-up
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(_timed(a, 1))
+        times_b.append(_timed(b, 1))
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def sd15_shaped_unet(device: torch.device):
+    """A full-size SD1.5 UNet (860M parameters) with random weights, in fp16 on GPU, fp32 on CPU."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from realedit.testbed.comfy_models import TINY_UNET_CONFIGS
+
+    config = dict(TINY_UNET_CONFIGS["sd1"], model_channels=320, channel_mult=[1, 2, 4, 4], context_dim=768)
+    config["dtype"] = torch.float16 if device.type == "cuda" else torch.float32
+    model_config = comfy.supported_models.SD15(config)
+    model = model_config.get_model({}, "", device=device)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.normal_(0, 0.02)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu")), 768
+
+
+def bench_model(name: str, model, context_dim: int, latent_hw: tuple[int, int], steps: int, repeats: int) -> None:
+    import comfy.sample
+
+    from realedit.hosts.comfy import install_hook
+    from realedit.hosts.comfy_sampling import ddim_invert
+
+    g = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 77, context_dim, generator=g), {}]]
+    uncond = [[torch.randn(1, 77, context_dim, generator=g), {}]]
+    latent = torch.zeros(1, 4, *latent_hw)
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    def decline(q, k, v, ctx):
+        return None
+
+    hooked = install_hook(model, decline)
+
+    def run(m, cfg=7.5):
+        return lambda: comfy.sample.sample(m, noise, steps, cfg, "euler", "ddim_uniform", cond, uncond, latent,
+                                           seed=0, disable_pbar=True)
+
+    plain, with_hooks = _side_by_side(run(model), run(hooked), repeats)
+    print(f"{name}: sampling {steps} steps, cfg 7.5: unpatched {plain:.3f}s, pass-through hooks {with_hooks:.3f}s, "
+          f"ratio {with_hooks / plain:.3f} (target <= 1.05)")
+    sampled, inverted = _side_by_side(
+        run(model, cfg=1.0), lambda: ddim_invert(model, noise, cond, steps=steps), repeats)
+    print(f"{name}: DDIM inversion {inverted:.3f}s vs sampling {sampled:.3f}s (cfg 1, same steps), "
+          f"ratio {inverted / sampled:.3f} (target <= 1.05)")
+
+
+def bank_memory(model, latent_hw: tuple[int, int], steps: int = 50) -> None:
+    """Bank bytes from shapes: default window in fp16 vs every layer and step in fp32; live mode."""
+    from realedit.hosts.comfy import discover_layers
+    from realedit.inversion.bank import LayerWindow, StepWindow
+
+    layers = discover_layers(model)
+    unet = model.model.diffusion_model
+    width = {}
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    for layer, block in zip(layers, blocks):
+        width[layer.index] = block.attn1.to_k.out_features
+
+    def nbytes(chosen, n_steps, bytes_per):
+        h, w = latent_hw
+        return sum(2 * -(-h // layers[i].downscale) * -(-w // layers[i].downscale) * width[i] * n_steps * bytes_per
+                   for i in chosen)
+
+    full = nbytes(range(len(layers)), steps, 4)
+    stored = nbytes(LayerWindow().select(layers), len(StepWindow().select(steps)), 2)
+    live = (steps + 1) * 4 * latent_hw[0] * latent_hw[1] * 4  # the reference's latent trajectory, fp32
+    print(f"bank at {latent_hw[0] * 8}px, {steps} steps: full fp32 {full / 2**20:.0f} MiB, default stored fp16 "
+          f"{stored / 2**20:.0f} MiB (ratio {stored / full:.3f}, target <= 0.25), live {live / 2**20:.2f} MiB "
+          f"(ratio {live / full:.5f}, target <= 0.01)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", choices=["tiny", "sd15"])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    bootstrap_comfyui()
+    from realedit.testbed.comfy_models import make_tiny_unet
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.only in (None, "tiny"):
+        bench_model("tiny sd1 (16x16 latent)", make_tiny_unet("sd1"), 64, (16, 16), 10, args.repeats)
+    if args.only in (None, "sd15"):
+        model, context = sd15_shaped_unet(device)
+        bench_model("SD1.5-shaped (32x32 latent)", model, context, (32, 32), 4, max(2, args.repeats // 2))
+        bank_memory(model, (64, 64))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""TTIS and null-text inversion on a ComfyUI MODEL: autograd through the UNet despite inference mode.
+
+ComfyUI runs nodes under ``torch.inference_mode()``, so a loaded model's weights are usually
+*inference tensors*, which autograd refuses to save for backward ("Inference tensors cannot be saved
+for backward"). The technique (METHODS.md, BARET; the one ComfyUI's own LoRA trainer,
+``comfy_extras/nodes_train.py``, uses):
+
+1. Work on ``model.clone()``: same weights, own patch lists; the caller's MODEL is never touched.
+2. Give the clone an *identity weight wrapper* on every ComfyUI op (``add_weight_wrapper`` on each
+   ``<module>.weight`` / ``.bias``). A module with a weight function runs through
+   ``comfy.ops.cast_bias_weight``, which copies the weight each forward before calling the wrapper; run
+   outside inference mode, that copy is a normal tensor autograd can save. The wrapper itself only
+   clones a weight that is still an inference tensor. No weight is modified and nothing is stored:
+   the copies live as long as one forward/backward.
+3. Give the clone an fp32 compute dtype (``set_model_compute_dtype``) when the model computes in
+   another dtype, so the embedding, Adam and the loss are fp32 and fp16 backward cannot overflow.
+4. Run the forward passes inside ``torch.inference_mode(False)`` (the core loop does).
+5. When done, successful or not (cancelled, out of memory), load the caller's MODEL again with
+   ``load_models_gpu``: ComfyUI then unpatches the clone (its object patches and weight functions)
+   exactly as when a KSampler switches between two clones of one checkpoint.
+
+The differentiable denoiser calls ``model.model.apply_model`` directly, one branch per call, with the
+embedding as ``c_crossattn``, the model's ``transformer_options`` (attention patches of other packs)
+and ``model_function_wrapper``, and the CONDITIONING's extra model conds (SDXL's pooled ``y``), all as
+``comfy.samplers.calc_cond_batch`` passes them. ControlNets, areas, masks and hooks in a CONDITIONING
+are not supported (a clear error): the loop optimises text embeddings only. The DDIM inversion itself is
+:func:`.comfy_sampling.ddim_invert` on the same clone (target prompt, guidance 1).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Callable
+
+import comfy.model_management
+import comfy.sampler_helpers
+import comfy.samplers
+import torch
+
+from ..inversion.baret_settings import BARET_DEFAULTS
+from ..inversion.ddim import DEFAULT_CONVENTION, Convention
+from ..inversion.embedding_opt import (
+    Branch,
+    BranchDenoiser,
+    EmbeddingOptimisation,
+    IterationCallback,
+    LearningRate,
+    OptimisationSettings,
+    OptimisedInversion,
+    null_text_lr,
+    optimise_embeddings,
+)
+from .comfy_sampling import StepCallback, check_sd_model, ddim_invert, model_fingerprint, sampling_sigmas
+
+# Activations kept for one backward pass, relative to ComfyUI's inference estimate (heuristic).
+BACKWARD_MEMORY_FACTOR = 4
+# CONDITIONING options the denoiser cannot honour while optimising a text embedding.
+UNSUPPORTED_COND_KEYS = ("control", "area", "mask", "hooks", "gligen")
+
+
+class CopyInferenceWeight:
+    """Identity weight wrapper: the weight as is, or a normal-tensor copy of an inference tensor."""
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.clone() if weight.is_inference() else weight
+
+    def __deepcopy__(self, memo: dict) -> CopyInferenceWeight:
+        return self
+
+
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype the model's UNet computes in (its manual cast dtype, else its weights' dtype)."""
+    cast = model.object_patches.get("manual_cast_dtype", getattr(model.model, "manual_cast_dtype", None))
+    return cast or model.model_dtype()
+
+
+def autograd_clone(model: Any, dtype: torch.dtype | None = torch.float32) -> Any:
+    """A clone of ``model`` that autograd can run through (see the module docstring); ``dtype`` None
+    keeps the model's compute dtype."""
+    clone = model.clone()
+    wrapper = CopyInferenceWeight()
+    for name, module in clone.model.named_modules():
+        if not hasattr(module, "weight_function"):
+            continue
+        for param in ("weight", "bias"):
+            if getattr(module, param, None) is not None:
+                clone.add_weight_wrapper(f"{name}.{param}", wrapper)
+    if dtype is not None and compute_dtype(model) != dtype:
+        clone.set_model_compute_dtype(dtype)
+    return clone
+
+
+def hand_back(model: Any) -> None:
+    """Load the caller's MODEL again: ComfyUI unpatches our clone (object patches, weight functions)."""
+    comfy.model_management.load_models_gpu([model])
+
+
+def check_text_conditioning(conditioning: list, name: str) -> None:
+    """TTIS / null-text optimise one text embedding: one entry, no ControlNet, area, mask or hooks."""
+    if not isinstance(conditioning, list) or len(conditioning) != 1:
+        count = len(conditioning) if isinstance(conditioning, list) else "no"
+        raise ValueError(f"RealEdit: the {name} CONDITIONING must hold exactly one prompt, got {count} entries "
+                         "(combine or concat them before this node).")
+    embedding, options = conditioning[0]
+    if not isinstance(embedding, torch.Tensor) or embedding.ndim != 3 or embedding.shape[0] != 1:
+        raise ValueError(f"RealEdit: the {name} CONDITIONING is not a single text embedding (1, tokens, width).")
+    found = [key for key in UNSUPPORTED_COND_KEYS if options.get(key) is not None]
+    if found:
+        raise ValueError(f"RealEdit: the {name} CONDITIONING carries {', '.join(found)}; embedding optimisation "
+                         "supports plain text conditioning only (apply ControlNets etc. in the edit sampler).")
+
+
+def embedding_and_extras(model: Any, conditioning: list, latent_shape: torch.Size, device: torch.device,
+                         prompt_type: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The cross-attention embedding and the other model conds (SDXL ``y``) as ComfyUI's samplers build them."""
+    noise = torch.zeros(latent_shape, device=device)
+    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(conditioning),
+                                              noise, device, prompt_type)
+    extras = {key: value.cond.to(device) for key, value in conds[0]["model_conds"].items() if key != "c_crossattn"}
+    return conditioning[0][0].to(device), extras
+
+
+def branch_denoiser(model: Any, extras: dict[Branch, dict[str, torch.Tensor]],
+                    sample_sigmas: torch.Tensor) -> BranchDenoiser:
+    """The differentiable k-diffusion denoiser of one CFG branch, ``denoise(x, sigma, embedding, branch)``.
+
+    Calls ``apply_model`` as ``comfy.samplers.calc_cond_batch`` does (transformer options with
+    ``cond_or_uncond``, the model's ``model_function_wrapper``), minus ControlNets and areas.
+    """
+    diffusion, options = model.model, model.model_options
+    uuids = {"cond": uuid.uuid4(), "uncond": uuid.uuid4()}
+
+    def denoise(x: torch.Tensor, sigma: float, embedding: torch.Tensor, branch: Branch) -> torch.Tensor:
+        index = [0 if branch == "cond" else 1]
+        timestep = torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32)
+        transformer_options = dict(options.get("transformer_options", {}))
+        transformer_options.update(cond_or_uncond=index, uuids=[uuids[branch]], sigmas=timestep,
+                                   sample_sigmas=sample_sigmas)
+        c = {"c_crossattn": embedding, "transformer_options": transformer_options,
+             **{key: value.clone() for key, value in extras[branch].items()}}
+        wrapper = options.get("model_function_wrapper")
+        if wrapper is not None:
+            return wrapper(diffusion.apply_model, {"input": x, "timestep": timestep, "c": c, "cond_or_uncond": index})
+        return diffusion.apply_model(x, timestep, **c)
+
+    return denoise
+
+
+def _interruptible(callback: Callable[..., None] | None) -> Callable[..., None]:
+    """Honour ComfyUI's Cancel button at every call, then run the caller's callback."""
+
+    def call(*args: Any) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if callback is not None:
+            callback(*args)
+
+    return call
+
+
+def optimise_inversion(
+    model: Any,
+    latent: torch.Tensor,
+    positive: list,
+    negative: list,
+    branch: Branch,
+    settings: OptimisationSettings,
+    *,
+    steps: int,
+    scheduler: str = "ddim_uniform",
+    convention: Convention = DEFAULT_CONVENTION,
+    dtype: torch.dtype | None = torch.float32,
+    callback: IterationCallback | None = None,
+    inversion_callback: StepCallback | None = None,
+) -> OptimisedInversion:
+    """DDIM-invert ``latent`` with ``positive`` (guidance 1), then optimise the ``branch`` embedding per step.
+
+    The shared body of :func:`ttis_invert` and :func:`null_text_invert`. ``callback(step, iteration, loss)``
+    runs after each iteration, ``inversion_callback(i, x)`` after each inversion step; both after a check
+    of ComfyUI's interrupt flag. The caller's MODEL is never modified (module docstring).
+    """
+    settings.validate(steps, branch)
+    check_sd_model(model, latent)
+    check_text_conditioning(positive, "positive")
+    check_text_conditioning(negative, "negative")
+    clone = autograd_clone(model, dtype)
+    try:
+        inversion = ddim_invert(clone, latent, positive, steps=steps, scheduler=scheduler, guidance=1.0,
+                                convention=convention, callback=_interruptible(inversion_callback))
+        result, start, fixed = _optimise_on(clone, inversion.trajectory, inversion.sigmas, latent.shape, positive,
+                                            negative, branch, settings, sampling_sigmas(model, scheduler, steps),
+                                            _interruptible(callback))
+    finally:
+        hand_back(model)
+    return OptimisedInversion(
+        trajectory=inversion.trajectory, sigmas=inversion.sigmas, convention=convention,
+        fingerprint=model_fingerprint(model), embeddings=tuple(e.cpu() for e in result.embeddings),
+        branch=branch, cfg=settings.cfg, initial_embedding=start.cpu(), fixed_embedding=fixed.cpu(),
+        optimisation=result,
+    )
+
+
+def _optimise_on(clone: Any, trajectory: tuple[torch.Tensor, ...], sigmas: torch.Tensor, latent_shape: torch.Size,
+                 positive: list, negative: list, branch: Branch, settings: OptimisationSettings,
+                 sample_sigmas: torch.Tensor, callback: IterationCallback,
+                 ) -> tuple[EmbeddingOptimisation, torch.Tensor, torch.Tensor]:
+    """Load the clone for backward passes and run the core loop on its load device."""
+    memory = clone.memory_required(list(latent_shape)) * BACKWARD_MEMORY_FACTOR
+    comfy.model_management.load_models_gpu([clone], memory_required=memory)
+    device = clone.load_device
+    cond, cond_extras = embedding_and_extras(clone, positive, latent_shape, device, "positive")
+    uncond, uncond_extras = embedding_and_extras(clone, negative, latent_shape, device, "negative")
+    denoise = branch_denoiser(clone, {"cond": cond_extras, "uncond": uncond_extras}, sample_sigmas.to(device))
+    try:
+        result = optimise_embeddings(denoise, [t.to(device) for t in trajectory], sigmas, cond, uncond, branch,
+                                     settings, callback)
+    except RuntimeError as error:
+        if "Inference tensors" not in str(error):
+            raise
+        raise RuntimeError(
+            "RealEdit: a layer of this MODEL is not a ComfyUI op, so its inference-mode weights cannot take part "
+            "in backpropagation; embedding optimisation does not support this model."
+        ) from error
+    start, fixed = (cond, uncond) if branch == "cond" else (uncond, cond)
+    return result, start, fixed
+
+
+def ttis_invert(
+    model: Any,
+    latent: torch.Tensor,
+    target_cond: list,
+    negative: list,
+    *,
+    steps: int = BARET_DEFAULTS.steps,
+    cfg: float = BARET_DEFAULTS.cfg,
+    iterations: int = BARET_DEFAULTS.ttis_iterations,
+    lr: LearningRate = BARET_DEFAULTS.ttis_lr,
+    eps: float = BARET_DEFAULTS.early_stop_eps,
+    delta: float = BARET_DEFAULTS.early_stop_delta,
+    scheduler: str = "ddim_uniform",
+    convention: Convention = DEFAULT_CONVENTION,
+    dtype: torch.dtype | None = torch.float32,
+    callback: IterationCallback | None = None,
+    inversion_callback: StepCallback | None = None,
+) -> OptimisedInversion:
+    """BARET's target-text inversion schedule (Sec. 3.1, Eq. 1-2, Algorithm 1) on a ComfyUI MODEL.
+
+    DDIM-inverts ``latent`` (user space, one image) with the target prompt, then per step optimises the
+    target embedding (warm start, Adam) so the CFG step with ``negative`` (the empty prompt) lands on the
+    inverted latent. ``embeddings`` of the result are the per-step optimised target embeddings.
+    """
+    settings = OptimisationSettings(iterations=iterations, lr=lr, eps=eps, delta=delta, cfg=cfg)
+    return optimise_inversion(model, latent, target_cond, negative, "cond", settings, steps=steps,
+                              scheduler=scheduler, convention=convention, dtype=dtype, callback=callback,
+                              inversion_callback=inversion_callback)
+
+
+def null_text_invert(
+    model: Any,
+    latent: torch.Tensor,
+    cond: list,
+    negative: list,
+    *,
+    steps: int = BARET_DEFAULTS.steps,
+    cfg: float = BARET_DEFAULTS.cfg,
+    iterations: int = BARET_DEFAULTS.null_text_iterations,
+    lr: LearningRate | None = None,
+    eps: float = BARET_DEFAULTS.early_stop_eps,
+    delta: float = BARET_DEFAULTS.early_stop_delta,
+    scheduler: str = "ddim_uniform",
+    convention: Convention = DEFAULT_CONVENTION,
+    dtype: torch.dtype | None = torch.float32,
+    callback: IterationCallback | None = None,
+    inversion_callback: StepCallback | None = None,
+) -> OptimisedInversion:
+    """Null-text inversion (Mokady et al. 2023) on a ComfyUI MODEL: the same loop as :func:`ttis_invert`
+    with the unconditional embedding optimised, starting from ``negative`` (the empty prompt).
+
+    ``lr`` defaults to null-text's schedule 1e-2 * (1 - s / 100); ``embeddings`` of the result are the
+    per-step optimised unconditional embeddings (``branch == "uncond"``).
+    """
+    if lr is None:
+        lr = null_text_lr(BARET_DEFAULTS.null_text_lr, BARET_DEFAULTS.null_text_lr_horizon)
+    settings = OptimisationSettings(iterations=iterations, lr=lr, eps=eps, delta=delta, cfg=cfg)
+    return optimise_inversion(model, latent, cond, negative, "uncond", settings, steps=steps,
+                              scheduler=scheduler, convention=convention, dtype=dtype, callback=callback,
+                              inversion_callback=inversion_callback)
