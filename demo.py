@@ -32,7 +32,7 @@ def _save_image(image, path: Path) -> None:
 
 
 def run_comfy(out: Path, checkpoint: Path | None, size: int, steps: int) -> None:
-    from realedit.testbed import comfy_runner
+    from .testbed import comfy_runner
 
     print("ComfyUI found: running the shipped workflows through ComfyUI's executor")
     for twin in sorted(WORKFLOWS.glob("*.json")):
@@ -65,10 +65,10 @@ def _resize(workflow: dict, size: int, steps: int) -> dict:
 
 def run_diffusers(out: Path, size: int, steps: int) -> None:
     import torch
-    from realedit.attention.probe import ProbeHook
-    from realedit.hosts.diffusers import DiffusersHost
-    from realedit.hosts.diffusers_sampling import cfg_denoiser, sample, sampling_sigmas, use_schedule
-    from realedit.testbed.diffusers_models import make_ddim_scheduler, make_tiny_diffusers_unet, make_tiny_diffusers_vae
+    from .attention.probe import ProbeHook
+    from .hosts.diffusers import DiffusersHost
+    from .hosts.diffusers_sampling import cfg_denoiser, sample, sampling_sigmas, use_schedule
+    from .testbed.diffusers_models import make_ddim_scheduler, make_tiny_diffusers_unet, make_tiny_diffusers_vae
 
     print("No ComfyUI found: running on the diffusers host (tiny random-weight UNet and VAE)")
     unet, vae, scheduler = make_tiny_diffusers_unet("sd1"), make_tiny_diffusers_vae(), make_ddim_scheduler()
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from realedit.testbed.comfy_env import bootstrap_comfyui, find_comfyui
+    from .testbed.comfy_env import bootstrap_comfyui, find_comfyui
 
     use_comfy = args.host == "comfy" or (args.host == "auto" and find_comfyui() is not None)
     if args.checkpoint is not None and not use_comfy:

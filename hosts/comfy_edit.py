@@ -166,6 +166,7 @@ class _TwoPathLoop:
         if self.reference is not None and step < self.inversion.steps:
             x[2] = live_reference_input(self.reference, step)[0].to(x)
 
+    @torch.no_grad()
     def __call__(self, model_k: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                  callback: Callable | None = None, disable: bool | None = None) -> torch.Tensor:
         extra_args = extra_args or {}
