@@ -65,6 +65,7 @@ def _resize(workflow: dict, size: int, steps: int) -> dict:
 
 def run_diffusers(out: Path, size: int, steps: int) -> None:
     import torch
+
     from .attention.probe import ProbeHook
     from .hosts.diffusers import DiffusersHost
     from .hosts.diffusers_sampling import cfg_denoiser, sample, sampling_sigmas, use_schedule

@@ -18,7 +18,6 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-
 from realedit.testbed.comfy_env import bootstrap_comfyui  # noqa: E402
 
 
@@ -46,7 +45,6 @@ def sd15_shaped_unet(device: torch.device):
     """A full-size SD1.5 UNet (860M parameters) with random weights, in fp16 on GPU, fp32 on CPU."""
     import comfy.model_patcher
     import comfy.supported_models
-
     from realedit.testbed.comfy_models import TINY_UNET_CONFIGS
 
     config = dict(TINY_UNET_CONFIGS["sd1"], model_channels=320, channel_mult=[1, 2, 4, 4], context_dim=768)
@@ -61,7 +59,6 @@ def sd15_shaped_unet(device: torch.device):
 
 def bench_model(name: str, model, context_dim: int, latent_hw: tuple[int, int], steps: int, repeats: int) -> None:
     import comfy.sample
-
     from realedit.hosts.comfy import install_hook
     from realedit.hosts.comfy_sampling import ddim_invert
 

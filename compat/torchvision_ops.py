@@ -100,13 +100,14 @@ def _define_cpu_ops() -> None:
 class _NmsAvailableLoader(importlib.abc.Loader):
     """After torchvision has imported, tell it its ops exist so ``ops.nms`` reaches our kernel."""
 
-    def __init__(self, loader: importlib.abc.Loader):
-        self._loader = loader
+    def __init__(self, loader: importlib.abc.Loader, finder: _TorchvisionFinder):
+        self._loader, self._finder = loader, finder
 
     def create_module(self, spec):  # noqa: D102
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:  # noqa: D102
+        self._finder.uninstall()
         self._loader.exec_module(module)
         module.extension._has_ops = lambda: True
 
@@ -114,22 +115,33 @@ class _NmsAvailableLoader(importlib.abc.Loader):
 class _TorchvisionFinder(importlib.abc.MetaPathFinder):
     """Runs once, on the first import of torchvision."""
 
+    _compiled: bool | None = None  # None: not checked yet
+
     def find_spec(self, name, path=None, target=None):  # noqa: D102
         if name != "torchvision":
             return None
-        sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
             return spec
-        try:
-            if _compiled_ops_load(list(spec.submodule_search_locations or [])):
-                return spec
-            _define_cpu_ops()
-        except Exception as error:  # never break the import itself
-            print(f"realedit torchvision fallback: {error}", file=sys.stderr)
+        # find_spec alone (transformers' and diffusers' availability checks) must not use us up:
+        # stay installed until the import itself runs through our loader.
+        if self._compiled is None:
+            try:
+                self._compiled = _compiled_ops_load(list(spec.submodule_search_locations or []))
+                if not self._compiled:
+                    _define_cpu_ops()
+            except Exception as error:  # never break the import itself
+                print(f"realedit torchvision fallback: {error}", file=sys.stderr)
+                self._compiled = True
+        if self._compiled:
+            self.uninstall()
             return spec
-        spec.loader = _NmsAvailableLoader(spec.loader)
+        spec.loader = _NmsAvailableLoader(spec.loader, self)
         return spec
+
+    def uninstall(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
 
 
 def install_import_hook() -> None:

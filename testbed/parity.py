@@ -8,44 +8,14 @@ initialisations. Imports ComfyUI (call ``testbed.comfy_env.bootstrap_comfyui()``
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
+import comfy.utils
 import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
+from diffusers import UNet2DConditionModel
 
-
-def hide_broken_torchaudio() -> bool:
-    """Make an installed but unloadable ``torchaudio`` look absent; True if it had to.
-
-    ComfyUI's requirements pull in a torchaudio wheel built for CUDA, whose compiled extension cannot
-    load next to a CPU torch (``libc10_cuda.so`` missing). ComfyUI shrugs that off ("torchaudio
-    missing"), but ``transformers.audio_utils`` imports torchaudio whenever it *is installed*, and
-    diffusers' UNet module imports that, so ``from diffusers import UNet2DConditionModel`` dies.
-    Where torchaudio imports fine this does nothing.
-    """
-    if "torchaudio" in sys.modules:
-        return sys.modules["torchaudio"] is None
-    try:
-        import torchaudio  # noqa: F401
-    except Exception:  # OSError / ImportError / RuntimeError from the compiled extension
-        for name in [n for n in sys.modules if n == "torchaudio" or n.startswith("torchaudio.")]:
-            del sys.modules[name]
-        sys.modules["torchaudio"] = None  # type: ignore[assignment]  # import -> ImportError, find_spec -> None
-        checks = sys.modules.get("transformers.utils.import_utils")
-        cached = getattr(checks, "is_torchaudio_available", None)
-        if cached is not None and hasattr(cached, "cache_clear"):
-            cached.cache_clear()
-        return True
-    return False
-
-
-hide_broken_torchaudio()
-
-import comfy.utils  # noqa: E402
-from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
-
-from .diffusers_models import DIFFUSERS_TINY_CONFIGS, Family  # noqa: E402
+from .diffusers_models import DIFFUSERS_TINY_CONFIGS, Family
 
 # SDXL's size/crop conditioning: each of the 6 time ids becomes a 256-wide sinusoidal embedding.
 SDXL_TIME_EMBED_DIM = 256
