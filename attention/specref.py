@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from ..inversion.bank import ReferenceBank
-from ..inversion.ddim import ZERO_SIGMA_STAND_IN, Inversion, model_input
 from .hooks import AttentionContext
 from .local_blend import LocalBlend
 from .maps import CrossAttentionStore, normalize_minmax
@@ -154,22 +153,6 @@ class LiveReference:
             return None
         r = rows[0]
         return k[r : r + 1], v[r : r + 1]
-
-
-def live_reference_input(reference: Inversion, step: int) -> torch.Tensor:
-    """The live reference row's latent at edit step ``step``: exactly what the inversion fed the UNet
-    when it evaluated the timestep of that step (so live K/V equal the stored bank's)."""
-    n = reference.steps
-    i = n - step - 1 if reference.convention == "next" else n - step
-    return model_input(reference.trajectory[i], reference.sigmas, i, reference.convention)[0]
-
-
-def edit_sigmas(inversion: Inversion) -> torch.Tensor:
-    """The descending sampling schedule an inversion retraces (the clean end's stand-in back to 0)."""
-    sigmas = inversion.sigmas.flip(0).clone()
-    if float(sigmas[-1]) == ZERO_SIGMA_STAND_IN:
-        sigmas[-1] = 0.0
-    return sigmas
 
 
 def reference_grid(tokens: int, query_grid: tuple[int, int], mask_hw: tuple[int, int] | None) -> tuple[int, int]:

@@ -9,15 +9,18 @@ for backward"). The technique (METHODS.md, BARET; the one ComfyUI's own LoRA tra
 2. Give the clone an *identity weight wrapper* on every ComfyUI op (``add_weight_wrapper`` on each
    ``<module>.weight`` / ``.bias``). A module with a weight function runs through
    ``comfy.ops.cast_bias_weight``, which copies the weight each forward before calling the wrapper; run
-   outside inference mode, that copy is a normal tensor autograd can save. The wrapper itself only
+   outside inference mode, that copy is a normal tensor autograd can save. The wrapper detaches it
+   (no gradient flows into the shared parameters, which keep ``requires_grad=True`` in ComfyUI) and
    clones a weight that is still an inference tensor. No weight is modified and nothing is stored:
    the copies live as long as one forward/backward.
 3. Give the clone an fp32 compute dtype (``set_model_compute_dtype``) when the model computes in
-   another dtype, so the embedding, Adam and the loss are fp32 and fp16 backward cannot overflow.
+   another dtype: the embedding, Adam, the loss and the backward pass are fp32 (no fp16 gradient
+   overflow or underflow), also on models loaded in fp16/bf16. ``dtype=None`` keeps the model's.
 4. Run the forward passes inside ``torch.inference_mode(False)`` (the core loop does).
 5. When done, successful or not (cancelled, out of memory), load the caller's MODEL again with
    ``load_models_gpu``: ComfyUI then unpatches the clone (its object patches and weight functions)
-   exactly as when a KSampler switches between two clones of one checkpoint.
+   exactly as when a KSampler switches between two clones of one checkpoint. The caller's MODEL is
+   then loaded (as the next KSampler would load it anyway).
 
 The differentiable denoiser calls ``model.model.apply_model`` directly, one branch per call, with the
 embedding as ``c_crossattn``, the model's ``transformer_options`` (attention patches of other packs)
@@ -29,6 +32,7 @@ are not supported (a clear error): the loop optimises text embeddings only. The 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any, Callable
 
@@ -50,7 +54,7 @@ from ..inversion.embedding_opt import (
     null_text_lr,
     optimise_embeddings,
 )
-from .comfy_sampling import StepCallback, check_sd_model, ddim_invert, model_fingerprint, sampling_sigmas
+from .comfy_sampling import StepCallback, check_sd_model, ddim_invert, model_fingerprint
 
 # Activations kept for one backward pass, relative to ComfyUI's inference estimate (heuristic).
 BACKWARD_MEMORY_FACTOR = 4
@@ -59,9 +63,15 @@ UNSUPPORTED_COND_KEYS = ("control", "area", "mask", "hooks", "gligen")
 
 
 class CopyInferenceWeight:
-    """Identity weight wrapper: the weight as is, or a normal-tensor copy of an inference tensor."""
+    """Identity weight wrapper: the (per-forward) weight cut off from the parameter's autograd history,
+    copied to a normal tensor when it is still an inference tensor.
+
+    Detaching keeps backward from computing (and storing in ``.grad``) gradients for the shared model's
+    parameters, which ComfyUI leaves with ``requires_grad=True``: only the embedding gets a gradient.
+    """
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        weight = weight.detach()
         return weight.clone() if weight.is_inference() else weight
 
     def __deepcopy__(self, memo: dict) -> CopyInferenceWeight:
@@ -187,15 +197,16 @@ def optimise_inversion(
         inversion = ddim_invert(clone, latent, positive, steps=steps, scheduler=scheduler, guidance=1.0,
                                 convention=convention, callback=_interruptible(inversion_callback))
         result, start, fixed = _optimise_on(clone, inversion.trajectory, inversion.sigmas, latent.shape, positive,
-                                            negative, branch, settings, sampling_sigmas(model, scheduler, steps),
+                                            negative, branch, settings, inversion.sampling_sigmas,
                                             _interruptible(callback))
     finally:
         hand_back(model)
+    result = dataclasses.replace(result, embeddings=tuple(e.cpu() for e in result.embeddings),
+                                 reconstruction=result.reconstruction.cpu())  # off the GPU, as the trajectory
     return OptimisedInversion(
         trajectory=inversion.trajectory, sigmas=inversion.sigmas, convention=convention,
-        fingerprint=model_fingerprint(model), embeddings=tuple(e.cpu() for e in result.embeddings),
-        branch=branch, cfg=settings.cfg, initial_embedding=start.cpu(), fixed_embedding=fixed.cpu(),
-        optimisation=result,
+        fingerprint=model_fingerprint(model), embeddings=result.embeddings, branch=branch, cfg=settings.cfg,
+        initial_embedding=start.cpu(), fixed_embedding=fixed.cpu(), optimisation=result,
     )
 
 
@@ -278,9 +289,8 @@ def null_text_invert(
     ``lr`` defaults to null-text's schedule 1e-2 * (1 - s / 100); ``embeddings`` of the result are the
     per-step optimised unconditional embeddings (``branch == "uncond"``).
     """
-    if lr is None:
-        lr = null_text_lr(BARET_DEFAULTS.null_text_lr, BARET_DEFAULTS.null_text_lr_horizon)
-    settings = OptimisationSettings(iterations=iterations, lr=lr, eps=eps, delta=delta, cfg=cfg)
+    settings = OptimisationSettings(iterations=iterations, lr=null_text_lr() if lr is None else lr, eps=eps,
+                                    delta=delta, cfg=cfg)
     return optimise_inversion(model, latent, cond, negative, "uncond", settings, steps=steps,
                               scheduler=scheduler, convention=convention, dtype=dtype, callback=callback,
                               inversion_callback=inversion_callback)

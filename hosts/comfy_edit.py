@@ -10,7 +10,7 @@ clone of the MODEL with a :class:`~..attention.specref.SpecRefHook` installed:
 * slot 2 (live mode only): the reference, fed what its inversion fed the UNet at each step, so its
   self-attention K/V are the reference features of that timestep.
 
-The schedule is the inversion's own (``edit_sigmas``), so edit step s evaluates the timestep the
+The schedule is the inversion's own (``Inversion.sampling_sigmas``), so edit step s evaluates the timestep the
 inversion's call for bank entry s used.
 """
 
@@ -32,8 +32,6 @@ from ..attention.specref import (
     SpecRefHook,
     SRStats,
     StoredReference,
-    edit_sigmas,
-    live_reference_input,
 )
 from ..inversion.bank import BankSettings, ReferenceBank
 from ..inversion.ddim import Inversion
@@ -158,13 +156,12 @@ class _TwoPathLoop:
     def __init__(self, hook: SpecRefHook, inversion: Inversion, reference: Inversion | None,
                  callback: EditCallback | None) -> None:
         self.hook, self.inversion, self.reference, self.callback = hook, inversion, reference, callback
-        self.final: torch.Tensor | None = None
 
     def _pin(self, x: torch.Tensor, step: int) -> None:
         """Slot 0 := the inverted latent edit step ``step`` starts from; slot 2 := the reference input."""
         x[0] = self.inversion.latent_for_edit_step(step)[0].to(x)
         if self.reference is not None and step < self.inversion.steps:
-            x[2] = live_reference_input(self.reference, step)[0].to(x)
+            x[2] = self.reference.pinned_model_input(step)[0][0].to(x)
 
     @torch.no_grad()
     def __call__(self, model_k: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
@@ -187,8 +184,8 @@ class _TwoPathLoop:
     def _report(self, x: torch.Tensor, step: int, total: int) -> None:
         if self.callback is None:
             return
-        mask = self.hook.last_blend_mask if self.hook.controls.local_blend is not None and \
-            self.hook.controls.local_blend.blends_at(step, total) else None
+        blend = self.hook.controls.local_blend
+        mask = self.hook.last_blend_mask if blend is not None and blend.blends_at(step, total) else None
         self.callback(EditStep(step, total, x[0:1].clone(), x[1:2].clone(), mask))
 
 
@@ -218,7 +215,12 @@ def specref_edit(
     ComfyUI's ``(i, denoised, x, total)`` latent-preview callback, fed the edit row.
     """
     controls = controls or SpecRefControls()
+    if negative is None and cfg != 1.0:
+        raise SpecRefError("RealEdit: guidance above 1 needs a negative CONDITIONING; connect one or use cfg 1.")
     check_sd_model(model, inversion.z_T)
+    if inversion.z_T.shape[0] != 1:
+        raise SpecRefError(f"RealEdit: the INVERSION holds {inversion.z_T.shape[0]} images; SpecRef edits one "
+                           "source image at a time.")
     inversion.check_compatible(model_fingerprint(model), inversion.steps if steps is None else steps)
     _check_reference(model, inversion, bank, reference, reference_cond)
     source = _reference_source(model, inversion, bank, reference, live_window)
@@ -228,13 +230,11 @@ def specref_edit(
     live = reference is not None
     conds = [source_cond, target_cond] + ([reference_cond] if live else [])
     positive = per_slot_conditioning(conds, ["source", "target", "reference"][: len(conds)])
-    if negative is None and cfg != 1.0:
-        raise SpecRefError("RealEdit: guidance above 1 needs a negative CONDITIONING; connect one or use cfg 1.")
     guider = comfy.samplers.CFGGuider(patched)
     guider.set_conds(positive, negative if negative is not None else positive)
     guider.set_cfg(cfg)
 
-    sigmas = edit_sigmas(inversion)
+    sigmas = inversion.sampling_sigmas
     z_T = inversion.z_T
     latent = patched.model.process_latent_out(z_T.repeat(len(conds), 1, 1, 1))  # shape only: the loop uses z_T
     loop = _TwoPathLoop(hook, inversion, reference, callback)

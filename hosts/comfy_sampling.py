@@ -96,6 +96,7 @@ def ddim_invert(
     sigmas = inversion_sigmas(sampling_sigmas(model, scheduler, steps), convention)  # ascending
     trajectory: list[torch.Tensor] = []
 
+    @torch.no_grad()
     def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         s_in = x.new_ones([x.shape[0]])
 

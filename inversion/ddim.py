@@ -129,6 +129,14 @@ class Inversion:
         return len(self.sigmas) - 1
 
     @property
+    def sampling_sigmas(self) -> torch.Tensor:
+        """The descending schedule this inversion retraces (the clean end's stand-in back to 0)."""
+        sigmas = self.sigmas.flip(0).clone()
+        if float(sigmas[-1]) == ZERO_SIGMA_STAND_IN:
+            sigmas[-1] = 0.0
+        return sigmas
+
+    @property
     def z_T(self) -> torch.Tensor:
         return self.trajectory[-1]
 

@@ -45,6 +45,7 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from .baret_settings import BARET_DEFAULTS
 from .ddim import Inversion
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,9 @@ class OptimisationSettings:
 
     iterations: int
     lr: LearningRate
-    eps: float = 1e-5
-    delta: float = 2e-5
-    cfg: float = 7.5
+    eps: float = BARET_DEFAULTS.early_stop_eps
+    delta: float = BARET_DEFAULTS.early_stop_delta
+    cfg: float = BARET_DEFAULTS.cfg
 
     def lr_at(self, step: int) -> float:
         return float(self.lr(step) if callable(self.lr) else self.lr)
@@ -101,7 +102,8 @@ class OptimisationSettings:
             raise ValueError(f"RealEdit: at CFG {self.cfg} the {branch} embedding has no effect; use another CFG.")
 
 
-def null_text_lr(start: float = 1e-2, horizon: int = 100) -> Callable[[int], float]:
+def null_text_lr(start: float = BARET_DEFAULTS.null_text_lr,
+                 horizon: int = BARET_DEFAULTS.null_text_lr_horizon) -> Callable[[int], float]:
     """Null-text inversion's schedule: ``start * (1 - s / horizon)`` at edit step s."""
     return lambda step: start * (1.0 - step / horizon)
 
@@ -134,6 +136,13 @@ class EmbeddingOptimisation:
     @property
     def total_iterations(self) -> int:
         return sum(self.iterations)
+
+    def report(self) -> str:
+        """One line per step (iterations, final loss, threshold) and the warnings, for a node's UI."""
+        lines = [f"step {s}: {len(losses)} it, loss {final:.3g} (stop < {t:.3g}){'' if ok else ' capped'}"
+                 for s, (losses, final, t, ok) in enumerate(
+                     zip(self.losses, self.final_losses, self.thresholds, self.converged))]
+        return "\n".join([*lines, *self.warnings])
 
 
 @dataclass

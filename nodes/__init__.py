@@ -8,6 +8,8 @@ from comfy_api.latest import ComfyExtension, io
 
 from .inversion import DDIMInvert, ReferenceFeatures
 from .probe import AttentionProbe, ProbeReport
+from .specref import SpecRefEditSampler
+from .zone import FFTEdgeSmooth, InstructionAction, IP2PEditMask, RegionIoURefine, SAMLoader
 
 SAM_FOLDER = "sams"
 
@@ -23,7 +25,8 @@ def register_model_folders() -> None:
         folder_paths.add_model_folder_path(SAM_FOLDER, default)
 
 
-NODES: list[type[io.ComfyNode]] = [AttentionProbe, ProbeReport, DDIMInvert, ReferenceFeatures]
+NODES: list[type[io.ComfyNode]] = [AttentionProbe, ProbeReport, DDIMInvert, ReferenceFeatures, IP2PEditMask,
+                                   InstructionAction, SAMLoader, RegionIoURefine, FFTEdgeSmooth, SpecRefEditSampler]
 
 
 class RealEditExtension(ComfyExtension):

@@ -54,7 +54,6 @@ def test_torchvision_nms_works_even_after_an_availability_check():
 
 def test_pure_torch_nms_matches_greedy_definition():
     import torch
-
     from realedit.compat.torchvision_ops import batched_nms, nms
 
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,6 @@ from realedit.attention.specref import (
     LiveReference,
     SpecRefControls,
     SpecRefError,
-    edit_sigmas,
     reference_grid,
 )
 from realedit.inversion.bank import BankRecorder, LayerWindow, ReferenceBank, StepWindow
@@ -124,7 +123,63 @@ def test_sr_with_full_masks_and_own_kv_is_plain_self_attention(env, setup):
     ones = torch.ones(16, 16)
     sr = _edit(env, setup, SpecRefControls(settings=OFF, target_mask=ones, ref_mask=ones), bank=own)
     assert sr.stats.applied == len(own.layers) * STEPS
-    assert _rel(sr.latent, recorded.latent) < 1e-5  # stated tolerance: fused-kernel float differences
+    assert _rel(sr.latent, recorded.latent) < 1e-5  # stated tolerance (measured 0: same SDPA kernel)
+
+
+def test_sr_on_unconditional_rows_too(env, setup):
+    cond_only = _edit(env, setup, _p2p(), bank=setup.bank)
+    both = _edit(env, setup, _p2p(sr_uncond=True), bank=setup.bank)
+    assert both.stats.applied > 0 and torch.isfinite(both.latent).all()
+    assert not torch.equal(cond_only.latent, both.latent)
+
+
+def test_hook_declines_every_call_when_all_controls_are_off():
+    from realedit.attention.hooks import AttentionContext, LayerInfo, RowInfo
+    from realedit.attention.specref import SpecRefHook, StoredReference
+
+    bank = ReferenceBank([3], range(2, 4), 4, torch.float32, None)
+    bank.put(3, 2, torch.randn(16, 8), torch.randn(16, 8))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 16, 8, generator=g) for _ in range(3))
+    rows = RowInfo.from_chunks(["cond", "uncond"], 2)
+    off = SpecRefHook(SpecRefControls(settings=OFF))
+    sr = SpecRefHook(SpecRefControls(settings=OFF, target_mask=torch.ones(4, 4)), StoredReference(bank))
+    for kind in ("self", "cross"):
+        for step in (None, 0, 1, 2, 3):
+            ctx = AttentionContext(LayerInfo(3, "up", 1, ("output", 3)), kind, (4, 4), 2, 4, rows, step, 4)
+            assert off(q, k, v, ctx) is None
+            applies = kind == "self" and step == 2  # the only (layer, step) with a bank entry
+            assert (sr(q, k, v, ctx) is None) != applies, (kind, step)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_other_families_run(env, family):
+    host, sampling, comfy_edit, make, helpers = env
+    model = make(family)
+    cond = [helpers.conditioning(family, seed) for seed in (1, 2, 3, 4)]
+    inversion = sampling.ddim_invert(model, _latent(3), cond[0], steps=4)
+    bank = ReferenceBank(LayerWindow().select(host.discover_layers(model)), range(4), 4, torch.float16, None)
+    sampling.ddim_invert(host.install_hook(model, BankRecorder(bank)), _latent(5), cond[3], steps=4)
+    out = comfy_edit.specref_edit(model, inversion, cond[0], cond[1], cond[2], controls=_p2p(), bank=bank)
+    assert out.stats.applied > 0 and torch.isfinite(out.latent).all()
+
+
+def test_callback_reports_progress_and_can_cancel(env, setup):
+    class Cancelled(Exception):
+        pass
+
+    seen = []
+
+    def callback(info):
+        seen.append((info.step, info.total))
+        if info.step == 1:
+            raise Cancelled
+
+    previews = []
+    with pytest.raises(Cancelled):
+        _edit(env, setup, _p2p(), callback=callback, preview=lambda i, x0, x, total: previews.append((i, x0.shape)))
+    assert seen == [(0, STEPS), (1, STEPS)]
+    assert previews == [(0, (1, 4, 16, 16)), (1, (1, 4, 16, 16))]  # ComfyUI's latent preview: the edit row
 
 
 def test_tiny_reference_mask_gives_no_nan(env, setup):
@@ -153,12 +208,18 @@ def test_every_control_off_equals_comfy_sampler_from_z_T(env, setup):
                                      setup.target, setup.negative, z_T, disable_noise=True, seed=0,
                                      disable_pbar=True)
     assert ours.mt_mask is None and ours.blend_mask is None
-    assert _rel(ours.latent, theirs) < 1e-5  # stated tolerance: batch 2 vs 1 and one latent re-scaling
+    # stated tolerance: float differences of batch 2 vs 1 and of ComfyUI's latent re-scaling of z_T (which we
+    # skip), amplified by CFG 7.5 on a random UNet; measured 5e-6. A wrong step or schedule gives > 1e-2.
+    assert _rel(ours.latent, theirs) < 1e-4
 
 
 def test_reconstruction_is_pinned_and_localblend_is_exact(env, setup):
+    # random maps are flat: 8x8 maps and a high threshold give a blend mask that is neither empty nor full
+    word = (5,)
+    controls = _p2p(settings=SpecRefSettings(map_downscale=2), local_blend=LocalBlend([word, word], threshold=0.9),
+                    target_positions=word)
     steps = []
-    out = _edit(env, setup, _p2p(), bank=setup.bank, callback=steps.append)
+    out = _edit(env, setup, controls, bank=setup.bank, callback=steps.append)
     trajectory = setup.inversion.trajectory
     assert [s.step for s in steps] == list(range(STEPS))
     start = int(P2PSettings().blend_start * STEPS)
@@ -206,7 +267,7 @@ def test_edit_step_reads_the_bank_entry_of_its_own_timestep(env, setup):
     for layer, step, sigma in bank.reads:
         assert sigma == pytest.approx(float(out.sigmas[step]), rel=1e-6)
         assert bank.saved[(layer, step)] == pytest.approx(sigma, rel=1e-6)
-    assert torch.equal(out.sigmas, edit_sigmas(setup.inversion))
+    assert torch.equal(out.sigmas, setup.inversion.sampling_sigmas)
     assert float(out.sigmas[-1]) == 0.0
 
 

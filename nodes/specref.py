@@ -1,0 +1,251 @@
+"""RealEdit SpecRef Edit Sampler: SpecRef's edit stage (P2P two-path sampler + SR-attention) as one node.
+
+The node encodes the source and target prompts itself with the CLIP, so that words (target word for
+M_t, LocalBlend words, reweighted words) map to the exact token positions ComfyUI's tokenizer gives
+them (prompt weighting syntax such as ``(cat:1.2)`` is parsed away by that tokenizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io, ui
+
+from ..attention.local_blend import LocalBlend
+from ..attention.p2p import Refine, Replace, Reweight
+from ..attention.settings import P2PSettings, SpecRefSettings
+from ..attention.specref import SpecRefControls, SpecRefError
+from ..attention.tokens import (
+    Token,
+    Tokenizer,
+    TokenLookupError,
+    check_prompt_length,
+    reweight_scale,
+    word_positions,
+    word_token_indices,
+    word_units,
+)
+from ..hosts.comfy_edit import specref_edit
+from ..hosts.comfy_sampling import model_fingerprint
+from ..inversion.bank import ReferenceFeatures as ReferenceFeaturesData
+from .common import Inversion, RefFeatures, progress
+
+CATEGORY = "RealEdit/specref"
+EDIT_MODES = ("auto", "replace", "refine", "reweight", "none")
+LATENT_SCALE = 8  # VAE downscale of SD1.x / SD2.x / SDXL
+
+
+# -- words and tokens ------------------------------------------------------------------------------------
+def clip_tokenizer(clip: object) -> Tokenizer:
+    """A :data:`~..attention.tokens.Tokenizer` from a ComfyUI CLIP: its own CLIP-L (else first) tokenizer,
+    so positions match what CLIPTextEncode feeds the model (weights parsed away, BOS/EOS/padding removed).
+    """
+    outer = getattr(clip, "tokenizer", None)
+    inner = getattr(outer, "clip_l", None) or getattr(outer, str(getattr(outer, "clip", "")), None)
+    hf = getattr(inner, "tokenizer", None)
+    if inner is None or hf is None or not hasattr(inner, "tokenize_with_weights"):
+        raise SpecRefError("RealEdit: this CLIP has no CLIP (BPE) tokenizer to look words up with; SpecRef "
+                           "editing supports SD1.x, SD2.x and SDXL text encoders.")
+    start, end = getattr(inner, "start_token", None), getattr(inner, "end_token", None)
+
+    def tokenize(text: str) -> list[Token]:
+        ids: list[int] = []
+        for chunk in inner.tokenize_with_weights(text):
+            chunk_ids = [t[0] for t in chunk]
+            if chunk_ids and start is not None and chunk_ids[0] == start:
+                chunk_ids = chunk_ids[1:]
+            if end is not None and end in chunk_ids:
+                chunk_ids = chunk_ids[: chunk_ids.index(end)]
+            ids.extend(int(t) if isinstance(t, int) else -1 for t in chunk_ids)  # -1: a textual embedding
+        texts = [hf.convert_ids_to_tokens(i) if i >= 0 else "<embedding></w>" for i in ids]
+        return list(zip(ids, texts))
+
+    return tokenize
+
+
+def split_words(text: str) -> list[str]:
+    """Comma-separated word groups (a group may hold several words: 'red car, tiger')."""
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
+def _positions_any(prompt: str, words: Sequence[str], tokenize: Tokenizer) -> list[int]:
+    """Positions of those ``words`` that occur in ``prompt`` (others skipped)."""
+    found: set[int] = set()
+    for word in words:
+        try:
+            found.update(word_positions(prompt, word, tokenize))
+        except TokenLookupError as error:
+            if "is not in the prompt" not in str(error):
+                raise
+    return sorted(found)
+
+
+def blend_positions(source: str, target: str, words: Sequence[str], tokenize: Tokenizer) -> list[list[int]]:
+    """LocalBlend token positions per path (source, target); each word must occur in one of the prompts."""
+    for word in words:
+        if not _positions_any(source, [word], tokenize) and not _positions_any(target, [word], tokenize):
+            raise TokenLookupError(f"RealEdit: the LocalBlend word {word!r} is in neither the source prompt "
+                                   f"{source!r} nor the target prompt {target!r}.")
+    return [_positions_any(source, words, tokenize), _positions_any(target, words, tokenize)]
+
+
+def resolve_mode(mode: str, src_tokens: list[Token], tgt_tokens: list[Token]) -> str:
+    if mode != "auto":
+        return mode
+    return "replace" if len(word_units(src_tokens)) == len(word_units(tgt_tokens)) else "refine"
+
+
+def cross_edit(mode: str, src_tokens: list[Token], tgt_tokens: list[Token], scale: torch.Tensor | None):
+    """The P2P cross-attention control for ``mode`` (``reweight`` scales on top of the auto base)."""
+    if mode == "none":
+        return None
+    if mode == "reweight":
+        base = resolve_mode("auto", src_tokens, tgt_tokens)
+        return Reweight(scale, cross_edit(base, src_tokens, tgt_tokens, None))
+    if mode == "replace":
+        return Replace.from_tokens(src_tokens, tgt_tokens)
+    return Refine.from_tokens(src_tokens, tgt_tokens)
+
+
+def image_mask(mask: torch.Tensor | None, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """A (1, H, W) latent-size mask upscaled to image size (nearest); zeros when not computed."""
+    size = (latent_hw[0] * LATENT_SCALE, latent_hw[1] * LATENT_SCALE)
+    if mask is None:
+        return torch.zeros(1, *size)
+    return F.interpolate(mask.float().reshape(1, 1, *mask.shape[-2:]), size=size, mode="nearest")[0]
+
+
+def encode(clip: object, text: str) -> list:
+    """What CLIPTextEncode gives for ``text``."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def check_reference(model: object, inversion: object, ref: ReferenceFeaturesData) -> None:
+    """Refuse REF_FEATURES made on another model, with another step count or schedule."""
+    if not isinstance(ref, ReferenceFeaturesData):
+        raise SpecRefError("RealEdit: the ref_features input is not a RealEdit Reference Features output.")
+    ref.inversion.check_compatible(model_fingerprint(model), inversion.steps, what="REF_FEATURES")
+    if not torch.allclose(ref.inversion.sigmas, inversion.sigmas):
+        raise SpecRefError("RealEdit: the REF_FEATURES and the source INVERSION use different schedules; use "
+                           "the same scheduler on RealEdit DDIM Invert and RealEdit Reference Features.")
+
+
+class SpecRefEditSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RealEditSpecRefEditSampler",
+            display_name="RealEdit SpecRef Edit Sampler",
+            category=CATEGORY,
+            description=(
+                "SpecRef editing (stage 2): a reconstruction path pinned to the source INVERSION and an edit "
+                "path from z_T with the target prompt, tied by Prompt-to-Prompt (Replace / Refine / Reweight, "
+                "self-attention replacement), LocalBlend on the blend words and, with REF_FEATURES, "
+                "SR-attention that copies the reference object where the target word attends."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the INVERSION (and REF_FEATURES) were made with."),
+                io.Clip.Input("clip", tooltip="Encodes both prompts and looks their words up."),
+                Inversion.Input("inversion", tooltip="From RealEdit DDIM Invert on the source photo."),
+                io.String.Input("source_text", multiline=True, default="a photo of a cat",
+                                tooltip="The source caption (what the inversion used)."),
+                io.String.Input("target_text", multiline=True, default="a photo of a tiger",
+                                tooltip="The edited caption."),
+                io.Conditioning.Input("negative"),
+                io.Int.Input("steps", default=50, min=2, max=1000,
+                             tooltip="Must equal the steps of the inversion and reference nodes."),
+                io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1),
+                io.Combo.Input("edit_mode", options=list(EDIT_MODES), default="auto",
+                               tooltip="auto: replace when both prompts have the same number of words, else "
+                                       "refine. reweight: scale the reweight words' attention (on top of auto)."),
+                io.Float.Input("cross_replace", default=0.8, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of steps with cross-attention replacement."),
+                io.Float.Input("self_replace", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of steps with self-attention map replacement (0 = off)."),
+                io.String.Input("blend_words", default="", optional=True,
+                                tooltip="LocalBlend words, comma separated (e.g. 'cat, tiger'); empty = off."),
+                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01),
+                io.String.Input("reweight_words", default="", optional=True,
+                                tooltip="Words of the target prompt to reweight (edit_mode reweight)."),
+                io.Float.Input("reweight_factor", default=2.0, min=-10.0, max=10.0, step=0.1, optional=True),
+                RefFeatures.Input("ref_features", optional=True,
+                                  tooltip="From RealEdit Reference Features; enables SR-attention."),
+                io.Mask.Input("reference_mask", optional=True,
+                              tooltip="M_s: the reference object in the reference photo (none = all of it)."),
+                io.String.Input("target_words", default="", optional=True,
+                                tooltip="Word(s) of the target prompt whose attention map gives M_t."),
+                io.Float.Input("mt_threshold", default=0.5, min=0.0, max=1.0, step=0.01, optional=True),
+                io.Float.Input("ms_threshold", default=0.5, min=0.0, max=1.0, step=0.01, optional=True),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="edited"),
+                io.Latent.Output(display_name="reconstruction"),
+                io.Mask.Output(display_name="M_t", tooltip="Final M_t at image size (zeros without target words)."),
+                io.Mask.Output(display_name="local_blend", tooltip="Last LocalBlend mask at image size."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, inversion, source_text, target_text, negative, steps, cfg, edit_mode,
+                cross_replace, self_replace, blend_words="", blend_threshold=0.3, reweight_words="",
+                reweight_factor=2.0, ref_features=None, reference_mask=None, target_words="", mt_threshold=0.5,
+                ms_threshold=0.5) -> io.NodeOutput:
+        tokenize = clip_tokenizer(clip)
+        src_tokens, tgt_tokens = tokenize(source_text), tokenize(target_text)
+        check_prompt_length(f"the source prompt {source_text!r}", src_tokens)
+        check_prompt_length(f"the target prompt {target_text!r}", tgt_tokens)
+
+        mode = resolve_mode(edit_mode, src_tokens, tgt_tokens)
+        scale = None
+        if mode == "reweight":
+            if not split_words(reweight_words):
+                raise SpecRefError("RealEdit: edit_mode 'reweight' needs reweight_words (words of the target "
+                                   "prompt).")
+            scale = reweight_scale(word_token_indices(target_text, split_words(reweight_words), tokenize),
+                                   reweight_factor)
+        settings = SpecRefSettings(
+            p2p=P2PSettings(cross_replace=cross_replace, self_replace=self_replace, blend_threshold=blend_threshold),
+            mt_threshold=mt_threshold, ms_threshold=ms_threshold,
+        )
+        blend = split_words(blend_words)
+        local_blend = (LocalBlend(blend_positions(source_text, target_text, blend, tokenize),
+                                  threshold=blend_threshold, start=settings.p2p.blend_start) if blend else None)
+        target = split_words(target_words)
+        positions = word_token_indices(target_text, target, tokenize) if target else None
+        if ref_features is not None and positions is None:
+            raise SpecRefError("RealEdit: SR-attention (ref_features connected) needs target_words: the word(s) "
+                               f"of the target prompt {target_text!r} naming the object to copy.")
+        controls = SpecRefControls(
+            settings=settings, cross_edit=cross_edit(mode, src_tokens, tgt_tokens, scale), local_blend=local_blend,
+            target_positions=positions, ref_mask=reference_mask if ref_features is not None else None,
+        )
+
+        kwargs: dict = {}
+        if ref_features is not None:
+            check_reference(model, inversion, ref_features)
+            if ref_features.mode == "live":
+                kwargs.update(reference=ref_features.inversion, reference_cond=ref_features.conditioning,
+                              live_window=_fixed_window(ref_features))
+            else:
+                kwargs.update(bank=ref_features.bank)
+
+        step = progress(inversion.steps)
+        result = specref_edit(model, inversion, encode(clip, source_text), encode(clip, target_text), negative,
+                              cfg=cfg, controls=controls, steps=steps, callback=lambda info: step(info.step),
+                              **kwargs)
+        hw = tuple(result.latent.shape[-2:])
+        stats = result.stats
+        text = (f"RealEdit SpecRef: edit mode {mode}; SR-attention applied in {stats.applied} calls "
+                f"(skipped: {stats.empty_mt} empty M_t, {stats.missing_reference} without reference K/V)")
+        return io.NodeOutput({"samples": result.latent}, {"samples": result.reconstruction},
+                             image_mask(result.mt_mask, hw), image_mask(result.blend_mask, hw),
+                             ui=ui.PreviewText(text))
+
+
+def _fixed_window(ref: ReferenceFeaturesData) -> SimpleNamespace:
+    """A BankSettings stand-in selecting exactly the layers and steps the live REF_FEATURES chose."""
+    return SimpleNamespace(layers=SimpleNamespace(select=lambda _layers: list(ref.layers)),
+                           steps=SimpleNamespace(select=lambda _total: ref.steps), mode="live")

@@ -1,0 +1,290 @@
+"""ZONE's ComfyUI side: the IP2P mask hook and host, SAM automatic masks, the ZONE nodes and workflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from realedit.attention.hooks import AttentionContext, LayerInfo, RowInfo
+from realedit.attention.math import attention_probs
+from realedit.masks.ip2p_mask import IP2PMaskRecorder, normalise_by_max, rough_mask
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADS, DIM = 2, 8
+
+
+def _ctx(layer: LayerInfo, rows: RowInfo, grid: tuple[int, int], kind: str = "cross",
+         step: int = 0) -> AttentionContext:
+    return AttentionContext(layer=layer, kind=kind, grid=grid, heads=HEADS, dim_head=DIM, rows=rows, step=step,
+                            total_steps=4)
+
+
+# ---------------------------------------------------------------- Eq. 4 and the recorder (no ComfyUI)
+
+
+def test_rough_mask_thresholds_the_max_scaled_difference():
+    first = torch.tensor([[4.0, 2.0], [1.0, 0.0]])  # / 4 -> 1, .5, .25, 0
+    last = torch.tensor([[0.0, 2.0], [2.0, 1.0]])  # / 2 -> 0, 1, 1, .5
+    out = rough_mask(first, last, threshold=0.3)
+    assert torch.allclose(out.difference, torch.tensor([[1.0, -0.5], [-0.75, -0.5]]))
+    assert out.mask.tolist() == [[False, True], [True, True]]
+    assert rough_mask(first, last, threshold=-0.6).mask.tolist() == [[False, False], [True, False]]
+    assert torch.equal(normalise_by_max(torch.zeros(2, 2)), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="A\\^1 and A\\^L"):
+        rough_mask(first, last[:1])
+
+
+def test_recorder_reads_only_empty_text_rows_of_small_encoder_decoder_layers():
+    torch.manual_seed(0)
+    rows = RowInfo(("uncond", "uncond", "cond"), (0, 0, 0))
+    down = LayerInfo(2, "down", 2, ("input", 4, 0))
+    up = LayerInfo(9, "up", 4, ("output", 5, 0))
+    skipped = [LayerInfo(0, "down", 1, ("input", 1, 0)), LayerInfo(6, "mid", 8, ("middle", 0, 0))]
+    recorder = IP2PMaskRecorder()
+    direct = {}
+    for step in range(2):
+        for layer, grid in ((down, (4, 4)), (up, (2, 2))):
+            q, k = torch.randn(3, grid[0] * grid[1], HEADS * DIM), torch.randn(3, 5, HEADS * DIM)
+            assert recorder(q, k, k, _ctx(layer, rows, grid, step=step)) is None  # never changes attention
+            probs = attention_probs(q[:2], k[:2], HEADS).mean(dim=(0, 1))  # rows 0-1, heads
+            maps = probs[:, [0, -1]].T.reshape(2, *grid)
+            direct[layer.index] = direct.get(layer.index, 0) + maps / 2
+            recorder(q, k, k, _ctx(layer, rows, grid, kind="self", step=step))
+        for layer in skipped:
+            recorder(torch.randn(3, 4, HEADS * DIM), torch.randn(3, 5, HEADS * DIM), None, _ctx(layer, rows, (2, 2)))
+    assert {(layer, rows) for layer, _, rows in recorder.recorded} == {(2, (0, 1)), (9, (0, 1))}
+    up_resized = torch.nn.functional.interpolate(direct[9][None], size=(4, 4), mode="bilinear")[0]
+    expected = (direct[2] + up_resized) / 2
+    first, last = recorder.maps()
+    assert torch.allclose(first, expected[0], atol=1e-6) and torch.allclose(last, expected[1], atol=1e-6)
+    assert torch.equal(recorder.rough_mask(threshold=0.1).mask, rough_mask(expected[0], expected[1], 0.1).mask)
+    recorder.begin_run()
+    with pytest.raises(RuntimeError, match="no cross-attention of the empty-text rows"):
+        recorder.maps()
+
+
+# ---------------------------------------------------------------- SAM (no ComfyUI)
+
+
+def test_nms_fallback_is_used_when_torchvision_op_raises(monkeypatch):
+    import segment_anything.automatic_mask_generator as amg
+    import torchvision.ops
+    from realedit.compat import torchvision_ops
+    from realedit.masks import sam_auto
+    from realedit.testbed.sam import make_tiny_sam
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("Could not run 'torchvision::nms' with arguments from the 'CPU' backend")
+
+    monkeypatch.setattr(torchvision.ops, "batched_nms", broken)
+    assert not sam_auto.torchvision_nms_works()
+    assert sam_auto.nms_function() is torchvision_ops.batched_nms
+    calls = []
+
+    def spy(boxes, scores, idxs, iou_threshold):
+        calls.append(len(boxes))
+        return torchvision_ops.batched_nms(boxes, scores, idxs, iou_threshold)
+
+    original = amg.batched_nms
+    monkeypatch.setattr(sam_auto, "fallback_batched_nms", spy)
+    image = torch.rand(1, 64, 64, 3)
+    settings = sam_auto.SamSettings(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    segments = sam_auto.sam_segments(make_tiny_sam(), image, settings)
+    assert calls and amg.batched_nms is original  # the fallback ran, SAM's module name is restored
+    assert segments.dtype == torch.bool and segments.shape[1:] == (64, 64)
+
+
+def test_load_sam_by_file_name_with_safe_readers(tmp_path, monkeypatch):
+    import segment_anything
+    from realedit.masks import sam_auto
+    from realedit.testbed.sam import make_tiny_sam
+    from safetensors.torch import save_file
+
+    monkeypatch.setitem(segment_anything.sam_model_registry, "vit_b", lambda checkpoint=None: make_tiny_sam(seed=5))
+    state = make_tiny_sam(seed=1).state_dict()
+    torch.save(state, tmp_path / "sam_vit_b_tiny.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "tiny_vit_b.safetensors"))
+    for name in ("sam_vit_b_tiny.pth", "tiny_vit_b.safetensors"):
+        sam = sam_auto.load_sam(str(tmp_path / name))
+        assert all(torch.equal(v, state[k]) for k, v in sam.state_dict().items())
+    with pytest.raises(sam_auto.SamCheckpointError, match="vit_h, vit_l, vit_b"):
+        sam_auto.load_sam(str(tmp_path / "mystery.pth"))
+    (tmp_path / "sam_vit_b_bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(sam_auto.SamCheckpointError, match="could not read"):
+        sam_auto.load_sam(str(tmp_path / "sam_vit_b_bad.pth"))
+
+
+# ---------------------------------------------------------------- ComfyUI host
+
+
+@pytest.fixture(scope="module")
+def tiny_ip2p(comfy):
+    from realedit.testbed.comfy_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint("ip2p")
+
+
+def _cond(seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 77, 64, generator=g), {}]]
+
+
+class _Spy:
+    """Records q, k and the row kinds of every cross-attention call; declines."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[AttentionContext, torch.Tensor, torch.Tensor]] = []
+
+    def __deepcopy__(self, memo: dict) -> _Spy:
+        return self
+
+    def __call__(self, q, k, v, ctx):
+        if ctx.kind == "cross":
+            self.calls.append((ctx, q.detach().clone(), k.detach().clone()))
+        return None
+
+
+def test_ip2p_mask_comes_from_the_empty_text_rows_only(tiny_ip2p):
+    from realedit.attention.hooks import ChainHook
+    from realedit.hosts.comfy_ip2p import ip2p_edit
+
+    model, _, _ = tiny_ip2p
+    instruction, empty = _cond(1), _cond(2)
+    photo = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    spy, recorder = _Spy(), IP2PMaskRecorder()
+    ip2p_edit(model, photo, instruction, empty, steps=3, hook=ChainHook(spy, recorder))
+    wanted = [(ctx, q, k) for ctx, q, k in spy.calls if recorder.wants(ctx)]
+    assert wanted and len(recorder.recorded) == len(wanted)
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    for (ctx, q, k), (layer, _step, rows) in zip(wanted, recorder.recorded):
+        assert ctx.layer.index == layer and ctx.layer.stage != "mid" and ctx.layer.downscale >= 2
+        assert len(ctx.rows) == 3 and tuple(ctx.rows.uncond_rows) == rows and len(rows) == 2
+        (cond_row,) = ctx.rows.cond_rows
+        # both recorded rows attend to the empty text's keys; the instruction row's keys differ
+        assert torch.equal(k[rows[0]], k[rows[1]]) and not torch.allclose(k[rows[0]], k[cond_row])
+        probs = attention_probs(q[list(rows)], k[list(rows)], ctx.heads).mean(dim=(0, 1))
+        maps = probs[:, [0, -1]].T.reshape(2, *ctx.grid)
+        sums[layer] = sums.get(layer, 0) + maps
+        counts[layer] = counts.get(layer, 0) + 1
+    assert {step for _, step, _ in recorder.recorded} == {0, 1, 2}
+    means = [sums[i] / counts[i] for i in sorted(sums)]
+    size = recorder.maps()[0].shape
+    direct = torch.stack([torch.nn.functional.interpolate(m[None], size=size, mode="bilinear")[0] for m in means])
+    first, last = recorder.maps()
+    assert torch.allclose(first, direct.mean(0)[0], atol=1e-6) and torch.allclose(last, direct.mean(0)[1], atol=1e-6)
+
+
+def test_ip2p_guidance_matches_comfyui_dual_cfg(tiny_ip2p):
+    import comfy.sample
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+    from realedit.hosts.comfy_ip2p import ip2p_edit, with_concat
+
+    model, _, _ = tiny_ip2p
+    instruction, empty = _cond(1), _cond(2)
+    photo = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    ours = ip2p_edit(model, photo, instruction, empty, steps=3, seed=7, hook=IP2PMaskRecorder())
+    guider = Guider_DualCFG(model)
+    guider.set_conds(with_concat(instruction, photo), with_concat(empty, photo), empty)
+    guider.set_cfg(7.5, 1.5)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
+    latent = torch.zeros_like(photo)
+    theirs = guider.sample(comfy.sample.prepare_noise(latent, 7), latent, comfy.samplers.sampler_object("euler"),
+                           sigmas, disable_pbar=True, seed=7)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_non_ip2p_model_is_refused(comfy):
+    from realedit.hosts.comfy_ip2p import NotIP2PModelError, ip2p_edit
+    from realedit.testbed.comfy_models import make_tiny_unet
+
+    with pytest.raises(NotIP2PModelError, match="8 input channels"):
+        ip2p_edit(make_tiny_unet("sd1"), torch.zeros(1, 4, 16, 16), _cond(1), _cond(2), steps=2)
+
+
+# ---------------------------------------------------------------- nodes
+
+
+def test_sam_loader_names_the_folder_and_files_when_empty(comfy, tmp_path, monkeypatch):
+    import folder_paths
+    from realedit.nodes.zone import SAMLoader
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "sams", ([str(tmp_path)], {".pth", ".safetensors"}))
+    message = SAMLoader.validate_inputs("sam_vit_h_4b8939.pth")
+    assert isinstance(message, str) and str(tmp_path) in message and "sam_vit_b_01ec64.pth" in message
+    with pytest.raises(FileNotFoundError, match="found: nothing"):
+        SAMLoader.execute("sam_vit_h_4b8939.pth", "cpu")
+
+
+def test_region_iou_node_with_a_mask_batch(comfy):
+    from realedit.nodes.zone import RegionIoURefine
+
+    segments = torch.zeros(3, 32, 32)
+    segments[0, :16] = 1
+    segments[1, 8:20, 8:20] = 1
+    segments[2, 20:, 20:] = 1
+    rough = torch.zeros(1, 32, 32)
+    rough[0, 9:21, 9:19] = 1
+    image = torch.rand(1, 32, 32, 3)
+    out = RegionIoURefine.execute(rough, image, image, "error", 32, 0.88, 0.95, 0.7, action="remove",
+                                  segments=segments)
+    refined, iou, preview = out.result
+    assert torch.equal(refined, segments[1:2]) and iou == pytest.approx(110 / 154)
+    assert preview.shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="connect a SAM model"):
+        RegionIoURefine.execute(rough, image, image, "error", 32, 0.88, 0.95, 0.7)
+    with pytest.raises(ValueError, match="no segment overlaps|does not overlap|overlap"):
+        RegionIoURefine.execute(rough, image, image, "error", 32, 0.88, 0.95, 0.7, segments=segments[2:])
+
+
+def test_fft_smooth_node_composite_is_the_original_outside_the_final_mask(comfy):
+    from realedit.nodes.zone import FFTEdgeSmooth
+
+    g = torch.Generator().manual_seed(0)
+    original = torch.rand(1, 64, 64, 3, generator=g)
+    edited = original.clone()
+    edited[:, 20:40, 24:44] = torch.rand(1, 20, 20, 3, generator=g)
+    refined = torch.zeros(1, 64, 64)
+    refined[:, 20:40, 24:44] = 1
+    final, image = FFTEdgeSmooth.execute(original, edited, refined, 200.0, 30 / 255, 0.6).result
+    outside = final[0] < 0.5
+    assert outside.any() and torch.equal(image[0][outside], original[0][outside])
+    inside = refined[0] > 0.5
+    assert torch.equal(image[0][inside], edited[0][inside])
+    with pytest.raises(ValueError, match="decode the edit at the photo's size"):
+        FFTEdgeSmooth.execute(original, edited[:, :32], refined, 200.0, 30 / 255, 0.6)
+
+
+def test_instruction_action_node(comfy):
+    from realedit.nodes.zone import InstructionAction
+
+    assert InstructionAction.execute("remove the cup", "auto").result == ("remove",)
+    assert InstructionAction.execute("remove the cup", "add").result == ("add",)
+
+
+# ---------------------------------------------------------------- workflow
+
+
+def test_zone_workflow_runs_with_tiny_ip2p_and_tiny_sam(comfy, tmp_path):
+    from realedit.testbed import comfy_runner
+    from realedit.testbed.sam import make_tiny_sam
+
+    workflow = json.loads((ROOT / "workflows" / "api" / "zone_instruction_edit.json").read_text())
+    ids = {node["class_type"]: key for key, node in workflow.items()}
+    workflow[ids["RealEditIP2PEditMask"]]["inputs"]["steps"] = 2
+    refine = workflow[ids["RealEditRegionIoURefine"]]["inputs"]
+    refine.update(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0, fallback="rough")
+    photo = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
+    overrides = {ids["LoadImage"]: (photo, torch.zeros(1, 128, 128)), ids["RealEditSAMLoader"]: (make_tiny_sam(),)}
+    smooth = ids["RealEditFFTEdgeSmooth"]
+    result = comfy_runner.run_workflow(workflow, outputs=[smooth, ids["RealEditIP2PEditMask"]],
+                                       overrides=overrides, tiny_checkpoint="ip2p", output_dir=tmp_path)
+    final, image = result[smooth]
+    assert image.shape == photo.shape and final.shape == (1, 128, 128)
+    outside = final[0] < 0.5
+    assert torch.equal(image[0][outside], photo[0][outside])
+    assert result[ids["RealEditIP2PEditMask"]][1].shape == (1, 128, 128)
+    assert len(list(tmp_path.rglob("*.png"))) >= 4
