@@ -33,11 +33,12 @@ def _save_image(image, path: Path) -> None:
 
 def run_comfy(out: Path, checkpoint: Path | None, size: int, steps: int) -> None:
     from .testbed import comfy_runner
+    from .testbed.demo_inputs import tiny_run
 
     print("ComfyUI found: running the shipped workflows through ComfyUI's executor")
     for twin in sorted(WORKFLOWS.glob("*.json")):
-        workflow = _resize(json.loads(twin.read_text()), size, steps)
-        kwargs: dict = {"output_dir": out}
+        workflow, overrides, family = tiny_run(json.loads(twin.read_text()), size, steps)
+        kwargs: dict = {"output_dir": out / twin.stem, "overrides": overrides, "tiny_checkpoint": family}
         if checkpoint is not None:
             import folder_paths
 
@@ -50,17 +51,9 @@ def run_comfy(out: Path, checkpoint: Path | None, size: int, steps: int) -> None
         print(f"{twin.stem}:")
         for ui in result.ui.values():
             for image in ui.get("images", []):
-                print(f"  wrote {out / image.get('subfolder', '') / image['filename']}")
+                print(f"  wrote {out / twin.stem / image.get('subfolder', '') / image['filename']}")
             for text in ui.get("text", []):
-                print("  " + text.replace("\n", "\n  "))
-
-
-def _resize(workflow: dict, size: int, steps: int) -> dict:
-    for node in workflow.values():
-        for key, value in (("width", size), ("height", size), ("steps", steps)):
-            if key in node["inputs"] and not isinstance(node["inputs"][key], list):
-                node["inputs"][key] = value
-    return workflow
+                print("  " + str(text).replace("\n", "\n  "))
 
 
 def run_diffusers(out: Path, size: int, steps: int) -> None:
