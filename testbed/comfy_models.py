@@ -17,6 +17,8 @@ import comfy.sd
 import comfy.supported_models
 import torch
 
+from .weights import randomise
+
 Family = Literal["sd1", "sd2", "sdxl", "ip2p"]
 
 _COMMON = dict(
@@ -86,28 +88,13 @@ def make_tiny_unet(family: Family = "sd1", seed: int = 0, weight_scale: float = 
         model = config.get_model({}, "", device=torch.device("cpu"))
         model.model_type = model_type
         model.model_sampling = comfy.model_base.model_sampling(config, model_type)
-        _randomise(model.diffusion_model, weight_scale)
+        randomise(model.diffusion_model, weight_scale)
         with torch.no_grad():
             for param in model.diffusion_model.out[-1].parameters():
                 param.mul_(output_scale)
     model.eval()
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
-
-
-def _randomise(module: torch.nn.Module, scale: float) -> None:
-    """Fill every parameter with seeded noise (ComfyUI's ops leave weights uninitialised)."""
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim == 0:  # scalars (CLIP's logit_scale) keep their value
-                continue
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.02 * scale)
-            elif param.ndim == 1:  # norm weights
-                param.fill_(1.0)
-            else:
-                fan_in = param[0].numel()
-                param.normal_(0.0, scale / fan_in**0.5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,7 +139,7 @@ def make_tiny_clip(seed: int = 0, family: Family = "sd1") -> comfy.sd.CLIP:
             clip_g = clip.cond_stage_model.clip_g.transformer
             clip_g.text_projection = comfy.ops.manual_cast.Linear(
                 clip_g.text_projection.in_features, SDXL_POOLED_DIM, bias=False, dtype=torch.float32)
-        _randomise(clip.cond_stage_model, 1.0)
+        randomise(clip.cond_stage_model, 1.0)
     return clip
 
 
@@ -182,7 +169,7 @@ def make_tiny_vae(seed: int = 0) -> comfy.sd.VAE:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoencoderKL(**TINY_VAE_CONFIG["params"])
-        _randomise(model, 1.0)
+        randomise(model, 1.0)
     state_dict = model.state_dict()
     config = {"params": {**TINY_VAE_CONFIG["params"], "ddconfig": dict(TINY_VAE_CONFIG["params"]["ddconfig"])}}
     return comfy.sd.VAE(sd=state_dict, config=config, dtype=torch.float32)

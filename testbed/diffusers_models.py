@@ -16,6 +16,8 @@ from typing import Any, Literal
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
+from .weights import randomise
+
 Family = Literal["sd1", "sd2", "sdxl", "ip2p"]
 
 _SD_COMMON: dict[str, Any] = {
@@ -69,27 +71,14 @@ SDXL_TIME_IDS = 6
 def make_tiny_diffusers_unet(family: Family = "sd1", seed: int = 0, weight_scale: float = 1.0) -> UNet2DConditionModel:
     """A random-weight ``UNet2DConditionModel`` of the family's shape, fp32, eval mode, on the CPU.
 
-    Weights are drawn like ``comfy_models._randomise`` (seeded, ``weight_scale`` shrinks them), so
+    Weights are drawn by ``testbed.weights.randomise`` (seeded, ``weight_scale`` shrinks them), so
     the global RNG is left untouched.
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**DIFFUSERS_TINY_CONFIGS[family])
-        _randomise(unet, weight_scale)
+        randomise(unet, weight_scale)
     return unet.float().eval() if unet.dtype != torch.float32 else unet.eval()
-
-
-def _randomise(module: torch.nn.Module, scale: float) -> None:
-    """Fill every parameter with seeded noise: biases small, norm weights 1, others ~ 1/sqrt(fan_in)."""
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.02 * scale)
-            elif param.ndim == 1:  # norm weights
-                param.fill_(1.0)
-            else:
-                fan_in = param[0].numel()
-                param.normal_(0.0, scale / fan_in**0.5)
 
 
 def sdxl_added_cond(batch: int, height: int = 128, width: int = 128, *, seed: int = 0) -> dict[str, torch.Tensor]:
