@@ -78,6 +78,26 @@ def run_diffusers(out: Path, size: int, steps: int) -> None:
         image = vae.decode(latent / vae.config.scaling_factor).sample
     print("probe (hooked sampling):\n  " + probe.summary().replace("\n", "\n  "))
     _save_image((image[0].permute(1, 2, 0) + 1) / 2, out / "probe_sample.png")
+    run_diffusers_baret(out, unet, vae, scheduler, size, steps, cond, uncond)
+
+
+def run_diffusers_baret(out: Path, unet, vae, scheduler, size: int, steps: int, target, uncond) -> None:
+    """BARET on the diffusers host: TTIS on the synthetic source photo, then the three-process edit."""
+    import torch
+
+    from .hosts.diffusers_baret import baret_edit, ttis_invert
+    from .testbed.images import source_scene
+
+    photo = source_scene(size, size).image.permute(0, 3, 1, 2) * 2 - 1  # (1, 3, H, W) in [-1, 1]
+    with torch.no_grad():
+        latent = vae.encode(photo).latent_dist.mode() * vae.config.scaling_factor
+    inversion = ttis_invert(unet, scheduler, latent, target, uncond, steps=steps)
+    print("BARET TTIS:\n  " + inversion.optimisation.report().replace("\n", "\n  "))
+    result = baret_edit(unet, scheduler, inversion, target, uncond)
+    for name in ("edit", "transition", "reconstruction"):
+        with torch.no_grad():
+            image = vae.decode(getattr(result, name) / vae.config.scaling_factor).sample
+        _save_image((image[0].permute(1, 2, 0) + 1) / 2, out / f"baret_{name}.png")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,9 @@ P2P (Hertz et al. 2022) reads a word's region from the 16x16 cross-attention pro
 over heads, layers and steps; SpecRef's target mask M_t (Eq. 3) and P2P's LocalBlend (SpecRef Eq. 5)
 both come from such maps. Host backends never return probabilities, so the store records them from
 the chunks :func:`~.math.map_attention_chunks` hands to its ``fn`` and never holds a whole score
-matrix: what it keeps is one (query tokens, 77) sum per recorded row.
+matrix: what it keeps is one (query tokens, 77) sum per recorded row. :class:`MapRecorder` records
+without changing any output (RealEdit Attention Map Recorder), and :func:`word_mask` reads a word's map
+as a mask (RealEdit Word Attention Map).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from .hooks import AttentionContext, RowKind
-from .math import DEFAULT_MAX_ELEMENTS, map_attention_chunks
+from .math import DEFAULT_MAX_ELEMENTS, attention_probs, map_attention_chunks
 from .settings import CLIP_CHUNK, StepFraction, in_window
 
 ProbsFn = Callable[[torch.Tensor, slice], torch.Tensor]
@@ -140,6 +143,22 @@ class CrossAttentionStore:
             return None
         return map_attention_chunks(q, k, v, ctx.heads, fn, max_elements=self.max_elements)
 
+    def observe(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> bool:
+        """Record this call's probabilities without computing its output; False when not wanted.
+
+        For hooks that must leave the host's attention untouched (they decline afterwards, so the host's
+        own kernel computes the output bit for bit): the probabilities are computed a second time here,
+        chunked over queries, which costs little in the small map layers (16x16 x 77 keys at 512 px).
+        """
+        fn = self.recorder(ctx)
+        if fn is None:
+            return False
+        step = max(1, self.max_elements // max(1, q.shape[0] * ctx.heads * k.shape[1]))
+        for start in range(0, q.shape[1], step):
+            rows = slice(start, min(q.shape[1], start + step))
+            fn(attention_probs(q[:, rows], k, ctx.heads), rows)  # (batch, heads, chunk, k)
+        return True
+
     # -- reading ---------------------------------------------------------------------------------
     def recorded_slots(self, kind: RowKind = "cond") -> list[int]:
         """Slots of ``kind`` with at least one recorded call, sorted."""
@@ -193,3 +212,58 @@ def word_map(maps: torch.Tensor, positions: Sequence[int], reduce: Literal["sum"
     callers should treat as "the word drew no attention".
     """
     return normalize_minmax(token_sum(maps, positions, reduce))
+
+
+class MapRecorder:
+    """An :class:`~.hooks.AttentionHook` that records cross-attention maps and always declines.
+
+    The host's own attention computes every output, so a model with only this hook samples exactly as
+    without it; ``begin_run`` (called by the host when a sampling run starts) resets the store, so the
+    maps are the running mean of the last run.
+    """
+
+    def __init__(self, store: CrossAttentionStore) -> None:
+        self.store = store
+
+    def __deepcopy__(self, memo: dict) -> MapRecorder:
+        return self
+
+    def begin_run(self) -> None:
+        self.store.reset()
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> None:
+        self.store.observe(q, k, ctx)
+        return None
+
+
+Normalize = Literal["minmax", "max", "none"]
+
+
+def word_mask(maps: torch.Tensor, positions: Sequence[int], size: tuple[int, int], *,
+              normalize: Normalize = "minmax", threshold: float | None = None,
+              reduce: Literal["sum", "mean"] = "sum") -> torch.Tensor:
+    """A word's attention map as a mask: (slots, tokens, h, w) maps -> (slots, H, W) float.
+
+    Per slot: the sum (or mean) of the maps of the token ``positions`` (P2P's word map), normalised
+    (``minmax``: to [0, 1] as SpecRef's M_t; ``max``: divided by the peak, as P2P's LocalBlend; ``none``:
+    raw probabilities), resized bilinearly to ``size`` (antialiased when shrinking), then, when
+    ``threshold`` is given, 1 where the value exceeds it and 0 elsewhere. A flat map (the word drew no
+    attention) gives zeros under ``minmax`` and ``max``.
+    """
+    out = []
+    for slot_maps in maps:
+        m = token_sum(slot_maps, positions, reduce).float()  # (h, w)
+        if normalize == "minmax":
+            m = normalize_minmax(m)
+        elif normalize == "max":
+            peak = m.max()
+            m = m / peak if float(peak) > 0 else torch.zeros_like(m)
+        elif normalize != "none":
+            raise ValueError(f"RealEdit: normalize must be 'minmax', 'max' or 'none', got {normalize!r}.")
+        out.append(m)
+    stacked = torch.stack(out)[:, None]  # (slots, 1, h, w)
+    shrink = size[0] < stacked.shape[-2] or size[1] < stacked.shape[-1]
+    resized = F.interpolate(stacked, size=size, mode="bilinear", align_corners=False, antialias=shrink)[:, 0]
+    if threshold is not None:
+        return (resized > threshold).float()
+    return resized

@@ -12,16 +12,22 @@ reference row whose own self-attention K/V are the reference features. Per atten
   unconditional ones) inside the reference's layer and step windows:
   ``O = M_t * softmax(Q K_ref^T / sqrt(d) + M_s^inf) V_ref + (1 - M_t) * O_self``.
 
+:class:`SRAttentionHook` is SR-attention alone for any sampler (RealEdit Apply SR-Attention): every
+conditional row is an edit row, M_t comes from its own prompt slot's map, and the sampler's steps are
+mapped onto the stored features' edit steps by sigma (:func:`schedule_offset`). Both hooks share the
+:class:`SRMixer` (masks, reference K/V, statistics).
+
 M_t at step s is the target word's map averaged over every call recorded since the first step of the
-run (running mean, reset by :meth:`SpecRefHook.begin_run`), min-max normalised, resized bilinearly to
-the layer's grid and thresholded; it is computed once per step, at the step's first SR call (on SD1.x
-the step's own 16x16 layers have all run by then, as they precede the decoder's finest layers). M_s is
-the reference MASK resized bilinearly to the reference's token grid and thresholded. A call in which
-no control is active returns ``None``, so the host's own attention runs bit for bit.
+run (running mean, reset by ``begin_run``), min-max normalised, resized bilinearly to the layer's grid
+and thresholded; it is computed once per step, at the step's first SR call (on SD1.x the step's own
+16x16 layers have all run by then, as they precede the decoder's finest layers). M_s is the reference
+MASK resized bilinearly to the reference's token grid and thresholded. A call in which no control is
+active returns ``None``, so the host's own attention runs bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Collection, Sequence
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..inversion.bank import ReferenceBank
-from .hooks import AttentionContext
+from .hooks import AttentionContext, RowKind
 from .local_blend import LocalBlend
 from .maps import CrossAttentionStore, normalize_minmax
 from .math import DEFAULT_MAX_ELEMENTS, attention
@@ -113,6 +119,7 @@ class ReferenceSource(Protocol):
 
     layers: frozenset[int]
     steps: range
+    latent_hw: tuple[int, int] | None  # the reference latent's size when known (exact M_s grids)
 
     def kv(self, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> KV | None:
         """(1, ref_tokens, heads*dim) K and V for this call, or None when unavailable."""
@@ -120,10 +127,14 @@ class ReferenceSource(Protocol):
 
 
 class StoredReference:
-    """Stored mode: edit step s reads the bank entry saved at the same timestep, ``(layer, s)``."""
+    """Stored mode: edit step s reads the bank entry saved at the same timestep, ``(layer, s)``.
 
-    def __init__(self, bank: ReferenceBank) -> None:
-        self.bank = bank
+    ``latent_hw``: the reference latent's size, when known, gives each layer's reference token grid
+    exactly (for M_s); without it the grid is inferred (:func:`reference_grid`).
+    """
+
+    def __init__(self, bank: ReferenceBank, latent_hw: tuple[int, int] | None = None) -> None:
+        self.bank, self.latent_hw = bank, latent_hw
         self.layers, self.steps = frozenset(bank.layers), bank.steps
 
     def __deepcopy__(self, memo: dict) -> StoredReference:
@@ -141,6 +152,8 @@ class LiveReference:
     """Live mode: the reference is an extra conditional row of the batch (``slot``); its own K/V in
     this very call are K_ref / V_ref. The sampler feeds it the reference inversion's latents."""
 
+    latent_hw: tuple[int, int] | None = None  # the reference row has the source's size: the query grid
+
     def __init__(self, layers: Collection[int], steps: range, slot: int = LIVE_REFERENCE_SLOT) -> None:
         self.layers, self.steps, self.slot = frozenset(layers), steps, slot
 
@@ -155,10 +168,18 @@ class LiveReference:
         return k[r : r + 1], v[r : r + 1]
 
 
-def reference_grid(tokens: int, query_grid: tuple[int, int], mask_hw: tuple[int, int] | None) -> tuple[int, int]:
+def reference_grid(tokens: int, query_grid: tuple[int, int], mask_hw: tuple[int, int] | None,
+                   latent_hw: tuple[int, int] | None = None, downscale: int = 1) -> tuple[int, int]:
     """The reference's token grid: the query grid when the token counts match (a reference latent of the
     source's size), else the factorisation of ``tokens`` whose aspect is closest to the reference mask's
-    (else the query grid's)."""
+    (else the query grid's). With the reference latent's size ``latent_hw`` known, the grid the UNet gave
+    it at this layer's ``downscale`` (exact for any size)."""
+    if latent_hw is not None:
+        h, w = latent_hw
+        for _ in range(max(downscale, 1).bit_length() - 1):  # stride-2 convolutions round up
+            h, w = (h + 1) // 2, (w + 1) // 2
+        if h * w == tokens:
+            return h, w
     if tokens == query_grid[0] * query_grid[1]:
         return query_grid
     aspect = (mask_hw[0] / mask_hw[1]) if mask_hw is not None else query_grid[0] / query_grid[1]
@@ -166,7 +187,7 @@ def reference_grid(tokens: int, query_grid: tuple[int, int], mask_hw: tuple[int,
     return min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - math.log(aspect)))
 
 
-# -- the hook ------------------------------------------------------------------------------------------
+# -- SR-attention ---------------------------------------------------------------------------------------
 @dataclass
 class SRStats:
     """What SR-attention did during a run (for node messages and tests)."""
@@ -177,94 +198,49 @@ class SRStats:
     fallback_queries: int = 0  # queries M_t selected but M_s left without a key (took O_self)
 
 
-class SpecRefHook:
-    """SpecRef's attention hook: maps, P2P and SR-attention for a two-path batch (see module doc).
+class SRMixer:
+    """SR-attention (Eq. 2-3) on chosen rows of a self-attention call, with its masks and statistics.
 
-    ``reference`` is a :class:`StoredReference` or :class:`LiveReference` (None: no SR-attention,
-    i.e. P2P with LocalBlend maps only).
+    M_t of a row comes from its prompt slot: the fixed target mask, or the target word's map in the
+    ``store`` (running mean of that slot's conditional cross-attention since the run began), min-max
+    normalised, resized bilinearly to the layer's grid and thresholded; it is computed once per step, at
+    the step's first SR call (on SD1.x the step's own 16x16 layers have all run by then, as they precede
+    the decoder's finest layers). M_s is the reference MASK resized bilinearly to the reference's token
+    grid and thresholded. Shared by the two-path edit hook and the plain-sampler hook.
     """
 
-    def __init__(self, controls: SpecRefControls, reference: ReferenceSource | None = None, *,
-                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
-        if reference is not None and controls.target_positions is None and controls.target_mask is None:
+    def __init__(self, controls: SpecRefControls, reference: ReferenceSource,
+                 store: CrossAttentionStore | None) -> None:
+        if controls.target_positions is None and controls.target_mask is None:
             raise SpecRefError("RealEdit: SR-attention needs M_t: give the target word(s) of the target "
                                "prompt (or a fixed target mask).")
-        self.controls, self.reference = controls, reference
-        s = controls.settings
-        self.store = CrossAttentionStore(downscales=(s.map_downscale,), kinds=("cond",),
-                                         slots=(SOURCE_SLOT, EDIT_SLOT), max_elements=max_elements) \
-            if controls.records_maps else None
-        self.p2p = P2PHook(controls.cross_edit, s.p2p, store=self.store, src_slot=SOURCE_SLOT,
-                           edit_slot=EDIT_SLOT, self_replace_uncond=controls.self_replace_uncond,
-                           max_elements=max_elements)
+        if controls.target_mask is None and store is None:
+            raise SpecRefError("RealEdit: M_t from target words needs a cross-attention map store.")
+        self.controls, self.reference, self.store = controls, reference, store
         self.begin_run()
 
-    def __deepcopy__(self, memo: dict) -> SpecRefHook:
-        return self
-
     def begin_run(self) -> None:
-        """Start of a sampling run: forget maps, masks and statistics (re-queued graphs repeat)."""
-        if self.store is not None:
-            self.store.reset()
+        """Forget per-run state: M_t maps, resized masks, statistics, warnings."""
         self._mt_step: int | None = None
-        self._mt_map: torch.Tensor | None = None
+        self._mt_maps: dict[int, torch.Tensor | None] = {}
         self._grid_cache: dict[tuple, torch.Tensor] = {}
-        self.last_blend_mask: torch.Tensor | None = None
         self.stats = SRStats()
         self._warned: set[str] = set()
 
-    # -- attention ------------------------------------------------------------------------------------
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
-        if ctx.kind == "cross":
-            return self.p2p.cross_attention(q, k, v, ctx)
-        return self.self_attention(q, k, v, ctx)
-
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       ctx: AttentionContext) -> torch.Tensor | None:
-        """P2P self-attention replacement, then SR-attention (Eq. 2-3) on the edit rows."""
-        out = self.p2p.self_attention(q, k, v, ctx)
-        plan = self._sr_plan(k, v, ctx)
-        if plan is None:
-            return out
-        rows, k_ref, v_ref, m_t = plan
-        base = out if out is not None else self._host(q, k, v, ctx)
-        m_s = self._m_s(k_ref.shape[1], ctx)
-        result = sr_attention(q[rows], k[rows], v[rows], k_ref, v_ref, ctx.heads, m_s, m_t, o_self=base[rows])
-        base[rows] = result.output.to(base.dtype)
-        self._note(result, ctx)
-        return base
-
-    @staticmethod
-    def _host(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        if ctx.host_attention is not None:
-            return ctx.host_attention(q, k, v)
-        return attention(q, k, v, ctx.heads)
-
-    def sr_rows(self, ctx: AttentionContext) -> list[int]:
-        """The rows SR-attention edits: the edit path's conditional (and optionally unconditional) rows."""
-        rows = ctx.rows.rows("cond", EDIT_SLOT)
-        if self.controls.sr_uncond:
-            rows += ctx.rows.rows("uncond", EDIT_SLOT)
-        return sorted(rows)
-
-    def sr_active(self, ctx: AttentionContext) -> bool:
+    def active(self, ctx: AttentionContext) -> bool:
         """SR-attention's windows: a self-attention call in the reference's layers and steps."""
         ref = self.reference
-        return (ref is not None and ctx.kind == "self" and ctx.step is not None
-                and ctx.layer.index in ref.layers and ctx.step in ref.steps)
+        return (ctx.kind == "self" and ctx.step is not None and ctx.layer.index in ref.layers
+                and ctx.step in ref.steps)
 
-    def _sr_plan(self, k: torch.Tensor, v: torch.Tensor,
-                 ctx: AttentionContext) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        if not self.sr_active(ctx):
-            return None
-        rows = self.sr_rows(ctx)
-        if not rows:
-            return None
-        m_t = self._m_t(ctx)
-        if m_t is None or not bool(m_t.any()):
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, rows: list[int],
+            base: torch.Tensor | None) -> torch.Tensor | None:
+        """``base`` (the call's output so far, None: not computed) with SR-attention on ``rows``, or None
+        when SR-attention does not apply (empty M_t, no reference K/V): the caller keeps its output."""
+        m_t = self._row_weights(ctx, rows)
+        if m_t is None:
             self.stats.empty_mt += 1
             return None
-        assert self.reference is not None
         kv = self.reference.kv(k, v, ctx)
         if kv is None:
             self.stats.missing_reference += 1
@@ -272,7 +248,15 @@ class SpecRefHook:
                             "SR-attention skipped there (bank window, or the live reference row was not "
                             "in this batch).")
             return None
-        return rows, kv[0], kv[1], m_t.to(k.device, k.dtype)
+        k_ref, v_ref = kv
+        if base is None:
+            base = host_attention(q, k, v, ctx)
+        m_s = self._m_s(k_ref.shape[1], ctx)
+        result = sr_attention(q[rows], k[rows], v[rows], k_ref, v_ref, ctx.heads, m_s, m_t.to(q.device, q.dtype),
+                              o_self=base[rows])
+        base[rows] = result.output.to(base.dtype)
+        self._note(result, ctx)
+        return base
 
     def _note(self, result: SRResult, ctx: AttentionContext) -> None:
         self.stats.applied += 1
@@ -295,38 +279,138 @@ class SpecRefHook:
             if mask is None:
                 self._grid_cache[key] = torch.ones(ref_tokens, dtype=torch.bool)
             else:
-                grid = reference_grid(ref_tokens, ctx.grid, tuple(mask.shape))
+                grid = reference_grid(ref_tokens, ctx.grid, tuple(mask.shape), self.reference.latent_hw,
+                                      ctx.layer.downscale)
                 self._grid_cache[key] = resize_mask_to_grid(mask, grid, self.controls.settings.ms_threshold)
         return self._grid_cache[key]
 
-    def target_map(self) -> torch.Tensor | None:
-        """The (h, w) map M_t is thresholded from: the fixed target mask, or the target word's running-mean
-        map over every call recorded so far, min-max normalised (None before any map was recorded)."""
-        if self.controls.target_mask is not None:
-            return self.controls.target_mask
-        store, positions = self.store, self.controls.target_positions
-        if store is None or positions is None or EDIT_SLOT not in store.recorded_slots("cond"):
-            return None
-        maps = store.maps("cond", [EDIT_SLOT])[0]  # (tokens, h, w)
-        bad = [p for p in positions if p >= maps.shape[0]]
-        if bad:
-            raise SpecRefError(f"RealEdit: target word positions {bad} lie outside the {maps.shape[0]} "
-                               "prompt tokens.")
-        return normalize_minmax(maps[list(positions)].sum(0))
+    def target_map(self, slot: int) -> torch.Tensor | None:
+        """The (h, w) map M_t of ``slot`` is thresholded from (:func:`target_map`)."""
+        return target_map(self.controls, self.store, slot)
 
-    def _m_t(self, ctx: AttentionContext) -> torch.Tensor | None:
-        """M_t on the query grid: (q_tokens,) float 0/1 (Eq. 3), computed once per step."""
+    def m_t(self, ctx: AttentionContext, slot: int) -> torch.Tensor | None:
+        """M_t of ``slot`` on the query grid: (q_tokens,) float 0/1 (Eq. 3), computed once per step."""
         if ctx.step != self._mt_step:
-            self._mt_map = self.target_map()
+            self._mt_maps.clear()
             self._mt_step = ctx.step
             self._grid_cache = {k: v for k, v in self._grid_cache.items() if k[0] != "mt"}
-        if self._mt_map is None:
+        if slot not in self._mt_maps:
+            self._mt_maps[slot] = self.target_map(slot)
+        if self._mt_maps[slot] is None:
             return None
-        key = ("mt", ctx.grid)
+        key = ("mt", slot, ctx.grid)
         if key not in self._grid_cache:
             thr = self.controls.settings.mt_threshold
-            self._grid_cache[key] = resize_mask_to_grid(self._mt_map, ctx.grid, thr, keep_nonempty=False).float()
+            self._grid_cache[key] = resize_mask_to_grid(self._mt_maps[slot], ctx.grid, thr,
+                                                        keep_nonempty=False).float()
         return self._grid_cache[key]
+
+    def _row_weights(self, ctx: AttentionContext, rows: list[int]) -> torch.Tensor | None:
+        """M_t per row, (rows, q_tokens), or None when it is empty for every row."""
+        per_slot = {slot: self.m_t(ctx, slot) for slot in {ctx.rows.slot[r] for r in rows}}
+        present = [m for m in per_slot.values() if m is not None and bool(m.any())]
+        if not present:
+            return None
+        zeros = torch.zeros(ctx.tokens, device=present[0].device)
+        return torch.stack([_or(per_slot[ctx.rows.slot[r]], zeros).to(zeros.device) for r in rows])
+
+
+def target_map(controls: SpecRefControls, store: CrossAttentionStore | None, slot: int) -> torch.Tensor | None:
+    """The (h, w) map M_t of ``slot`` is thresholded from: the fixed target mask, or the target word's
+    running-mean map over every call recorded so far, min-max normalised (None before any map)."""
+    if controls.target_mask is not None:
+        return controls.target_mask
+    positions = controls.target_positions
+    if store is None or positions is None or slot not in store.recorded_slots("cond"):
+        return None
+    maps = store.maps("cond", [slot])[0]  # (tokens, h, w)
+    bad = [p for p in positions if p >= maps.shape[0]]
+    if bad:
+        raise SpecRefError(f"RealEdit: target word positions {bad} lie outside the {maps.shape[0]} prompt tokens.")
+    return normalize_minmax(maps[list(positions)].sum(0))
+
+
+def _or(m: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    return default if m is None else m
+
+
+def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """The host's own attention output for the call (the core's SDPA when the host gives none)."""
+    if ctx.host_attention is not None:
+        return ctx.host_attention(q, k, v)
+    return attention(q, k, v, ctx.heads)
+
+
+# -- the two-path hook -----------------------------------------------------------------------------------
+class SpecRefHook:
+    """SpecRef's attention hook: maps, P2P and SR-attention for a two-path batch (see module doc).
+
+    ``reference`` is a :class:`StoredReference` or :class:`LiveReference` (None: no SR-attention,
+    i.e. P2P with LocalBlend maps only).
+    """
+
+    def __init__(self, controls: SpecRefControls, reference: ReferenceSource | None = None, *,
+                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
+        if reference is not None and controls.target_positions is None and controls.target_mask is None:
+            raise SpecRefError("RealEdit: SR-attention needs M_t: give the target word(s) of the target "
+                               "prompt (or a fixed target mask).")
+        self.controls, self.reference = controls, reference
+        s = controls.settings
+        self.store = CrossAttentionStore(downscales=(s.map_downscale,), kinds=("cond",),
+                                         slots=(SOURCE_SLOT, EDIT_SLOT), max_elements=max_elements) \
+            if controls.records_maps else None
+        self.p2p = P2PHook(controls.cross_edit, s.p2p, store=self.store, src_slot=SOURCE_SLOT,
+                           edit_slot=EDIT_SLOT, self_replace_uncond=controls.self_replace_uncond,
+                           max_elements=max_elements)
+        self.sr = SRMixer(controls, reference, self.store) if reference is not None else None
+        self.begin_run()
+
+    def __deepcopy__(self, memo: dict) -> SpecRefHook:
+        return self
+
+    def begin_run(self) -> None:
+        """Start of a sampling run: forget maps, masks and statistics (re-queued graphs repeat)."""
+        if self.store is not None:
+            self.store.reset()
+        if self.sr is not None:
+            self.sr.begin_run()
+        self.last_blend_mask: torch.Tensor | None = None
+
+    @property
+    def stats(self) -> SRStats:
+        """What SR-attention did in this run (all zero without a reference)."""
+        return self.sr.stats if self.sr is not None else SRStats()
+
+    # -- attention ------------------------------------------------------------------------------------
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
+        if ctx.kind == "cross":
+            return self.p2p.cross_attention(q, k, v, ctx)
+        return self.self_attention(q, k, v, ctx)
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       ctx: AttentionContext) -> torch.Tensor | None:
+        """P2P self-attention replacement, then SR-attention (Eq. 2-3) on the edit rows."""
+        out = self.p2p.self_attention(q, k, v, ctx)
+        rows = self.sr_rows(ctx)
+        if self.sr is None or not rows or not self.sr.active(ctx):
+            return out
+        mixed = self.sr.mix(q, k, v, ctx, rows, out)
+        return out if mixed is None else mixed
+
+    def sr_rows(self, ctx: AttentionContext) -> list[int]:
+        """The rows SR-attention edits: the edit path's conditional (and optionally unconditional) rows."""
+        rows = ctx.rows.rows("cond", EDIT_SLOT)
+        if self.controls.sr_uncond:
+            rows += ctx.rows.rows("uncond", EDIT_SLOT)
+        return sorted(rows)
+
+    def sr_active(self, ctx: AttentionContext) -> bool:
+        """SR-attention's windows: a self-attention call in the reference's layers and steps."""
+        return self.sr is not None and self.sr.active(ctx)
+
+    def target_map(self) -> torch.Tensor | None:
+        """The (h, w) map the edit path's M_t is thresholded from (see :func:`target_map`)."""
+        return target_map(self.controls, self.store, EDIT_SLOT)
 
     # -- LocalBlend and previews ----------------------------------------------------------------------
     def blend(self, x_src: torch.Tensor, x_edit: torch.Tensor, step: int, total: int) -> torch.Tensor:
@@ -341,13 +425,115 @@ class SpecRefHook:
 
     def mt_mask(self, latent_hw: tuple[int, int]) -> torch.Tensor | None:
         """The final M_t (the map the next step would use) at latent size, (H, W) float 0/1, for preview."""
-        m = self.target_map()
-        if m is None:
-            return None
-        m = F.interpolate(m[None, None].float(), size=latent_hw, mode="bilinear", align_corners=False,
-                          antialias=latent_hw[0] < m.shape[0] or latent_hw[1] < m.shape[1])[0, 0]
-        return (m > self.controls.settings.mt_threshold).float()
+        return _preview(self.target_map(), latent_hw, self.controls.settings.mt_threshold)
 
     def blend_mask(self) -> torch.Tensor | None:
         """The last LocalBlend mask used, (H, W) float 0/1, or None when LocalBlend never ran."""
         return None if self.last_blend_mask is None else self.last_blend_mask.float()
+
+
+def _preview(m: torch.Tensor | None, latent_hw: tuple[int, int], threshold: float) -> torch.Tensor | None:
+    """A map resized bilinearly to latent size and thresholded, (H, W) float 0/1."""
+    if m is None:
+        return None
+    m = F.interpolate(m[None, None].float(), size=latent_hw, mode="bilinear", align_corners=False,
+                      antialias=latent_hw[0] < m.shape[0] or latent_hw[1] < m.shape[1])[0, 0]
+    return (m > threshold).float()
+
+
+# -- SR-attention in any sampler ---------------------------------------------------------------------------
+class ScheduleMismatchError(SpecRefError):
+    """A sampler's sigmas are not (a slice of) the schedule the reference features were made with."""
+
+
+def schedule_offset(sampler_sigmas: torch.Tensor, edit_sigmas: torch.Tensor, rtol: float = 1e-4) -> int | None:
+    """The edit step at which a sampler's schedule starts, or None when it is not part of ``edit_sigmas``.
+
+    ``edit_sigmas`` is the descending schedule the features were made for (N + 1 entries, edit step s
+    evaluates ``edit_sigmas[s]``). The sampler matches when the sigmas it evaluates (all but its last) are
+    consecutive entries of it: the same steps and scheduler, or a start/end-step slice of them
+    (KSamplerAdvanced). Its last sigma is free (``force_full_denoise`` sets it to 0).
+    """
+    evaluated = sampler_sigmas.detach().double().cpu()[:-1]
+    schedule = edit_sigmas.detach().double().cpu()
+    n = len(evaluated)
+    if n == 0:
+        return None
+    for offset in range(len(schedule) - n):
+        window = schedule[offset : offset + n]
+        if torch.allclose(evaluated, window, rtol=rtol, atol=1e-6):
+            return offset
+    return None
+
+
+class SRAttentionHook:
+    """SR-attention (Eq. 2-3) for any sampler (RealEdit Apply SR-Attention): no two-path batch, no P2P.
+
+    Every conditional row (each latent of the user's batch, its prompt slot) is an edit row. The hook
+    records those rows' cross-attention in the ``map_downscale`` layers itself (the maps are computed a
+    second time beside the host's attention, which then runs unchanged), so M_t is the target word's
+    running mean since the first step of this run; ``begin_run`` resets it per run. Stored reference
+    features are keyed by edit step: :meth:`begin_sampling` maps the sampler's steps onto them by sigma
+    and refuses a sampler whose schedule is not the one the features were made with. A call SR-attention
+    does not change declines, so with M_t empty everywhere the model samples bit for bit as without it.
+    """
+
+    def __init__(self, controls: SpecRefControls, reference: StoredReference, edit_sigmas: torch.Tensor, *,
+                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
+        s = controls.settings
+        self.store = CrossAttentionStore(downscales=(s.map_downscale,), kinds=("cond",), slots=None,
+                                         max_elements=max_elements) \
+            if controls.target_mask is None else None
+        self.controls, self.reference, self.edit_sigmas = controls, reference, edit_sigmas
+        self.sr = SRMixer(controls, reference, self.store)
+        self.offset: int | None = None
+        self.begin_run()
+
+    def __deepcopy__(self, memo: dict) -> SRAttentionHook:
+        return self
+
+    @property
+    def stats(self) -> SRStats:
+        return self.sr.stats
+
+    def begin_run(self) -> None:
+        """Start of a sampling run: forget the maps (M_t is a running mean per run) and statistics."""
+        if self.store is not None:
+            self.store.reset()
+        self.sr.begin_run()
+
+    def begin_sampling(self, sigmas: torch.Tensor) -> None:
+        """Map the sampler's step indices onto edit steps by sigma; refuse a schedule the features lack."""
+        offset = schedule_offset(sigmas, self.edit_sigmas)
+        if offset is None:
+            raise ScheduleMismatchError(
+                f"RealEdit Apply SR-Attention: the sampler runs {len(sigmas) - 1} steps from sigma "
+                f"{float(sigmas[0]):.4g} to {float(sigmas[-1]):.4g}, but the REF_FEATURES hold K/V for the "
+                f"{len(self.edit_sigmas) - 1}-step schedule from {float(self.edit_sigmas[0]):.4g} they were "
+                "inverted with. Set the sampler to the same steps and scheduler as RealEdit Reference Features "
+                "(denoise 1; start/end steps of that schedule are fine), or re-run it with this sampler's steps.")
+        self.offset = offset
+
+    def _edit_ctx(self, ctx: AttentionContext) -> AttentionContext | None:
+        if ctx.step is None or self.offset is None:
+            return None
+        return dataclasses.replace(ctx, step=ctx.step + self.offset)
+
+    def rows(self, ctx: AttentionContext) -> list[int]:
+        kinds: tuple[RowKind, ...] = ("cond", "uncond") if self.controls.sr_uncond else ("cond",)
+        return sorted(r for kind in kinds for r in ctx.rows.rows(kind))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
+        if ctx.kind == "cross":
+            if self.store is not None:
+                self.store.observe(q, k, ctx)
+            return None
+        edit_ctx = self._edit_ctx(ctx)
+        if edit_ctx is None or not self.sr.active(edit_ctx):
+            return None
+        rows = self.rows(ctx)
+        return self.sr.mix(q, k, v, edit_ctx, rows, None) if rows else None
+
+    def mt_mask(self, slot: int, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+        """M_t of ``slot`` as of the last step, at latent size (H, W) float 0/1 (None before any map)."""
+        return _preview(self.sr.target_map(slot), latent_hw, self.controls.settings.mt_threshold)

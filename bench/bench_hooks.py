@@ -1,6 +1,5 @@
-"""Benchmark: sampling with RealEdit's pass-through hooks vs the unpatched model (target ratio <= 1.05),
-DDIM inversion vs plain sampling (target <= 1.05), and the reference bank's memory (targets: stored
-<= 0.25, live <= 0.01 of a full fp32 bank).
+"""Benchmark: sampling with RealEdit's pass-through hooks vs the unpatched model (target ratio <= 1.05).
+DDIM inversion and the reference bank (time and memory) are in bench/bench_inversion.py.
 
 Side by side in one run, same model, seed and steps, alternating the two variants so drift hits both.
 
@@ -60,7 +59,6 @@ def sd15_shaped_unet(device: torch.device):
 def bench_model(name: str, model, context_dim: int, latent_hw: tuple[int, int], steps: int, repeats: int) -> None:
     import comfy.sample
     from realedit.hosts.comfy import install_hook
-    from realedit.hosts.comfy_sampling import ddim_invert
 
     g = torch.Generator().manual_seed(0)
     cond = [[torch.randn(1, 77, context_dim, generator=g), {}]]
@@ -80,35 +78,6 @@ def bench_model(name: str, model, context_dim: int, latent_hw: tuple[int, int], 
     plain, with_hooks = _side_by_side(run(model), run(hooked), repeats)
     print(f"{name}: sampling {steps} steps, cfg 7.5: unpatched {plain:.3f}s, pass-through hooks {with_hooks:.3f}s, "
           f"ratio {with_hooks / plain:.3f} (target <= 1.05)")
-    sampled, inverted = _side_by_side(
-        run(model, cfg=1.0), lambda: ddim_invert(model, noise, cond, steps=steps), repeats)
-    print(f"{name}: DDIM inversion {inverted:.3f}s vs sampling {sampled:.3f}s (cfg 1, same steps), "
-          f"ratio {inverted / sampled:.3f} (target <= 1.05)")
-
-
-def bank_memory(model, latent_hw: tuple[int, int], steps: int = 50) -> None:
-    """Bank bytes from shapes: default window in fp16 vs every layer and step in fp32; live mode."""
-    from realedit.hosts.comfy import discover_layers
-    from realedit.inversion.bank import LayerWindow, StepWindow
-
-    layers = discover_layers(model)
-    unet = model.model.diffusion_model
-    width = {}
-    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
-    for layer, block in zip(layers, blocks):
-        width[layer.index] = block.attn1.to_k.out_features
-
-    def nbytes(chosen, n_steps, bytes_per):
-        h, w = latent_hw
-        return sum(2 * -(-h // layers[i].downscale) * -(-w // layers[i].downscale) * width[i] * n_steps * bytes_per
-                   for i in chosen)
-
-    full = nbytes(range(len(layers)), steps, 4)
-    stored = nbytes(LayerWindow().select(layers), len(StepWindow().select(steps)), 2)
-    live = (steps + 1) * 4 * latent_hw[0] * latent_hw[1] * 4  # the reference's latent trajectory, fp32
-    print(f"bank at {latent_hw[0] * 8}px, {steps} steps: full fp32 {full / 2**20:.0f} MiB, default stored fp16 "
-          f"{stored / 2**20:.0f} MiB (ratio {stored / full:.3f}, target <= 0.25), live {live / 2**20:.2f} MiB "
-          f"(ratio {live / full:.5f}, target <= 0.01)")
 
 
 def main() -> None:
@@ -126,7 +95,6 @@ def main() -> None:
     if args.only in (None, "sd15"):
         model, context = sd15_shaped_unet(device)
         bench_model("SD1.5-shaped (32x32 latent)", model, context, (32, 32), 4, max(2, args.repeats // 2))
-        bank_memory(model, (64, 64))
 
 
 if __name__ == "__main__":

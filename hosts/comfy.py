@@ -128,6 +128,15 @@ def sigma_to_step(sigmas: torch.Tensor | None, schedule: torch.Tensor | None) ->
     return None, total
 
 
+def row_info(cond_or_uncond: tuple[int, ...], batch: int) -> RowInfo:
+    """Cond/uncond kind and prompt slot of each row of a model call's batch (``cond_or_uncond`` chunks)."""
+    chunks = cond_or_uncond or (0,)
+    if batch % len(chunks):
+        chunks = (0,)  # called outside a sampler with an unrelated batch: all rows cond
+    kinds = [_ROW_KIND.get(c, "cond") for c in chunks]
+    return RowInfo.from_chunks(kinds, batch // len(chunks))
+
+
 class HookedAttention:
     """The replace patch for one (block, self/cross) pair."""
 
@@ -159,10 +168,7 @@ class HookedAttention:
         chunks = tuple(extra_options.get("cond_or_uncond") or (0,))
         key = (chunks, batch)
         if self._rows_cache is None or self._rows_cache[0] != key:
-            if batch % len(chunks):
-                chunks = (0,)  # called outside a sampler with an unrelated batch: all rows cond
-            kinds = [_ROW_KIND.get(c, "cond") for c in chunks]
-            self._rows_cache = (key, RowInfo.from_chunks(kinds, batch // len(chunks)))
+            self._rows_cache = (key, row_info(chunks, batch))
         return self._rows_cache[1]
 
     def context(self, q: torch.Tensor, extra_options: dict) -> AttentionContext:
@@ -236,3 +242,67 @@ def installed_patches(model_patcher: Any) -> list[HookedAttention]:
     """Our patches on a model (for tests and for nodes that look for an earlier RealEdit node)."""
     replace = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
     return [p for slot in replace.values() for p in slot.values() if isinstance(p, HookedAttention)]
+
+
+# Which text context a (row kind, prompt slot) gets at an edit step; None keeps the prompt's own.
+ContextSchedule = Callable[[str, int, int], "torch.Tensor | None"]
+
+
+class ScheduledContext:
+    """An ``attn2_patch`` giving chosen rows a different text context at every step.
+
+    Per-step embeddings (BARET's e_opt,s and e_trans,s; null-text inversion's per-step unconditional
+    embedding) replace the cross-attention context of the rows ``schedule(kind, slot, step)`` names,
+    before the block's K/V projections, in every transformer block. The rest of the CONDITIONING
+    (pooled outputs, ControlNets) is untouched. ``attn2_patch`` is a list, so other packs' patches
+    keep running. One model call passes one context tensor to every block: the substitution is
+    computed once per call.
+    """
+
+    def __init__(self, schedule: ContextSchedule) -> None:
+        self.schedule = schedule
+        self.steps = _SigmaSteps()
+        self._last: tuple[torch.Tensor | None, int | None, torch.Tensor | None] = (None, None, None)
+
+    def __deepcopy__(self, memo: dict) -> ScheduledContext:
+        return self
+
+    def __call__(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor,
+                 extra_options: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        step, _ = self.steps(extra_options)
+        if step is None or context is None:
+            return n, context, value
+        last_context, last_step, replaced = self._last
+        if context is not last_context or step != last_step:
+            rows = row_info(tuple(extra_options.get("cond_or_uncond") or (0,)), context.shape[0])
+            replaced = self._replace(context, rows, step)
+            self._last = (context, step, replaced)
+        return n, replaced, replaced if value is context else value
+
+    def _replace(self, context: torch.Tensor, rows: RowInfo, step: int) -> torch.Tensor:
+        out = None
+        for i, (kind, slot) in enumerate(zip(rows.kind, rows.slot)):
+            embedding = self.schedule(kind, slot, step)
+            if embedding is None:
+                continue
+            if out is None:
+                out = context.clone()
+            out[i] = _fit_tokens(embedding, context.shape[1:]).to(context)
+        return context if out is None else out
+
+
+def _fit_tokens(embedding: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A (1, tokens, width) embedding repeated to the batch's context length (ComfyUI repeats contexts
+    to a common multiple of their lengths to batch them; attention is unchanged by the repetition)."""
+    tokens, width = embedding.shape[-2:]
+    if width != shape[1] or shape[0] % tokens:
+        raise ValueError(f"RealEdit: a scheduled text embedding of {tokens} tokens x {width} cannot stand in for "
+                         f"a context of {shape[0]} x {shape[1]}; encode every prompt with the same CLIP.")
+    return embedding.reshape(tokens, width).repeat(shape[0] // tokens, 1)
+
+
+def install_context_schedule(model_patcher: Any, schedule: ContextSchedule) -> Any:
+    """Return a clone of ``model_patcher`` whose cross-attention contexts follow ``schedule``."""
+    patched = model_patcher.clone()
+    patched.set_model_attn2_patch(ScheduledContext(schedule))
+    return patched

@@ -11,66 +11,37 @@ clone of the MODEL with a :class:`~..attention.specref.SpecRefHook` installed:
   self-attention K/V are the reference features of that timestep.
 
 The schedule is the inversion's own (``Inversion.sampling_sigmas``), so edit step s evaluates the timestep the
-inversion's call for bank entry s used.
+inversion's call for bank entry s used. The loop itself is host-neutral (``attention.edit_loop``); the diffusers
+host runs the same one (``hosts.diffusers_edit``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import comfy.samplers
 import torch
-from comfy.k_diffusion.sampling import to_d
 
-from ..attention.specref import (
-    LiveReference,
-    ReferenceSource,
-    SpecRefControls,
-    SpecRefError,
-    SpecRefHook,
-    SRStats,
-    StoredReference,
+from ..attention.edit_loop import (
+    EditCallback,
+    EditResult,
+    EditStep,  # noqa: F401  (re-exported: callers' callback type)
+    TwoPathLoop,
+    edit_result,
+    prepare_edit,
 )
-from ..inversion.bank import BankSettings, ReferenceBank
+from ..attention.specref import SpecRefControls, SpecRefError
+from ..inversion.bank import BankSettings, ReferenceBank, ReferenceFeatures
 from ..inversion.ddim import Inversion
-from .comfy import discover_layers, install_hook
+from ..inversion.embedding_opt import OptimisedInversion
+from .comfy import discover_layers, install_context_schedule, install_hook
 from .comfy_sampling import check_sd_model, model_fingerprint
 
 # Conditioning options that make a prompt regional: they cannot be merged into one per-slot tensor.
+log = logging.getLogger("realedit")
 _REGIONAL_KEYS = ("area", "mask", "set_area_to_bounds", "hooks")
-
-
-@dataclass(frozen=True)
-class EditStep:
-    """State after edit step ``step`` (0-based) of ``total``, for progress, cancellation and tests.
-
-    Latents are in the model's internal space (like the inversion's trajectory), batch 1 each.
-    ``blend_mask`` is the (H, W) bool LocalBlend mask applied after this step, or None.
-    """
-
-    step: int
-    total: int
-    reconstruction: torch.Tensor
-    edit: torch.Tensor
-    blend_mask: torch.Tensor | None
-
-
-EditCallback = Callable[[EditStep], None]
-
-
-@dataclass(frozen=True)
-class EditResult:
-    """The edited LATENT (user space, (1, C, H, W)) and the preview masks at latent size ((1, H, W),
-    float 0/1, None when not computed): the final M_t and the last LocalBlend mask."""
-
-    latent: torch.Tensor
-    mt_mask: torch.Tensor | None
-    blend_mask: torch.Tensor | None
-    reconstruction: torch.Tensor
-    sigmas: torch.Tensor  # the descending schedule used
-    stats: SRStats
 
 
 # -- conditioning ---------------------------------------------------------------------------------------
@@ -114,79 +85,20 @@ def per_slot_conditioning(conds: Sequence[list], names: Sequence[str]) -> list:
     return [[torch.cat(_pad_tokens([t for t, _ in entries])), options]]
 
 
-# -- validation -----------------------------------------------------------------------------------------
-def _check_reference(model: object, inversion: Inversion, bank: ReferenceBank | None,
-                     reference: Inversion | None, reference_cond: list | None) -> None:
-    if bank is not None and reference is not None:
-        raise SpecRefError("RealEdit: give either a stored reference bank or a live reference inversion, not both.")
-    if bank is not None:
-        if bank.total_steps != inversion.steps:
-            raise SpecRefError(f"RealEdit: the REF_FEATURES were made with {bank.total_steps} steps but the "
-                               f"source INVERSION with {inversion.steps}; invert both with the same steps.")
-        if not bank.entries:
-            raise SpecRefError("RealEdit: the REF_FEATURES hold no K/V (empty layer or step window).")
-    if reference is not None:
-        reference.check_compatible(model_fingerprint(model), inversion.steps, what="reference INVERSION")
-        if not torch.allclose(reference.sigmas, inversion.sigmas):
-            raise SpecRefError("RealEdit: the reference and source inversions use different schedules; "
-                               "invert both with the same scheduler.")
-        if tuple(reference.z_T.shape) != tuple(inversion.z_T.shape):
-            raise SpecRefError(f"RealEdit: live reference features need a reference latent of the source's size "
-                               f"({tuple(inversion.z_T.shape)}), got {tuple(reference.z_T.shape)}; resize the "
-                               "reference image or use stored features.")
-        if reference_cond is None:
-            raise SpecRefError("RealEdit: live reference features need the reference prompt's CONDITIONING "
-                               "(the empty prompt by default).")
-
-
-def _reference_source(model: object, inversion: Inversion, bank: ReferenceBank | None,
-                      reference: Inversion | None, live_window: BankSettings | None) -> ReferenceSource | None:
-    if bank is not None:
-        return StoredReference(bank)
-    if reference is None:
-        return None
-    window = live_window or BankSettings(mode="live")
-    return LiveReference(window.layers.select(discover_layers(model)), window.steps.select(inversion.steps))
-
-
 # -- the sampler ----------------------------------------------------------------------------------------
-class _TwoPathLoop:
-    """The KSAMPLER function: pinned reconstruction, Euler edit steps, LocalBlend, live reference row."""
-
-    def __init__(self, hook: SpecRefHook, inversion: Inversion, reference: Inversion | None,
-                 callback: EditCallback | None) -> None:
-        self.hook, self.inversion, self.reference, self.callback = hook, inversion, reference, callback
-
-    def _pin(self, x: torch.Tensor, step: int) -> None:
-        """Slot 0 := the inverted latent edit step ``step`` starts from; slot 2 := the reference input."""
-        x[0] = self.inversion.latent_for_edit_step(step)[0].to(x)
-        if self.reference is not None and step < self.inversion.steps:
-            x[2] = self.reference.pinned_model_input(step)[0][0].to(x)
-
-    @torch.no_grad()
-    def __call__(self, model_k: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
-                 callback: Callable | None = None, disable: bool | None = None) -> torch.Tensor:
-        extra_args = extra_args or {}
-        total = len(sigmas) - 1
-        x = self.inversion.z_T.to(x).expand_as(x).clone()  # z_T in model space, never re-scaled
-        s_in = x.new_ones([x.shape[0]])
-        self._pin(x, 0)
-        for s in range(total):
-            denoised = model_k(x, sigmas[s] * s_in, **extra_args)
-            if callback is not None:
-                callback({"x": x[1:2], "i": s, "sigma": sigmas[s], "sigma_hat": sigmas[s], "denoised": denoised[1:2]})
-            x = x + to_d(x, sigmas[s], denoised) * (sigmas[s + 1] - sigmas[s])  # Euler = DDIM(eta 0), Eq. 4
-            self._pin(x, s + 1)
-            x[1:2] = self.hook.blend(x[0:1], x[1:2], s, total)  # Eq. 5
-            self._report(x, s, total)
-        return x
-
-    def _report(self, x: torch.Tensor, step: int, total: int) -> None:
-        if self.callback is None:
-            return
-        blend = self.hook.controls.local_blend
-        mask = self.hook.last_blend_mask if blend is not None and blend.blends_at(step, total) else None
-        self.callback(EditStep(step, total, x[0:1].clone(), x[1:2].clone(), mask))
+def with_null_text(model: object, inversion: Inversion, cfg: float) -> object:
+    """A null-text INVERSION: every unconditional row of the edit takes the embedding optimised for its
+    step (the classic null-text inversion + Prompt-to-Prompt pipeline). A plain DDIM inversion leaves
+    ``model`` as it is; a TTIS inversion belongs to the BARET sampler."""
+    if not isinstance(inversion, OptimisedInversion):
+        return model
+    if inversion.branch != "uncond":
+        raise SpecRefError("RealEdit: this INVERSION comes from Target-Text Inversion (TTIS); edit it with the "
+                           "RealEdit BARET Edit Sampler. The SpecRef sampler takes DDIM or null-text inversions.")
+    if cfg != inversion.cfg:
+        log.warning("RealEdit: the null-text embeddings were optimised for CFG %s but the edit uses %s; the "
+                    "reconstruction is exact only at the same CFG.", inversion.cfg, cfg)
+    return install_context_schedule(model, inversion.null_text_context)
 
 
 def specref_edit(
@@ -198,6 +110,7 @@ def specref_edit(
     *,
     cfg: float = 7.5,
     controls: SpecRefControls | None = None,
+    ref_features: ReferenceFeatures | None = None,
     bank: ReferenceBank | None = None,
     reference: Inversion | None = None,
     reference_cond: list | None = None,
@@ -208,27 +121,22 @@ def specref_edit(
 ) -> EditResult:
     """Edit the source (``inversion``) with SpecRef on a ComfyUI MODEL; returns the edited LATENT.
 
-    ``bank``: stored reference features (stored mode); ``reference`` + ``reference_cond``: the reference
-    inversion and its prompt (live mode, reference row in slot 2, windows from ``live_window``); neither:
-    P2P editing without SR-attention. ``steps`` (default: the inversion's) is checked against the
-    inversion. ``callback(EditStep)`` runs after every step (progress; raise to cancel); ``preview`` is
-    ComfyUI's ``(i, denoised, x, total)`` latent-preview callback, fed the edit row.
+    ``ref_features``: a REF_FEATURES object (RealEdit Reference Features, either mode), checked against
+    the model and the inversion. Lower level, instead of it: ``bank`` (stored features), or ``reference``
+    + ``reference_cond``: the reference inversion and its prompt (live mode, reference row in slot 2,
+    windows from ``live_window``). None of them: P2P editing without SR-attention. ``steps`` (default:
+    the inversion's) is checked against the inversion. ``callback(EditStep)`` runs after every step
+    (progress; raise to cancel); ``preview`` is ComfyUI's ``(i, denoised, x, total)`` latent-preview
+    callback, fed the edit row.
     """
-    controls = controls or SpecRefControls()
-    if negative is None and cfg != 1.0:
-        raise SpecRefError("RealEdit: guidance above 1 needs a negative CONDITIONING; connect one or use cfg 1.")
     check_sd_model(model, inversion.z_T)
-    if inversion.z_T.shape[0] != 1:
-        raise SpecRefError(f"RealEdit: the INVERSION holds {inversion.z_T.shape[0]} images; SpecRef edits one "
-                           "source image at a time.")
-    inversion.check_compatible(model_fingerprint(model), inversion.steps if steps is None else steps)
-    _check_reference(model, inversion, bank, reference, reference_cond)
-    source = _reference_source(model, inversion, bank, reference, live_window)
-    hook = SpecRefHook(controls, source)
-    patched = install_hook(model, hook)
+    hook, refs = prepare_edit(model_fingerprint(model), inversion, lambda: discover_layers(model), controls=controls,
+                              cfg=cfg, has_negative=negative is not None, ref_features=ref_features, bank=bank,
+                              reference=reference, reference_cond=reference_cond, live_window=live_window,
+                              steps=steps)
+    patched = with_null_text(install_hook(model, hook), inversion, cfg)
 
-    live = reference is not None
-    conds = [source_cond, target_cond] + ([reference_cond] if live else [])
+    conds = [source_cond, target_cond] + ([refs.conditioning] if refs.live else [])
     positive = per_slot_conditioning(conds, ["source", "target", "reference"][: len(conds)])
     guider = comfy.samplers.CFGGuider(patched)
     guider.set_conds(positive, negative if negative is not None else positive)
@@ -237,21 +145,7 @@ def specref_edit(
     sigmas = inversion.sampling_sigmas
     z_T = inversion.z_T
     latent = patched.model.process_latent_out(z_T.repeat(len(conds), 1, 1, 1))  # shape only: the loop uses z_T
-    loop = _TwoPathLoop(hook, inversion, reference, callback)
+    loop = TwoPathLoop(hook, inversion, refs.inversion, callback)
     out = guider.sample(torch.zeros_like(latent), latent, comfy.samplers.KSAMPLER(loop), sigmas,
                         callback=preview, disable_pbar=True, seed=0)
-    return _result(out, hook, z_T, sigmas)
-
-
-def _result(out: torch.Tensor, hook: SpecRefHook, z_T: torch.Tensor, sigmas: torch.Tensor) -> EditResult:
-    hw = tuple(z_T.shape[-2:])
-    mt = hook.mt_mask(hw)
-    blend = hook.blend_mask()
-    return EditResult(
-        latent=out[1:2].cpu(),
-        mt_mask=None if mt is None else mt[None].cpu(),
-        blend_mask=None if blend is None else blend[None].cpu(),
-        reconstruction=out[0:1].cpu(),
-        sigmas=sigmas,
-        stats=hook.stats,
-    )
+    return edit_result(out, hook, tuple(z_T.shape[-2:]), sigmas)

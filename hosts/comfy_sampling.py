@@ -8,6 +8,8 @@ as in a KSampler.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import comfy.model_sampling
@@ -15,7 +17,7 @@ import comfy.sample
 import comfy.samplers
 import torch
 
-from ..inversion.bank import BankRecorder, BankSettings, ReferenceBank, ReferenceFeatures
+from ..inversion.bank import BankRecorder, BankSettings, ReferenceBank, ReferenceFeatures, select_layers
 from ..inversion.ddim import (
     DEFAULT_CONVENTION,
     Convention,
@@ -23,6 +25,8 @@ from ..inversion.ddim import (
     check_finite,
     inversion_sigmas,
     invert,
+    steps_with_kv,
+    trajectory_to,
 )
 from .comfy import discover_layers, install_hook
 
@@ -31,7 +35,7 @@ INVERSION_SCHEDULERS = ("ddim_uniform", "normal", "simple", "sgm_uniform")
 StepCallback = Callable[[int, torch.Tensor], None]
 
 
-def check_sd_model(model: Any, latent: torch.Tensor) -> None:
+def check_sd_model(model: Any, latent: torch.Tensor, name: str = "LATENT") -> None:
     """Refuse models DDIM inversion does not apply to, and latents the model cannot take."""
     sampling = model.get_model_object("model_sampling")
     if not isinstance(sampling, (comfy.model_sampling.EPS,)) or isinstance(
@@ -41,13 +45,16 @@ def check_sd_model(model: Any, latent: torch.Tensor) -> None:
             f"RealEdit: DDIM inversion needs an epsilon- or v-prediction SD model; this MODEL uses "
             f"{type(sampling).__name__}. Load an SD1.x, SD2.x or SDXL checkpoint."
         )
+    if latent.ndim != 4:
+        raise ValueError(f"RealEdit: the {name} has shape {tuple(latent.shape)}; an image latent (batch, channels, "
+                         "height, width) is expected (VAE Encode the photo).")
     in_channels = getattr(model.model.diffusion_model, "in_channels", latent.shape[1])
     if in_channels != latent.shape[1]:
         hint = (" This is an InstructPix2Pix-style model (8 input channels): it needs the photo as "
-                "image conditioning; use a plain SD checkpoint here.") if in_channels == 8 else ""
+                "image conditioning; use a plain SD checkpoint here.") if in_channels == 8 else (
+                " Encode the photo with this model's VAE.")
         raise ValueError(
-            f"RealEdit: the LATENT has {latent.shape[1]} channels but the MODEL expects {in_channels}."
-            + hint
+            f"RealEdit: the {name} has {latent.shape[1]} channels but the MODEL expects {in_channels}." + hint
         )
 
 
@@ -78,6 +85,33 @@ def _guider(model: Any, positive: list, negative: list | None, cfg: float) -> co
     return guider
 
 
+def _invert_batch(model: Any, latent: torch.Tensor, positive: list, negative: list | None, guidance: float,
+                  sigmas: torch.Tensor, convention: Convention, callback: StepCallback | None) -> Inversion:
+    """Invert every image of a user-space latent batch in one sampler run (one UNet batch per step)."""
+    trajectory: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        s_in = x.new_ones([x.shape[0]])
+
+        def denoise(x_in: torch.Tensor, label: float) -> torch.Tensor:
+            return model_k(x_in, label * s_in, **(extra_args or {}))
+
+        path = invert(denoise, x, sigmas, convention, callback=step_callback)
+        trajectory.extend(trajectory_to(path, "cpu"))  # stays on the device until the last step
+        return path[-1]
+
+    def step_callback(i: int, x: torch.Tensor) -> None:
+        if callback is not None:
+            callback(i, x)
+
+    guider = _guider(model, positive, negative, guidance)
+    noise = torch.zeros_like(latent)
+    guider.sample(noise, latent, comfy.samplers.KSAMPLER(sampler_function), sigmas, disable_pbar=True, seed=0)
+    return Inversion(trajectory=tuple(trajectory), sigmas=sigmas, convention=convention,
+                     fingerprint=model_fingerprint(model))
+
+
 def ddim_invert(
     model: Any,
     latent: torch.Tensor,
@@ -94,46 +128,25 @@ def ddim_invert(
     check_sd_model(model, latent)
     check_finite(latent, "LATENT")
     sigmas = inversion_sigmas(sampling_sigmas(model, scheduler, steps), convention)  # ascending
-    trajectory: list[torch.Tensor] = []
-
-    @torch.no_grad()
-    def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        s_in = x.new_ones([x.shape[0]])
-
-        def denoise(x_in: torch.Tensor, label: float) -> torch.Tensor:
-            return model_k(x_in, label * s_in, **(extra_args or {}))
-
-        path = invert(denoise, x, sigmas, convention, callback=step_callback)
-        trajectory.extend(t.detach().cpu() for t in path)
-        return path[-1]
-
-    def step_callback(i: int, x: torch.Tensor) -> None:
-        if callback is not None:
-            callback(i, x)
-
-    guider = _guider(model, positive, negative, guidance)
-    noise = torch.zeros_like(latent)
-    guider.sample(noise, latent, comfy.samplers.KSAMPLER(sampler_function), sigmas, disable_pbar=True, seed=0)
-    return Inversion(
-        trajectory=tuple(trajectory),
-        sigmas=sigmas,
-        convention=convention,
-        fingerprint=model_fingerprint(model),
-    )
+    return _invert_batch(model, latent, positive, negative, guidance, sigmas, convention, callback)
 
 
 def bank_for(model: Any, settings: BankSettings, total_steps: int) -> tuple[list[int], range]:
     """The layer indices and edit steps a bank keeps on this model; refuses an empty layer window."""
-    layers = discover_layers(model)
-    chosen = settings.layers.select(layers)
-    if not chosen:
-        levels = sorted({layer.downscale for layer in layers})
-        raise ValueError(
-            f"RealEdit: the layer window (stage '{settings.layers.stage}', {settings.layers.finest} finest "
-            f"resolutions) selects no attention layer of this model (its attention downscales: {levels}); "
-            "use stage 'up' or 'any' and finest >= 1."
-        )
-    return chosen, settings.steps.select(total_steps)
+    return select_layers(settings.layers, discover_layers(model)), settings.steps.select(total_steps)
+
+
+def _recording_model(model: Any, settings: BankSettings, total: int, convention: Convention, slot: int = 0
+                     ) -> tuple[Any, list[int], range, ReferenceBank | None]:
+    """The model to invert the reference on: a clone recording K/V of row ``slot`` (stored mode), or
+    the model itself (live mode); with the chosen layers, edit steps and the bank."""
+    layers, window = bank_for(model, settings, total)
+    edit_steps = steps_with_kv(window, convention)
+    if settings.mode != "stored":
+        return model, layers, edit_steps, None
+    device = settings.device or model.offload_device
+    bank = ReferenceBank(layers, edit_steps, total, settings.dtype, device)
+    return install_hook(model, BankRecorder(bank, slot), cross_attention=False), layers, edit_steps, bank
 
 
 def reference_features(
@@ -152,14 +165,146 @@ def reference_features(
     In ``live`` mode only the trajectory is kept; the edit sampler recomputes K/V on the fly.
     """
     settings = settings or BankSettings()
+    check_sd_model(model, latent, "reference LATENT")
+    check_finite(latent, "reference LATENT")
     total = len(sampling_sigmas(model, scheduler, steps)) - 1
-    layers, edit_steps = bank_for(model, settings, total)
-    bank = None
-    inverting = model
-    if settings.mode == "stored":
-        device = settings.device or model.offload_device
-        bank = ReferenceBank(layers, edit_steps, total, settings.dtype, device)
-        inverting = install_hook(model, BankRecorder(bank), cross_attention=False)
+    inverting, layers, edit_steps, bank = _recording_model(model, settings, total, convention)
     inversion = ddim_invert(inverting, latent, conditioning, steps=steps, scheduler=scheduler,
                             convention=convention, callback=callback)
     return ReferenceFeatures(settings.mode, inversion, bank, tuple(layers), edit_steps, conditioning)
+
+
+# -- source and reference in one batch --------------------------------------------------------------
+# SpecRef inverts two photos with the same model, steps and guidance 1: when they share a size, one
+# sampler run with a batch of two (row 0 source, row 1 reference, each with its own prompt) does both.
+
+@dataclass(frozen=True)
+class SourceAndReference:
+    """The source INVERSION and the REF_FEATURES, and whether they were inverted in one batch
+    (``note`` says why not, when not)."""
+
+    source: Inversion
+    reference: ReferenceFeatures
+    batched: bool
+    note: str = ""
+
+
+def _single_prompt(cond: Any, name: str) -> tuple[torch.Tensor, dict] | str:
+    """The one (tensor, options) entry of a CONDITIONING, or why it cannot be one row of a batch."""
+    if not isinstance(cond, list) or len(cond) != 1 or len(cond[0]) != 2:
+        count = len(cond) if isinstance(cond, list) else type(cond).__name__
+        return f"the {name} CONDITIONING holds {count} entries (combined or regional prompts)"
+    tensor, options = cond[0]
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3 or tensor.shape[0] != 1:
+        return f"the {name} CONDITIONING is not one prompt of shape (1, tokens, width)"
+    return tensor, options
+
+
+def _same_option(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and bool(torch.equal(a.cpu(), b.cpu())))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a usable == are not the same option
+        return False
+
+
+def batched_conditioning(conds: list[Any], names: list[str]) -> list | str:
+    """One CONDITIONING with one row per latent of the batch (ComfyUI gives row i of a batch row i of
+    the prompt tensor), or the reason the prompts cannot share a batch.
+
+    Prompts of different token counts are repeated to their common multiple, as ComfyUI does when it
+    batches conds (attention is unchanged by it). Options other than SDXL's ``pooled_output`` (stacked)
+    must be the same (a ControlNet on one prompt only cannot share the batch).
+    """
+    entries = []
+    for cond, name in zip(conds, names):
+        entry = _single_prompt(cond, name)
+        if isinstance(entry, str):
+            return entry
+        entries.append(entry)
+    if len({t.shape[2] for t, _ in entries}) != 1:
+        return "the prompts' conditioning widths differ"
+    options = [{k: v for k, v in o.items() if k != "pooled_output"} for _, o in entries]
+    first = options[0]
+    if any(o.keys() != first.keys() or not all(_same_option(first[k], o[k]) for k in first) for o in options[1:]):
+        return "the prompts carry different options (e.g. a ControlNet or area on one of them)"
+    pooled = [o.get("pooled_output") for _, o in entries]
+    merged = dict(entries[0][1])
+    if all(p is not None for p in pooled):
+        merged["pooled_output"] = torch.cat(pooled)
+    elif any(p is not None for p in pooled):
+        return "only one of the prompts has a pooled output"
+    length = math.lcm(*(t.shape[1] for t, _ in entries))
+    tensors = [t.repeat(1, length // t.shape[1], 1) for t, _ in entries]
+    return [[torch.cat(tensors), merged]]
+
+
+def batch_obstacle(source: torch.Tensor, reference: torch.Tensor, source_cond: list, reference_cond: list
+                   ) -> str | None:
+    """Why source and reference cannot be inverted in one batch (None: they can)."""
+    if tuple(source.shape) != tuple(reference.shape):
+        return (f"the source latent is {tuple(source.shape[-2:])} and the reference "
+                f"{tuple(reference.shape[-2:])}")
+    merged = batched_conditioning([source_cond, reference_cond], ["source", "reference"])
+    return merged if isinstance(merged, str) else None
+
+
+def invert_source_and_reference(
+    model: Any,
+    source: torch.Tensor,
+    source_cond: list,
+    reference: torch.Tensor,
+    reference_cond: list,
+    settings: BankSettings | None = None,
+    *,
+    steps: int = 50,
+    scheduler: str = "ddim_uniform",
+    convention: Convention = DEFAULT_CONVENTION,
+    batched: bool = True,
+    callback: StepCallback | None = None,
+) -> SourceAndReference:
+    """SpecRef stage 1 for both photos: the source's DDIM inversion and the reference features.
+
+    With ``batched`` (default) and latents of one size, both run as one batch of two (row 0 source,
+    row 1 reference; the bank records row 1 only): the same numbers as two separate runs, up to float
+    rounding of batched kernels, in fewer UNet calls. Otherwise (or when the prompts cannot share a
+    batch) they run one after the other; ``callback`` then counts steps 0 .. 2N-1.
+    """
+    settings = settings or BankSettings()
+    check_sd_model(model, source, "source LATENT")
+    check_sd_model(model, reference, "reference LATENT")
+    check_finite(source, "source LATENT")
+    check_finite(reference, "reference LATENT")
+    obstacle = batch_obstacle(source, reference, source_cond, reference_cond) if batched else "batching is off"
+    if obstacle is not None:
+        return _invert_separately(model, source, source_cond, reference, reference_cond, settings, steps, scheduler,
+                                  convention, callback, obstacle)
+    descending = sampling_sigmas(model, scheduler, steps)
+    total = len(descending) - 1
+    inverting, layers, edit_steps, bank = _recording_model(model, settings, total, convention, slot=1)
+    positive = batched_conditioning([source_cond, reference_cond], ["source", "reference"])
+    latent = torch.cat([source, reference.to(source)])
+    both = _invert_batch(inverting, latent, positive, None, 1.0, inversion_sigmas(descending, convention),
+                         convention, callback)
+    features = ReferenceFeatures(settings.mode, both.row(1), bank, tuple(layers), edit_steps, reference_cond)
+    return SourceAndReference(both.row(0), features, batched=True)
+
+
+def _invert_separately(model: Any, source: torch.Tensor, source_cond: list, reference: torch.Tensor,
+                       reference_cond: list, settings: BankSettings, steps: int, scheduler: str,
+                       convention: Convention, callback: StepCallback | None, why: str) -> SourceAndReference:
+    def shifted(i: int, x: torch.Tensor) -> None:
+        if callback is not None:
+            callback(i + steps_done, x)
+
+    steps_done = 0
+    inversion = ddim_invert(model, source, source_cond, steps=steps, scheduler=scheduler, convention=convention,
+                            callback=callback)
+    steps_done = inversion.steps
+    features = reference_features(model, reference, reference_cond, settings, steps=steps, scheduler=scheduler,
+                                  convention=convention, callback=shifted)
+    return SourceAndReference(inversion, features, batched=False, note=f"inverted separately: {why}")

@@ -14,7 +14,15 @@ from collections.abc import Callable
 import torch
 
 from ..attention.hooks import RowInfo
-from ..inversion.ddim import DEFAULT_CONVENTION, Convention, Denoiser, Inversion, inversion_sigmas, invert
+from ..inversion.ddim import (
+    DEFAULT_CONVENTION,
+    Convention,
+    Denoiser,
+    Inversion,
+    check_finite,
+    inversion_sigmas,
+    invert,
+)
 from .diffusers import DiffusersHost
 
 StepCallback = Callable[[int, torch.Tensor], None]
@@ -50,32 +58,60 @@ def use_schedule(host: DiffusersHost, sigmas: torch.Tensor, alphas_cumprod: torc
     host.schedule = [timestep_for_sigma(float(s), alphas_cumprod) for s in sigmas]
 
 
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def prediction_type(scheduler) -> str:
+    """What the UNet predicts, as the scheduler's config says (diffusers' ``prediction_type``)."""
+    return getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"RealEdit: prediction_type '{prediction}' is not supported; DDIM inversion needs an "
+                         f"epsilon- or v-prediction UNet ({', '.join(PREDICTIONS)}).")
+
+
+def noise_from_output(output: torch.Tensor, x_ddpm: torch.Tensor, sigma: float, prediction: str) -> torch.Tensor:
+    """eps from the UNet's output at DDPM latent ``x_ddpm`` of level sigma.
+
+    v-prediction: v = sqrt(a) eps - sqrt(1 - a) x0 with a = 1 / (1 + sigma^2), so
+    eps = sqrt(1 - a) x_t + sqrt(a) v = (sigma x_t + v) / sqrt(1 + sigma^2). Affine in the output, so
+    it commutes with the CFG combination.
+    """
+    if prediction == "v_prediction":
+        return (output + sigma * x_ddpm) / math.sqrt(1 + sigma**2)
+    return output
+
+
 def cfg_denoiser(host: DiffusersHost, alphas_cumprod: torch.Tensor, cond: torch.Tensor,
                  uncond: torch.Tensor | None = None, cfg: float = 1.0, *, total_steps: int | None = None,
-                 **added_cond: torch.Tensor) -> Denoiser:
+                 prediction: str = "epsilon", **added_cond: torch.Tensor) -> Denoiser:
     """k-diffusion-style ``denoised = f(x, sigma)`` with classifier-free guidance.
 
     The batch is [uncond rows, cond rows] (diffusers' order) when cfg != 1, cond rows only otherwise;
     the host is told which is which. Step indices come from the host's schedule (``use_schedule``);
     ``total_steps`` is the number of steps (the schedule has one more entry, as ComfyUI's does).
+    ``prediction``: the UNet's ``prediction_type`` ("epsilon" or "v_prediction"; see ``prediction_type``).
     """
+    _check_prediction(prediction)
     batch_rows: dict[int, RowInfo] = {}
 
     def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
         t = torch.tensor(timestep_for_sigma(sigma, alphas_cumprod), dtype=x.dtype)
         x_ddpm = x / math.sqrt(1 + sigma**2)
         if cfg == 1.0 or uncond is None:
-            eps = host.predict_noise(x_ddpm, t, cond.expand(x.shape[0], -1, -1), total_steps=total_steps,
+            out = host.predict_noise(x_ddpm, t, cond.expand(x.shape[0], -1, -1), total_steps=total_steps,
                                      rows=RowInfo.from_chunks(["cond"], x.shape[0]), **added_cond)
         else:
             b = x.shape[0]
             rows = batch_rows.setdefault(b, RowInfo.from_chunks(["uncond", "cond"], b))
             context = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
             extra = {k: torch.cat([v, v]) for k, v in added_cond.items()}
-            eps_uncond, eps_cond = host.predict_noise(torch.cat([x_ddpm, x_ddpm]), t, context, rows=rows,
+            out_uncond, out_cond = host.predict_noise(torch.cat([x_ddpm, x_ddpm]), t, context, rows=rows,
                                                       total_steps=total_steps, **extra).chunk(2)
-            eps = eps_uncond + cfg * (eps_cond - eps_uncond)
-        return x - sigma * eps
+            out = out_uncond + cfg * (out_cond - out_uncond)
+        return x - sigma * noise_from_output(out, x_ddpm, sigma, prediction)
 
     return denoise
 
@@ -92,15 +128,42 @@ def sample(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
     return x
 
 
+def unet_fingerprint(unet: torch.nn.Module) -> str:
+    """Identifies the UNet an inversion or a reference bank was made with."""
+    return f"{type(unet).__name__}@{id(unet):x}"
+
+
+def check_latent(unet: torch.nn.Module, latent: torch.Tensor, name: str = "latent") -> None:
+    """Refuse a latent the UNet cannot take (shape, channels) or one with NaN/inf, naming the fix."""
+    if latent.ndim != 4:
+        raise ValueError(f"RealEdit: the {name} has shape {tuple(latent.shape)}; a VAE latent (batch, channels, "
+                         "height, width) is expected.")
+    config = getattr(unet, "config", None)
+    in_channels = getattr(config, "in_channels", latent.shape[1])
+    if in_channels != latent.shape[1]:
+        hint = (" This is an InstructPix2Pix-style UNet (8 input channels): it needs the photo as image "
+                "conditioning; use a plain SD UNet here.") if in_channels == 8 else (
+                " Encode the image with this pipeline's VAE.")
+        raise ValueError(f"RealEdit: the {name} has {latent.shape[1]} channels but the UNet expects {in_channels}."
+                         + hint)
+    check_finite(latent, name)
+
+
 def ddim_invert(host: DiffusersHost, scheduler, latent: torch.Tensor, cond: torch.Tensor, *, steps: int = 50,
                 convention: Convention = DEFAULT_CONVENTION, callback: StepCallback | None = None,
                 **added_cond: torch.Tensor) -> Inversion:
-    """DDIM-invert a (scaled) latent on a diffusers UNet; mirrors ``hosts.comfy_sampling.ddim_invert``."""
+    """DDIM-invert a (scaled) latent on a diffusers UNet; mirrors ``hosts.comfy_sampling.ddim_invert``.
+
+    epsilon or v-prediction, as ``scheduler.config.prediction_type`` says.
+    """
+    check_latent(host.unet, latent)
     _, sigmas = sampling_sigmas(scheduler, steps)
     ascending = inversion_sigmas(sigmas, convention)
     use_schedule(host, ascending, scheduler.alphas_cumprod)
     host.begin_run()
-    denoise = cfg_denoiser(host, scheduler.alphas_cumprod, cond, total_steps=steps, **added_cond)
-    trajectory = invert(denoise, latent, ascending, convention, callback=callback)
+    denoise = cfg_denoiser(host, scheduler.alphas_cumprod, cond, total_steps=steps,
+                           prediction=prediction_type(scheduler), **added_cond)
+    with torch.no_grad():  # the trajectory never needs a graph (an optimiser starts from it afterwards)
+        trajectory = invert(denoise, latent, ascending, convention, callback=callback)
     return Inversion(tuple(t.detach() for t in trajectory), ascending, convention,
-                     fingerprint=f"{type(host.unet).__name__}@{id(host.unet):x}")
+                     fingerprint=unet_fingerprint(host.unet))

@@ -9,12 +9,14 @@ reference's latent trajectory and recomputes K/V as one extra row of each edit s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from ..attention.hooks import AttentionContext, LayerInfo
+from .ddim import Inversion, check_made_with
 
 BankMode = Literal["stored", "live"]
 
@@ -53,11 +55,27 @@ class StepWindow:
 
 @dataclass(frozen=True)
 class BankSettings:
+    """What a reference bank keeps; one object for the ComfyUI nodes and both hosts' Python API."""
+
     layers: LayerWindow = field(default_factory=LayerWindow)
     steps: StepWindow = field(default_factory=StepWindow)
     dtype: torch.dtype = torch.float16
     device: torch.device | None = None  # None: where the K/V were computed
     mode: BankMode = "stored"
+
+
+def select_layers(window: LayerWindow, layers: list[LayerInfo]) -> list[int]:
+    """The window's layer indices on a model; refuses a window that selects none (names the fix)."""
+    chosen = window.select(layers)
+    if not chosen:
+        levels = sorted({layer.downscale for layer in layers})
+        stages = sorted({layer.stage for layer in layers})
+        raise ValueError(
+            f"RealEdit: the layer window (stage '{window.stage}', {window.finest} finest resolutions) selects no "
+            f"attention layer of this model (its attention stages: {stages}, downscales: {levels}); use stage "
+            "'up' (decoder) or 'any' and finest_resolutions >= 1."
+        )
+    return chosen
 
 
 class ReferenceBank:
@@ -137,22 +155,82 @@ class ReferenceFeatures:
     """What the SR-attention needs from the reference: a stored bank, or (live) its trajectory.
 
     ``inversion`` is the reference's DDIM inversion (its trajectory is kept in both modes: a few MB);
-    ``conditioning`` the prompt it was inverted with (live mode runs it again as an extra row).
+    ``conditioning`` the prompt it was inverted with (live mode runs it again as an extra row; on the
+    diffusers host the embedding tensor, with SDXL's ``added_cond`` beside it).
+
+    ``fingerprint``, ``total_steps`` and ``latent_shape`` (the reference latent's (1, C, H, W) in the
+    model's latent space) say what the features were made with; they default to the inversion's.
+    An edit sampler calls :meth:`check_compatible` before using them.
     """
 
     mode: BankMode
-    inversion: object  # inversion.ddim.Inversion
+    inversion: Inversion
     bank: ReferenceBank | None
     layers: tuple[int, ...]
     steps: range
     conditioning: object = None
+    added_cond: Mapping[str, torch.Tensor] | None = None
+    fingerprint: str = ""
+    total_steps: int = 0
+    latent_shape: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            object.__setattr__(self, "fingerprint", self.inversion.fingerprint)
+        if not self.total_steps:
+            object.__setattr__(self, "total_steps", self.inversion.steps)
+        if not self.latent_shape:
+            object.__setattr__(self, "latent_shape", tuple(self.inversion.z_T.shape))
 
     def __deepcopy__(self, memo: dict) -> ReferenceFeatures:
         return self
 
-    def describe(self) -> str:
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The ascending schedule the reference was inverted along."""
+        return self.inversion.sigmas
+
+    @property
+    def nbytes(self) -> int:
+        """What the features hold: the bank's K/V (stored) or the latent trajectory (live)."""
         if self.bank is not None:
-            return self.bank.describe()
-        latents = sum(t.numel() * t.element_size() for t in self.inversion.trajectory)
-        return (f"RealEdit reference (live): trajectory of {len(self.inversion.trajectory)} latents, "
-                f"{latents / 2**20:.2f} MiB; K/V recomputed each edit step for layers {list(self.layers)}")
+            return self.bank.nbytes
+        return sum(t.numel() * t.element_size() for t in self.inversion.trajectory)
+
+    def check_compatible(self, fingerprint: str, steps: int, source: Inversion | None = None,
+                         what: str = "REF_FEATURES") -> None:
+        """Refuse features made with another model (or weight patches) or step count.
+
+        With the ``source`` INVERSION the edit runs on, also refuse another schedule, another latent
+        channel count, and (live mode, where the reference is one more row of the edit's batch) another
+        latent size. Stored features may come from a reference of another size (SR-attention attends to
+        the reference's own token grid).
+        """
+        check_made_with(what, self.fingerprint, self.total_steps, fingerprint, steps)
+        if source is None:
+            return
+        if source.steps != self.total_steps:
+            raise ValueError(f"RealEdit: the {what} was made with {self.total_steps} steps but the source INVERSION "
+                             f"with {source.steps}; invert both with the same steps.")
+        if source.fingerprint != self.fingerprint:
+            raise ValueError(f"RealEdit: the {what} and the source INVERSION were made with different models or "
+                             "weight patches; make both with the same MODEL.")
+        if source.sigmas.shape != self.sigmas.shape or not torch.allclose(source.sigmas.cpu(), self.sigmas.cpu()):
+            raise ValueError(f"RealEdit: the {what} and the source INVERSION use different schedules; use the same "
+                             "scheduler on the inversion and reference nodes.")
+        src, ref = source.latent_shape, self.latent_shape
+        if src[1] != ref[1]:
+            raise ValueError(f"RealEdit: the {what} come from a latent with {ref[1]} channels but the source "
+                             f"INVERSION's has {src[1]}; encode both photos with the same VAE.")
+        if self.mode == "live" and src[-2:] != ref[-2:]:
+            raise ValueError(
+                f"RealEdit: live {what} need a reference latent of the source's size ({src[-2]}x{src[-1]}), got "
+                f"{ref[-2]}x{ref[-1]}; resize the reference photo to the source's size or use mode 'stored'.")
+
+    def describe(self) -> str:
+        size = f"reference latent {self.latent_shape[-2]}x{self.latent_shape[-1]}, {self.total_steps} steps"
+        if self.bank is not None:
+            return f"{self.bank.describe()}; {size}"
+        latents = len(self.inversion.trajectory)
+        return (f"RealEdit reference (live): trajectory of {latents} latents, {self.nbytes / 2**20:.2f} MiB; "
+                f"K/V recomputed each edit step for layers {list(self.layers)}; {size}")

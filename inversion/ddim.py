@@ -22,7 +22,7 @@ A ``Denoiser`` is the host's model call in k-diffusion form: ``denoised = model(
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -52,12 +52,14 @@ def inversion_sigmas(sampling_sigmas: torch.Tensor, convention: Convention = DEF
     return ascending
 
 
-def model_input(x: torch.Tensor, sigmas: torch.Tensor, i: int, convention: Convention) -> tuple[torch.Tensor, float]:
+def model_input(x: torch.Tensor, sigmas: torch.Tensor | Sequence[float], i: int,
+                convention: Convention) -> tuple[torch.Tensor, float]:
     """What the UNet is given at inversion step i (x_i -> x_{i+1}): the input latent and its label.
 
     For ``"next"`` the latent is rescaled so that the host's input scaling (1 / sqrt(1 + sigma^2))
     at the *next* label still hands the UNet the DDPM latent of level sigma_i. Live reference
-    features reuse this function, so they see exactly what the inversion saw.
+    features reuse this function, so they see exactly what the inversion saw. ``sigmas`` may be a
+    tensor or a list of floats (the loop passes floats: no device sync per step).
     """
     if convention == "current":
         return x, float(sigmas[i])
@@ -87,16 +89,36 @@ def invert(
     ``callback(i, x_{i+1})`` runs after every step (progress, cancellation).
     """
     check_finite(x0, "latent")
+    # The schedule as Python floats, read once: indexing a device tensor per step would sync the
+    # device two or three times a step (the host's sampler never does), stalling its kernel queue.
+    levels = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     trajectory = [x0]
     x = x0
-    for i in range(len(sigmas) - 1):
-        x_in, label = model_input(x, sigmas, i, convention)
+    for i in range(len(levels) - 1):
+        x_in, label = model_input(x, levels, i, convention)
         eps = eps_from_denoised(x_in, model(x_in, label), label)
-        x = x + (sigmas[i + 1] - sigmas[i]) * eps  # Eq. 1 in sigma space
+        x = x + (levels[i + 1] - levels[i]) * eps  # Eq. 1 in sigma space
         trajectory.append(x)
         if callback is not None:
             callback(i, x)
     return trajectory
+
+
+def trajectory_to(trajectory: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """Move a trajectory (kept on the compute device while inverting) with one copy, not one per step.
+
+    Per-latent ``.cpu()`` calls each block until the device is idle; one stacked copy blocks once.
+    """
+    stacked = torch.stack([t.detach() for t in trajectory]).to(device)  # (N + 1, batch, C, H, W)
+    return tuple(stacked.unbind(0))
+
+
+def steps_with_kv(window: range, convention: Convention) -> range:
+    """The edit steps of ``window`` whose timestep an inversion call evaluated, so a reference has
+    K/V for them: all under ``"next"``; all but step 0 (sigma_max) under ``"current"``."""
+    if convention == "current":
+        return range(max(window.start, 1), max(window.stop, 1))
+    return window
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
@@ -148,26 +170,46 @@ class Inversion:
         """What the inversion fed the UNet at the timestep edit step s evaluates: (input, sigma).
 
         Live reference features run the reference through the edit step with exactly this input,
-        so they reproduce the K/V a stored bank would hold for step s.
+        so they reproduce the K/V a stored bank would hold for step s. Under ``"current"`` no inversion
+        call used sigma_max (edit step 0): the reference row then gets z_T at sigma_max, the latent edit
+        step 0 starts from, and no bank or live window includes step 0 (``steps_with_kv``).
         """
+        if not 0 <= s < self.steps:
+            raise ValueError(f"RealEdit: edit step {s} is outside the {self.steps} steps of this inversion.")
+        if self.convention == "current" and s == 0:
+            return self.z_T, float(self.sigmas[-1])
         i = self.steps - 1 - s if self.convention == "next" else self.steps - s
-        if not 0 <= i < self.steps:
-            raise ValueError(f"RealEdit: edit step {s} has no inversion call under the '{self.convention}' convention.")
         return model_input(self.trajectory[i], self.sigmas, i, self.convention)
 
     def reversed(self) -> Sequence[torch.Tensor]:
         """The trajectory in editing order: x_N, x_{N-1}, ..., x_0."""
         return self.trajectory[::-1]
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """(batch, channels, height, width) of the inverted latent, in the model's latent space."""
+        return tuple(self.z_T.shape)
+
+    def row(self, index: int) -> Inversion:
+        """The inversion of one image of a batched inversion (its own copy of the trajectory)."""
+        if not 0 <= index < self.z_T.shape[0]:
+            raise IndexError(f"RealEdit: row {index} of an inversion of {self.z_T.shape[0]} images.")
+        return replace(self, trajectory=tuple(t[index : index + 1].clone() for t in self.trajectory))
+
     def check_compatible(self, fingerprint: str, steps: int, what: str = "INVERSION") -> None:
         """Refuse an inversion made with another model, schedule or step count."""
-        if steps != self.steps:
-            raise ValueError(
-                f"RealEdit: the {what} was made with {self.steps} steps but this node uses {steps}; "
-                "set the same steps on both nodes (or re-run the inversion)."
-            )
-        if fingerprint != self.fingerprint:
-            raise ValueError(
-                f"RealEdit: the {what} was made with a different model or settings ({self.fingerprint}) "
-                f"than this node's ({fingerprint}); invert with the same MODEL, scheduler and steps."
-            )
+        check_made_with(what, self.fingerprint, self.steps, fingerprint, steps)
+
+
+def check_made_with(what: str, made_fingerprint: str, made_steps: int, fingerprint: str, steps: int) -> None:
+    """The error an INVERSION or REF_FEATURES made with another step count or model gets."""
+    if steps != made_steps:
+        raise ValueError(
+            f"RealEdit: the {what} was made with {made_steps} steps but this node uses {steps}; "
+            "set the same steps on both nodes (or re-run the inversion)."
+        )
+    if fingerprint != made_fingerprint:
+        raise ValueError(
+            f"RealEdit: the {what} was made with a different model or settings ({made_fingerprint}) "
+            f"than this node's ({fingerprint}); invert with the same MODEL, scheduler and steps."
+        )

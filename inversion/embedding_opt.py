@@ -370,3 +370,10 @@ class OptimisedInversion(Inversion):
         if self.embeddings is None:
             raise ValueError("RealEdit: this INVERSION carries no optimised embeddings.")
         return self.embeddings[s]
+
+    def null_text_context(self, kind: str, slot: int, step: int) -> torch.Tensor | None:
+        """Null-text inversion's per-step unconditional embedding for every unconditional row of an edit
+        batch at edit ``step`` (a host's context schedule); None elsewhere, or for a TTIS inversion."""
+        if self.branch != "uncond" or kind != "uncond" or self.embeddings is None:
+            return None
+        return self.embeddings[step] if 0 <= step < len(self.embeddings) else None

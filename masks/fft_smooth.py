@@ -27,7 +27,8 @@ the longer side nor sqrt(H*W) does that), so a crop or a pad does not change wha
 
 Morphology runs as kornia dilations/erosions with separable flat kernels (a k x k square is a 1 x k
 then a k x 1 line; n iterations of 3x3 are one 9x9), which is exact and about 300x faster than
-kornia's 21x21 closing at 512x512.
+kornia's 21x21 closing at 512x512. The closing and the hole filling run on the bounding box of what
+they close (:func:`close_and_fill`, exact as well).
 """
 
 from __future__ import annotations
@@ -97,6 +98,34 @@ def fill_holes(mask: torch.Tensor) -> torch.Tensor:
     """Fill enclosed background (scipy.ndimage.binary_fill_holes), (H, W) bool on mask's device."""
     filled = binary_fill_holes(mask.detach().cpu().numpy())
     return torch.from_numpy(np.ascontiguousarray(filled)).to(mask.device)
+
+
+def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[slice, slice] | None:
+    """The rows and columns of ``mask``'s true pixels, widened by ``margin`` (clipped to the image); None if empty."""
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    if rows.numel() == 0:
+        return None
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    height, width = mask.shape
+    return (slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, height)),
+            slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, width)))
+
+
+def close_and_fill(mask: torch.Tensor, kernel: int = 21) -> torch.Tensor:
+    """``fill_holes(closing(mask, kernel))``, computed on the mask's bounding box plus ``kernel`` pixels.
+
+    Exact, not an approximation: the closing's dilation reaches k//2 past the box and its erosion reads
+    k//2 further (2 * (k//2) < kernel, so the crop's edge, treated like the image's, is never read where
+    it matters), and the one background ring left around the closed mask connects every crop-edge
+    background region to the image border, as the outside does in the full image. Saves most of the
+    cost at 512 px when the edit is a small part of the image.
+    """
+    _check_kernel(kernel, "closing kernel")
+    out = torch.zeros_like(mask, dtype=torch.bool)
+    box = _bounding_box(mask, margin=kernel)
+    if box is not None:
+        out[box] = fill_holes(closing(mask[box], kernel))
+    return out
 
 
 def lowpass_mask(
@@ -173,7 +202,7 @@ def fft_edge_smooth(
     check_same_size(tuple(orig.shape[:2]), refined_mask=m_f)
     m_d = dilate(m_f, dilation_kernel, dilation_iterations)
     magnitude = difference_magnitude(orig, edit, m_d, d0, reference_size)
-    final = fill_holes(closing((magnitude > threshold) | m_f, closing_kernel))
+    final = close_and_fill((magnitude > threshold) | m_f, closing_kernel)
     if clip_to_dilation:
         final = final & m_d
     return EdgeSmoothResult(final_mask=final, dilated_mask=m_d, difference=magnitude)

@@ -6,9 +6,11 @@ import os
 
 from comfy_api.latest import ComfyExtension, io
 
-from .inversion import DDIMInvert, ReferenceFeatures
+from .attention_maps import AttentionMapRecorder, WordAttentionMap
+from .baret import BaretEditSampler, NullTextInversion, TargetTextInversion
+from .inversion import DDIMInvert, InvertSourceAndReference, ReferenceFeatures
 from .probe import AttentionProbe, ProbeReport
-from .specref import SpecRefEditSampler
+from .specref import ApplySRAttention, SpecRefEditSampler
 from .zone import FFTEdgeSmooth, InstructionAction, IP2PEditMask, RegionIoURefine, SAMLoader
 
 SAM_FOLDER = "sams"
@@ -26,7 +28,9 @@ def register_model_folders() -> None:
 
 
 NODES: list[type[io.ComfyNode]] = [AttentionProbe, ProbeReport, DDIMInvert, ReferenceFeatures, IP2PEditMask,
-                                   InstructionAction, SAMLoader, RegionIoURefine, FFTEdgeSmooth, SpecRefEditSampler]
+                                   InstructionAction, SAMLoader, RegionIoURefine, FFTEdgeSmooth, SpecRefEditSampler,
+                                   TargetTextInversion, NullTextInversion, BaretEditSampler, InvertSourceAndReference,
+                                   ApplySRAttention, AttentionMapRecorder, WordAttentionMap]
 
 
 class RealEditExtension(ComfyExtension):

@@ -1,14 +1,15 @@
-"""RealEdit SpecRef Edit Sampler: SpecRef's edit stage (P2P two-path sampler + SR-attention) as one node.
+"""RealEdit SpecRef Edit Sampler: SpecRef's edit stage (P2P two-path sampler + SR-attention) as one node;
+RealEdit Apply SR-Attention: SR-attention alone, as a MODEL patch for ComfyUI's own samplers.
 
-The node encodes the source and target prompts itself with the CLIP, so that words (target word for
+The edit sampler encodes the source and target prompts itself with the CLIP, so that words (target word for
 M_t, LocalBlend words, reweighted words) map to the exact token positions ComfyUI's tokenizer gives
 them (prompt weighting syntax such as ``(cat:1.2)`` is parsed away by that tokenizer).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,8 @@ from comfy_api.latest import io, ui
 
 from ..attention.local_blend import LocalBlend
 from ..attention.p2p import Refine, Replace, Reweight
-from ..attention.settings import P2PSettings, SpecRefSettings
-from ..attention.specref import SpecRefControls, SpecRefError
+from ..attention.settings import P2PSettings, SpecRefSettings, describe
+from ..attention.specref import SpecRefControls, SpecRefError, SRStats
 from ..attention.tokens import (
     Token,
     Tokenizer,
@@ -29,13 +30,13 @@ from ..attention.tokens import (
     word_units,
 )
 from ..hosts.comfy_edit import specref_edit
-from ..hosts.comfy_sampling import model_fingerprint
-from ..inversion.bank import ReferenceFeatures as ReferenceFeaturesData
+from ..hosts.comfy_sr import apply_sr_attention, check_stored_features
 from .common import Inversion, RefFeatures, progress
 
 CATEGORY = "RealEdit/specref"
 EDIT_MODES = ("auto", "replace", "refine", "reweight", "none")
 LATENT_SCALE = 8  # VAE downscale of SD1.x / SD2.x / SDXL
+log = logging.getLogger("realedit")
 
 
 # -- words and tokens ------------------------------------------------------------------------------------
@@ -123,16 +124,6 @@ def encode(clip: object, text: str) -> list:
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-def check_reference(model: object, inversion: object, ref: ReferenceFeaturesData) -> None:
-    """Refuse REF_FEATURES made on another model, with another step count or schedule."""
-    if not isinstance(ref, ReferenceFeaturesData):
-        raise SpecRefError("RealEdit: the ref_features input is not a RealEdit Reference Features output.")
-    ref.inversion.check_compatible(model_fingerprint(model), inversion.steps, what="REF_FEATURES")
-    if not torch.allclose(ref.inversion.sigmas, inversion.sigmas):
-        raise SpecRefError("RealEdit: the REF_FEATURES and the source INVERSION use different schedules; use "
-                           "the same scheduler on RealEdit DDIM Invert and RealEdit Reference Features.")
-
-
 class SpecRefEditSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -149,7 +140,8 @@ class SpecRefEditSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model the INVERSION (and REF_FEATURES) were made with."),
                 io.Clip.Input("clip", tooltip="Encodes both prompts and looks their words up."),
-                Inversion.Input("inversion", tooltip="From RealEdit DDIM Invert on the source photo."),
+                Inversion.Input("inversion", tooltip="From RealEdit DDIM Invert on the source photo, or RealEdit "
+                                "Null-Text Inversion (its per-step unconditional embeddings are then used)."),
                 io.String.Input("source_text", multiline=True, default="a photo of a cat",
                                 tooltip="The source caption (what the inversion used)."),
                 io.String.Input("target_text", multiline=True, default="a photo of a tiger",
@@ -223,29 +215,91 @@ class SpecRefEditSampler(io.ComfyNode):
             target_positions=positions, ref_mask=reference_mask if ref_features is not None else None,
         )
 
-        kwargs: dict = {}
-        if ref_features is not None:
-            check_reference(model, inversion, ref_features)
-            if ref_features.mode == "live":
-                kwargs.update(reference=ref_features.inversion, reference_cond=ref_features.conditioning,
-                              live_window=_fixed_window(ref_features))
-            else:
-                kwargs.update(bank=ref_features.bank)
-
         step = progress(inversion.steps)
         result = specref_edit(model, inversion, encode(clip, source_text), encode(clip, target_text), negative,
-                              cfg=cfg, controls=controls, steps=steps, callback=lambda info: step(info.step),
-                              **kwargs)
+                              cfg=cfg, controls=controls, ref_features=ref_features, steps=steps,
+                              callback=lambda info: step(info.step))
         hw = tuple(result.latent.shape[-2:])
-        stats = result.stats
-        text = (f"RealEdit SpecRef: edit mode {mode}; SR-attention applied in {stats.applied} calls "
-                f"(skipped: {stats.empty_mt} empty M_t, {stats.missing_reference} without reference K/V)")
+        text = f"RealEdit SpecRef: edit mode {mode}; " + sr_report(result.stats)
         return io.NodeOutput({"samples": result.latent}, {"samples": result.reconstruction},
                              image_mask(result.mt_mask, hw), image_mask(result.blend_mask, hw),
                              ui=ui.PreviewText(text))
 
 
-def _fixed_window(ref: ReferenceFeaturesData) -> SimpleNamespace:
-    """A BankSettings stand-in selecting exactly the layers and steps the live REF_FEATURES chose."""
-    return SimpleNamespace(layers=SimpleNamespace(select=lambda _layers: list(ref.layers)),
-                           steps=SimpleNamespace(select=lambda _total: ref.steps), mode="live")
+def sr_report(stats: SRStats) -> str:
+    """What SR-attention did, with the documented fallback spelled out when M_t stayed empty."""
+    text = (f"SR-attention applied in {stats.applied} calls (skipped: {stats.empty_mt} empty M_t, "
+            f"{stats.missing_reference} without reference K/V)")
+    if stats.empty_mt and not stats.applied:
+        text += (". M_t was empty at every SR-attention call (the target word's map never exceeded mt_threshold): "
+                 "the reference was not used; lower mt_threshold or choose another target word")
+        log.warning("RealEdit: %s", text)
+    if stats.fallback_queries:
+        text += (f"; {stats.fallback_queries} queries found no reference key inside the reference mask and kept "
+                 "their own attention")
+    return text
+
+
+class ApplySRAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        defaults = SpecRefSettings()
+        return io.Schema(
+            node_id="RealEditApplySRAttention",
+            display_name="RealEdit Apply SR-Attention",
+            category=CATEGORY,
+            description=(
+                "SpecRef's SR-attention (Eq. 2-3) for ComfyUI's own samplers: a clone of the MODEL whose "
+                "conditional rows attend to the reference's stored K/V inside the reference mask (M_s), where "
+                "the target word attends (M_t, its cross-attention map in the same run, running mean since the "
+                "first step). Sample with the steps and scheduler of RealEdit Reference Features (denoise 1, or "
+                "KSamplerAdvanced start/end steps of that schedule); e.g. from the source's z_T with noise "
+                "disabled for a one-path edit, or from noise."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the REF_FEATURES were made with (the clone is returned; "
+                               "this one stays unpatched)."),
+                io.Clip.Input("clip", tooltip="Looks the target words up in the target prompt."),
+                RefFeatures.Input("ref_features", tooltip="From RealEdit Reference Features, mode 'stored'."),
+                io.String.Input("target_text", multiline=True, default="a photo of a tiger",
+                                tooltip="The positive prompt your sampler uses (the words are looked up in it)."),
+                io.String.Input("target_words", default="tiger",
+                                tooltip="Word(s) of the target prompt whose attention map gives M_t, comma "
+                                        "separated (empty: give a target_mask instead)."),
+                io.Float.Input("mt_threshold", default=defaults.mt_threshold, min=0.0, max=1.0, step=0.01,
+                               tooltip=describe(SpecRefSettings, "mt_threshold")),
+                io.Float.Input("ms_threshold", default=defaults.ms_threshold, min=0.0, max=1.0, step=0.01,
+                               tooltip=describe(SpecRefSettings, "ms_threshold")),
+                io.Boolean.Input("include_uncond", default=False,
+                                 tooltip="Also apply SR-attention to the unconditional rows (the official code's "
+                                         "option); their M_t is the conditional row's."),
+                io.Mask.Input("reference_mask", optional=True,
+                              tooltip="M_s: the reference object in the reference photo (none = all of it)."),
+                io.Mask.Input("target_mask", optional=True,
+                              tooltip="A fixed M_t (where to put the reference object) instead of the word's map."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The patched clone: use it in any sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, ref_features, target_text, target_words, mt_threshold, ms_threshold,
+                include_uncond, reference_mask=None, target_mask=None) -> io.NodeOutput:
+        check_stored_features(model, ref_features)
+        words = split_words(target_words)
+        positions = None
+        if words:
+            tokenize = clip_tokenizer(clip)
+            check_prompt_length(f"the target prompt {target_text!r}", tokenize(target_text))
+            positions = word_token_indices(target_text, words, tokenize)
+        elif target_mask is None:
+            raise SpecRefError("RealEdit Apply SR-Attention needs target_words (word(s) of the target prompt naming "
+                               "the object to copy) or a target_mask.")
+        controls = SpecRefControls(settings=SpecRefSettings(mt_threshold=mt_threshold, ms_threshold=ms_threshold),
+                                   target_positions=positions, target_mask=target_mask, ref_mask=reference_mask,
+                                   sr_uncond=include_uncond)
+        patched, _ = apply_sr_attention(model, ref_features, controls)
+        source = f"the words {words} at tokens {positions}" if words else "the target_mask"
+        text = (f"RealEdit SR-attention: layers {sorted(ref_features.bank.layers)}, edit steps "
+                f"{ref_features.steps.start}-{ref_features.steps.stop - 1} of {ref_features.total_steps}; M_t from "
+                f"{source}. Sample with {ref_features.total_steps} steps of the reference's scheduler.")
+        return io.NodeOutput(patched, ui=ui.PreviewText(text))

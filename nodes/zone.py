@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
-from ..hosts.comfy_ip2p import check_ip2p_model, ip2p_edit
-from ..masks.actions import OVERRIDE_CHOICES, action_tooltip, classify_action
-from ..masks.composite import as_image_hwc, as_mask_hw, composite
-from ..masks.fft_smooth import fft_edge_smooth
+from ..hosts.comfy_ip2p import check_fusion_partner, check_ip2p_model, ip2p_edit
+from ..masks.actions import ACTIONS, DEFAULT_ACTION, OVERRIDE_CHOICES, action_tooltip, classify_action
+from ..masks.composite import as_image_hwc, as_mask_hw
+from ..masks.fusion import AUTO_BETA, fusion_beta
 from ..masks.ip2p_mask import IP2PMaskRecorder
+from ..masks.pipeline import smooth_and_composite
 from ..masks.region_iou import FALLBACKS, as_segments, region_iou
 from ..masks.sam_auto import SamSettings, load_sam, sam_segments
 from ..masks.settings import ZONE_DEFAULTS, origin
@@ -38,23 +39,52 @@ def _mask_out(mask: torch.Tensor) -> torch.Tensor:
     return mask.float().clamp(0, 1)[None].cpu()
 
 
+def _schema(node_id: str, display_name: str, description: str, inputs: list, outputs: list) -> io.Schema:
+    """A ZONE node's schema (one category for all)."""
+    return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                     inputs=inputs, outputs=outputs)
+
+
+def _image_pair_inputs(original_tooltip: str) -> list:
+    """The 'original' and 'edited' IMAGE inputs of Region-IoU and the smoother, in that order."""
+    return [io.Image.Input("original", tooltip=original_tooltip),
+            io.Image.Input("edited", tooltip="The edited image I_sty (VAE Decode of the edit), same size.")]
+
+
+def _image_pair(original: torch.Tensor, edited: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (H, W, C) original and edited images, refused with a clear message unless they have one size."""
+    orig = as_image_hwc(original, "original")
+    edit = as_image_hwc(edited, "edited")
+    if orig.shape != edit.shape:
+        raise ValueError(f"RealEdit {node}: 'original' is {tuple(orig.shape)} but 'edited' is {tuple(edit.shape)} "
+                         "(H, W, C); decode the edit at the photo's size.")
+    return orig, edit
+
+
+def _action(action: str | None) -> str:
+    """The 'action' input (from RealEdit Instruction Action), validated; unconnected means 'change'."""
+    name = str(action if action is not None else DEFAULT_ACTION).strip().lower()
+    if name not in ACTIONS:
+        raise ValueError(f"RealEdit: the 'action' input is {action!r}; expected one of {', '.join(ACTIONS)} "
+                         "(connect RealEdit Instruction Action's output, or leave it unconnected for 'change').")
+    return name
+
+
 class IP2PEditMask(io.ComfyNode):
-    """IP2P three-way guidance with capture of the empty-text cross-attention (Sec. 4.2, Eq. 3-4)."""
+    """IP2P three-way guidance with capture of the empty-text cross-attention (Sec. 4.2, Eq. 3-5)."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="RealEditIP2PEditMask",
-            display_name="RealEdit IP2P Edit Mask",
-            category=CATEGORY,
-            description=(
-                "ZONE Sec. 4.2: samples the InstructPix2Pix edit of the photo (three-way guidance as ComfyUI's "
-                "DualCFG: text and image guidance) while recording the cross-attention of the two empty-text "
-                "branches in the encoder and decoder layers of at most 32x32 tokens (at 512 px), averaged over "
-                "steps, heads and layers. Rough mask M_b = (A^1 - A^L) < T (Eq. 4), maps scaled to [0, 1]."
-            ),
+        return _schema(
+            "RealEditIP2PEditMask", "RealEdit IP2P Edit Mask",
+            "ZONE Sec. 4.2: samples the InstructPix2Pix edit of the photo (three-way guidance as ComfyUI's "
+            "DualCFG: text and image guidance) while recording the cross-attention of the two empty-text "
+            "branches in the encoder and decoder layers of at most 32x32 tokens (at 512 px), averaged over "
+            "steps, heads and layers. Rough mask M_b = (A^1 - A^L) < T (Eq. 4), maps scaled to [0, 1]. "
+            "Optional second model (MagicBrush): fused after every step, Eq. 5.",
             inputs=[
-                io.Model.Input("model", tooltip="An InstructPix2Pix model (8 input channels); others are refused."),
+                io.Model.Input("model", tooltip="An InstructPix2Pix model (8 input channels); others are refused. "
+                               "M_b is read from this model's attention."),
                 io.Vae.Input("vae", tooltip="Encodes the photo for the image conditioning."),
                 io.Image.Input("image", tooltip="The photo (one image; sides a multiple of 8)."),
                 io.Conditioning.Input("positive",
@@ -71,8 +101,19 @@ class IP2PEditMask(io.ComfyNode):
                 io.Float.Input("threshold", default=round(ZONE_DEFAULTS.mask_threshold, 4), min=-1.0, max=1.0,
                                step=0.005, tooltip=_tip("T of Eq. 4 in [0, 1] units: M_b = A^1 - A^L < T.",
                                                         "mask_threshold")),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler"),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                               tooltip="Eq. 5 fuses the two models exactly with first-order samplers (euler, "
+                                       "euler_ancestral, ddim); others fuse every model evaluation."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal"),
+                io.Model.Input("second_model", optional=True,
+                               tooltip="Optional MagicBrush (or any InstructPix2Pix finetune of the same base): "
+                                       "after every step z = (z_ip2p + beta z_second) / (1 + beta) (ZONE Eq. 5). "
+                                       "Both models step from the fused latent."),
+                io.String.Input("action", default=DEFAULT_ACTION, force_input=True, optional=True,
+                                tooltip="From RealEdit Instruction Action: sets Eq. 5's beta (unconnected: change)."),
+                io.Float.Input("beta", default=AUTO_BETA, min=AUTO_BETA, max=10.0, step=0.01, optional=True,
+                               tooltip=f"Eq. 5's weight of the second model. -1 (auto): {origin('beta_remove')}; "
+                                       f"{origin('beta_other')}. 0 or more: use this value."),
             ],
             outputs=[
                 io.Latent.Output(display_name="edited", tooltip="The globally edited latent (I_sty after VAE Decode)."),
@@ -83,8 +124,11 @@ class IP2PEditMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, image, positive, negative, seed, steps, text_guidance, image_guidance, threshold,
-                sampler_name, scheduler) -> io.NodeOutput:
+                sampler_name, scheduler, second_model=None, action=DEFAULT_ACTION, beta=AUTO_BETA) -> io.NodeOutput:
         check_ip2p_model(model)
+        beta = fusion_beta(_action(action), beta)
+        if second_model is not None:
+            check_fusion_partner(model, second_model)
         pixels = as_image_hwc(image, "image")
         height, width = pixels.shape[:2]
         if height % 8 or width % 8:
@@ -96,11 +140,15 @@ class IP2PEditMask(io.ComfyNode):
         recorder = IP2PMaskRecorder()
         edited = ip2p_edit(model, photo_latent, positive, negative, steps=steps, text_cfg=text_guidance,
                            image_cfg=image_guidance, seed=seed, sampler_name=sampler_name, scheduler=scheduler,
-                           hook=recorder, callback=progress(steps))
+                           hook=recorder, callback=progress(steps), second_model=second_model, beta=beta)
         rough = recorder.rough_mask((height, width), threshold)
         if not bool(rough.mask.any()):
-            log.warning("RealEdit IP2P Edit Mask: M_b is empty at T=%.3f; raise the threshold.", threshold)
-        return io.NodeOutput({"samples": edited}, _mask_out(rough.mask), _mask_out(rough.difference))
+            log.warning("RealEdit IP2P Edit Mask: M_b is empty at T=%.3f (nothing localised); raise the threshold. "
+                        "Region-IoU's 'rough' fallback then keeps the original image unchanged.", threshold)
+        fusion = f"fused with the second model, beta {beta:g}" if second_model is not None and beta > 0 else "one model"
+        summary = f"M_b covers {float(rough.mask.float().mean()):.1%} of the image; {fusion}"
+        return io.NodeOutput({"samples": edited}, _mask_out(rough.mask), _mask_out(rough.difference),
+                             ui=ui.PreviewText(summary))
 
 
 class InstructionAction(io.ComfyNode):
@@ -108,12 +156,10 @@ class InstructionAction(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="RealEditInstructionAction",
-            display_name="RealEdit Instruction Action",
-            category=CATEGORY,
-            description="The edit's action from the instruction's verbs (rules replacing ZONE's classifier); "
-                        "'remove' makes Region-IoU segment the original photo.",
+        return _schema(
+            "RealEditInstructionAction", "RealEdit Instruction Action",
+            "The edit's action from the instruction's verbs (rules replacing ZONE's classifier); 'remove' makes "
+            "Region-IoU segment the original photo and sets Eq. 5's fusion weight to 0.2.",
             inputs=[
                 io.String.Input("instruction", multiline=True, default="make his tie blue", tooltip=action_tooltip()),
                 io.Combo.Input("override", options=list(OVERRIDE_CHOICES), default="auto",
@@ -141,14 +187,11 @@ class SAMLoader(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="RealEditSAMLoader",
-            display_name="RealEdit SAM Loader",
-            category=CATEGORY,
-            description="Segment Anything for Region-IoU. Put the official checkpoints ("
-                        + ", ".join(EXPECTED_SAM_FILES) + ") or .safetensors conversions with vit_h/vit_l/vit_b "
-                        "in the name into models/sams. "
-                        "Loaded as plain tensors (weights_only / safetensors): no code in the file runs.",
+        return _schema(
+            "RealEditSAMLoader", "RealEdit SAM Loader",
+            "Segment Anything for Region-IoU. Put the official checkpoints (" + ", ".join(EXPECTED_SAM_FILES)
+            + ") or .safetensors conversions with vit_h/vit_l/vit_b in the name into models/sams. "
+            "Loaded as plain tensors (weights_only / safetensors): no code in the file runs.",
             inputs=[
                 io.Combo.Input("sam_name", options=_sam_files() or [NO_SAM_FILE],
                                tooltip="A file in models/sams (or an extra_model_paths.yaml 'sams' folder)."),
@@ -194,41 +237,60 @@ def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(mask.float()[None, None], size=size, mode="bilinear", align_corners=False)[0, 0] > 0.5
 
 
+def _sam_setting_inputs() -> list:
+    """SamAutomaticMaskGenerator's four quality settings, segment-anything's defaults (METHODS.md)."""
+    def setting(name: str, field: str, text: str) -> io.Float.Input:
+        return io.Float.Input(name, default=getattr(ZONE_DEFAULTS, field), min=0.0, max=1.0, step=0.01,
+                              tooltip=_tip(text, field))
+
+    return [
+        io.Int.Input("points_per_side", default=ZONE_DEFAULTS.sam_points_per_side, min=1, max=128,
+                     tooltip=_tip("SAM grid of point prompts.", "sam_points_per_side")),
+        setting("pred_iou_thresh", "sam_pred_iou_thresh", "SAM's predicted-IoU filter."),
+        setting("stability_score_thresh", "sam_stability_score_thresh", "SAM's stability filter."),
+        setting("box_nms_thresh", "sam_box_nms_thresh", "SAM's box NMS IoU."),
+    ]
+
+
+def _candidate_segments(target: torch.Tensor, size: tuple[int, int], sam, segments,
+                        settings: SamSettings) -> torch.Tensor:
+    """(N, H, W) bool candidates at ``size``: the 'segments' batch when connected, else SAM's automatic masks of
+    ``target`` (N may be 0)."""
+    if segments is not None:
+        candidates = as_segments(segments)
+    elif sam is not None:
+        candidates = sam_segments(sam, target, settings)
+    else:
+        raise ValueError("RealEdit Region-IoU: connect a SAM model ('sam') or a MASK batch of candidate "
+                         "segments ('segments').")
+    if not len(candidates):
+        return torch.zeros(0, *size, dtype=torch.bool)
+    return torch.stack([_resize_mask(s, size) for s in candidates])
+
+
 class RegionIoURefine(io.ComfyNode):
     """Eq. 6: the segment with the highest IoU against M_b becomes the refined mask M_f."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="RealEditRegionIoURefine",
-            display_name="RealEdit Region-IoU Refine",
-            category=CATEGORY,
-            description=(
-                "ZONE Sec. 4.3, Eq. 6: segments the edited image with SAM's automatic masks (the original for "
-                "'remove'), or takes candidate segments from any segmenter on 'segments', and picks the one "
-                "with the highest IoU against the rough mask M_b."
-            ),
+        return _schema(
+            "RealEditRegionIoURefine", "RealEdit Region-IoU Refine",
+            "ZONE Sec. 4.3, Eq. 6: segments the edited image with SAM's automatic masks (the original for "
+            "'remove'), or takes candidate segments from any segmenter on 'segments', and picks the one "
+            "with the highest IoU against the rough mask M_b.",
             inputs=[
+                *_image_pair_inputs("The original photo (segmented instead for 'remove')."),
                 io.Mask.Input("rough_mask", tooltip="M_b from RealEdit IP2P Edit Mask."),
-                io.Image.Input("edited", tooltip="The edited image I_sty (VAE Decode of the edit)."),
-                io.Image.Input("original", tooltip="The original photo (segmented instead for 'remove')."),
-                io.String.Input("action", default="change", force_input=True, optional=True,
+                io.String.Input("action", default=DEFAULT_ACTION, force_input=True, optional=True,
                                 tooltip="From RealEdit Instruction Action; 'remove' segments the original."),
                 SamModel.Input("sam", optional=True,
                                tooltip="RealEdit SAM Loader (needed unless 'segments' is connected)."),
                 io.Mask.Input("segments", optional=True,
                               tooltip="A MASK batch of candidate segments from any segmenter; replaces SAM."),
                 io.Combo.Input("fallback", options=list(FALLBACKS), default="error",
-                               tooltip="error: stop when M_b is empty or no segment overlaps it; rough: use M_b."),
-                io.Int.Input("points_per_side", default=ZONE_DEFAULTS.sam_points_per_side, min=1, max=128,
-                             tooltip=_tip("SAM grid of point prompts.", "sam_points_per_side")),
-                io.Float.Input("pred_iou_thresh", default=ZONE_DEFAULTS.sam_pred_iou_thresh, min=0.0, max=1.0,
-                               step=0.01, tooltip=_tip("SAM's predicted-IoU filter.", "sam_pred_iou_thresh")),
-                io.Float.Input("stability_score_thresh", default=ZONE_DEFAULTS.sam_stability_score_thresh, min=0.0,
-                               max=1.0, step=0.01,
-                               tooltip=_tip("SAM's stability filter.", "sam_stability_score_thresh")),
-                io.Float.Input("box_nms_thresh", default=ZONE_DEFAULTS.sam_box_nms_thresh, min=0.0, max=1.0,
-                               step=0.01, tooltip=_tip("SAM's box NMS IoU.", "sam_box_nms_thresh")),
+                               tooltip="error: stop when M_b is empty or no segment overlaps it; rough: use M_b "
+                                       "(an empty M_b then leaves the photo unchanged), with a warning."),
+                *_sam_setting_inputs(),
             ],
             outputs=[
                 io.Mask.Output(display_name="refined_mask", tooltip="M_f (Eq. 6) at the image size."),
@@ -238,27 +300,18 @@ class RegionIoURefine(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, rough_mask, edited, original, fallback, points_per_side, pred_iou_thresh, stability_score_thresh,
-                box_nms_thresh, action="change", sam=None, segments=None) -> io.NodeOutput:
-        edit = as_image_hwc(edited, "edited")
-        orig = as_image_hwc(original, "original")
-        if edit.shape != orig.shape:
-            raise ValueError(f"RealEdit Region-IoU: 'edited' is {tuple(edit.shape)} but 'original' is "
-                             f"{tuple(orig.shape)} (H, W, C); they must match.")
+    def execute(cls, original, edited, rough_mask, fallback, points_per_side, pred_iou_thresh, stability_score_thresh,
+                box_nms_thresh, action=DEFAULT_ACTION, sam=None, segments=None) -> io.NodeOutput:
+        orig, edit = _image_pair(original, edited, "Region-IoU")
         size = tuple(edit.shape[:2])
-        if segments is not None:
-            candidates = as_segments(segments)
-        elif sam is not None:
-            target = orig if str(action).strip().lower() == "remove" else edit
-            settings = SamSettings(points_per_side, pred_iou_thresh, stability_score_thresh, box_nms_thresh)
-            candidates = sam_segments(sam, target, settings)
-        else:
-            raise ValueError("RealEdit Region-IoU: connect a SAM model ('sam') or a MASK batch of candidate "
-                             "segments ('segments').")
-        candidates = torch.stack([_resize_mask(s, size) for s in candidates]) if len(candidates) else (
-            torch.zeros(0, *size, dtype=torch.bool))
+        target = orig if _action(action) == "remove" else edit
+        settings = SamSettings(points_per_side, pred_iou_thresh, stability_score_thresh, box_nms_thresh)
+        candidates = _candidate_segments(target, size, sam, segments, settings)
         rough = _resize_mask(as_mask_hw(rough_mask, "rough_mask"), size)
         result = region_iou(rough, candidates, fallback=fallback)
+        if result.fallback_used:
+            log.warning("RealEdit Region-IoU: %s; using M_b itself as the refined mask (fallback 'rough').",
+                        "M_b is empty" if not bool(rough.any()) else "no segment overlaps M_b")
         preview = candidates.float() if len(candidates) else torch.zeros(1, *size)
         return io.NodeOutput(_mask_out(result.mask), float(result.iou), preview,
                              ui=ui.PreviewText(f"segment {result.index} of {len(candidates)}, IoU {result.iou:.3f}"))
@@ -269,18 +322,13 @@ class FFTEdgeSmooth(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="RealEditFFTEdgeSmooth",
-            display_name="RealEdit FFT Edge Smooth",
-            category=CATEGORY,
-            description=(
-                "ZONE Sec. 4.4, Eq. 7-8: dilates M_f, low-pass FFT difference of edited and original inside it, "
-                "threshold, closing and hole filling -> M_f*; composite = edited inside M_f, a blend on M_f* "
-                "minus M_f, the original's pixels everywhere else (bit-identical)."
-            ),
+        return _schema(
+            "RealEditFFTEdgeSmooth", "RealEdit FFT Edge Smooth",
+            "ZONE Sec. 4.4, Eq. 7-8: dilates M_f, low-pass FFT difference of edited and original inside it, "
+            "threshold, closing and hole filling -> M_f*; composite = edited inside M_f, a blend on M_f* "
+            "minus M_f, the original's pixels everywhere else (bit-identical).",
             inputs=[
-                io.Image.Input("original", tooltip="The original photo I_G."),
-                io.Image.Input("edited", tooltip="The edited image I_sty, same size."),
+                *_image_pair_inputs("The original photo I_G (its pixels are kept outside M_f*)."),
                 io.Mask.Input("refined_mask", tooltip="M_f from RealEdit Region-IoU Refine."),
                 io.Float.Input("d0", default=ZONE_DEFAULTS.fft_d0, min=1.0, max=4096.0, step=1.0,
                                tooltip=_tip("Low-pass radius at 512 px (scaled with the image size).", "fft_d0")),
@@ -297,17 +345,12 @@ class FFTEdgeSmooth(io.ComfyNode):
 
     @classmethod
     def execute(cls, original, edited, refined_mask, d0, threshold, blend) -> io.NodeOutput:
-        orig = as_image_hwc(original, "original")
-        edit = as_image_hwc(edited, "edited")
-        if orig.shape != edit.shape:
-            raise ValueError(f"RealEdit FFT Edge Smooth: 'original' is {tuple(orig.shape)} but 'edited' is "
-                             f"{tuple(edit.shape)} (H, W, C); decode the edit at the photo's size.")
+        orig, _ = _image_pair(original, edited, "FFT Edge Smooth")
         m_f = _resize_mask(as_mask_hw(refined_mask, "refined_mask"), tuple(orig.shape[:2]))
-        result = fft_edge_smooth(orig, edit, m_f, d0=d0, threshold=threshold)
-        image = composite(original, edited.to(original.dtype), m_f, result.final_mask, alpha=blend)
+        smoothed, image = smooth_and_composite(original, edited, m_f, d0=d0, threshold=threshold, blend=blend)
         if image.ndim == 3:
             image = image[None]
-        return io.NodeOutput(_mask_out(result.final_mask), image)
+        return io.NodeOutput(_mask_out(smoothed.final_mask), image)
 
 
 ZONE_NODES: list[type[io.ComfyNode]] = [IP2PEditMask, InstructionAction, SAMLoader, RegionIoURefine, FFTEdgeSmooth]

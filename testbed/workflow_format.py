@@ -1,8 +1,11 @@
 """Convert between ComfyUI's API workflow format and its UI (graph) format.
 
-Only what this pack's workflows use: every input is a link or a widget value (no widgets converted
-to sockets), one output slot per link. Node classes are read the way the front end reads
-``/object_info``: ``INPUT_TYPES()`` order gives the widget order, ``RETURN_TYPES`` the outputs.
+Only what this pack's workflows use: every input is a link or a widget value, one output slot per link.
+A widget fed by a link (e.g. a String primitive typed once feeding CLIP Text Encode's ``text`` and
+Instruction Action's ``instruction``) is a socket input with ``"widget": {"name": ...}``, as the front
+end saves it, and keeps a slot in ``widgets_values`` (its default), which the API side skips. Node
+classes are read the way the front end reads ``/object_info``: ``INPUT_TYPES()`` order gives the widget
+order, ``RETURN_TYPES`` the outputs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,26 @@ def _inputs(node_class: type) -> list[tuple[str, str, dict]]:
 
 def _is_widget(kind: str, options: dict) -> bool:
     return kind in WIDGET_TYPES and not options.get("forceInput")
+
+
+def _widget_values(value: Any, options: dict) -> list[Any]:
+    """A widget's entries in ``widgets_values``: its value, then the extra control values the front end adds."""
+    extras = ["fixed"] if options.get("control_after_generate") else []
+    return [value, *extras, *(["image"] if options.get("image_upload") else [])]
+
+
+def _absent_widget_value(node_id: str, class_type: str, name: str, options: dict) -> Any:
+    """The value a widget the API twin leaves out shows (and queues): its default, as on a freshly added node.
+
+    The front end sends every widget's value to ``/prompt``, so such a UI file queues this default
+    where the twin has nothing (``tests/test_workflows.py`` then names the input to add to the twin).
+    Writing ``null`` instead would queue ``null``, which ComfyUI rejects for numbers and turns into
+    the string ``"None"`` for text.
+    """
+    if "default" not in options:
+        raise ValueError(f"node {node_id} ({class_type}): widget input {name!r} has no value in the API workflow "
+                         "and no default; add it to the workflow")
+    return options["default"]
 
 
 def _output_names(node_class: type) -> list[str]:
@@ -62,16 +85,22 @@ def api_to_ui(workflow: Mapping[str, Mapping[str, Any]], classes: Mapping[str, t
         ui_inputs, widgets = [], []
         for name, kind, options in _inputs(node_class):
             value = node["inputs"].get(name)
+            linked = isinstance(value, list)
             if _is_widget(kind, options):
-                widgets.append(value)
-                if options.get("control_after_generate"):
-                    widgets.append("fixed")
-                if options.get("image_upload"):
-                    widgets.append("image")
-            elif value is not None or name in node["inputs"]:
+                if linked:
+                    shown = options.get("default", "" if kind == "STRING" else None)
+                elif name in node["inputs"]:
+                    shown = value
+                else:
+                    shown = _absent_widget_value(node_id, node["class_type"], name, options)
+                widgets.extend(_widget_values(shown, options))
+            if linked:
                 link_id = len(links) + 1
                 links.append([link_id, int(value[0]), int(value[1]), int(node_id), len(ui_inputs), kind])
-                ui_inputs.append({"name": name, "type": kind, "link": link_id})
+                ui_input = {"name": name, "type": kind, "link": link_id}
+                if _is_widget(kind, options):
+                    ui_input["widget"] = {"name": name}
+                ui_inputs.append(ui_input)
         types = [str(t) for t in node_class.RETURN_TYPES]
         ui_nodes[node_id] = {
             "id": int(node_id), "type": node["class_type"], "pos": [column * COLUMN_WIDTH, row * ROW_HEIGHT],
@@ -99,12 +128,14 @@ def ui_to_api(ui: Mapping[str, Any], classes: Mapping[str, type]) -> dict[str, d
         linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
         inputs: dict[str, Any] = {}
         for name, kind, options in _inputs(node_class):
+            has_value = _is_widget(kind, options) and bool(widgets)
+            if has_value:  # a linked widget keeps its slot in widgets_values: consume it either way
+                value = widgets.pop(0)
+                del widgets[:len(_widget_values(value, options)) - 1]
             if name in linked:
                 origin, slot = link_origin[linked[name]]
                 inputs[name] = [origin, slot]
-            elif _is_widget(kind, options) and widgets:
-                inputs[name] = widgets.pop(0)
-                if options.get("control_after_generate") or options.get("image_upload"):
-                    widgets.pop(0)
+            elif has_value:
+                inputs[name] = value
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return api

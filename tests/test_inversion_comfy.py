@@ -123,3 +123,42 @@ def test_bad_inputs_get_clear_errors(env):
         sampling.ddim_invert(make("sd1"), bad, cond, steps=3)
     with pytest.raises(ValueError, match="negative CONDITIONING"):
         sampling.ddim_invert(make("sd1"), _latent(), cond, steps=3, guidance=3.0)
+
+
+def test_wrong_latent_channels_and_inf_are_named(env):
+    sampling, make, helpers = env
+    cond = helpers.conditioning("sd1", 1)
+    with pytest.raises(ValueError, match="LATENT has 16 channels but the MODEL expects 4.*this model's VAE"):
+        sampling.ddim_invert(make("sd1"), torch.zeros(1, 16, 16, 16), cond, steps=3)  # e.g. an SD3/Flux latent
+    with pytest.raises(ValueError, match="LATENT has 4 channels but the MODEL expects 8.*InstructPix2Pix"):
+        sampling.ddim_invert(make("ip2p"), _latent(), cond, steps=3)  # IP2P without its image concat
+    bad = _latent()
+    bad[0, 3, 5, 5] = float("-inf")
+    with pytest.raises(ValueError, match="NaN or inf.*re-encode"):
+        sampling.ddim_invert(make("sd1"), bad, cond, steps=3)
+
+
+def test_inversion_from_another_model_or_step_count_is_refused(env):
+    sampling, make, helpers = env
+    model = make("sd1")
+    inv = sampling.ddim_invert(model, _latent(), helpers.conditioning("sd1", 1), steps=4)
+    inv.check_compatible(sampling.model_fingerprint(model.clone()), 4)  # a clone (attention patches) is the same
+    with pytest.raises(ValueError, match="INVERSION was made with 4 steps but this node uses 5; set the same steps"):
+        inv.check_compatible(sampling.model_fingerprint(model), 5)
+    with pytest.raises(ValueError, match="INVERSION was made with a different model"):
+        inv.check_compatible(sampling.model_fingerprint(make("sd1", seed=1)), 4)
+
+
+def test_trajectory_is_moved_to_the_cpu_once_and_rows_split(env):
+    sampling, make, helpers = env
+    model = make("sd1")
+    latent = torch.cat([_latent(1), _latent(2)])
+    inv = sampling.ddim_invert(model, latent, helpers.conditioning("sd1", 1), steps=4)
+    assert len(inv.trajectory) == 5 and all(t.device.type == "cpu" and t.shape == (2, 4, 16, 16)
+                                            for t in inv.trajectory)
+    first = inv.row(1)
+    assert first.latent_shape == (1, 4, 16, 16) and first.steps == 4 and first.fingerprint == inv.fingerprint
+    assert all(torch.equal(a, b[1:2]) for a, b in zip(first.trajectory, inv.trajectory))
+    assert first.trajectory[0].untyped_storage().nbytes() == first.trajectory[0].numel() * 4  # its own copy
+    with pytest.raises(IndexError):
+        inv.row(2)

@@ -11,20 +11,26 @@ import torch
 import torch.nn.functional as F
 from realedit.masks import (
     ACTION_WORDS,
+    AUTO_BETA,
     ZONE_DEFAULTS,
     ZoneSettings,
     action_tooltip,
     classify_action,
+    close_and_fill,
     closing,
     composite,
     difference_magnitude,
     dilate,
     fft_edge_smooth,
+    fuse_latents,
+    fusion_beta,
+    local_edit,
     lowpass_mask,
     luma,
     origin,
     region_iou,
     segment_ious,
+    smooth_and_composite,
 )
 
 # ----------------------------------------------------------------------------------------- settings
@@ -121,6 +127,36 @@ def test_action_tooltip_lists_every_word():
     for words in ACTION_WORDS.values():
         for word in words:
             assert word in tip
+
+
+# ------------------------------------------------------------------------------------ fusion (Eq. 5)
+
+
+def test_fuse_latents_is_eq5():
+    gen = torch.Generator().manual_seed(0)
+    z_ip2p, z_mb = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+    fused = fuse_latents(z_ip2p, z_mb, 0.2)
+    assert torch.allclose(fused, (z_ip2p + 0.2 * z_mb) / 1.2, atol=1e-7)
+    assert torch.allclose(fused, z_ip2p + (0.2 / 1.2) * (z_mb - z_ip2p), atol=1e-6)  # a pull towards z_mb
+    assert fuse_latents(z_ip2p, z_mb, 0.0) is z_ip2p  # beta 0: the IP2P latent itself, bit for bit
+    assert torch.allclose(fuse_latents(z_ip2p, z_ip2p.clone(), 0.01), z_ip2p, atol=1e-6)
+    assert fuse_latents(z_ip2p, z_mb.double(), 0.2).dtype == torch.float32
+    with pytest.raises(ValueError, match="latent space"):
+        fuse_latents(z_ip2p, z_mb[..., :4], 0.2)
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="beta"):
+            fuse_latents(z_ip2p, z_mb, bad)
+
+
+def test_fusion_beta_by_action_and_override():
+    assert [fusion_beta(a) for a in ("remove", "add", "change")] == [0.2, 0.01, 0.01]
+    assert fusion_beta(" Remove ", AUTO_BETA) == 0.2 and fusion_beta("add", None) == 0.01
+    assert fusion_beta("remove", 0.0) == 0.0 and fusion_beta("change", 0.5) == 0.5
+    assert fusion_beta("remove", settings=ZoneSettings(beta_remove=0.3)) == 0.3
+    with pytest.raises(ValueError, match="connect RealEdit Instruction Action"):
+        fusion_beta("explode")
+    with pytest.raises(ValueError, match="finite"):
+        fusion_beta("remove", float("nan"))
 
 
 # --------------------------------------------------------------------------------------- Region-IoU
@@ -370,6 +406,24 @@ def test_morphology_matches_kornia_reference():
         closing(mask, 20)
 
 
+def test_close_and_fill_on_the_bounding_box_equals_the_whole_image():
+    from realedit.masks import fill_holes
+
+    gen = torch.Generator().manual_seed(5)
+    cases = [torch.zeros(64, 80, dtype=torch.bool), torch.ones(64, 80, dtype=torch.bool)]
+    ring = box(96, 0.5, 0.5, 0.2) & ~box(96, 0.5, 0.5, 0.15)  # a hole far wider than the closing
+    cases += [ring, ring.roll(40, dims=1), ring.roll(45, dims=0)]  # whole, and cut by the image border
+    for _ in range(30):  # sparse specks and blobs anywhere, some touching the border
+        h, w = (int(v) for v in torch.randint(24, 97, (2,), generator=gen))
+        blobs = torch.rand(1, 1, h // 8 + 1, w // 8 + 1, generator=gen) < 0.15
+        mask = F.interpolate(blobs.float(), size=(h, w), mode="nearest")[0, 0] > 0.5
+        cases.append(mask | (torch.rand(h, w, generator=gen) < 0.002))
+    for mask in cases:
+        for kernel in (1, 5, 21):
+            assert torch.equal(close_and_fill(mask, kernel), fill_holes(closing(mask, kernel))), kernel
+    assert close_and_fill(ring, 21)[48, 48]  # the hole was filled
+
+
 def test_smoother_contains_m_f_and_handles_empty_and_layouts():
     gen = torch.Generator().manual_seed(5)
     orig = torch.rand(1, 40, 48, 3, generator=gen)  # a batch of one
@@ -440,3 +494,25 @@ def test_composite_size_errors():
         composite(torch.stack([orig, orig]), edited, m_f, m_f_star)
     with pytest.raises(ValueError, match="mask"):
         composite(orig, edited, np.zeros((2, 64, 80)), m_f_star)
+
+
+# ------------------------------------------------------------------------- the pipeline on plain tensors
+
+
+def test_local_edit_end_to_end_on_plain_tensors():
+    orig, edited, m_f, changed, far = square_scene(128)
+    rough = F.interpolate(changed[None, None].float(), size=(16, 16), mode="area")[0, 0] > 0.3  # coarse M_b
+    segments = torch.stack([far, m_f, torch.zeros_like(m_f), ~m_f])  # SAM-like candidates at image size
+    result = local_edit(orig, edited, rough, segments)
+    assert result.index == 1 and torch.equal(result.refined_mask, m_f) and 0.5 < result.iou <= 1.0
+    # the same as the stages one by one
+    refined = region_iou(rough, segments)
+    smoothed, image = smooth_and_composite(orig, edited, refined.mask)
+    assert torch.equal(smoothed.final_mask, result.final_mask) and torch.equal(image, result.image)
+    outside = ~result.final_mask
+    assert outside.any() and torch.equal(result.image[outside], orig[outside])
+    assert torch.equal(result.image[m_f], edited[m_f]) and not (result.final_mask & far).any()
+    batched = local_edit(orig[None], edited[None], rough[None], [s.numpy() for s in segments])  # ComfyUI layouts
+    assert batched.image.shape == (1, 128, 128, 3) and torch.equal(batched.image[0], result.image)
+    nothing = local_edit(orig, edited, torch.zeros(16, 16), segments, fallback="rough")
+    assert nothing.index == -1 and torch.equal(nothing.image, orig)

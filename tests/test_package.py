@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,11 @@ def test_pack_modules_import_each_other_relatively_only():
     for path in ROOT.rglob("*.py"):
         if any(part in {".venv", "tests", "scripts", "bench", "build"} for part in path.relative_to(ROOT).parts):
             continue
-        for line in path.read_text().splitlines():
-            stripped = line.strip()
-            if stripped.startswith(("from realedit", "import realedit")):
-                offenders.append(f"{path.relative_to(ROOT)}: {stripped}")
+        for node in ast.walk(ast.parse(path.read_text())):  # import statements, not docstring examples
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else \
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if any(name == "realedit" or name.startswith("realedit.") for name in names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, offenders
 
 

@@ -10,13 +10,10 @@ import torch
 from realedit.attention.local_blend import LocalBlend
 from realedit.attention.p2p import Replace
 from realedit.attention.settings import P2PSettings, SpecRefSettings
-from realedit.attention.specref import (
-    LiveReference,
-    SpecRefControls,
-    SpecRefError,
-    reference_grid,
-)
+from realedit.attention.specref import SpecRefControls, SpecRefError, reference_grid
 from realedit.inversion.bank import BankRecorder, LayerWindow, ReferenceBank, StepWindow
+from specref_helpers import relative_error as _rel
+from specref_helpers import spy_live_kv
 
 pytestmark = pytest.mark.comfy
 
@@ -40,10 +37,6 @@ class Setup:
 
 def _latent(seed: int) -> torch.Tensor:
     return torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _new_bank(model, host, steps: range | None = None) -> ReferenceBank:
@@ -195,6 +188,10 @@ def test_reference_grid_for_other_sizes():
     assert reference_grid(64, (8, 8), None) == (8, 8)
     assert reference_grid(32, (8, 8), (64, 128)) == (4, 8)  # a reference half as tall as wide
     assert reference_grid(32, (8, 8), None) in {(4, 8), (8, 4)}
+    # with the reference latent's size known, the UNet's own grid (stride-2 convolutions round up), any size
+    assert reference_grid(20, (8, 8), (64, 64), latent_hw=(18, 14), downscale=4) == (5, 4)
+    assert reference_grid(20, (8, 8), None, latent_hw=(14, 18), downscale=4) == (4, 5)
+    assert reference_grid(12, (4, 4), (96, 128), latent_hw=(12, 16), downscale=4) == (3, 4)
 
 
 # -- the two-path machinery ------------------------------------------------------------------------
@@ -272,15 +269,7 @@ def test_edit_step_reads_the_bank_entry_of_its_own_timestep(env, setup):
 
 
 def test_live_reference_kv_equal_the_stored_bank(env, setup, monkeypatch):
-    seen: dict = {}
-    original = LiveReference.kv
-
-    def kv(self, k, v, ctx):
-        out = original(self, k, v, ctx)
-        seen[(ctx.layer.index, ctx.step)] = (out[0][0].clone(), out[1][0].clone())
-        return out
-
-    monkeypatch.setattr(LiveReference, "kv", kv)
+    seen = spy_live_kv(monkeypatch)
     ones = torch.ones(16, 16)
     out = _edit(env, setup, _p2p(target_mask=ones), reference=setup.reference, reference_cond=setup.ref_cond)
     assert torch.isfinite(out.latent).all()

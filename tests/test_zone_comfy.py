@@ -114,6 +114,9 @@ def test_load_sam_by_file_name_with_safe_readers(tmp_path, monkeypatch):
     (tmp_path / "sam_vit_b_bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(sam_auto.SamCheckpointError, match="could not read"):
         sam_auto.load_sam(str(tmp_path / "sam_vit_b_bad.pth"))
+    torch.save(make_tiny_sam(seed=1, embed_dim=16).state_dict(), tmp_path / "sam_vit_b_other_size.pth")
+    with pytest.raises(sam_auto.SamCheckpointError, match="does not hold vit_b SAM weights"):
+        sam_auto.load_sam(str(tmp_path / "sam_vit_b_other_size.pth"))
 
 
 # ---------------------------------------------------------------- ComfyUI host
@@ -205,6 +208,140 @@ def test_non_ip2p_model_is_refused(comfy):
         ip2p_edit(make_tiny_unet("sd1"), torch.zeros(1, 4, 16, 16), _cond(1), _cond(2), steps=2)
 
 
+# ---------------------------------------------------------------- fused IP2P + second model (Eq. 5)
+
+
+@pytest.fixture(scope="module")
+def second_ip2p(comfy):
+    from realedit.testbed.comfy_models import make_tiny_unet
+
+    return make_tiny_unet("ip2p", seed=11)  # another "finetune": same base, other weights
+
+
+def _edit_inputs() -> tuple[list, list, torch.Tensor]:
+    photo = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    return _cond(1), _cond(2), photo
+
+
+def _untouched(model) -> tuple:
+    """What a node must never change on the user's MODEL."""
+    return dict(model.additional_models), dict(model.wrappers), repr(model.model_options)
+
+
+def test_fusion_off_is_bit_identical_to_the_single_model_edit(tiny_ip2p, second_ip2p):
+    from realedit.hosts.comfy_ip2p import ip2p_edit
+
+    model, _, _ = tiny_ip2p
+    instruction, empty, photo = _edit_inputs()
+    single_rec, zero_rec = IP2PMaskRecorder(), IP2PMaskRecorder()
+    single = ip2p_edit(model, photo, instruction, empty, steps=3, seed=7, hook=single_rec)
+    beta_zero = ip2p_edit(model, photo, instruction, empty, steps=3, seed=7, hook=zero_rec,
+                          second_model=second_ip2p, beta=0.0)
+    no_second = ip2p_edit(model, photo, instruction, empty, steps=3, seed=7, beta=0.2)
+    assert torch.equal(single, beta_zero) and torch.equal(single, no_second)
+    assert all(torch.equal(a, b) for a, b in zip(single_rec.maps(), zero_rec.maps()))
+
+
+def test_fusion_with_the_same_model_twice_is_the_single_model_edit(tiny_ip2p):
+    from realedit.hosts.comfy_ip2p import ip2p_edit
+
+    model, _, _ = tiny_ip2p
+    before = _untouched(model)
+    instruction, empty, photo = _edit_inputs()
+    single_rec, fused_rec = IP2PMaskRecorder(), IP2PMaskRecorder()
+    single = ip2p_edit(model, photo, instruction, empty, steps=3, seed=7, hook=single_rec)
+    fused = ip2p_edit(model, photo, instruction, empty, steps=3, seed=7, hook=fused_rec, second_model=model,
+                      beta=0.2)
+    # (z + beta z) / (1 + beta) = z, up to float rounding carried through three steps
+    assert not torch.equal(single, fused)  # the second model did run
+    assert torch.allclose(fused, single, rtol=1e-5, atol=1e-5 * float(single.abs().max()))
+    # M_b is read from the first model only: the second model's calls are not recorded
+    assert [(layer, step) for layer, step, _ in fused_rec.recorded] == [
+        (layer, step) for layer, step, _ in single_rec.recorded]
+    for a, b in zip(single_rec.maps(), fused_rec.maps()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert _untouched(model) == before
+
+
+def _direct_fused_euler(model, second, photo, instruction, empty, steps: int, seed: int, beta: float) -> torch.Tensor:
+    """Eq. 5 written out: at every step, ComfyUI's own DualCFG guider of each model takes an Euler step from the
+    same z_t, and the two stepped latents are fused. Both guiders are live at once (one nested in the other)."""
+    import comfy.sample
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+    from realedit.hosts.comfy_ip2p import with_concat
+
+    def dual_cfg(m):
+        guider = Guider_DualCFG(m)
+        guider.set_conds(with_concat(instruction, photo), with_concat(empty, photo), empty)
+        guider.set_cfg(7.5, 1.5)
+        return guider
+
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    latent = torch.zeros_like(photo)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    out: dict[str, torch.Tensor] = {}
+
+    def first_sampler(first, x, sigmas, extra_args=None, callback=None, disable=None):
+        first_args = extra_args
+
+        def second_sampler(second_denoiser, _x, _sigmas, extra_args=None, callback=None, disable=None):
+            z = x
+            for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+                sigma = s * z.new_ones([z.shape[0]])
+                steps_taken = [z + (z - denoise(z, sigma, **args)) / s * (s_next - s)  # Euler
+                               for denoise, args in ((first, first_args), (second_denoiser, extra_args))]
+                z = (steps_taken[0] + beta * steps_taken[1]) / (1 + beta)  # Eq. 5
+            out["z"] = z
+            return z
+
+        dual_cfg(second).sample(noise, latent, comfy.samplers.KSAMPLER(second_sampler), sigmas, disable_pbar=True,
+                                seed=seed)
+        return out["z"]
+
+    with torch.no_grad():
+        return dual_cfg(model).sample(noise, latent, comfy.samplers.KSAMPLER(first_sampler), sigmas,
+                                      disable_pbar=True, seed=seed)
+
+
+def test_fusion_is_eq5_on_the_stepped_latents(tiny_ip2p, second_ip2p):
+    from realedit.hosts.comfy_ip2p import ip2p_edit
+
+    model, _, _ = tiny_ip2p
+    instruction, empty, photo = _edit_inputs()
+    fused = ip2p_edit(model, photo, instruction, empty, steps=3, seed=7, second_model=second_ip2p, beta=0.2)
+    direct = _direct_fused_euler(model, second_ip2p, photo, instruction, empty, steps=3, seed=7, beta=0.2)
+    single = ip2p_edit(model, photo, instruction, empty, steps=3, seed=7)
+    scale = float(direct.abs().max())
+    assert torch.allclose(fused, direct, rtol=1e-5, atol=1e-5 * scale)
+    assert (fused - single).abs().max() > 1e-2 * scale  # the second model's weights matter
+
+
+def test_a_second_model_that_cannot_be_fused_is_refused(tiny_ip2p):
+    import comfy.model_patcher
+    import comfy.supported_models
+    from realedit.hosts.comfy_ip2p import NotIP2PModelError, ip2p_edit
+    from realedit.testbed.comfy_models import TINY_UNET_CONFIGS, make_tiny_unet
+
+    model, _, _ = tiny_ip2p
+    before = _untouched(model)
+    instruction, empty, photo = _edit_inputs()
+    with pytest.raises(NotIP2PModelError, match="'second_model' input is a .* with 4 input channels"):
+        ip2p_edit(model, photo, instruction, empty, steps=2, second_model=make_tiny_unet("sd1"), beta=0.2)
+    config = comfy.supported_models.SDXL_instructpix2pix(dict(TINY_UNET_CONFIGS["sdxl"], in_channels=8))
+    config.unet_config.pop("num_heads", None)
+    config.unet_config.update(num_head_channels=16, dtype=torch.float32)
+    sdxl_ip2p = comfy.model_patcher.ModelPatcher(config.get_model({}, "", device=torch.device("cpu")),
+                                                 load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    with pytest.raises(NotIP2PModelError, match="same base"):
+        ip2p_edit(model, photo, instruction, empty, steps=2, second_model=sdxl_ip2p, beta=0.2)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        ip2p_edit(model, photo, instruction, empty, steps=2, second_model=model, beta=-0.5)
+    with pytest.raises(ValueError, match="expected \\(1, 4, h, w\\)"):
+        ip2p_edit(model, photo[:, :3], instruction, empty, steps=2)
+    assert _untouched(model) == before
+
+
 # ---------------------------------------------------------------- nodes
 
 
@@ -229,15 +366,15 @@ def test_region_iou_node_with_a_mask_batch(comfy):
     rough = torch.zeros(1, 32, 32)
     rough[0, 9:21, 9:19] = 1
     image = torch.rand(1, 32, 32, 3)
-    out = RegionIoURefine.execute(rough, image, image, "error", 32, 0.88, 0.95, 0.7, action="remove",
+    out = RegionIoURefine.execute(image, image, rough, "error", 32, 0.88, 0.95, 0.7, action="remove",
                                   segments=segments)
     refined, iou, preview = out.result
     assert torch.equal(refined, segments[1:2]) and iou == pytest.approx(110 / 154)
     assert preview.shape == (3, 32, 32)
     with pytest.raises(ValueError, match="connect a SAM model"):
-        RegionIoURefine.execute(rough, image, image, "error", 32, 0.88, 0.95, 0.7)
+        RegionIoURefine.execute(image, image, rough, "error", 32, 0.88, 0.95, 0.7)
     with pytest.raises(ValueError, match="no segment overlaps|does not overlap|overlap"):
-        RegionIoURefine.execute(rough, image, image, "error", 32, 0.88, 0.95, 0.7, segments=segments[2:])
+        RegionIoURefine.execute(image, image, rough, "error", 32, 0.88, 0.95, 0.7, segments=segments[2:])
 
 
 def test_fft_smooth_node_composite_is_the_original_outside_the_final_mask(comfy):
@@ -256,6 +393,76 @@ def test_fft_smooth_node_composite_is_the_original_outside_the_final_mask(comfy)
     assert torch.equal(image[0][inside], edited[0][inside])
     with pytest.raises(ValueError, match="decode the edit at the photo's size"):
         FFTEdgeSmooth.execute(original, edited[:, :32], refined, 200.0, 30 / 255, 0.6)
+
+
+def _ip2p_node(tiny_ip2p, image: torch.Tensor, **kwargs):
+    from realedit.nodes.zone import IP2PEditMask
+
+    model, _, vae = tiny_ip2p
+    args = dict(model=model, vae=vae, image=image, positive=_cond(1), negative=_cond(2), seed=0, steps=2,
+                text_guidance=7.5, image_guidance=1.5, threshold=0.502, sampler_name="euler", scheduler="normal")
+    return IP2PEditMask.execute(**{**args, **kwargs}).result
+
+
+def test_ip2p_node_fuses_by_action_and_refuses_bad_inputs(tiny_ip2p, second_ip2p):
+    from realedit.hosts.comfy_ip2p import NotIP2PModelError, ip2p_edit
+    from realedit.testbed.comfy_models import make_tiny_unet
+
+    model, _, vae = tiny_ip2p
+    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    latent = vae.encode(photo[..., :3])
+    for action, beta in (("remove", 0.2), ("change", 0.01), ("add", 0.01)):
+        edited = _ip2p_node(tiny_ip2p, photo, second_model=second_ip2p, action=action)[0]["samples"]
+        direct = ip2p_edit(model, latent, _cond(1), _cond(2), steps=2, second_model=second_ip2p, beta=beta)
+        assert torch.equal(edited, direct), action
+    overridden = _ip2p_node(tiny_ip2p, photo, second_model=second_ip2p, action="remove", beta=0.5)[0]["samples"]
+    assert torch.equal(overridden, ip2p_edit(model, latent, _cond(1), _cond(2), steps=2, second_model=second_ip2p,
+                                             beta=0.5))
+    alone = _ip2p_node(tiny_ip2p, photo)[0]["samples"]  # no second model, action unconnected
+    assert torch.equal(alone, _ip2p_node(tiny_ip2p, photo, second_model=second_ip2p, beta=0.0)[0]["samples"])
+    with pytest.raises(NotIP2PModelError, match="'second_model'"):
+        _ip2p_node(tiny_ip2p, photo, second_model=make_tiny_unet("sd1"))
+    with pytest.raises(NotIP2PModelError, match="'model'"):
+        _ip2p_node(tiny_ip2p, photo, model=make_tiny_unet("sd1"))
+    with pytest.raises(ValueError, match="'action' input is 'explode'"):
+        _ip2p_node(tiny_ip2p, photo, second_model=second_ip2p, action="explode")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        _ip2p_node(tiny_ip2p, photo[:, :60])
+
+
+def test_empty_rough_mask_warns_and_the_rough_fallback_keeps_the_photo(tiny_ip2p, caplog):
+    from realedit.nodes.zone import FFTEdgeSmooth, RegionIoURefine
+
+    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    edited = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    with caplog.at_level("WARNING", logger="realedit"):
+        _, rough, difference = _ip2p_node(tiny_ip2p, photo, threshold=-1.0)  # A^1 - A^L >= -1: nothing passes
+    assert not rough.any() and difference.shape == (1, 64, 64)
+    assert any("M_b is empty" in r.getMessage() for r in caplog.records)
+    segments = torch.zeros(2, 64, 64)
+    segments[0, 10:30, 10:30] = 1
+    with pytest.raises(ValueError, match="rough mask M_b .* is empty"):
+        RegionIoURefine.execute(photo, edited, rough, "error", 32, 0.88, 0.95, 0.7, segments=segments)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="realedit"):
+        refined, iou, _ = RegionIoURefine.execute(photo, edited, rough, "rough", 32, 0.88, 0.95, 0.7,
+                                                  segments=segments).result
+    assert not refined.any() and iou == 0.0
+    assert any("fallback 'rough'" in r.getMessage() for r in caplog.records)
+    final, image = FFTEdgeSmooth.execute(photo, edited, refined, 200.0, 30 / 255, 0.6).result
+    assert not final.any() and torch.equal(image, photo)
+
+
+def test_region_iou_node_checks_sizes_and_action(comfy):
+    from realedit.nodes.zone import RegionIoURefine
+
+    image = torch.rand(1, 32, 32, 3)
+    rough = torch.ones(1, 32, 32)
+    segments = torch.ones(1, 32, 32)
+    with pytest.raises(ValueError, match="'original' is \\(32, 32, 3\\) but 'edited' is \\(16, 32, 3\\)"):
+        RegionIoURefine.execute(image, image[:, :16], rough, "error", 32, 0.88, 0.95, 0.7, segments=segments)
+    with pytest.raises(ValueError, match="'action' input is 'erase'"):
+        RegionIoURefine.execute(image, image, rough, "error", 32, 0.88, 0.95, 0.7, action="erase", segments=segments)
 
 
 def test_instruction_action_node(comfy):
@@ -288,3 +495,64 @@ def test_zone_workflow_runs_with_tiny_ip2p_and_tiny_sam(comfy, tmp_path):
     assert torch.equal(image[0][outside], photo[0][outside])
     assert result[ids["RealEditIP2PEditMask"]][1].shape == (1, 128, 128)
     assert len(list(tmp_path.rglob("*.png"))) >= 4
+    # the same graph with a second IP2P loader on 'second_model' (the tiny loaders share their weights, so the
+    # fused edit is the single one up to rounding): the fusion runs under ComfyUI's executor and model management
+    edit = ids["RealEditIP2PEditMask"]
+    fused_graph = {**workflow, "99": {"class_type": "CheckpointLoaderSimple",
+                                      "inputs": {"ckpt_name": "magicbrush-jul7.safetensors"}}}
+    fused_graph[edit] = {**workflow[edit], "inputs": {**workflow[edit]["inputs"], "second_model": ["99", 0]}}
+    fused = comfy_runner.run_workflow(fused_graph, outputs=[edit], overrides=overrides, tiny_checkpoint="ip2p",
+                                      output_dir=tmp_path)[edit][0]["samples"]
+    single = result[edit][0]["samples"]
+    assert not torch.equal(fused, single)
+    assert torch.allclose(fused, single, rtol=1e-5, atol=1e-5 * float(single.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["zone_instruction_edit", "zone_multi_turn"])
+def test_each_instruction_is_typed_once(comfy, name):
+    from realedit.testbed.comfy_runner import load_comfy_nodes, load_pack
+    from realedit.testbed.workflow_format import ui_to_api
+
+    import nodes
+
+    load_comfy_nodes()
+    load_pack()
+    workflow = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    texts = {key: node for key, node in workflow.items() if node["class_type"] == "PrimitiveStringMultiline"}
+    users = {key: [(n["class_type"], field) for n in workflow.values() for field, value in n["inputs"].items()
+                   if value == [key, 0]] for key in texts}
+    assert texts and all(sorted(u) == [("CLIPTextEncode", "text"), ("RealEditInstructionAction", "instruction")]
+                         for u in users.values())
+    for node in workflow.values():  # no other node holds an instruction of its own
+        if node["class_type"] in ("RealEditInstructionAction", "CLIPTextEncode"):
+            field = "instruction" if node["class_type"] == "RealEditInstructionAction" else "text"
+            assert isinstance(node["inputs"][field], list) or node["inputs"][field] == ""
+    ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    assert ui_to_api(ui, nodes.NODE_CLASS_MAPPINGS) == workflow  # the UI file links the widget inputs too
+    linked_widgets = [i for n in ui["nodes"] for i in n["inputs"] if "widget" in i]
+    assert len(linked_widgets) == 2 * len(texts) and all(i["link"] is not None for i in linked_widgets)
+
+
+def test_multi_turn_workflow_keeps_every_pixel_outside_both_final_masks(comfy, tmp_path):
+    from realedit.testbed import comfy_runner
+    from realedit.testbed.demo_inputs import tiny_run
+
+    workflow, overrides, family = tiny_run(
+        json.loads((ROOT / "workflows" / "api" / "zone_multi_turn.json").read_text()), size=128, steps=2)
+    smooth = [key for key, node in workflow.items() if node["class_type"] == "RealEditFFTEdgeSmooth"]
+    first, second = sorted(smooth, key=int)
+    assert workflow[second]["inputs"]["original"] == [first, 1]  # turn 2 edits turn 1's composite
+    (photo_node,) = [key for key, node in workflow.items() if node["class_type"] == "LoadImage"]
+    result = comfy_runner.run_workflow(workflow, outputs=[first, second], overrides=overrides,
+                                       tiny_checkpoint=family, output_dir=tmp_path)
+    photo = overrides[photo_node][0][0]
+    (mask_1, turn_1), (mask_2, turn_2) = result[first], result[second]
+    outside_1, outside_2 = mask_1[0] < 0.5, mask_2[0] < 0.5
+    outside = outside_1 & outside_2
+    assert outside.any() and (~outside_1).any() and (~outside_2).any()  # both turns edited a part of the image
+    assert torch.equal(turn_1[0][outside_1], photo[outside_1])
+    assert torch.equal(turn_2[0][outside_2], turn_1[0][outside_2])
+    assert torch.equal(turn_2[0][outside], photo[outside])
+    assert not torch.equal(turn_2[0], photo)
+    saved = {p.name.rsplit("_", 2)[0] for p in tmp_path.rglob("*.png")}
+    assert {"realedit_zone_turn1", "realedit_zone_turn2", "realedit_zone_turn2_final_mask"} <= saved

@@ -1,0 +1,66 @@
+"""SR-attention for ComfyUI's own samplers (RealEdit Apply SR-Attention): a MODEL clone, no edit sampler.
+
+The clone carries an :class:`~..attention.specref.SRAttentionHook` (SpecRef Eq. 2-3 on every conditional
+row, M_t from the target word's cross-attention in the same run) and an outer-sample wrapper that hands
+each run's sigmas to the hook, which maps them onto the edit steps the stored reference K/V are keyed by
+(and refuses a schedule the features were not made with). KSampler, KSamplerAdvanced, SamplerCustom and
+SamplerCustomAdvanced all go through ``CFGGuider.outer_sample``, where the wrapper runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from comfy.patcher_extension import WrappersMP
+
+from ..attention.specref import SpecRefControls, SpecRefError, SRAttentionHook, StoredReference
+from ..inversion.bank import ReferenceFeatures
+from .comfy import install_hook
+from .comfy_sampling import model_fingerprint
+
+SCHEDULE_WRAPPER_KEY = "realedit_sr_schedule"
+
+
+class _SamplingStart:
+    """Outer-sample wrapper: gives the hook the run's sigmas before the first model call."""
+
+    def __init__(self, hook: SRAttentionHook) -> None:
+        self.hook = hook
+
+    def __deepcopy__(self, memo: dict) -> _SamplingStart:
+        return self
+
+    def __call__(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]  # (noise, latent_image, sampler, sigmas, ...)
+        self.hook.begin_sampling(sigmas)
+        return executor(*args, **kwargs)
+
+
+def check_stored_features(model: Any, features: ReferenceFeatures) -> None:
+    """Refuse REF_FEATURES a plain sampler cannot use: live mode, another model, an empty bank."""
+    if not isinstance(features, ReferenceFeatures):
+        raise SpecRefError("RealEdit: the ref_features input is not a RealEdit Reference Features output "
+                           f"(got {type(features).__name__}).")
+    if features.mode != "stored" or features.bank is None:
+        raise SpecRefError("RealEdit Apply SR-Attention needs stored REF_FEATURES (mode 'stored' on RealEdit "
+                           "Reference Features): live features run the reference as an extra batch row, which "
+                           "only the RealEdit SpecRef Edit Sampler does.")
+    features.check_compatible(model_fingerprint(model), features.total_steps)  # another model: refused
+    if not features.bank.entries:
+        raise SpecRefError("RealEdit: the REF_FEATURES hold no K/V (empty layer or step window).")
+
+
+def apply_sr_attention(model: Any, features: ReferenceFeatures,
+                       controls: SpecRefControls) -> tuple[Any, SRAttentionHook]:
+    """A clone of ``model`` with SR-attention onto the stored reference features, and its hook.
+
+    ``controls`` gives M_t (``target_positions`` in the sampler's positive prompt, or ``target_mask``),
+    M_s (``ref_mask``), the thresholds and ``sr_uncond``; its P2P and LocalBlend fields are not used.
+    The input model is left unpatched.
+    """
+    check_stored_features(model, features)
+    reference = StoredReference(features.bank, tuple(features.inversion.z_T.shape[-2:]))
+    hook = SRAttentionHook(controls, reference, features.inversion.sampling_sigmas)
+    patched = install_hook(model, hook)
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, SCHEDULE_WRAPPER_KEY, _SamplingStart(hook))
+    return patched, hook
