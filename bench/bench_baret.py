@@ -25,23 +25,6 @@ import torch  # noqa: E402
 from realedit.testbed.comfy_env import bootstrap_comfyui  # noqa: E402
 
 
-def sd15_shaped_unet(device: torch.device):
-    """A full-size SD1.5 UNet (860M parameters) with random weights (fp32; the loop computes in fp32)."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    from realedit.testbed.comfy_models import TINY_UNET_CONFIGS
-
-    config = dict(TINY_UNET_CONFIGS["sd1"], model_channels=320, channel_mult=[1, 2, 4, 4], context_dim=768)
-    config["dtype"] = torch.float32
-    model = comfy.supported_models.SD15(config).get_model({}, "", device=device)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.normal_(0, 0.02)
-        for p in model.diffusion_model.out[-1].parameters():
-            p.mul_(0.05)  # a smoother model, as the tests' tiny one
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu")), 768
-
-
 def passes(result) -> tuple[int, int]:
     """UNet forward and backward passes of the optimisation (the DDIM inversion adds ``steps`` forwards).
 
@@ -106,13 +89,13 @@ def main() -> None:
     stop = {k: v for k, v in (("eps", args.eps), ("delta", args.delta)) if v is not None}
     bootstrap_comfyui()
     import comfy.model_management
-    from realedit.testbed.comfy_models import make_tiny_unet
+    from realedit.testbed.comfy_models import make_sd15_shaped_unet, make_tiny_unet
 
     device = comfy.model_management.get_torch_device()
     if args.only in (None, "tiny"):
         run("tiny UNet", make_tiny_unet("sd1", output_scale=0.01), 64, (16, 16), args.steps or 50, stop, args.same_mse)
     if args.only in (None, "sd15"):
-        model, width = sd15_shaped_unet(device)
+        model, width = make_sd15_shaped_unet(device, output_scale=0.05, dtype=torch.float32)
         steps = args.steps or (50 if device.type == "cuda" else 10)
         run("SD1.5-shaped UNet", model, width, (32, 32), steps, stop, args.same_mse)
 

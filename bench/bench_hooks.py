@@ -41,19 +41,10 @@ def _side_by_side(a, b, repeats: int) -> tuple[float, float]:
 
 
 def sd15_shaped_unet(device: torch.device):
-    """A full-size SD1.5 UNet (860M parameters) with random weights, in fp16 on GPU, fp32 on CPU."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    from realedit.testbed.comfy_models import TINY_UNET_CONFIGS
+    """A full-size SD1.5 UNet (860M parameters) with random weights (see ``testbed.comfy_models``)."""
+    from realedit.testbed.comfy_models import make_sd15_shaped_unet
 
-    config = dict(TINY_UNET_CONFIGS["sd1"], model_channels=320, channel_mult=[1, 2, 4, 4], context_dim=768)
-    config["dtype"] = torch.float16 if device.type == "cuda" else torch.float32
-    model_config = comfy.supported_models.SD15(config)
-    model = model_config.get_model({}, "", device=device)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.normal_(0, 0.02)
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu")), 768
+    return make_sd15_shaped_unet(device)
 
 
 def bench_model(name: str, model, context_dim: int, latent_hw: tuple[int, int], steps: int, repeats: int) -> None:

@@ -97,6 +97,23 @@ def make_tiny_unet(family: Family = "sd1", seed: int = 0, weight_scale: float = 
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
+def make_sd15_shaped_unet(device: torch.device, output_scale: float = 1.0,
+                          dtype: torch.dtype | None = None) -> tuple[comfy.model_patcher.ModelPatcher, int]:
+    """A full-size SD1.5 UNet (860M parameters) with random N(0, 0.02) weights, for benchmarks; and its
+    context width (768). fp16 on GPU, fp32 on CPU unless ``dtype``; ``output_scale`` as in
+    :func:`make_tiny_unet` (a smoother model for inversion benchmarks)."""
+    config = dict(TINY_UNET_CONFIGS["sd1"], model_channels=320, channel_mult=[1, 2, 4, 4], context_dim=768)
+    config["dtype"] = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    model = comfy.supported_models.SD15(config).get_model({}, "", device=device)
+    with torch.no_grad():
+        for param in model.diffusion_model.parameters():
+            param.normal_(0, 0.02)
+        for param in model.diffusion_model.out[-1].parameters():
+            param.mul_(output_scale)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    return patcher, 768
+
+
 # ---------------------------------------------------------------------------------------------------
 # Text encoders: the family's own ComfyUI CLIP classes and the REAL bundled tokenizer, tiny weights.
 # ---------------------------------------------------------------------------------------------------

@@ -31,6 +31,16 @@ def comfy():
     return comfy
 
 
+@pytest.fixture(scope="session")
+def runner(comfy):
+    """ComfyUI's nodes and this pack loaded in-process: ``testbed.comfy_runner`` to execute workflows."""
+    from realedit.testbed import comfy_runner
+
+    comfy_runner.load_comfy_nodes()
+    comfy_runner.load_pack()
+    return comfy_runner
+
+
 def pytest_report_header(config):
     path = find_comfyui()
     return f"ComfyUI host: {path}" if path else f"ComfyUI host: none ({COMFY_SKIP_REASON})"

@@ -221,15 +221,6 @@ def test_bad_inversions_are_clear_errors(setup):
 WORKFLOW = "baret_text_edit.json"
 
 
-@pytest.fixture(scope="module")
-def runner(comfy):
-    from realedit.testbed import comfy_runner
-
-    comfy_runner.load_comfy_nodes()
-    comfy_runner.load_pack()
-    return comfy_runner
-
-
 def _workflow(steps: int = 3) -> tuple[dict, dict, str]:
     import json
     from pathlib import Path

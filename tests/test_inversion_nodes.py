@@ -23,15 +23,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def runner(comfy):
-    from realedit.testbed import comfy_runner
-
-    comfy_runner.load_comfy_nodes()
-    comfy_runner.load_pack()
-    return comfy_runner
-
-
-@pytest.fixture(scope="module")
 def overrides():
     from realedit.testbed.images import reference_scene, source_scene
 

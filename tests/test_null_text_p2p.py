@@ -66,15 +66,12 @@ def test_a_ttis_inversion_is_sent_to_the_baret_sampler(setup):
         specref_edit(model, ttis, source, target, negative)
 
 
-def test_null_text_workflow_runs_and_its_reconstruction_is_pinned(comfy, tmp_path):
-    from realedit.testbed import comfy_runner
+def test_null_text_workflow_runs_and_its_reconstruction_is_pinned(runner, tmp_path):
     from realedit.testbed.demo_inputs import tiny_run
 
-    comfy_runner.load_comfy_nodes()
-    comfy_runner.load_pack()
     workflow, overrides, family = tiny_run(json.loads(WORKFLOW.read_text()), steps=STEPS)
-    result = comfy_runner.run_workflow(workflow, outputs=["3", "7", "8"], overrides=overrides,
-                                       tiny_checkpoint=family, output_dir=tmp_path)
+    result = runner.run_workflow(workflow, outputs=["3", "7", "8"], overrides=overrides, tiny_checkpoint=family,
+                                 output_dir=tmp_path)
     edit, reconstruction = result["8"][0]["samples"], result["8"][1]["samples"]
     assert edit.shape == (1, 4, 16, 16) and torch.isfinite(edit).all()
     assert not torch.equal(edit, reconstruction)

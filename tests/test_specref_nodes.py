@@ -21,15 +21,6 @@ SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def runner(comfy):
-    from realedit.testbed import comfy_runner
-
-    comfy_runner.load_comfy_nodes()
-    comfy_runner.load_pack()
-    return comfy_runner
-
-
-@pytest.fixture(scope="module")
 def tiny(comfy) -> tuple[dict, dict]:
     """The shipped twin at test size (3 steps everywhere) and the synthetic photos for its LoadImage nodes."""
     from realedit.testbed.demo_inputs import tiny_run

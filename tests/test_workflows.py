@@ -31,15 +31,6 @@ def small(workflow: dict, size: int = 128, steps: int = 3) -> dict:
     return workflow
 
 
-@pytest.fixture(scope="module")
-def runner(comfy):
-    from realedit.testbed import comfy_runner
-
-    comfy_runner.load_comfy_nodes()
-    comfy_runner.load_pack()
-    return comfy_runner
-
-
 @pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
 def test_ui_workflow_queues_exactly_its_api_twin(runner, api_path):
     from realedit.testbed.workflow_format import ui_to_api
