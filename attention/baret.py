@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inversion.baret_settings import BARET_DEFAULTS
+from ..inversion.baret_settings import BARET_DEFAULTS, transition_lambda
 from ..inversion.embedding_opt import OptimisedInversion
 from .hooks import AttentionContext, RowKind
 from .math import DEFAULT_MAX_ELEMENTS
@@ -61,11 +61,7 @@ class BaretControls:
 
     def transition_lambda(self, step: int, total: int) -> float:
         """Eq. 3's lambda at edit step ``step`` (0-based) of ``total``: linear from start to end; 1 if rigid."""
-        if self.rigid:
-            return 1.0
-        if total <= 1:
-            return self.lambda_start
-        return self.lambda_start + (self.lambda_end - self.lambda_start) * step / (total - 1)
+        return transition_lambda(self.lambda_start, self.lambda_end, step, total, self.rigid)
 
 
 class CopyMaps:

@@ -73,12 +73,17 @@ class BaretSettings:
         return self.null_text_lr * (1.0 - step / self.null_text_lr_horizon)
 
     def transition_lambda(self, step: int, total: int, rigid: bool = False) -> float:
-        """Eq. 3's lambda_t: linear from ``lambda_start`` (first step) to ``lambda_end`` (last); 1 if rigid."""
-        if rigid:
-            return 1.0
-        if total <= 1:
-            return self.lambda_start
-        return self.lambda_start + (self.lambda_end - self.lambda_start) * step / (total - 1)
+        """Eq. 3's lambda_t at denoising step ``step`` of ``total`` (see :func:`transition_lambda`)."""
+        return transition_lambda(self.lambda_start, self.lambda_end, step, total, rigid)
+
+
+def transition_lambda(start: float, end: float, step: int, total: int, rigid: bool = False) -> float:
+    """BARET Eq. 3's lambda_t: linear from ``start`` (first step) to ``end`` (last); 1 for rigid edits."""
+    if rigid:
+        return 1.0
+    if total <= 1:
+        return start
+    return start + (end - start) * step / (total - 1)
 
 
 BARET_DEFAULTS = BaretSettings()
