@@ -18,8 +18,7 @@ from ..hosts.comfy_baret import baret_edit
 from ..hosts.comfy_sampling import sampling_sigmas
 from ..inversion.baret_settings import BARET_DEFAULTS, origin
 from ..inversion.embedding_opt import OptimisedInversion, null_text_lr
-from .common import Inversion, latent_samples, progress, single_image
-from .inversion import _convention_input, _scheduler_input
+from .common import Inversion, convention_input, latent_samples, progress, scheduler_input, single_image
 
 CATEGORY = "RealEdit/baret"
 
@@ -60,8 +59,8 @@ def _optimisation_inputs(iterations: int, iterations_origin: str, lr: float, lr_
                        + origin("early_stop_eps")),
         io.Float.Input("early_stop_delta", default=BARET_DEFAULTS.early_stop_delta, min=0.0, max=1.0, step=1e-6,
                        round=False, tooltip=origin("early_stop_delta")),
-        _scheduler_input(),
-        _convention_input(),
+        scheduler_input(),
+        convention_input(),
     ]
 
 

@@ -9,8 +9,30 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
+from ..hosts.comfy_sampling import INVERSION_SCHEDULERS
+from ..inversion.ddim import CONVENTIONS, DEFAULT_CONVENTION
+
 Inversion = io.Custom("REALEDIT_INVERSION")
 RefFeatures = io.Custom("REALEDIT_REF_FEATURES")
+
+CONVENTION_TOOLTIP = (
+    "Where the inversion predicts noise. 'next' (default): at the current latent labelled with the next "
+    "timestep, as diffusers' DDIMInverseScheduler and the official P2P / null-text / SpecRef code; every "
+    "edit step then has a matching reference entry. 'current': at the current latent and its own timestep, "
+    "SpecRef Eq. 1 as written (ComfyUI's FlipSigmas + euler)."
+)
+
+
+def scheduler_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "scheduler", options=list(INVERSION_SCHEDULERS), default="ddim_uniform",
+        tooltip="Schedules uniform in the model's timesteps, which DDIM inversion retraces exactly.",
+    )
+
+
+def convention_input() -> io.Combo.Input:
+    return io.Combo.Input("convention", options=list(CONVENTIONS), default=DEFAULT_CONVENTION,
+                          tooltip=CONVENTION_TOOLTIP)
 
 
 def progress(total: int) -> Callable[[int, object], None]:

@@ -6,7 +6,6 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..hosts.comfy_sampling import (
-    INVERSION_SCHEDULERS,
     batch_obstacle,
     ddim_invert,
     invert_source_and_reference,
@@ -14,33 +13,22 @@ from ..hosts.comfy_sampling import (
     sampling_sigmas,
 )
 from ..inversion.bank import BankSettings, LayerWindow, StepWindow
-from ..inversion.ddim import CONVENTIONS, DEFAULT_CONVENTION
-from .common import Inversion, RefFeatures, latent_samples, progress, single_image
+from .common import (
+    Inversion,
+    RefFeatures,
+    convention_input,
+    latent_samples,
+    progress,
+    scheduler_input,
+    single_image,
+)
 
 CATEGORY = "RealEdit/inversion"
-CONVENTION_TOOLTIP = (
-    "Where the inversion predicts noise. 'next' (default): at the current latent labelled with the next "
-    "timestep, as diffusers' DDIMInverseScheduler and the official P2P / null-text / SpecRef code; every "
-    "edit step then has a matching reference entry. 'current': at the current latent and its own timestep, "
-    "SpecRef Eq. 1 as written (ComfyUI's FlipSigmas + euler)."
-)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _steps_input() -> io.Int.Input:
     return io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps; the edit sampler uses the same.")
-
-
-def _scheduler_input() -> io.Combo.Input:
-    return io.Combo.Input(
-        "scheduler", options=list(INVERSION_SCHEDULERS), default="ddim_uniform",
-        tooltip="Schedules uniform in the model's timesteps, which DDIM inversion retraces exactly.",
-    )
-
-
-def _convention_input() -> io.Combo.Input:
-    return io.Combo.Input("convention", options=list(CONVENTIONS), default=DEFAULT_CONVENTION,
-                          tooltip=CONVENTION_TOOLTIP)
 
 
 class DDIMInvert(io.ComfyNode):
@@ -62,8 +50,8 @@ class DDIMInvert(io.ComfyNode):
                 _steps_input(),
                 io.Float.Input("guidance", default=1.0, min=1.0, max=30.0, step=0.1,
                                tooltip="CFG during inversion; 1 (no CFG) is the standard and the default."),
-                _scheduler_input(),
-                _convention_input(),
+                scheduler_input(),
+                convention_input(),
                 io.Conditioning.Input("negative", optional=True, tooltip="Only needed with guidance above 1."),
             ],
             outputs=[
@@ -140,8 +128,8 @@ class ReferenceFeatures(io.ComfyNode):
                 io.Conditioning.Input("conditioning", tooltip="The reference's prompt; SpecRef uses an empty "
                                       "prompt: connect CLIP Text Encode with an empty text."),
                 _steps_input(),
-                _scheduler_input(),
-                _convention_input(),
+                scheduler_input(),
+                convention_input(),
                 *_bank_inputs(),
             ],
             outputs=[RefFeatures.Output(display_name="ref_features")],
@@ -182,8 +170,8 @@ class InvertSourceAndReference(io.ComfyNode):
                 io.Conditioning.Input("reference_conditioning", tooltip="The reference's prompt; SpecRef uses an "
                                       "empty prompt: connect CLIP Text Encode with an empty text."),
                 _steps_input(),
-                _scheduler_input(),
-                _convention_input(),
+                scheduler_input(),
+                convention_input(),
                 *_bank_inputs(),
                 io.Boolean.Input("batch", default=True,
                                  tooltip="Invert both in one batch when they share a size (fewer model calls; "
