@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inversion.baret_settings import BARET_DEFAULTS, transition_lambda
+from ..inversion.baret_settings import BARET_DEFAULTS, check_fractions, transition_lambda
 from ..inversion.embedding_opt import OptimisedInversion
 from .hooks import AttentionContext, RowKind
 from .math import DEFAULT_MAX_ELEMENTS
@@ -54,10 +54,7 @@ class BaretControls:
     attention_max_tokens: int = BARET_DEFAULTS.attention_max_tokens
 
     def __post_init__(self) -> None:
-        for name in ("lambda_start", "lambda_end", "self_attention_fraction", "cross_attention_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise BaretError(f"RealEdit: {name} must be in [0, 1], got {value}.")
+        check_fractions(self, BaretError)
 
     def transition_lambda(self, step: int, total: int) -> float:
         """Eq. 3's lambda at edit step ``step`` (0-based) of ``total``: linear from start to end; 1 if rigid."""

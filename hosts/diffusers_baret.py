@@ -38,6 +38,7 @@ from .diffusers import DiffusersHost
 from .diffusers_sampling import (
     StepCallback,
     ddim_invert,
+    guided_denoiser,
     noise_from_output,
     prediction_type,
     sample,
@@ -135,23 +136,16 @@ def baret_edit(unet: torch.nn.Module, scheduler, inversion: OptimisedInversion, 
     cfg = inversion.cfg if cfg is None else cfg
     sigmas = inversion.sampling_sigmas
     step_of = {float(s): i for i, s in enumerate(sigmas)}
-    rows = RowInfo.from_chunks(["uncond", "cond"], 3)
-    prediction = prediction_type(scheduler)
-    extra = {key: value.repeat(6, *([1] * (value.dim() - 1))) for key, value in added_cond.items()}
 
-    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    def contexts(sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cond rows e_opt,s / e_trans,s / e_target; uncond for all three."""
         s = step_of[float(sigma)]
-        context = torch.cat([uncond.expand(3, -1, -1).to(x), plan.reconstruction[s].to(x),
-                             plan.transition[s].to(x), plan.target.to(x)])
-        t = torch.tensor(timestep_for_sigma(sigma, scheduler.alphas_cumprod), dtype=x.dtype)
-        x_ddpm = x / math.sqrt(1 + sigma**2)
-        out = host.predict_noise(torch.cat([x_ddpm, x_ddpm]), t, context, rows=rows, total_steps=len(sigmas) - 1,
-                                 **extra)
-        eps_uncond, eps_cond = noise_from_output(out, torch.cat([x_ddpm, x_ddpm]), sigma, prediction).chunk(2)
-        return x - sigma * (eps_uncond + cfg * (eps_cond - eps_uncond))
+        return torch.cat([plan.reconstruction[s], plan.transition[s], plan.target]), uncond
 
     with DiffusersHost(unet, BaretHook(controls)) as host:
         use_schedule(host, sigmas, scheduler.alphas_cumprod)
+        denoise = guided_denoiser(host, scheduler.alphas_cumprod, contexts, cfg, total_steps=len(sigmas) - 1,
+                                  prediction=prediction_type(scheduler), **added_cond)
         x = sample(denoise, inversion.z_T.repeat(3, 1, 1, 1), sigmas,
                    callback=None if callback is None else lambda i, x: callback(i, x[2:3]))
     return BaretResult(edit=x[2:3], transition=x[1:2], reconstruction=x[0:1], lambdas=plan.lambdas)

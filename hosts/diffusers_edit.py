@@ -21,18 +21,11 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..attention.edit_loop import EditCallback, EditResult, TwoPathLoop, edit_result, prepare_edit
-from ..attention.hooks import RowInfo
 from ..attention.specref import SpecRefControls, SpecRefError
 from ..inversion.bank import BankSettings, ReferenceBank, ReferenceFeatures
 from ..inversion.ddim import Inversion
 from .diffusers import DiffusersHost, discover_layers
-from .diffusers_sampling import (
-    noise_from_output,
-    prediction_type,
-    timestep_for_sigma,
-    unet_fingerprint,
-    use_schedule,
-)
+from .diffusers_sampling import Denoiser, guided_denoiser, prediction_type, unet_fingerprint, use_schedule
 
 
 def _common_length(contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -49,39 +42,14 @@ def _common_length(contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [c.repeat(1, length // c.shape[1], 1) for c in contexts]
 
 
-class _EditDenoiser:
-    """``denoised = f(x, sigma)`` for the per-slot batch, with CFG: rows [uncond x n, cond x n]."""
-
-    def __init__(self, host: DiffusersHost, alphas_cumprod: torch.Tensor, conds: Sequence[torch.Tensor],
-                 uncond: torch.Tensor | None, cfg: float, total_steps: int, added_cond: Mapping[str, torch.Tensor],
-                 prediction: str = "epsilon"):
-        contexts = _common_length([*conds, *([uncond] if uncond is not None else [])])
-        self.cond = torch.cat(contexts[: len(conds)])  # (n, tokens, width): slot i's prompt
-        self.uncond = contexts[-1] if uncond is not None else None
-        self.host, self.alphas, self.cfg, self.total = host, alphas_cumprod, cfg, total_steps
-        self.added, self.prediction = dict(added_cond), prediction
-
-    def _added(self, rows: int) -> dict[str, torch.Tensor]:
-        return {k: v.expand(rows, *v.shape[1:]) for k, v in self.added.items()}
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        level = float(sigma.reshape(-1)[0])
-        n = x.shape[0]
-        t = torch.tensor(timestep_for_sigma(level, self.alphas), dtype=x.dtype)
-        x_ddpm = x / math.sqrt(1 + level**2)
-        cond = self.cond.to(x.device, x.dtype)
-        if self.uncond is None or self.cfg == 1.0:
-            out = self.host.predict_noise(x_ddpm, t, cond, rows=RowInfo.from_chunks(["cond"], n),
-                                          total_steps=self.total, **self._added(n))
-            eps = noise_from_output(out, x_ddpm, level, self.prediction)
-        else:
-            context = torch.cat([self.uncond.to(cond).expand(n, -1, -1), cond])
-            out = self.host.predict_noise(
-                torch.cat([x_ddpm, x_ddpm]), t, context, rows=RowInfo.from_chunks(["uncond", "cond"], n),
-                total_steps=self.total, **self._added(2 * n))
-            eps_uncond, eps_cond = noise_from_output(out, torch.cat([x_ddpm, x_ddpm]), level, self.prediction).chunk(2)
-            eps = eps_uncond + self.cfg * (eps_cond - eps_uncond)
-        return x - level * eps
+def _slot_denoiser(host: DiffusersHost, scheduler, conds: Sequence[torch.Tensor], uncond: torch.Tensor | None,
+                   cfg: float, total_steps: int, added_cond: Mapping[str, torch.Tensor]) -> Denoiser:
+    """CFG ``denoised = f(x, sigma)`` for the per-slot batch: row i takes ``conds[i]``."""
+    contexts = _common_length([*conds, *([uncond] if uncond is not None else [])])
+    slots = torch.cat(contexts[: len(conds)])  # (n, tokens, width)
+    negative = contexts[-1] if uncond is not None else None
+    return guided_denoiser(host, scheduler.alphas_cumprod, lambda sigma: (slots, negative), cfg,
+                           total_steps=total_steps, prediction=prediction_type(scheduler), **added_cond)
 
 
 @torch.no_grad()
@@ -125,7 +93,6 @@ def specref_edit(
     x = torch.zeros(len(conds), *inversion.z_T.shape[1:], device=param.device, dtype=param.dtype)
     with DiffusersHost(unet, hook) as host:
         use_schedule(host, sigmas, scheduler.alphas_cumprod)
-        denoise = _EditDenoiser(host, scheduler.alphas_cumprod, conds, negative, cfg, inversion.steps, added_cond,
-                                prediction_type(scheduler))
+        denoise = _slot_denoiser(host, scheduler, conds, negative, cfg, inversion.steps, added_cond)
         out = TwoPathLoop(hook, inversion, refs.inversion, callback)(denoise, x, sigmas.to(x.device))
     return edit_result(out, hook, tuple(inversion.z_T.shape[-2:]), sigmas)

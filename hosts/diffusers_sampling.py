@@ -84,36 +84,59 @@ def noise_from_output(output: torch.Tensor, x_ddpm: torch.Tensor, sigma: float, 
     return output
 
 
-def cfg_denoiser(host: DiffusersHost, alphas_cumprod: torch.Tensor, cond: torch.Tensor,
-                 uncond: torch.Tensor | None = None, cfg: float = 1.0, *, total_steps: int | None = None,
-                 prediction: str = "epsilon", **added_cond: torch.Tensor) -> Denoiser:
-    """k-diffusion-style ``denoised = f(x, sigma)`` with classifier-free guidance.
+RowContexts = Callable[[float], tuple[torch.Tensor, torch.Tensor | None]]
 
-    The batch is [uncond rows, cond rows] (diffusers' order) when cfg != 1, cond rows only otherwise;
-    the host is told which is which. Step indices come from the host's schedule (``use_schedule``);
-    ``total_steps`` is the number of steps (the schedule has one more entry, as ComfyUI's does).
-    ``prediction``: the UNet's ``prediction_type`` ("epsilon" or "v_prediction"; see ``prediction_type``).
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """A batch-1 tensor broadcast to ``n`` rows (per-row tensors pass unchanged)."""
+    return t.expand(n, *t.shape[1:]) if t.shape[0] == 1 else t
+
+
+def _level(sigma: float | torch.Tensor) -> float:
+    """The noise level as a float (k-diffusion-style loops pass one sigma per row, all equal)."""
+    return float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+
+
+def guided_denoiser(host: DiffusersHost, alphas_cumprod: torch.Tensor, contexts: RowContexts, cfg: float = 1.0, *,
+                    total_steps: int | None = None, prediction: str = "epsilon",
+                    **added_cond: torch.Tensor) -> Denoiser:
+    """k-diffusion-style ``denoised = f(x, sigma)`` with classifier-free guidance, one UNet call a step.
+
+    ``contexts(sigma)`` gives the text embeddings of the cond rows and of the uncond rows (batch 1 or one
+    per latent row; uncond None: no guidance) at that level, so callers can change them per step. The
+    batch is [uncond rows, cond rows] (diffusers' order) when cfg != 1, cond rows only otherwise; the host
+    is told which is which. Step indices come from the host's schedule (``use_schedule``); ``total_steps``
+    is the number of steps (the schedule has one more entry, as ComfyUI's does). ``prediction``: the
+    UNet's ``prediction_type`` ("epsilon" or "v_prediction"; see ``prediction_type``).
     """
     _check_prediction(prediction)
-    batch_rows: dict[int, RowInfo] = {}
 
-    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    def denoise(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        b, sigma = x.shape[0], _level(sigma)
         t = torch.tensor(timestep_for_sigma(sigma, alphas_cumprod), dtype=x.dtype)
         x_ddpm = x / math.sqrt(1 + sigma**2)
+        cond, uncond = contexts(sigma)
+        cond = _rows(cond.to(x), b)
         if cfg == 1.0 or uncond is None:
-            out = host.predict_noise(x_ddpm, t, cond.expand(x.shape[0], -1, -1), total_steps=total_steps,
-                                     rows=RowInfo.from_chunks(["cond"], x.shape[0]), **added_cond)
+            out = host.predict_noise(x_ddpm, t, cond, total_steps=total_steps, rows=RowInfo.from_chunks(["cond"], b),
+                                     **{k: _rows(v, b) for k, v in added_cond.items()})
         else:
-            b = x.shape[0]
-            rows = batch_rows.setdefault(b, RowInfo.from_chunks(["uncond", "cond"], b))
-            context = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
-            extra = {k: torch.cat([v, v]) for k, v in added_cond.items()}
-            out_uncond, out_cond = host.predict_noise(torch.cat([x_ddpm, x_ddpm]), t, context, rows=rows,
-                                                      total_steps=total_steps, **extra).chunk(2)
-            out = out_uncond + cfg * (out_cond - out_uncond)
+            extra = {k: torch.cat([_rows(v, b), _rows(v, b)]) for k, v in added_cond.items()}
+            out_uncond, out_cond = host.predict_noise(
+                torch.cat([x_ddpm, x_ddpm]), t, torch.cat([_rows(uncond.to(x), b), cond]),
+                rows=RowInfo.from_chunks(["uncond", "cond"], b), total_steps=total_steps, **extra).chunk(2)
+            out = out_uncond + cfg * (out_cond - out_uncond)  # noise_from_output is affine: commutes with CFG
         return x - sigma * noise_from_output(out, x_ddpm, sigma, prediction)
 
     return denoise
+
+
+def cfg_denoiser(host: DiffusersHost, alphas_cumprod: torch.Tensor, cond: torch.Tensor,
+                 uncond: torch.Tensor | None = None, cfg: float = 1.0, *, total_steps: int | None = None,
+                 prediction: str = "epsilon", **added_cond: torch.Tensor) -> Denoiser:
+    """:func:`guided_denoiser` with the same prompts at every step."""
+    return guided_denoiser(host, alphas_cumprod, lambda sigma: (cond, uncond), cfg, total_steps=total_steps,
+                           prediction=prediction, **added_cond)
 
 
 def sample(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,

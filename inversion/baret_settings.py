@@ -62,19 +62,20 @@ class BaretSettings:
         for name in ("ttis_lr", "null_text_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RealEdit: {name} must be > 0, got {getattr(self, name)}.")
-        for name in ("lambda_start", "lambda_end", "self_attention_fraction", "cross_attention_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"RealEdit: {name} must be in [0, 1], got {getattr(self, name)}.")
+        check_fractions(self, ValueError)
         if self.early_stop_eps < 0 or self.early_stop_delta < 0:
             raise ValueError("RealEdit: the early-stop epsilon and delta must be >= 0.")
 
-    def null_text_lr_at(self, step: int) -> float:
-        """Null-text inversion's learning rate at denoising step ``step``: 1e-2 * (1 - step / 100)."""
-        return self.null_text_lr * (1.0 - step / self.null_text_lr_horizon)
 
-    def transition_lambda(self, step: int, total: int, rigid: bool = False) -> float:
-        """Eq. 3's lambda_t at denoising step ``step`` of ``total`` (see :func:`transition_lambda`)."""
-        return transition_lambda(self.lambda_start, self.lambda_end, step, total, rigid)
+FRACTIONS = ("lambda_start", "lambda_end", "self_attention_fraction", "cross_attention_fraction")
+
+
+def check_fractions(settings: object, error: type[Exception]) -> None:
+    """Raise ``error`` unless every field of :data:`FRACTIONS` that ``settings`` has lies in [0, 1]."""
+    for name in FRACTIONS:
+        value = getattr(settings, name, None)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise error(f"RealEdit: {name} must be in [0, 1], got {value}.")
 
 
 def transition_lambda(start: float, end: float, step: int, total: int, rigid: bool = False) -> float:

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from realedit.inversion.baret_settings import BARET_DEFAULTS, BaretSettings, origin
+from realedit.inversion.baret_settings import BARET_DEFAULTS, BaretSettings, origin, transition_lambda
 from realedit.inversion.ddim import invert
 from realedit.inversion.embedding_opt import (
     NonFiniteLossError,
@@ -209,17 +209,19 @@ def test_baret_settings_defaults_and_validation():
     d = BARET_DEFAULTS
     assert (d.steps, d.cfg, d.ttis_iterations, d.ttis_lr, d.early_stop_eps, d.early_stop_delta) == (
         50, 7.5, 5, 1e-3, 1e-5, 2e-5)
-    assert d.null_text_iterations == 10 and d.null_text_lr_at(0) == 1e-2 == null_text_lr()(0)
-    assert null_text_lr()(30) == pytest.approx(d.null_text_lr_at(30)) == pytest.approx(7e-3)
-    assert d.null_text_lr_at(49) == pytest.approx(1e-2 * 0.51)
-    assert d.transition_lambda(0, 50) == 0.8 and d.transition_lambda(49, 50) == pytest.approx(0.1)
-    assert d.transition_lambda(10, 50, rigid=True) == 1.0
+    assert d.null_text_iterations == 10 and null_text_lr()(0) == 1e-2
+    assert null_text_lr()(30) == pytest.approx(7e-3) and null_text_lr()(49) == pytest.approx(1e-2 * 0.51)
+    assert transition_lambda(d.lambda_start, d.lambda_end, 0, 50) == 0.8
+    assert transition_lambda(d.lambda_start, d.lambda_end, 49, 50) == pytest.approx(0.1)
+    assert transition_lambda(d.lambda_start, d.lambda_end, 10, 50, rigid=True) == 1.0
     assert 0.2 <= d.self_attention_fraction <= 0.4 and 0.4 <= d.cross_attention_fraction <= 0.8
     assert "Sec. 4.3" in origin("self_attention_fraction")
     with pytest.raises(ValueError, match="ttis_lr must be > 0"):
         BaretSettings(ttis_lr=0.0)
     with pytest.raises(ValueError, match="null_text_iterations must be >= 1"):
         BaretSettings(null_text_iterations=0)
+    with pytest.raises(ValueError, match="lambda_end must be in"):
+        BaretSettings(lambda_end=1.2)
 
 
 # --------------------------------------------------------------------------------------------------
