@@ -65,6 +65,11 @@ def sampling_sigmas(model: Any, scheduler: str, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
 
 
+def schedule_steps(model: Any, scheduler: str, steps: int) -> int:
+    """How many steps the schedule of these settings has (some schedulers drop duplicate sigmas)."""
+    return len(sampling_sigmas(model, scheduler, steps)) - 1
+
+
 def model_fingerprint(model: Any) -> str:
     """Identifies the weights: the base model object and its weight patches (LoRAs...).
 
@@ -167,7 +172,7 @@ def reference_features(
     settings = settings or BankSettings()
     check_sd_model(model, latent, "reference LATENT")
     check_finite(latent, "reference LATENT")
-    total = len(sampling_sigmas(model, scheduler, steps)) - 1
+    total = schedule_steps(model, scheduler, steps)
     inverting, layers, edit_steps, bank = _recording_model(model, settings, total, convention)
     inversion = ddim_invert(inverting, latent, conditioning, steps=steps, scheduler=scheduler,
                             convention=convention, callback=callback)

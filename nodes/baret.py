@@ -15,7 +15,7 @@ from comfy_api.latest import io, ui
 from ..attention.baret import BaretControls
 from ..hosts.comfy_autograd import null_text_invert, ttis_invert
 from ..hosts.comfy_baret import baret_edit
-from ..hosts.comfy_sampling import sampling_sigmas
+from ..hosts.comfy_sampling import schedule_steps
 from ..inversion.baret_settings import BARET_DEFAULTS, origin
 from ..inversion.embedding_opt import OptimisedInversion, null_text_lr
 from .common import Inversion, convention_input, latent_samples, progress, scheduler_input, single_image
@@ -68,7 +68,7 @@ def _optimise(invert: Callable[..., OptimisedInversion], model, latent, positive
               iterations: int, **kwargs: Any) -> io.NodeOutput:
     """Run TTIS or null-text inversion with a progress bar; outputs z_T, the INVERSION and the report."""
     samples = single_image(latent_samples(latent), "latent")
-    total = len(sampling_sigmas(model, kwargs["scheduler"], steps)) - 1
+    total = schedule_steps(model, kwargs["scheduler"], steps)
     bar = _OptimisationProgress(total, iterations)
     inversion = invert(model, samples, positive, negative, steps=steps, iterations=iterations,
                        callback=bar.iteration, inversion_callback=bar.inversion_step, **kwargs)

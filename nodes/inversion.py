@@ -10,7 +10,7 @@ from ..hosts.comfy_sampling import (
     ddim_invert,
     invert_source_and_reference,
     reference_features,
-    sampling_sigmas,
+    schedule_steps,
 )
 from ..inversion.bank import BankSettings, LayerWindow, StepWindow
 from .common import (
@@ -63,7 +63,7 @@ class DDIMInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, latent, positive, steps, guidance, scheduler, convention, negative=None) -> io.NodeOutput:
         samples = single_image(latent_samples(latent), "latent")
-        total = len(sampling_sigmas(model, scheduler, steps)) - 1
+        total = schedule_steps(model, scheduler, steps)
         inversion = ddim_invert(model, samples, positive, steps=steps, scheduler=scheduler, guidance=guidance,
                                 negative=negative, convention=convention, callback=progress(total))
         z_T = model.model.process_latent_out(inversion.z_T.to(samples.device)).to(samples.dtype)
@@ -140,7 +140,7 @@ class ReferenceFeatures(io.ComfyNode):
                 step_start, step_end, mode, dtype, device) -> io.NodeOutput:
         samples = single_image(latent_samples(reference, "reference"), "reference")
         settings = _bank_settings(model, layers, finest_resolutions, step_start, step_end, mode, dtype, device)
-        total = len(sampling_sigmas(model, scheduler, steps)) - 1
+        total = schedule_steps(model, scheduler, steps)
         features = reference_features(model, samples, conditioning, settings, steps=steps, scheduler=scheduler,
                                       convention=convention, callback=progress(total))
         text = features.describe()
@@ -192,7 +192,7 @@ class InvertSourceAndReference(io.ComfyNode):
         src = single_image(latent_samples(source, "source"), "source")
         ref = single_image(latent_samples(reference, "reference"), "reference")
         settings = _bank_settings(model, layers, finest_resolutions, step_start, step_end, mode, dtype, device)
-        total = len(sampling_sigmas(model, scheduler, steps)) - 1
+        total = schedule_steps(model, scheduler, steps)
         one_batch = batch and batch_obstacle(src, ref, source_conditioning, reference_conditioning) is None
         result = invert_source_and_reference(
             model, src, source_conditioning, ref, reference_conditioning, settings, steps=steps,
