@@ -18,7 +18,6 @@ host runs the same one (``hosts.diffusers_edit``).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 
 import comfy.samplers
@@ -37,7 +36,7 @@ from ..inversion.bank import BankSettings, ReferenceBank, ReferenceFeatures
 from ..inversion.ddim import Inversion
 from ..inversion.embedding_opt import OptimisedInversion
 from .comfy import discover_layers, install_context_schedule, install_hook
-from .comfy_sampling import check_sd_model, model_fingerprint
+from .comfy_sampling import cfg_guider, check_sd_model, model_fingerprint, repeat_to_common_length
 
 # Conditioning options that make a prompt regional: they cannot be merged into one per-slot tensor.
 log = logging.getLogger("realedit")
@@ -61,13 +60,6 @@ def _single_entry(cond: list, name: str) -> tuple[torch.Tensor, dict]:
     return tensor, options
 
 
-def _pad_tokens(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Repeat each context to the common multiple of their lengths (what ComfyUI does to batch them;
-    attention is unchanged by it, and the map store folds repeats back onto 77 tokens)."""
-    length = math.lcm(*(t.shape[1] for t in tensors))
-    return [t.repeat(1, length // t.shape[1], 1) for t in tensors]
-
-
 def per_slot_conditioning(conds: Sequence[list], names: Sequence[str]) -> list:
     """One CONDITIONING whose tensor has one row per latent slot: ComfyUI then gives each latent of the
     batch its own prompt. Options come from the last (target) entry; pooled outputs are stacked."""
@@ -82,7 +74,7 @@ def per_slot_conditioning(conds: Sequence[list], names: Sequence[str]) -> list:
         options["pooled_output"] = torch.cat(pooled)
     else:
         options.pop("pooled_output", None)
-    return [[torch.cat(_pad_tokens([t for t, _ in entries])), options]]
+    return [[torch.cat(repeat_to_common_length([t for t, _ in entries])), options]]
 
 
 # -- the sampler ----------------------------------------------------------------------------------------
@@ -138,9 +130,7 @@ def specref_edit(
 
     conds = [source_cond, target_cond] + ([refs.conditioning] if refs.live else [])
     positive = per_slot_conditioning(conds, ["source", "target", "reference"][: len(conds)])
-    guider = comfy.samplers.CFGGuider(patched)
-    guider.set_conds(positive, negative if negative is not None else positive)
-    guider.set_cfg(cfg)
+    guider = cfg_guider(patched, positive, negative, cfg)
 
     sigmas = inversion.sampling_sigmas
     z_T = inversion.z_T

@@ -9,6 +9,7 @@ as in a KSampler.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -58,6 +59,12 @@ def check_sd_model(model: Any, latent: torch.Tensor, name: str = "LATENT") -> No
         )
 
 
+def check_input_latent(model: Any, latent: torch.Tensor, name: str = "LATENT") -> None:
+    """:func:`check_sd_model`, and refuse NaN/inf in the latent."""
+    check_sd_model(model, latent, name)
+    check_finite(latent, name)
+
+
 def sampling_sigmas(model: Any, scheduler: str, steps: int) -> torch.Tensor:
     """The descending schedule a KSampler with these settings would use."""
     if steps < 2:
@@ -79,7 +86,8 @@ def model_fingerprint(model: Any) -> str:
     return f"{type(model.model).__name__}@{id(model.model):x}/{model.patches_uuid}"
 
 
-def _guider(model: Any, positive: list, negative: list | None, cfg: float) -> comfy.samplers.CFGGuider:
+def cfg_guider(model: Any, positive: list, negative: list | None, cfg: float) -> comfy.samplers.CFGGuider:
+    """ComfyUI's CFGGuider for these prompts; no negative is allowed at CFG 1 only."""
     if negative is None:
         if cfg != 1.0:
             raise ValueError("RealEdit: guidance above 1 needs a negative CONDITIONING; connect one or use 1.")
@@ -94,6 +102,7 @@ def _invert_batch(model: Any, latent: torch.Tensor, positive: list, negative: li
                   sigmas: torch.Tensor, convention: Convention, callback: StepCallback | None) -> Inversion:
     """Invert every image of a user-space latent batch in one sampler run (one UNet batch per step)."""
     trajectory: list[torch.Tensor] = []
+    on_step = callback  # the sampler function's own ``callback`` parameter shadows it
 
     @torch.no_grad()
     def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -102,15 +111,11 @@ def _invert_batch(model: Any, latent: torch.Tensor, positive: list, negative: li
         def denoise(x_in: torch.Tensor, label: float) -> torch.Tensor:
             return model_k(x_in, label * s_in, **(extra_args or {}))
 
-        path = invert(denoise, x, sigmas, convention, callback=step_callback)
+        path = invert(denoise, x, sigmas, convention, callback=on_step)
         trajectory.extend(trajectory_to(path, "cpu"))  # stays on the device until the last step
         return path[-1]
 
-    def step_callback(i: int, x: torch.Tensor) -> None:
-        if callback is not None:
-            callback(i, x)
-
-    guider = _guider(model, positive, negative, guidance)
+    guider = cfg_guider(model, positive, negative, guidance)
     noise = torch.zeros_like(latent)
     guider.sample(noise, latent, comfy.samplers.KSAMPLER(sampler_function), sigmas, disable_pbar=True, seed=0)
     return Inversion(trajectory=tuple(trajectory), sigmas=sigmas, convention=convention,
@@ -130,8 +135,7 @@ def ddim_invert(
     callback: StepCallback | None = None,
 ) -> Inversion:
     """DDIM-invert a user-space LATENT on a ComfyUI MODEL; the trajectory is in model space."""
-    check_sd_model(model, latent)
-    check_finite(latent, "LATENT")
+    check_input_latent(model, latent)
     sigmas = inversion_sigmas(sampling_sigmas(model, scheduler, steps), convention)  # ascending
     return _invert_batch(model, latent, positive, negative, guidance, sigmas, convention, callback)
 
@@ -170,8 +174,7 @@ def reference_features(
     In ``live`` mode only the trajectory is kept; the edit sampler recomputes K/V on the fly.
     """
     settings = settings or BankSettings()
-    check_sd_model(model, latent, "reference LATENT")
-    check_finite(latent, "reference LATENT")
+    check_input_latent(model, latent, "reference LATENT")
     total = schedule_steps(model, scheduler, steps)
     inverting, layers, edit_steps, bank = _recording_model(model, settings, total, convention)
     inversion = ddim_invert(inverting, latent, conditioning, steps=steps, scheduler=scheduler,
@@ -243,19 +246,30 @@ def batched_conditioning(conds: list[Any], names: list[str]) -> list | str:
         merged["pooled_output"] = torch.cat(pooled)
     elif any(p is not None for p in pooled):
         return "only one of the prompts has a pooled output"
-    length = math.lcm(*(t.shape[1] for t, _ in entries))
-    tensors = [t.repeat(1, length // t.shape[1], 1) for t, _ in entries]
-    return [[torch.cat(tensors), merged]]
+    return [[torch.cat(repeat_to_common_length([t for t, _ in entries])), merged]]
+
+
+def repeat_to_common_length(contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each (1, tokens, width) context repeated to the common multiple of their lengths: what ComfyUI does
+    to batch conds (attention is unchanged by it; the map store folds repeats back onto 77 tokens)."""
+    length = math.lcm(*(t.shape[1] for t in contexts))
+    return [t.repeat(1, length // t.shape[1], 1) for t in contexts]
+
+
+def _batch_plan(source: torch.Tensor, reference: torch.Tensor, source_cond: list, reference_cond: list
+                ) -> list | str:
+    """The CONDITIONING of source and reference as one batch, or why they cannot share one."""
+    if tuple(source.shape) != tuple(reference.shape):
+        return (f"the source latent is {tuple(source.shape[-2:])} and the reference "
+                f"{tuple(reference.shape[-2:])}")
+    return batched_conditioning([source_cond, reference_cond], ["source", "reference"])
 
 
 def batch_obstacle(source: torch.Tensor, reference: torch.Tensor, source_cond: list, reference_cond: list
                    ) -> str | None:
     """Why source and reference cannot be inverted in one batch (None: they can)."""
-    if tuple(source.shape) != tuple(reference.shape):
-        return (f"the source latent is {tuple(source.shape[-2:])} and the reference "
-                f"{tuple(reference.shape[-2:])}")
-    merged = batched_conditioning([source_cond, reference_cond], ["source", "reference"])
-    return merged if isinstance(merged, str) else None
+    plan = _batch_plan(source, reference, source_cond, reference_cond)
+    return plan if isinstance(plan, str) else None
 
 
 def invert_source_and_reference(
@@ -280,18 +294,15 @@ def invert_source_and_reference(
     batch) they run one after the other; ``callback`` then counts steps 0 .. 2N-1.
     """
     settings = settings or BankSettings()
-    check_sd_model(model, source, "source LATENT")
-    check_sd_model(model, reference, "reference LATENT")
-    check_finite(source, "source LATENT")
-    check_finite(reference, "reference LATENT")
-    obstacle = batch_obstacle(source, reference, source_cond, reference_cond) if batched else "batching is off"
-    if obstacle is not None:
+    check_input_latent(model, source, "source LATENT")
+    check_input_latent(model, reference, "reference LATENT")
+    positive = _batch_plan(source, reference, source_cond, reference_cond) if batched else "batching is off"
+    if isinstance(positive, str):
         return _invert_separately(model, source, source_cond, reference, reference_cond, settings, steps, scheduler,
-                                  convention, callback, obstacle)
+                                  convention, callback, positive)
     descending = sampling_sigmas(model, scheduler, steps)
     total = len(descending) - 1
     inverting, layers, edit_steps, bank = _recording_model(model, settings, total, convention, slot=1)
-    positive = batched_conditioning([source_cond, reference_cond], ["source", "reference"])
     latent = torch.cat([source, reference.to(source)])
     both = _invert_batch(inverting, latent, positive, None, 1.0, inversion_sigmas(descending, convention),
                          convention, callback)
