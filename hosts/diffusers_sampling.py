@@ -8,6 +8,7 @@ takes), so there is no ``process_latent_in`` step.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -39,9 +40,16 @@ def sampling_sigmas(scheduler, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 
+@functools.lru_cache(maxsize=4)
+def _log_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The schedule's log-sigmas, float64 on the CPU: built once per schedule tensor (every UNet call
+    and every TTIS iteration asks for a timestep)."""
+    return (((1 - alphas_cumprod) / alphas_cumprod).sqrt()).double().log().cpu()
+
+
 def timestep_for_sigma(sigma: float, alphas_cumprod: torch.Tensor) -> float:
     """The (fractional) training timestep of a noise level, interpolating log-sigma like ComfyUI."""
-    log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod).sqrt()).double().log()
+    log_sigmas = _log_sigmas(alphas_cumprod)
     log_sigma = math.log(max(sigma, 1e-10))
     if log_sigma <= log_sigmas[0]:
         return 0.0
