@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import comfy.model_management
-import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..attention.baret import BaretControls
@@ -21,24 +19,6 @@ from ..inversion.embedding_opt import OptimisedInversion, null_text_lr
 from .common import Inversion, convention_input, latent_samples, progress, scheduler_input, single_image
 
 CATEGORY = "RealEdit/baret"
-
-
-class _OptimisationProgress:
-    """One progress bar over the DDIM inversion steps and every optimisation iteration (at the cap);
-    an early-stopped step jumps the bar to the next step. Each call checks ComfyUI's Cancel button."""
-
-    def __init__(self, steps: int, iterations: int) -> None:
-        self.steps, self.iterations = steps, iterations
-        self.total = steps + steps * iterations
-        self.bar = comfy.utils.ProgressBar(self.total)
-
-    def inversion_step(self, i: int, _latent: Any = None) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        self.bar.update_absolute(i + 1, self.total)
-
-    def iteration(self, step: int, iteration: int, _loss: float) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        self.bar.update_absolute(self.steps + step * self.iterations + iteration + 1, self.total)
 
 
 def _float(name: str, default: float, *, minimum: float = 0.0, maximum: float = 1.0, step: float = 0.01,
@@ -69,9 +49,12 @@ def _optimise(invert: Callable[..., OptimisedInversion], model, latent, positive
     """Run TTIS or null-text inversion with a progress bar; outputs z_T, the INVERSION and the report."""
     samples = single_image(latent_samples(latent), "latent")
     total = schedule_steps(model, kwargs["scheduler"], steps)
-    bar = _OptimisationProgress(total, iterations)
+    # One bar over the inversion steps, then every optimisation iteration (at the cap); an early-stopped
+    # step jumps the bar to the next step. Each call checks ComfyUI's Cancel button.
+    step = progress(total + total * iterations)
     inversion = invert(model, samples, positive, negative, steps=steps, iterations=iterations,
-                       callback=bar.iteration, inversion_callback=bar.inversion_step, **kwargs)
+                       callback=lambda s, i, _loss: step(total + s * iterations + i), inversion_callback=step,
+                       **kwargs)
     z_T = model.model.process_latent_out(inversion.z_T.to(samples.device)).to(samples.dtype)
     report = inversion.optimisation.report()
     return io.NodeOutput({"samples": z_T}, inversion, ui=ui.PreviewText(report))
