@@ -16,7 +16,7 @@ from ..hosts.comfy_baret import baret_edit
 from ..hosts.comfy_sampling import schedule_steps
 from ..inversion.baret_settings import BARET_DEFAULTS, origin
 from ..inversion.embedding_opt import OptimisedInversion, null_text_lr
-from .common import Inversion, convention_input, latent_samples, progress, scheduler_input, single_image
+from .common import Inversion, convention_input, latent_output, latent_samples, progress, scheduler_input, single_image
 
 CATEGORY = "RealEdit/baret"
 
@@ -55,9 +55,8 @@ def _optimise(invert: Callable[..., OptimisedInversion], model, latent, positive
     inversion = invert(model, samples, positive, negative, steps=steps, iterations=iterations,
                        callback=lambda s, i, _loss: step(total + s * iterations + i), inversion_callback=step,
                        **kwargs)
-    z_T = model.model.process_latent_out(inversion.z_T.to(samples.device)).to(samples.dtype)
     report = inversion.optimisation.report()
-    return io.NodeOutput({"samples": z_T}, inversion, ui=ui.PreviewText(report))
+    return io.NodeOutput(latent_output(model, inversion.z_T, samples), inversion, ui=ui.PreviewText(report))
 
 
 _OUTPUTS = [

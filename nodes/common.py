@@ -53,6 +53,12 @@ def latent_samples(latent: dict, name: str = "latent") -> torch.Tensor:
     return samples
 
 
+def latent_output(model, z: torch.Tensor, like: torch.Tensor) -> dict:
+    """A user LATENT dict of the model-space latent ``z`` (e.g. an inversion's z_T): ``process_latent_out``,
+    on the device and in the dtype of ``like`` (the latent the user connected)."""
+    return {"samples": model.model.process_latent_out(z.to(like.device)).to(like.dtype)}
+
+
 def single_image(samples: torch.Tensor, name: str) -> torch.Tensor:
     if samples.shape[0] != 1:
         raise ValueError(

@@ -17,6 +17,7 @@ from .common import (
     Inversion,
     RefFeatures,
     convention_input,
+    latent_output,
     latent_samples,
     progress,
     scheduler_input,
@@ -66,8 +67,7 @@ class DDIMInvert(io.ComfyNode):
         total = schedule_steps(model, scheduler, steps)
         inversion = ddim_invert(model, samples, positive, steps=steps, scheduler=scheduler, guidance=guidance,
                                 negative=negative, convention=convention, callback=progress(total))
-        z_T = model.model.process_latent_out(inversion.z_T.to(samples.device)).to(samples.dtype)
-        return io.NodeOutput({"samples": z_T}, inversion)
+        return io.NodeOutput(latent_output(model, inversion.z_T, samples), inversion)
 
 
 def _bank_inputs() -> list:
@@ -198,7 +198,7 @@ class InvertSourceAndReference(io.ComfyNode):
             model, src, source_conditioning, ref, reference_conditioning, settings, steps=steps,
             scheduler=scheduler, convention=convention, batched=batch,
             callback=progress(total if one_batch else 2 * total))
-        z_T = model.model.process_latent_out(result.source.z_T.to(src.device)).to(src.dtype)
         how = "source and reference inverted in one batch" if result.batched else result.note
         text = f"{result.reference.describe()}\n{how}"
-        return io.NodeOutput({"samples": z_T}, result.source, result.reference, ui=ui.PreviewText(text))
+        return io.NodeOutput(latent_output(model, result.source.z_T, src), result.source, result.reference,
+                             ui=ui.PreviewText(text))
