@@ -35,7 +35,6 @@ from .p2p import P2PHook
 from .settings import P2PSettings
 
 RECONSTRUCTION_SLOT, TRANSITION_SLOT, EDIT_SLOT = 0, 1, 2
-PROCESSES = ("reconstruction", "transition", "edit")
 
 
 class BaretError(ValueError):

@@ -18,17 +18,18 @@ from .maps import CrossAttentionStore, token_sum
 from .settings import P2PSettings, in_window
 
 _DEFAULTS = P2PSettings()
+PATH_SLOTS = (0, 1)  # the prompt slots of the source and edit paths
 
 
 def word_region(maps: torch.Tensor, positions: Sequence[int], latent_hw: tuple[int, int],
-                threshold: float = _DEFAULTS.blend_threshold, mode: str = "nearest") -> torch.Tensor:
+                threshold: float = _DEFAULTS.blend_threshold) -> torch.Tensor:
     """One path's blend mask: (tokens, h, w) maps -> (H, W) bool at latent size.
 
     An all-zero map (the words drew no attention) gives an empty mask.
     """
     m = token_sum(maps, positions)[None, None]  # (1, 1, h, w)
     m = F.max_pool2d(m, kernel_size=3, stride=1, padding=1)
-    m = F.interpolate(m, size=latent_hw, mode=mode)  # (1, 1, H, W)
+    m = F.interpolate(m, size=latent_hw, mode="nearest")  # (1, 1, H, W)
     peak = m.max()
     if float(peak) <= 0:
         return torch.zeros(latent_hw, dtype=torch.bool, device=maps.device)
@@ -36,14 +37,14 @@ def word_region(maps: torch.Tensor, positions: Sequence[int], latent_hw: tuple[i
 
 
 def local_blend_mask(maps: torch.Tensor, positions: Sequence[Sequence[int]], latent_hw: tuple[int, int],
-                     threshold: float = _DEFAULTS.blend_threshold, mode: str = "nearest") -> torch.Tensor:
+                     threshold: float = _DEFAULTS.blend_threshold) -> torch.Tensor:
     """Union of the per-path masks: ``maps`` (paths, tokens, h, w), ``positions[i]`` for path i.
 
     Returns (H, W) bool. P2P: path 0 = source prompt and its words, path 1 = target prompt and its words.
     """
     if len(positions) != maps.shape[0]:
         raise ValueError(f"RealEdit: LocalBlend got maps of {maps.shape[0]} paths but words for {len(positions)}.")
-    masks = [word_region(m, p, latent_hw, threshold, mode) for m, p in zip(maps, positions) if p]
+    masks = [word_region(m, p, latent_hw, threshold) for m, p in zip(maps, positions) if p]
     if not masks:
         raise ValueError("RealEdit: LocalBlend needs at least one blend word.")
     return torch.stack(masks).any(dim=0)
@@ -64,15 +65,14 @@ def blend(x_src: torch.Tensor, x_edit: torch.Tensor, mask: torch.Tensor) -> torc
 class LocalBlend:
     """LocalBlend settings bound to the blend words' token positions, one list per path.
 
-    ``positions[i]`` are the token positions of path ``slots[i]``'s blend words (an empty list skips
-    that path); the maps come from a :class:`CrossAttentionStore` recording the conditional rows.
+    ``positions[i]`` are the token positions of path ``i``'s blend words (path 0 = source, slot 0;
+    path 1 = edit, slot 1; an empty list skips that path); the maps come from a
+    :class:`CrossAttentionStore` recording the conditional rows.
     """
 
     positions: Sequence[Sequence[int]]
     threshold: float = _DEFAULTS.blend_threshold
     start: float = _DEFAULTS.blend_start
-    slots: Sequence[int] = (0, 1)
-    mode: str = "nearest"
 
     def blends_at(self, step: int, total: int) -> bool:
         """Whether to blend after step ``step`` (0-based) of ``total``: from int(start * N) on (P2P)."""
@@ -80,8 +80,8 @@ class LocalBlend:
 
     def mask(self, store: CrossAttentionStore, latent_hw: tuple[int, int]) -> torch.Tensor:
         """The (H, W) bool blend mask from the store's running-mean maps."""
-        maps = store.maps("cond", list(self.slots))  # (paths, tokens, h, w)
-        return local_blend_mask(maps, self.positions, latent_hw, self.threshold, self.mode)
+        maps = store.maps("cond", list(PATH_SLOTS))  # (paths, tokens, h, w)
+        return local_blend_mask(maps, self.positions, latent_hw, self.threshold)
 
     def __call__(self, x_src: torch.Tensor, x_edit: torch.Tensor, store: CrossAttentionStore,
                  step: int, total: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -32,30 +32,27 @@ class MapStoreError(RuntimeError):
 class CrossAttentionStore:
     """Running mean of head-averaged cross-attention probabilities per (row kind, slot).
 
-    Records the cross-attention calls of layers whose ``downscale`` is in ``downscales`` (and whose
-    index is in ``layers``, when given), for rows whose kind is in ``kinds`` (and slot in ``slots``),
-    optionally only inside the step window ``steps``. Every recorded call (one layer at one step) counts
-    once in the mean. Key lengths that are multiples of 77 (ComfyUI repeats a 77-token context to batch
-    it with a longer one) are folded back onto 77 columns by summing the repeats.
+    Records the cross-attention calls of layers whose ``downscale`` is in ``downscales`` (None: every
+    layer), for rows whose kind is in ``kinds`` (and slot in ``slots``), optionally only inside the step
+    window ``steps``. Every recorded call (one layer at one step) counts once in the mean. Key lengths
+    that are multiples of 77 (ComfyUI repeats a 77-token context to batch it with a longer one) are
+    folded back onto 77 columns by summing the repeats.
 
-    ``auto_reset``: a step index lower than the last recorded one starts a new run (the same patched
-    model queued again); call :meth:`reset` to start one explicitly.
+    A step index lower than the last recorded one starts a new run (the same patched model queued
+    again); call :meth:`reset` to start one explicitly.
     """
 
     def __init__(
         self,
         downscales: Collection[int] | None = (4,),
-        layers: Collection[int] | None = None,
         kinds: Collection[RowKind] = ("cond",),
         slots: Collection[int] | None = None,
         steps: StepFraction | None = None,
         *,
-        chunk_len: int = CLIP_CHUNK,
-        auto_reset: bool = True,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
     ) -> None:
-        self.downscales, self.layers, self.kinds, self.slots = downscales, layers, kinds, slots
-        self.steps, self.chunk_len, self.auto_reset, self.max_elements = steps, chunk_len, auto_reset, max_elements
+        self.downscales, self.kinds, self.slots = downscales, kinds, slots
+        self.steps, self.max_elements = steps, max_elements
         self.reset()
 
     def reset(self) -> None:
@@ -67,9 +64,7 @@ class CrossAttentionStore:
 
     # -- recording -------------------------------------------------------------------------------
     def _layer_selected(self, ctx: AttentionContext) -> bool:
-        return (self.downscales is None or ctx.layer.downscale in self.downscales) and (
-            self.layers is None or ctx.layer.index in self.layers
-        )
+        return self.downscales is None or ctx.layer.downscale in self.downscales
 
     def _row_keys(self, ctx: AttentionContext) -> list[tuple[int, Key]]:
         return [
@@ -87,7 +82,7 @@ class CrossAttentionStore:
         return bool(self._row_keys(ctx))
 
     def _start_call(self, ctx: AttentionContext) -> None:
-        if self.auto_reset and ctx.step is not None and self._last_step is not None and ctx.step < self._last_step:
+        if ctx.step is not None and self._last_step is not None and ctx.step < self._last_step:
             self.reset()
         self._last_step = ctx.step if ctx.step is not None else self._last_step
         if self.grid is None:
@@ -123,8 +118,8 @@ class CrossAttentionStore:
     def _fold(self, maps: torch.Tensor) -> torch.Tensor:
         """(rows, q, m*77) -> (rows, q, 77) by summing repeated context chunks."""
         n, q, k = maps.shape
-        if k > self.chunk_len and k % self.chunk_len == 0:
-            return maps.view(n, q, k // self.chunk_len, self.chunk_len).sum(dim=2)
+        if k > CLIP_CHUNK and k % CLIP_CHUNK == 0:
+            return maps.view(n, q, k // CLIP_CHUNK, CLIP_CHUNK).sum(dim=2)
         return maps
 
     def _buffer(self, key: Key, q_tokens: int, chunk: torch.Tensor) -> torch.Tensor:
@@ -180,21 +175,19 @@ class CrossAttentionStore:
         means = [self._sum[(kind, s)] / self._count[(kind, s)] for s in slots]  # (q, tokens) each
         return torch.stack([m.t().reshape(m.shape[1], h, w) for m in means])
 
-    def word_map(self, slot: int, positions: Sequence[int], kind: RowKind = "cond",
-                 reduce: Literal["sum", "mean"] = "sum") -> torch.Tensor:
+    def word_map(self, slot: int, positions: Sequence[int], kind: RowKind = "cond") -> torch.Tensor:
         """Min-max normalised (h, w) map of the token ``positions`` of one slot (see :func:`word_map`)."""
-        return word_map(self.maps(kind, [slot])[0], positions, reduce)
+        return word_map(self.maps(kind, [slot])[0], positions)
 
 
-def token_sum(maps: torch.Tensor, positions: Sequence[int], reduce: Literal["sum", "mean"] = "sum") -> torch.Tensor:
-    """Sum (or mean) of the maps of ``positions``: (tokens, h, w) -> (h, w)."""
+def token_sum(maps: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """Sum of the maps of ``positions``: (tokens, h, w) -> (h, w)."""
     if not positions:
         raise ValueError("RealEdit: no token positions given for the word map.")
     bad = [p for p in positions if not 0 <= p < maps.shape[0]]
     if bad:
         raise ValueError(f"RealEdit: token positions {bad} outside the {maps.shape[0]} recorded key tokens.")
-    picked = maps[list(positions)]  # (n, h, w)
-    return picked.sum(0) if reduce == "sum" else picked.mean(0)
+    return maps[list(positions)].sum(0)  # (n, h, w) -> (h, w)
 
 
 def normalize_minmax(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -205,13 +198,13 @@ def normalize_minmax(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return (x - lo) / (hi - lo)
 
 
-def word_map(maps: torch.Tensor, positions: Sequence[int], reduce: Literal["sum", "mean"] = "sum") -> torch.Tensor:
+def word_map(maps: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
     """A word's attention map, min-max normalised to [0, 1]: (tokens, h, w) -> (h, w).
 
     This is SpecRef's M_t before resizing and thresholding (Eq. 3). A flat map gives all zeros, which
     callers should treat as "the word drew no attention".
     """
-    return normalize_minmax(token_sum(maps, positions, reduce))
+    return normalize_minmax(token_sum(maps, positions))
 
 
 class MapRecorder:
@@ -240,11 +233,10 @@ Normalize = Literal["minmax", "max", "none"]
 
 
 def word_mask(maps: torch.Tensor, positions: Sequence[int], size: tuple[int, int], *,
-              normalize: Normalize = "minmax", threshold: float | None = None,
-              reduce: Literal["sum", "mean"] = "sum") -> torch.Tensor:
+              normalize: Normalize = "minmax", threshold: float | None = None) -> torch.Tensor:
     """A word's attention map as a mask: (slots, tokens, h, w) maps -> (slots, H, W) float.
 
-    Per slot: the sum (or mean) of the maps of the token ``positions`` (P2P's word map), normalised
+    Per slot: the sum of the maps of the token ``positions`` (P2P's word map), normalised
     (``minmax``: to [0, 1] as SpecRef's M_t; ``max``: divided by the peak, as P2P's LocalBlend; ``none``:
     raw probabilities), resized bilinearly to ``size`` (antialiased when shrinking), then, when
     ``threshold`` is given, 1 where the value exceeds it and 0 elsewhere. A flat map (the word drew no
@@ -252,7 +244,7 @@ def word_mask(maps: torch.Tensor, positions: Sequence[int], size: tuple[int, int
     """
     out = []
     for slot_maps in maps:
-        m = token_sum(slot_maps, positions, reduce).float()  # (h, w)
+        m = token_sum(slot_maps, positions).float()  # (h, w)
         if normalize == "minmax":
             m = normalize_minmax(m)
         elif normalize == "max":

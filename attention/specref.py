@@ -404,10 +404,6 @@ class SpecRefHook:
             rows += ctx.rows.rows("uncond", EDIT_SLOT)
         return sorted(rows)
 
-    def sr_active(self, ctx: AttentionContext) -> bool:
-        """SR-attention's windows: a self-attention call in the reference's layers and steps."""
-        return self.sr is not None and self.sr.active(ctx)
-
     def target_map(self) -> torch.Tensor | None:
         """The (h, w) map the edit path's M_t is thresholded from (see :func:`target_map`)."""
         return target_map(self.controls, self.store, EDIT_SLOT)
