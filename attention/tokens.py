@@ -33,6 +33,10 @@ class TokenLookupError(ValueError):
     """A word is not in the prompt, or the prompt cannot be indexed."""
 
 
+class WordNotFoundError(TokenLookupError):
+    """The word does not occur (as whole words) in the prompt."""
+
+
 class PromptTooLongError(TokenLookupError):
     """The prompt does not fit in one 77-token CLIP chunk."""
 
@@ -130,7 +134,7 @@ def word_positions(prompt: str, word: str, tokenize: Tokenizer) -> list[int]:
     query = tokenize(clean)
     found = _find_word(tokens, query) if query else []
     if not found:
-        raise TokenLookupError(
+        raise WordNotFoundError(
             f"RealEdit: the word {clean!r} is not in the prompt {prompt!r}; its words are: "
             f"{', '.join(prompt_words(prompt)) or '(none)'}."
         )

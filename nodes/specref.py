@@ -23,6 +23,7 @@ from ..attention.tokens import (
     Token,
     Tokenizer,
     TokenLookupError,
+    WordNotFoundError,
     check_prompt_length,
     reweight_scale,
     word_positions,
@@ -72,25 +73,25 @@ def split_words(text: str) -> list[str]:
     return [w.strip() for w in (text or "").split(",") if w.strip()]
 
 
-def _positions_any(prompt: str, words: Sequence[str], tokenize: Tokenizer) -> list[int]:
-    """Positions of those ``words`` that occur in ``prompt`` (others skipped)."""
-    found: set[int] = set()
-    for word in words:
-        try:
-            found.update(word_positions(prompt, word, tokenize))
-        except TokenLookupError as error:
-            if "is not in the prompt" not in str(error):
-                raise
-    return sorted(found)
+def _positions_if_any(prompt: str, word: str, tokenize: Tokenizer) -> list[int]:
+    """Positions of ``word`` in ``prompt``; [] when it does not occur there (other lookup errors raise)."""
+    try:
+        return word_positions(prompt, word, tokenize)
+    except WordNotFoundError:
+        return []
 
 
 def blend_positions(source: str, target: str, words: Sequence[str], tokenize: Tokenizer) -> list[list[int]]:
     """LocalBlend token positions per path (source, target); each word must occur in one of the prompts."""
+    found: tuple[set[int], set[int]] = (set(), set())
     for word in words:
-        if not _positions_any(source, [word], tokenize) and not _positions_any(target, [word], tokenize):
+        in_source, in_target = _positions_if_any(source, word, tokenize), _positions_if_any(target, word, tokenize)
+        if not in_source and not in_target:
             raise TokenLookupError(f"RealEdit: the LocalBlend word {word!r} is in neither the source prompt "
                                    f"{source!r} nor the target prompt {target!r}.")
-    return [_positions_any(source, words, tokenize), _positions_any(target, words, tokenize)]
+        found[0].update(in_source)
+        found[1].update(in_target)
+    return [sorted(found[0]), sorted(found[1])]
 
 
 def resolve_mode(mode: str, src_tokens: list[Token], tgt_tokens: list[Token]) -> str:
