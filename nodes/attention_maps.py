@@ -14,7 +14,7 @@ from comfy_api.latest import io, ui
 
 from ..attention.maps import CrossAttentionStore, MapRecorder, MapStoreError, word_mask
 from ..attention.settings import P2PSettings
-from ..attention.tokens import check_prompt_length, word_token_indices
+from ..attention.tokens import word_token_indices
 from ..hosts.comfy import discover_layers, install_hook
 from .common import latent_samples
 from .specref import LATENT_SCALE, clip_tokenizer, split_words
@@ -106,7 +106,6 @@ class WordAttentionMap(io.ComfyNode):
     def execute(cls, attention_maps: CrossAttentionStore, clip, text, words, after, size, normalize,
                 threshold) -> io.NodeOutput:
         tokenize = clip_tokenizer(clip)
-        check_prompt_length(f"the prompt {text!r}", tokenize(text))
         positions = word_token_indices(text, split_words(words), tokenize)
         try:
             maps = attention_maps.maps("cond")  # (latents, 77, h, w)

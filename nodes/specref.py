@@ -289,9 +289,7 @@ class ApplySRAttention(io.ComfyNode):
         words = split_words(target_words)
         positions = None
         if words:
-            tokenize = clip_tokenizer(clip)
-            check_prompt_length(f"the target prompt {target_text!r}", tokenize(target_text))
-            positions = word_token_indices(target_text, words, tokenize)
+            positions = word_token_indices(target_text, words, clip_tokenizer(clip))
         elif target_mask is None:
             raise SpecRefError("RealEdit Apply SR-Attention needs target_words (word(s) of the target prompt naming "
                                "the object to copy) or a target_mask.")
