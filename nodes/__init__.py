@@ -11,9 +11,7 @@ from .baret import BaretEditSampler, NullTextInversion, TargetTextInversion
 from .inversion import DDIMInvert, InvertSourceAndReference, ReferenceFeatures
 from .probe import AttentionProbe, ProbeReport
 from .specref import ApplySRAttention, SpecRefEditSampler
-from .zone import FFTEdgeSmooth, InstructionAction, IP2PEditMask, RegionIoURefine, SAMLoader
-
-SAM_FOLDER = "sams"
+from .zone import SAM_FOLDER, FFTEdgeSmooth, InstructionAction, IP2PEditMask, RegionIoURefine, SAMLoader
 
 
 def register_model_folders() -> None:

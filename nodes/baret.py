@@ -175,8 +175,7 @@ class BaretEditSampler(io.ComfyNode):
         controls = BaretControls(lambda_start=lambda_start, lambda_end=lambda_end, rigid=rigid,
                                  self_attention_fraction=self_attention_fraction,
                                  cross_attention_fraction=cross_attention_fraction)
-        steps = getattr(inversion, "steps", 1)
-        step = progress(steps)
+        step = progress(inversion.steps)
         result = baret_edit(model, inversion, target, negative, cfg=cfg, controls=controls,
                             callback=lambda s, total: step(s))
         return io.NodeOutput({"samples": result.edit}, {"samples": result.transition},

@@ -351,6 +351,3 @@ class FFTEdgeSmooth(io.ComfyNode):
         if image.ndim == 3:
             image = image[None]
         return io.NodeOutput(_mask_out(smoothed.final_mask), image)
-
-
-ZONE_NODES: list[type[io.ComfyNode]] = [IP2PEditMask, InstructionAction, SAMLoader, RegionIoURefine, FFTEdgeSmooth]
