@@ -97,17 +97,25 @@ def _first_match(tokens: list[str], patterns: list[tuple[str, ...]]) -> int | No
     return None
 
 
+def parse_action(value: str | None, *, label: str = "the 'action' input",
+                 hint: str = "connect RealEdit Instruction Action's output, or leave it unconnected for 'change'",
+                 ) -> Action:
+    """An action name, validated: case and surrounding spaces are ignored, None means DEFAULT_ACTION.
+
+    Raises a ValueError naming ``label`` and listing the actions, with ``hint`` on what to do.
+    """
+    name = str(value if value is not None else DEFAULT_ACTION).strip().lower()
+    if name not in ACTIONS:
+        raise ValueError(f"RealEdit: {label} is {value!r}; expected one of {', '.join(ACTIONS)} ({hint}).")
+    return name  # type: ignore[return-value]
+
+
 def _normalise_override(override: str | None) -> Action | None:
     """None / "auto" / "" -> None; otherwise the validated action."""
     if override is None or override.strip().lower() in ("", "auto"):
         return None
-    value = override.strip().lower()
-    if value not in ACTIONS:
-        raise ValueError(
-            f"action override {override!r} is not one of {', '.join(OVERRIDE_CHOICES)}: "
-            "choose 'auto' to read the action from the instruction"
-        )
-    return value  # type: ignore[return-value]
+    return parse_action(override, label="the action override",
+                        hint="or 'auto' to read the action from the instruction")
 
 
 def classify_action(instruction: str, override: str | None = None) -> Action:

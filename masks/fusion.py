@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .actions import ACTIONS
+from .actions import parse_action
 from .settings import ZONE_DEFAULTS, ZoneSettings
 
 AUTO_BETA = -1.0  # any negative beta: take it from the action
@@ -24,12 +24,7 @@ def fusion_beta(action: str, beta: float | None = None, settings: ZoneSettings =
 
     Raises a ValueError naming the input when ``action`` is not add / remove / change or ``beta`` is not finite.
     """
-    name = str(action).strip().lower()
-    if name not in ACTIONS:
-        raise ValueError(
-            f"action {action!r} is not one of {', '.join(ACTIONS)}: connect RealEdit Instruction Action "
-            "(or leave 'action' unconnected for 'change')"
-        )
+    name = parse_action(str(action))  # str(): None is refused here, not read as 'change'
     if beta is None or (math.isfinite(beta) and beta < 0):
         return settings.beta(name)
     if not math.isfinite(beta):

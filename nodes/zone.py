@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
 from ..hosts.comfy_ip2p import check_fusion_partner, check_ip2p_model, ip2p_edit
-from ..masks.actions import ACTIONS, DEFAULT_ACTION, OVERRIDE_CHOICES, action_tooltip, classify_action
+from ..masks.actions import DEFAULT_ACTION, OVERRIDE_CHOICES, action_tooltip, classify_action, parse_action
 from ..masks.composite import as_image_hwc, as_mask_hw
 from ..masks.fusion import AUTO_BETA, fusion_beta
 from ..masks.ip2p_mask import IP2PMaskRecorder
@@ -59,15 +59,6 @@ def _image_pair(original: torch.Tensor, edited: torch.Tensor, node: str) -> tupl
         raise ValueError(f"RealEdit {node}: 'original' is {tuple(orig.shape)} but 'edited' is {tuple(edit.shape)} "
                          "(H, W, C); decode the edit at the photo's size.")
     return orig, edit
-
-
-def _action(action: str | None) -> str:
-    """The 'action' input (from RealEdit Instruction Action), validated; unconnected means 'change'."""
-    name = str(action if action is not None else DEFAULT_ACTION).strip().lower()
-    if name not in ACTIONS:
-        raise ValueError(f"RealEdit: the 'action' input is {action!r}; expected one of {', '.join(ACTIONS)} "
-                         "(connect RealEdit Instruction Action's output, or leave it unconnected for 'change').")
-    return name
 
 
 class IP2PEditMask(io.ComfyNode):
@@ -126,7 +117,7 @@ class IP2PEditMask(io.ComfyNode):
     def execute(cls, model, vae, image, positive, negative, seed, steps, text_guidance, image_guidance, threshold,
                 sampler_name, scheduler, second_model=None, action=DEFAULT_ACTION, beta=AUTO_BETA) -> io.NodeOutput:
         check_ip2p_model(model)
-        beta = fusion_beta(_action(action), beta)
+        beta = fusion_beta(parse_action(action), beta)
         if second_model is not None:
             check_fusion_partner(model, second_model)
         pixels = as_image_hwc(image, "image")
@@ -304,7 +295,7 @@ class RegionIoURefine(io.ComfyNode):
                 box_nms_thresh, action=DEFAULT_ACTION, sam=None, segments=None) -> io.NodeOutput:
         orig, edit = _image_pair(original, edited, "Region-IoU")
         size = tuple(edit.shape[:2])
-        target = orig if _action(action) == "remove" else edit
+        target = orig if parse_action(action) == "remove" else edit
         settings = SamSettings(points_per_side, pred_iou_thresh, stability_score_thresh, box_nms_thresh)
         candidates = _candidate_segments(target, size, sam, segments, settings)
         rough = _resize_mask(as_mask_hw(rough_mask, "rough_mask"), size)
