@@ -36,6 +36,23 @@ def as_image_hwc(image: TensorLike, name: str, channels: int | None = 3) -> torc
     return x if x.is_floating_point() else x.float()
 
 
+def image_pair(original: TensorLike, edited: TensorLike, channels: int | None = 3,
+               node: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original and edited images as (H, W, C) floating tensors (see :func:`as_image_hwc`), refused
+    unless they have one shape. ``node`` (a node's display name) words the error for its two IMAGE inputs."""
+    orig = as_image_hwc(original, "original", channels=channels)
+    edit = as_image_hwc(edited, "edited", channels=channels)
+    if edit.shape != orig.shape:
+        if node is not None:
+            raise ValueError(f"RealEdit {node}: 'original' is {tuple(orig.shape)} but 'edited' is "
+                             f"{tuple(edit.shape)} (H, W, C); decode the edit at the photo's size.")
+        raise ValueError(
+            f"size mismatch: original is {tuple(orig.shape)} (H, W, C) but edited is {tuple(edit.shape)}; "
+            "decode the edit at the original's size (same width/height as the input photo)"
+        )
+    return orig, edit
+
+
 def as_mask_hw(mask: TensorLike, name: str) -> torch.Tensor:
     """(H, W) or (1, H, W), bool or float -> (H, W) bool (float masks: > 0.5)."""
     x = torch.as_tensor(mask)
@@ -83,13 +100,7 @@ def composite(
         The composite, in ``original``'s layout, dtype and device: edited inside M_f, the blend on the
         band, ``original``'s own values (bit-identical) everywhere else.
     """
-    orig = as_image_hwc(original, "original", channels=None)
-    edit = as_image_hwc(edited, "edited", channels=None)
-    if edit.shape != orig.shape:
-        raise ValueError(
-            f"size mismatch: original is {tuple(orig.shape)} (H, W, C) but edited is {tuple(edit.shape)}; "
-            "decode the edit at the original's size (same width/height as the input photo)"
-        )
+    orig, edit = image_pair(original, edited, channels=None)
     inner = as_mask_hw(m_f, "m_f").to(orig.device)
     final = as_mask_hw(m_f_star, "m_f_star").to(orig.device)
     check_same_size(tuple(orig.shape[:2]), m_f=inner, m_f_star=final)

@@ -41,7 +41,7 @@ import torch
 from kornia.morphology import dilation, erosion
 from scipy.ndimage import binary_fill_holes
 
-from .composite import TensorLike, as_image_hwc, as_mask_hw, check_same_size
+from .composite import TensorLike, as_image_hwc, as_mask_hw, check_same_size, image_pair
 from .settings import ZONE_DEFAULTS
 
 MorphOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -188,13 +188,7 @@ def fft_edge_smooth(
 
     An empty M_f gives an empty M_f* (the composite is then the original image).
     """
-    orig = as_image_hwc(original, "original")
-    edit = as_image_hwc(edited, "edited")
-    if edit.shape != orig.shape:
-        raise ValueError(
-            f"size mismatch: original is {tuple(orig.shape)} (H, W, 3) but edited is {tuple(edit.shape)}; "
-            "decode the edit at the original's size"
-        )
+    orig, edit = image_pair(original, edited)
     if orig.dtype != torch.float64:
         orig, edit = orig.float(), edit.float()
     edit = edit.to(device=orig.device, dtype=orig.dtype)

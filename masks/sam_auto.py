@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..compat.torchvision_ops import batched_nms as fallback_batched_nms
+from .composite import as_image_hwc
 from .settings import ZONE_DEFAULTS
 
 SAM_KINDS = ("vit_h", "vit_l", "vit_b")
@@ -129,11 +130,8 @@ class SamSettings:
 
 def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
     """A ComfyUI IMAGE (H, W, 3) or (1, H, W, 3) in [0, 1] -> SAM's uint8 HWC array."""
-    if image.ndim == 4:
-        if image.shape[0] != 1:
-            raise ValueError(f"RealEdit SAM: segment one image at a time, got a batch of {image.shape[0]}.")
-        image = image[0]
-    if image.ndim != 3 or image.shape[-1] < 3:
+    image = as_image_hwc(image, "RealEdit SAM: the image", channels=None)
+    if image.shape[-1] < 3:
         raise ValueError(f"RealEdit SAM: expected an (H, W, 3) image, got {tuple(image.shape)}.")
     return (image[..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 

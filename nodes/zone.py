@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 
 from ..hosts.comfy_ip2p import check_fusion_partner, check_ip2p_model, ip2p_edit
 from ..masks.actions import DEFAULT_ACTION, OVERRIDE_CHOICES, action_tooltip, classify_action, parse_action
-from ..masks.composite import as_image_hwc, as_mask_hw
+from ..masks.composite import as_image_hwc, as_mask_hw, image_pair
 from ..masks.fusion import AUTO_BETA, fusion_beta
 from ..masks.ip2p_mask import IP2PMaskRecorder
 from ..masks.pipeline import smooth_and_composite
@@ -49,16 +49,6 @@ def _image_pair_inputs(original_tooltip: str) -> list:
     """The 'original' and 'edited' IMAGE inputs of Region-IoU and the smoother, in that order."""
     return [io.Image.Input("original", tooltip=original_tooltip),
             io.Image.Input("edited", tooltip="The edited image I_sty (VAE Decode of the edit), same size.")]
-
-
-def _image_pair(original: torch.Tensor, edited: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (H, W, C) original and edited images, refused with a clear message unless they have one size."""
-    orig = as_image_hwc(original, "original")
-    edit = as_image_hwc(edited, "edited")
-    if orig.shape != edit.shape:
-        raise ValueError(f"RealEdit {node}: 'original' is {tuple(orig.shape)} but 'edited' is {tuple(edit.shape)} "
-                         "(H, W, C); decode the edit at the photo's size.")
-    return orig, edit
 
 
 class IP2PEditMask(io.ComfyNode):
@@ -293,7 +283,7 @@ class RegionIoURefine(io.ComfyNode):
     @classmethod
     def execute(cls, original, edited, rough_mask, fallback, points_per_side, pred_iou_thresh, stability_score_thresh,
                 box_nms_thresh, action=DEFAULT_ACTION, sam=None, segments=None) -> io.NodeOutput:
-        orig, edit = _image_pair(original, edited, "Region-IoU")
+        orig, edit = image_pair(original, edited, node="Region-IoU")
         size = tuple(edit.shape[:2])
         target = orig if parse_action(action) == "remove" else edit
         settings = SamSettings(points_per_side, pred_iou_thresh, stability_score_thresh, box_nms_thresh)
@@ -336,7 +326,7 @@ class FFTEdgeSmooth(io.ComfyNode):
 
     @classmethod
     def execute(cls, original, edited, refined_mask, d0, threshold, blend) -> io.NodeOutput:
-        orig, _ = _image_pair(original, edited, "FFT Edge Smooth")
+        orig, _ = image_pair(original, edited, node="FFT Edge Smooth")
         m_f = _resize_mask(as_mask_hw(refined_mask, "refined_mask"), tuple(orig.shape[:2]))
         smoothed, image = smooth_and_composite(original, edited, m_f, d0=d0, threshold=threshold, blend=blend)
         if image.ndim == 3:
