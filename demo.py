@@ -36,13 +36,14 @@ def run_comfy(out: Path, checkpoint: Path | None, size: int, steps: int) -> None
     from .testbed.demo_inputs import tiny_run
 
     print("ComfyUI found: running the shipped workflows through ComfyUI's executor")
+    if checkpoint is not None:
+        import folder_paths
+
+        folder_paths.add_model_folder_path("checkpoints", str(checkpoint.parent))
     for twin in sorted(WORKFLOWS.glob("*.json")):
         workflow, overrides, family = tiny_run(json.loads(twin.read_text()), size, steps)
         kwargs: dict = {"output_dir": out / twin.stem, "overrides": overrides, "tiny_checkpoint": family}
         if checkpoint is not None:
-            import folder_paths
-
-            folder_paths.add_model_folder_path("checkpoints", str(checkpoint.parent))
             for node in workflow.values():
                 if node["class_type"] == "CheckpointLoaderSimple":
                     node["inputs"]["ckpt_name"] = checkpoint.name

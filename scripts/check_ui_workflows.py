@@ -45,7 +45,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -327,11 +327,6 @@ def main() -> int:
             print(f"     (LoadImage files not in the input folder, previews 404 as expected: {', '.join(images)})")
     print(f"{len(names) - failed}/{len(names)} workflows load and queue exactly their API twin")
     return 1 if failed else 0
-
-
-@contextmanager
-def nullcontext(value: str) -> Iterator[str]:
-    yield value
 
 
 if __name__ == "__main__":
