@@ -17,7 +17,7 @@ import comfy.sd
 import comfy.supported_models
 import torch
 
-from .weights import randomise
+from .weights import randomise, scale_output
 
 Family = Literal["sd1", "sd2", "sdxl", "ip2p"]
 
@@ -89,9 +89,7 @@ def make_tiny_unet(family: Family = "sd1", seed: int = 0, weight_scale: float = 
         model.model_type = model_type
         model.model_sampling = comfy.model_base.model_sampling(config, model_type)
         randomise(model.diffusion_model, weight_scale)
-        with torch.no_grad():
-            for param in model.diffusion_model.out[-1].parameters():
-                param.mul_(output_scale)
+        scale_output(model.diffusion_model, output_scale)
     model.eval()
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
@@ -108,8 +106,7 @@ def make_sd15_shaped_unet(device: torch.device, output_scale: float = 1.0,
     with torch.no_grad():
         for param in model.diffusion_model.parameters():
             param.normal_(0, 0.02)
-        for param in model.diffusion_model.out[-1].parameters():
-            param.mul_(output_scale)
+    scale_output(model.diffusion_model, output_scale)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
     return patcher, 768
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .comfy_models import TINY_UNET_CONFIGS, make_tiny_clip
-from .weights import randomise
+from .weights import randomise, scale_output
 
 LATENT_SIZE = 8
 # Colour codes in the 4 latent channels: rows of a Hadamard matrix, orthogonal to each other except
@@ -226,9 +226,7 @@ def make_toy_unet(config: ToyConfig = DEFAULT_CONFIG) -> comfy.model_patcher.Mod
         torch.manual_seed(config.seed)
         model = model_config.get_model({}, "", device=torch.device("cpu"))
         randomise(model.diffusion_model, 1.0)
-        with torch.no_grad():
-            for param in model.diffusion_model.out[-1].parameters():
-                param.zero_()
+        scale_output(model.diffusion_model, 0.0)
     model.eval()
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))

@@ -19,3 +19,13 @@ def randomise(module: torch.nn.Module, scale: float = 1.0) -> None:
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, scale / param[0].numel() ** 0.5)
+
+
+def scale_output(unet: torch.nn.Module, factor: float) -> None:
+    """Multiply the UNet's output layer (``out[-1]``, weight and bias) by ``factor``; 0 zeroes it."""
+    with torch.no_grad():
+        for param in unet.out[-1].parameters():
+            if factor == 0:
+                param.zero_()  # +0.0 everywhere (mul_(0) would leave -0.0 where the weight was negative)
+            else:
+                param.mul_(factor)
