@@ -285,12 +285,13 @@ def train(model: comfy.model_patcher.ModelPatcher, clip: comfy.sd.CLIP, config: 
     schedule = alphas_cumprod(model)
     rng, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.01)
+    schedule_config = dataclasses.replace(config, train_steps=steps)  # the lr schedule spans ``steps``
     window, history, start = [], [], time.perf_counter()
     unet.train()
     with torch.inference_mode(False), torch.enable_grad():
         for step in range(steps):
             for group in optimiser.param_groups:
-                group["lr"] = _lr_at(step, dataclasses.replace(config, train_steps=steps))
+                group["lr"] = _lr_at(step, schedule_config)
             loss = eps_loss(unet, schedule, *_batch(rng, embeddings, empty, config), generator)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
