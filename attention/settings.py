@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, fields
 
 StepFraction = float | tuple[float, float]
 
-SELF_REPLACE_RANGE = (0.4, 0.8)  # P2P / METHODS.md: self-attention replacement for the first 0.4-0.8
 CLIP_CHUNK = 77  # BOS + 75 tokens + EOS
 
 

@@ -67,11 +67,6 @@ def model_input(x: torch.Tensor, sigmas: torch.Tensor | Sequence[float], i: int,
     return x * math.sqrt((1 + s_next**2) / (1 + s_i**2)), s_next
 
 
-def label_index(i: int, convention: Convention) -> int:
-    """Index in the ascending schedule of the label used at inversion step i."""
-    return i + 1 if convention == "next" else i
-
-
 def eps_from_denoised(x_in: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
     """k-diffusion's ``to_d``: the noise implied by a denoised prediction at level sigma."""
     return (x_in - denoised) / sigma
@@ -180,10 +175,6 @@ class Inversion:
             return self.z_T, float(self.sigmas[-1])
         i = self.steps - 1 - s if self.convention == "next" else self.steps - s
         return model_input(self.trajectory[i], self.sigmas, i, self.convention)
-
-    def reversed(self) -> Sequence[torch.Tensor]:
-        """The trajectory in editing order: x_N, x_{N-1}, ..., x_0."""
-        return self.trajectory[::-1]
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -366,11 +366,6 @@ class OptimisedInversion(Inversion):
     fixed_embedding: torch.Tensor | None = None
     optimisation: EmbeddingOptimisation | None = None
 
-    def embedding_for_edit_step(self, s: int) -> torch.Tensor:
-        if self.embeddings is None:
-            raise ValueError("RealEdit: this INVERSION carries no optimised embeddings.")
-        return self.embeddings[s]
-
     def null_text_context(self, kind: str, slot: int, step: int) -> torch.Tensor | None:
         """Null-text inversion's per-step unconditional embedding for every unconditional row of an edit
         batch at edit ``step`` (a host's context schedule); None elsewhere, or for a TTIS inversion."""
