@@ -223,7 +223,9 @@ class SRMixer:
         """Forget per-run state: M_t maps, resized masks, statistics, warnings."""
         self._mt_step: int | None = None
         self._mt_maps: dict[int, torch.Tensor | None] = {}
-        self._grid_cache: dict[tuple, torch.Tensor] = {}
+        # resized masks on the device they are used on, with whether they are nonempty (checked once)
+        self._mt_cache: dict[tuple, tuple[torch.Tensor, bool]] = {}
+        self._ms_cache: dict[tuple, tuple[torch.Tensor, bool]] = {}
         self.stats = SRStats()
         self._warned: set[str] = set()
 
@@ -237,7 +239,7 @@ class SRMixer:
             base: torch.Tensor | None) -> torch.Tensor | None:
         """``base`` (the call's output so far, None: not computed) with SR-attention on ``rows``, or None
         when SR-attention does not apply (empty M_t, no reference K/V): the caller keeps its output."""
-        m_t = self._row_weights(ctx, rows)
+        m_t = self._row_weights(ctx, rows, q.device)
         if m_t is None:
             self.stats.empty_mt += 1
             return None
@@ -251,9 +253,10 @@ class SRMixer:
         k_ref, v_ref = kv
         if base is None:
             base = host_attention(q, k, v, ctx)
-        m_s = self._m_s(k_ref.shape[1], ctx)
-        result = sr_attention(q[rows], k[rows], v[rows], k_ref, v_ref, ctx.heads, m_s, m_t.to(q.device, q.dtype),
-                              o_self=base[rows])
+        m_s, ms_nonempty = self._m_s_entry(k_ref.shape[1], ctx, q.device)
+        # M_t is nonzero in some row (_row_weights); o_self is given, so the rows' own K/V are not read
+        result = sr_attention(q[rows], None, None, k_ref, v_ref, ctx.heads, m_s, m_t.to(q.device, q.dtype),
+                              o_self=base[rows], masks_nonempty=ms_nonempty)
         base[rows] = result.output.to(base.dtype)
         self._note(result, ctx)
         return base
@@ -271,48 +274,60 @@ class SRMixer:
             log.warning(message)
 
     # -- masks ----------------------------------------------------------------------------------------
-    def _m_s(self, ref_tokens: int, ctx: AttentionContext) -> torch.Tensor:
-        """M_s on the reference's token grid: (ref_tokens,) bool (Eq. 2), all True without a mask."""
-        mask = self.controls.ref_mask
-        key = ("ms", ref_tokens, ctx.grid)
-        if key not in self._grid_cache:
+    def _m_s_entry(self, ref_tokens: int, ctx: AttentionContext,
+                   device: torch.device) -> tuple[torch.Tensor, bool]:
+        """M_s on the reference's token grid: (ref_tokens,) bool (Eq. 2) on ``device``, all True without a
+        mask, and whether it allows some key."""
+        key = (ref_tokens, ctx.grid, device)
+        if key not in self._ms_cache:
+            mask = self.controls.ref_mask
             if mask is None:
-                self._grid_cache[key] = torch.ones(ref_tokens, dtype=torch.bool)
+                m_s = torch.ones(ref_tokens, dtype=torch.bool)
             else:
                 grid = reference_grid(ref_tokens, ctx.grid, tuple(mask.shape), self.reference.latent_hw,
                                       ctx.layer.downscale)
-                self._grid_cache[key] = resize_mask_to_grid(mask, grid, self.controls.settings.ms_threshold)
-        return self._grid_cache[key]
+                m_s = resize_mask_to_grid(mask, grid, self.controls.settings.ms_threshold)
+            self._ms_cache[key] = (m_s.to(device), bool(m_s.any()))  # checked on the CPU
+        return self._ms_cache[key]
 
     def target_map(self, slot: int) -> torch.Tensor | None:
         """The (h, w) map M_t of ``slot`` is thresholded from (:func:`target_map`)."""
         return target_map(self.controls, self.store, slot)
 
-    def m_t(self, ctx: AttentionContext, slot: int) -> torch.Tensor | None:
-        """M_t of ``slot`` on the query grid: (q_tokens,) float 0/1 (Eq. 3), computed once per step."""
+    def m_t(self, ctx: AttentionContext, slot: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """M_t of ``slot`` on the query grid: (q_tokens,) float 0/1 (Eq. 3), computed once per step, on
+        ``device`` (None: where its map is)."""
+        entry = self._mt_entry(ctx, slot, device)
+        return None if entry is None else entry[0]
+
+    def _mt_entry(self, ctx: AttentionContext, slot: int,
+                  device: torch.device | None) -> tuple[torch.Tensor, bool] | None:
+        """:meth:`m_t` and whether it is nonzero anywhere (checked once per step, slot, grid and device)."""
         if ctx.step != self._mt_step:
             self._mt_maps.clear()
             self._mt_step = ctx.step
-            self._grid_cache = {k: v for k, v in self._grid_cache.items() if k[0] != "mt"}
+            self._mt_cache.clear()
         if slot not in self._mt_maps:
             self._mt_maps[slot] = self.target_map(slot)
-        if self._mt_maps[slot] is None:
+        m = self._mt_maps[slot]
+        if m is None:
             return None
-        key = ("mt", slot, ctx.grid)
-        if key not in self._grid_cache:
+        key = (slot, ctx.grid, device)
+        if key not in self._mt_cache:
             thr = self.controls.settings.mt_threshold
-            self._grid_cache[key] = resize_mask_to_grid(self._mt_maps[slot], ctx.grid, thr,
-                                                        keep_nonempty=False).float()
-        return self._grid_cache[key]
+            m_t = resize_mask_to_grid(m, ctx.grid, thr, keep_nonempty=False).float()
+            if device is not None:
+                m_t = m_t.to(device)
+            self._mt_cache[key] = (m_t, bool(m_t.any()))
+        return self._mt_cache[key]
 
-    def _row_weights(self, ctx: AttentionContext, rows: list[int]) -> torch.Tensor | None:
-        """M_t per row, (rows, q_tokens), or None when it is empty for every row."""
-        per_slot = {slot: self.m_t(ctx, slot) for slot in {ctx.rows.slot[r] for r in rows}}
-        present = [m for m in per_slot.values() if m is not None and bool(m.any())]
-        if not present:
+    def _row_weights(self, ctx: AttentionContext, rows: list[int], device: torch.device) -> torch.Tensor | None:
+        """M_t per row, (rows, q_tokens) on ``device``, or None when it is empty for every row."""
+        per_slot = {slot: self._mt_entry(ctx, slot, device) for slot in {ctx.rows.slot[r] for r in rows}}
+        if not any(entry is not None and entry[1] for entry in per_slot.values()):
             return None
-        zeros = torch.zeros(ctx.tokens, device=present[0].device)
-        return torch.stack([_or(per_slot[ctx.rows.slot[r]], zeros).to(zeros.device) for r in rows])
+        zeros = torch.zeros(ctx.tokens, device=device)
+        return torch.stack([_or(per_slot[ctx.rows.slot[r]], zeros) for r in rows])
 
 
 def target_map(controls: SpecRefControls, store: CrossAttentionStore | None, slot: int) -> torch.Tensor | None:
@@ -330,8 +345,8 @@ def target_map(controls: SpecRefControls, store: CrossAttentionStore | None, slo
     return normalize_minmax(maps[list(positions)].sum(0))
 
 
-def _or(m: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
-    return default if m is None else m
+def _or(entry: tuple[torch.Tensor, bool] | None, default: torch.Tensor) -> torch.Tensor:
+    return default if entry is None else entry[0]
 
 
 def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:

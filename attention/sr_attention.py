@@ -63,8 +63,11 @@ def resize_mask_to_grid(mask: torch.Tensor, grid: tuple[int, int], threshold: fl
     return out.reshape(*lead, grid[0] * grid[1])
 
 
-def _key_mask(m_s: torch.Tensor, batch: int, q_tokens: int, k_tokens: int) -> torch.Tensor:
-    """M_s as a bool (batch|1, q|1, k) mask, True = allowed key (Eq. 2's 0 entries of M_s^inf)."""
+def _key_mask(m_s: torch.Tensor, batch: int, q_tokens: int, k_tokens: int, check_empty: bool = True) -> torch.Tensor:
+    """M_s as a bool (batch|1, q|1, k) mask, True = allowed key (Eq. 2's 0 entries of M_s^inf).
+
+    ``check_empty=False`` skips the (device-syncing) check that some key is allowed, for a caller that
+    knows it already."""
     m = m_s.to(torch.bool) if m_s.dtype == torch.bool else m_s > 0.5
     if m.shape[-1] != k_tokens:
         raise ValueError(f"RealEdit: M_s has {m.shape[-1]} entries but the reference has {k_tokens} tokens; "
@@ -76,7 +79,7 @@ def _key_mask(m_s: torch.Tensor, batch: int, q_tokens: int, k_tokens: int) -> to
     if m.dim() != 3 or m.shape[0] not in (1, batch) or m.shape[1] not in (1, q_tokens):
         raise ValueError(f"RealEdit: M_s of shape {tuple(m_s.shape)} does not fit batch {batch} and "
                          f"{q_tokens} queries; use (k,), (batch, k) or (batch, q, k).")
-    if not bool(m.any()):
+    if check_empty and not bool(m.any()):
         raise ValueError("RealEdit: the reference mask M_s is empty everywhere: SR-attention has no "
                          "reference token to attend to. Draw or segment the reference object.")
     return m
@@ -102,45 +105,53 @@ def _expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 def sr_attention(
     q: torch.Tensor,
-    k_self: torch.Tensor,
-    v_self: torch.Tensor,
+    k_self: torch.Tensor | None,
+    v_self: torch.Tensor | None,
     k_ref: torch.Tensor,
     v_ref: torch.Tensor,
     heads: int,
     m_s: torch.Tensor,
     m_t: torch.Tensor,
     o_self: torch.Tensor | None = None,
+    *,
+    masks_nonempty: bool = False,
 ) -> SRResult:
     """SR-attention (SpecRef Eq. 2-3) before the output projection.
 
     q, k_self, v_self: (batch, tokens, heads*dim); k_ref, v_ref: (batch or 1, ref_tokens, heads*dim).
     m_s: bool (ref_tokens,), (batch, ref_tokens) or (batch, q_tokens, ref_tokens), True on the
     reference object. m_t: (q_tokens,) or (batch, q_tokens), float in [0, 1] or bool. ``o_self`` is the
-    edit path's own attention output when already computed (e.g. after P2P self-attention replacement).
+    edit path's own attention output when already computed (e.g. after P2P self-attention replacement);
+    then ``k_self`` and ``v_self`` are not read and may be None.
 
     Where M_t is 0 the output is O_self exactly; query rows that M_s leaves without any allowed key fall
     back to O_self and are reported in :attr:`SRResult.fallback`. An M_s empty everywhere is an error.
+    ``masks_nonempty``: the caller knows M_s allows some key and M_t is nonzero somewhere, so those
+    checks (each a device sync) are skipped; with a (ref_tokens,) M_s no query row can lack a key then.
     """
     b, nq, _ = q.shape
     if o_self is None:
+        if k_self is None or v_self is None:
+            raise ValueError("RealEdit: sr_attention needs k_self and v_self when o_self is not given.")
         o_self = attention(q, k_self, v_self, heads)  # (b, q, heads*dim)
     mt = _query_weights(m_t, b, nq, o_self)  # (b|1, q, 1)
-    allowed = _key_mask(m_s.to(q.device), b, nq, k_ref.shape[1])  # (b|1, q|1, k)
-    if not bool(mt.any()):
+    allowed = _key_mask(m_s.to(q.device), b, nq, k_ref.shape[1], check_empty=not masks_nonempty)  # (b|1, q|1, k)
+    if not masks_nonempty and not bool(mt.any()):
         return SRResult(o_self, None)
-    empty = ~allowed.any(dim=-1)  # (b|1, q|1): rows with no allowed key
-    if bool(empty.any()):
-        allowed = allowed | empty[..., None]  # any finite softmax; those rows are replaced below
+    empty: torch.Tensor | None = None  # (b|1, q|1): rows with no allowed key, None when there are none
+    if not (masks_nonempty and m_s.dim() == 1):
+        rows_empty = ~allowed.any(dim=-1)
+        if bool(rows_empty.any()):
+            empty = rows_empty
+            allowed = allowed | empty[..., None]  # any finite softmax; those rows are replaced below
     o_ref = attention(q, _expand_batch(k_ref, b), _expand_batch(v_ref, b), heads,
                       mask=allowed[:, None])  # (b, q, heads*dim); mask (b|1, 1, q|1, k)
     out = torch.lerp(o_self, o_ref.to(o_self.dtype), mt)  # exact at M_t = 0 and M_t = 1
-    return _fall_back(out, o_self, empty, mt)
+    return SRResult(out, None) if empty is None else _fall_back(out, o_self, empty, mt)
 
 
 def _fall_back(out: torch.Tensor, o_self: torch.Tensor, empty: torch.Tensor, mt: torch.Tensor) -> SRResult:
-    """Rows with no allowed reference key take O_self; report those M_t selected."""
-    if not bool(empty.any()):
-        return SRResult(out, None)
+    """Rows with no allowed reference key (``empty``, some True) take O_self; report those M_t selected."""
     b, nq = out.shape[:2]
     empty = empty.expand(b, nq)  # from (b|1, q|1)
     out = torch.where(empty[..., None], o_self, out)
