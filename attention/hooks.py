@@ -14,6 +14,8 @@ from typing import Callable, Literal, Protocol, Sequence
 
 import torch
 
+from .math import attention
+
 AttentionKind = Literal["self", "cross"]
 RowKind = Literal["cond", "uncond"]
 COND: RowKind = "cond"
@@ -128,6 +130,13 @@ def check_hook_output(out: object, q: torch.Tensor, v: torch.Tensor, ctx: Attent
             f"{got}; it must return a tensor of shape {expected} (batch, tokens, heads*dim) or None."
         )
     return out
+
+
+def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """The host's own attention output for the call (the core's SDPA when the host gives none)."""
+    if ctx.host_attention is not None:
+        return ctx.host_attention(q, k, v)
+    return attention(q, k, v, ctx.heads)
 
 
 def grid_for(latent_hw: tuple[int, int], downscale: int, tokens: int) -> tuple[int, int]:

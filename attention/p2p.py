@@ -16,9 +16,9 @@ from typing import Protocol
 
 import torch
 
-from .hooks import AttentionContext, RowInfo, RowKind
+from .hooks import AttentionContext, RowInfo, RowKind, host_attention
 from .maps import CrossAttentionStore
-from .math import DEFAULT_MAX_ELEMENTS, attention, map_attention_chunks
+from .math import DEFAULT_MAX_ELEMENTS, map_attention_chunks
 from .settings import P2PSettings, in_window
 from .tokens import Token, refine_alignment, replace_mapper
 
@@ -182,6 +182,4 @@ class P2PHook:
             return None
         q2, k2 = q.clone(), k.clone()  # (batch, tokens, heads*dim)
         q2[edit_rows], k2[edit_rows] = q[src_rows], k[src_rows]
-        if ctx.host_attention is not None:
-            return ctx.host_attention(q2, k2, v)
-        return attention(q2, k2, v, ctx.heads)
+        return host_attention(q2, k2, v, ctx)

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from ..inversion.bank import ReferenceBank
-from .hooks import AttentionContext, RowKind
+from .hooks import AttentionContext, RowKind, host_attention
 from .local_blend import LocalBlend
 from .maps import CrossAttentionStore, normalize_minmax
-from .math import DEFAULT_MAX_ELEMENTS, attention
+from .math import DEFAULT_MAX_ELEMENTS
 from .p2p import CrossEdit, P2PHook
 from .settings import SpecRefSettings
 from .sr_attention import SRResult, resize_mask_to_grid, sr_attention
@@ -347,13 +347,6 @@ def target_map(controls: SpecRefControls, store: CrossAttentionStore | None, slo
 
 def _or(entry: tuple[torch.Tensor, bool] | None, default: torch.Tensor) -> torch.Tensor:
     return default if entry is None else entry[0]
-
-
-def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    """The host's own attention output for the call (the core's SDPA when the host gives none)."""
-    if ctx.host_attention is not None:
-        return ctx.host_attention(q, k, v)
-    return attention(q, k, v, ctx.heads)
 
 
 # -- the two-path hook -----------------------------------------------------------------------------------

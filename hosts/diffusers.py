@@ -40,6 +40,7 @@ from ..attention.hooks import (
     check_hook_output,
     grid_for,
 )
+from ..attention.math import attention, split_heads
 
 Schedule = Sequence[float] | torch.Tensor
 
@@ -163,20 +164,10 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
     return out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
 
 
-def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(batch, tokens, heads*dim) -> (batch, heads, tokens, dim), as ``AttnProcessor2_0`` views it."""
-    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """The UNet's own (unmasked) attention on (batch, tokens, heads*dim) tensors: ``ctx.host_attention``."""
-    return _sdpa(_split(q, heads), _split(k, heads), _split(v, heads), None)
-
-
 def _split_and_norm(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
     """Head-split q, k, v with ``norm_q``/``norm_k`` applied as ``AttnProcessor2_0`` does, plus the
     merged q and k the hook sees (the projections themselves when there is no q/k norm)."""
-    qh, kh, vh = _split(query, attn.heads), _split(key, attn.heads), _split(value, attn.heads)
+    qh, kh, vh = (split_heads(x, attn.heads) for x in (query, key, value))  # as AttnProcessor2_0 views them
     if attn.norm_q is not None:
         qh = attn.norm_q(qh)
         query = qh.transpose(1, 2).reshape(query.shape)
@@ -212,7 +203,7 @@ class HookedAttnProcessor:
             dim_head=attn.inner_dim // attn.heads, rows=rows,
             step=state.step if state is not None else None,
             total_steps=state.total_steps if state is not None else None,
-            host_attention=functools.partial(sdpa_attention, heads=attn.heads),
+            host_attention=functools.partial(attention, heads=attn.heads),  # the UNet's own unmasked SDPA
         )
         self._ctx_cache = (state, tokens, ctx)
         return ctx
