@@ -15,7 +15,8 @@ from typing import Literal
 
 import torch
 
-from ..attention.hooks import AttentionContext, LayerInfo
+from ..attention.hooks import AttentionContext, LayerInfo, layer_grid
+from ..attention.settings import window_steps
 from .ddim import Inversion, check_made_with
 
 BankMode = Literal["stored", "live"]
@@ -50,7 +51,7 @@ class StepWindow:
     end: float = 1.0
 
     def select(self, total_steps: int) -> range:
-        return range(int(self.start * total_steps), int(self.end * total_steps))
+        return range(*window_steps((self.start, self.end), total_steps))
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,10 @@ class BankRecorder:
 def bank_nbytes(layers: list[LayerInfo], grid_of_latent: tuple[int, int], width_of: dict[int, int],
                 steps: int, bytes_per_value: int) -> int:
     """Bytes a bank of K and V takes, computed from shapes (for benchmarks on big models)."""
-    h, w = grid_of_latent
     total = 0
     for layer in layers:
-        tokens = -(-h // layer.downscale) * -(-w // layer.downscale)
-        total += 2 * tokens * width_of[layer.index] * steps * bytes_per_value
+        h, w = layer_grid(grid_of_latent, layer.downscale)
+        total += 2 * h * w * width_of[layer.index] * steps * bytes_per_value
     return total
 
 
