@@ -9,6 +9,7 @@ counted from the first denoising step, P2P style: a fraction ``f`` of ``N`` step
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 StepFraction = float | tuple[float, float]
 
@@ -56,7 +57,7 @@ class P2PSettings:
         _check_fraction("cross_replace", self.cross_replace)
         _check_fraction("self_replace", self.self_replace)
         _check_fraction("blend_start", self.blend_start)
-        _check_unit("blend_threshold", self.blend_threshold)
+        check_unit("blend_threshold", self.blend_threshold)
         if self.self_replace_max_tokens < 0:
             raise ValueError("RealEdit: self_replace_max_tokens must be >= 0.")
 
@@ -71,15 +72,16 @@ class SpecRefSettings:
     map_downscale: int = 4
 
     def __post_init__(self) -> None:
-        _check_unit("mt_threshold", self.mt_threshold)
-        _check_unit("ms_threshold", self.ms_threshold)
+        check_unit("mt_threshold", self.mt_threshold)
+        check_unit("ms_threshold", self.ms_threshold)
         if self.map_downscale < 1:
             raise ValueError(f"RealEdit: map_downscale must be >= 1, got {self.map_downscale}.")
 
 
-def _check_unit(name: str, value: float) -> None:
+def check_unit(name: str, value: float, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` unless ``value`` lies in [0, 1]."""
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"RealEdit: {name} must be in [0, 1], got {value}.")
+        raise error(f"RealEdit: {name} must be in [0, 1], got {value}.")
 
 
 DOCS: dict[str, str] = {
@@ -99,6 +101,19 @@ DOCS: dict[str, str] = {
     "map_downscale": "Cross-attention maps are read from layers at this downscale of the latent: 4 gives "
     "P2P's 16x16 maps on a 64x64 SD1.x latent.",
 }
+
+
+def with_origin(value: Any, origin: str) -> Any:
+    """A dataclass field with a default and the default's origin (for tooltips; see :func:`field_origin`)."""
+    return field(default=value, metadata={"origin": origin})
+
+
+def field_origin(settings: type, name: str) -> str:
+    """Where the default of a :func:`with_origin` field of the dataclass ``settings`` comes from."""
+    for f in fields(settings):
+        if f.name == name:
+            return f.metadata["origin"]
+    raise KeyError(f"{settings.__name__} has no field {name!r}")
 
 
 def describe(settings: type, name: str) -> str:

@@ -11,13 +11,10 @@ Step windows are fractions of the sampling steps counted from the first denoisin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
 
-
-def _d(value: Any, origin: str) -> Any:
-    """A dataclass field with a default and the default's origin (for tooltips)."""
-    return field(default=value, metadata={"origin": origin})
+from ..attention.settings import check_unit, field_origin
+from ..attention.settings import with_origin as _d
 
 
 @dataclass(frozen=True)
@@ -74,8 +71,8 @@ def check_fractions(settings: object, error: type[Exception]) -> None:
     """Raise ``error`` unless every field of :data:`FRACTIONS` that ``settings`` has lies in [0, 1]."""
     for name in FRACTIONS:
         value = getattr(settings, name, None)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise error(f"RealEdit: {name} must be in [0, 1], got {value}.")
+        if value is not None:
+            check_unit(name, value, error)
 
 
 def transition_lambda(start: float, end: float, step: int, total: int, rigid: bool = False) -> float:
@@ -92,7 +89,4 @@ BARET_DEFAULTS = BaretSettings()
 
 def origin(name: str) -> str:
     """Where a BARET default comes from (tooltip text)."""
-    for f in fields(BaretSettings):
-        if f.name == name:
-            return f.metadata["origin"]
-    raise KeyError(f"BaretSettings has no field {name!r}")
+    return field_origin(BaretSettings, name)

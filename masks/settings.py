@@ -6,13 +6,10 @@ so a default changes in exactly one line. ``origin("fft_d0")`` returns that text
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
 
-
-def _d(value: Any, origin: str) -> Any:
-    """A dataclass field with a default and the default's origin (for tooltips)."""
-    return field(default=value, metadata={"origin": origin})
+from ..attention.settings import field_origin
+from ..attention.settings import with_origin as _d
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,4 @@ ZONE_DEFAULTS = ZoneSettings()
 
 def origin(name: str) -> str:
     """Where the default of ``ZoneSettings.<name>`` comes from (tooltip text)."""
-    for f in fields(ZoneSettings):
-        if f.name == name:
-            return f.metadata["origin"]
-    raise KeyError(f"ZoneSettings has no field {name!r}")
+    return field_origin(ZoneSettings, name)
