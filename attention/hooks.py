@@ -139,16 +139,24 @@ def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Atten
     return attention(q, k, v, ctx.heads)
 
 
-def grid_for(latent_hw: tuple[int, int], downscale: int, tokens: int) -> tuple[int, int]:
-    """Token grid of a layer that sees the latent downsampled ``downscale`` times.
+def layer_grid(latent_hw: tuple[int, int], downscale: int) -> tuple[int, int]:
+    """Token grid of a layer that sees a ``latent_hw`` latent downsampled ``downscale`` times.
 
-    Stride-2 convolutions round up, so halve with ceiling as many times as needed. Falls back to a
-    square/aspect-ratio guess when the count does not match (e.g. a host that resized).
+    Stride-2 convolutions round up, so halve with ceiling as many times as needed.
     """
     h, w = latent_hw
     factor = 1
     while factor < downscale:
         h, w, factor = (h + 1) // 2, (w + 1) // 2, factor * 2
+    return h, w
+
+
+def grid_for(latent_hw: tuple[int, int], downscale: int, tokens: int) -> tuple[int, int]:
+    """Token grid of a layer that sees the latent downsampled ``downscale`` times (:func:`layer_grid`).
+
+    Falls back to a square/aspect-ratio guess when the count does not match (e.g. a host that resized).
+    """
+    h, w = layer_grid(latent_hw, downscale)
     if h * w == tokens:
         return h, w
     ratio = latent_hw[1] / max(latent_hw[0], 1)

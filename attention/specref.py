@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..inversion.bank import ReferenceBank
-from .hooks import AttentionContext, RowKind, host_attention
+from .hooks import AttentionContext, RowKind, host_attention, layer_grid
 from .local_blend import LocalBlend
 from .maps import CrossAttentionStore, normalize_minmax
 from .math import DEFAULT_MAX_ELEMENTS
@@ -175,9 +175,7 @@ def reference_grid(tokens: int, query_grid: tuple[int, int], mask_hw: tuple[int,
     (else the query grid's). With the reference latent's size ``latent_hw`` known, the grid the UNet gave
     it at this layer's ``downscale`` (exact for any size)."""
     if latent_hw is not None:
-        h, w = latent_hw
-        for _ in range(max(downscale, 1).bit_length() - 1):  # stride-2 convolutions round up
-            h, w = (h + 1) // 2, (w + 1) // 2
+        h, w = layer_grid(latent_hw, downscale)
         if h * w == tokens:
             return h, w
     if tokens == query_grid[0] * query_grid[1]:
