@@ -159,7 +159,7 @@ class ReferenceFeatures:
     diffusers host the embedding tensor, with SDXL's ``added_cond`` beside it).
 
     ``fingerprint``, ``total_steps`` and ``latent_shape`` (the reference latent's (1, C, H, W) in the
-    model's latent space) say what the features were made with; they default to the inversion's.
+    model's latent space) say what the features were made with: the inversion's.
     An edit sampler calls :meth:`check_compatible` before using them.
     """
 
@@ -170,20 +170,21 @@ class ReferenceFeatures:
     steps: range
     conditioning: object = None
     added_cond: Mapping[str, torch.Tensor] | None = None
-    fingerprint: str = ""
-    total_steps: int = 0
-    latent_shape: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.fingerprint:
-            object.__setattr__(self, "fingerprint", self.inversion.fingerprint)
-        if not self.total_steps:
-            object.__setattr__(self, "total_steps", self.inversion.steps)
-        if not self.latent_shape:
-            object.__setattr__(self, "latent_shape", tuple(self.inversion.z_T.shape))
 
     def __deepcopy__(self, memo: dict) -> ReferenceFeatures:
         return self
+
+    @property
+    def fingerprint(self) -> str:
+        return self.inversion.fingerprint
+
+    @property
+    def total_steps(self) -> int:
+        return self.inversion.steps
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.inversion.latent_shape
 
     @property
     def sigmas(self) -> torch.Tensor:

@@ -292,6 +292,9 @@ def test_ref_features_with_another_channel_count_are_refused(env):
     other = sampling.ddim_invert(model, _latent(), helpers.conditioning("sd1", 1), steps=STEPS)
     from dataclasses import replace
 
-    eight = replace(features, latent_shape=(1, 8, 16, 16))
+    trajectory = tuple(t.repeat(1, 2, 1, 1) for t in features.inversion.trajectory)
+    eight_channels = replace(features.inversion, trajectory=trajectory)
+    eight = replace(features, inversion=eight_channels)
+    assert eight.latent_shape == (1, 8, 16, 16)
     with pytest.raises(ValueError, match="8 channels but the source INVERSION's has 4"):
         eight.check_compatible(sampling.model_fingerprint(model), STEPS, source=other)
