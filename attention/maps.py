@@ -198,6 +198,12 @@ def normalize_minmax(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return (x - lo) / (hi - lo)
 
 
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(n, c, h, w) maps resized bilinearly to ``size`` (H, W), antialiased when either side shrinks."""
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
 def word_map(maps: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
     """A word's attention map, min-max normalised to [0, 1]: (tokens, h, w) -> (h, w).
 
@@ -253,9 +259,7 @@ def word_mask(maps: torch.Tensor, positions: Sequence[int], size: tuple[int, int
         elif normalize != "none":
             raise ValueError(f"RealEdit: normalize must be 'minmax', 'max' or 'none', got {normalize!r}.")
         out.append(m)
-    stacked = torch.stack(out)[:, None]  # (slots, 1, h, w)
-    shrink = size[0] < stacked.shape[-2] or size[1] < stacked.shape[-1]
-    resized = F.interpolate(stacked, size=size, mode="bilinear", align_corners=False, antialias=shrink)[:, 0]
+    resized = resize_bilinear(torch.stack(out)[:, None], size)[:, 0]  # (slots, 1, h, w) -> (slots, H, W)
     if threshold is not None:
         return (resized > threshold).float()
     return resized

@@ -35,12 +35,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from ..inversion.bank import ReferenceBank
 from .hooks import AttentionContext, RowKind, host_attention, layer_grid
 from .local_blend import LocalBlend
-from .maps import CrossAttentionStore, normalize_minmax
+from .maps import CrossAttentionStore, word_map
 from .math import DEFAULT_MAX_ELEMENTS
 from .p2p import CrossEdit, P2PHook
 from .settings import SpecRefSettings
@@ -340,7 +339,7 @@ def target_map(controls: SpecRefControls, store: CrossAttentionStore | None, slo
     bad = [p for p in positions if p >= maps.shape[0]]
     if bad:
         raise SpecRefError(f"RealEdit: target word positions {bad} lie outside the {maps.shape[0]} prompt tokens.")
-    return normalize_minmax(maps[list(positions)].sum(0))
+    return word_map(maps, positions)
 
 
 def _or(entry: tuple[torch.Tensor, bool] | None, default: torch.Tensor) -> torch.Tensor:
@@ -357,9 +356,6 @@ class SpecRefHook:
 
     def __init__(self, controls: SpecRefControls, reference: ReferenceSource | None = None, *,
                  max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
-        if reference is not None and controls.target_positions is None and controls.target_mask is None:
-            raise SpecRefError("RealEdit: SR-attention needs M_t: give the target word(s) of the target "
-                               "prompt (or a fixed target mask).")
         self.controls, self.reference = controls, reference
         s = controls.settings
         self.store = CrossAttentionStore(downscales=(s.map_downscale,), kinds=("cond",),
@@ -438,9 +434,7 @@ def _preview(m: torch.Tensor | None, latent_hw: tuple[int, int], threshold: floa
     """A map resized bilinearly to latent size and thresholded, (H, W) float 0/1."""
     if m is None:
         return None
-    m = F.interpolate(m[None, None].float(), size=latent_hw, mode="bilinear", align_corners=False,
-                      antialias=latent_hw[0] < m.shape[0] or latent_hw[1] < m.shape[1])[0, 0]
-    return (m > threshold).float()
+    return resize_mask_to_grid(m, latent_hw, threshold, keep_nonempty=False).reshape(latent_hw).float()
 
 
 # -- SR-attention in any sampler ---------------------------------------------------------------------------

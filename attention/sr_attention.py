@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from .maps import resize_bilinear
 from .math import attention
 from .settings import SpecRefSettings
 
@@ -50,9 +50,7 @@ def resize_mask_to_grid(mask: torch.Tensor, grid: tuple[int, int], threshold: fl
     if mask.dim() < 2:
         raise ValueError(f"RealEdit: a mask must be (..., H, W), got shape {tuple(mask.shape)}.")
     lead, (H, W) = mask.shape[:-2], mask.shape[-2:]
-    x = mask.float().reshape(-1, 1, H, W)
-    shrink = grid[0] < H or grid[1] < W
-    x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False, antialias=shrink)
+    x = resize_bilinear(mask.float().reshape(-1, 1, H, W), grid)
     x = x.reshape(x.shape[0], -1)  # (n, h*w)
     out = x > threshold
     if keep_nonempty:
