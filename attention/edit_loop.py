@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inversion.bank import BankSettings, ReferenceBank, ReferenceFeatures
+from ..inversion.bank import BankSettings, ReferenceBank, ReferenceFeatures, check_reference
 from ..inversion.ddim import Inversion
 from .hooks import LayerInfo
 from .specref import (
@@ -136,9 +136,7 @@ class ReferenceInputs:
     @staticmethod
     def from_features(features: ReferenceFeatures) -> ReferenceInputs:
         """The inputs a REF_FEATURES object (RealEdit Reference Features) carries, in either mode."""
-        if not isinstance(features, ReferenceFeatures):
-            raise SpecRefError("RealEdit: the ref_features input is not a RealEdit Reference Features output "
-                               f"(got {type(features).__name__}).")
+        check_features_type(features)
         hw = tuple(features.inversion.z_T.shape[-2:])
         if features.mode == "live":
             return ReferenceInputs(inversion=features.inversion, conditioning=features.conditioning,
@@ -160,7 +158,10 @@ class ReferenceInputs:
         return self.inversion is not None
 
     def check(self, fingerprint: str, source: Inversion, *, features: ReferenceFeatures | None = None) -> None:
-        """Refuse inputs made with another model, step count or schedule than the source ``source``."""
+        """Refuse inputs made with another model, step count or schedule than the source ``source``.
+
+        Inputs from REF_FEATURES (``features``) are checked by :func:`check_features`, and here only for what
+        that does not cover (the bank's own step count and entries, the live row count and prompt)."""
         if self.bank is not None and self.inversion is not None:
             raise SpecRefError("RealEdit: give either a stored reference bank or a live reference inversion, "
                                "not both.")
@@ -169,7 +170,9 @@ class ReferenceInputs:
         if self.bank is not None:
             _check_bank(self.bank, source)
         if self.inversion is not None:
-            _check_live(fingerprint, self.inversion, source, self.conditioning)
+            if features is None:
+                _check_live(fingerprint, self.inversion, source)
+            _check_live_row(self.inversion, source, self.conditioning)
 
     def source(self, default_layers: Callable[[], Sequence[int]], default_steps: range) -> ReferenceSource | None:
         """The hook's :class:`~.specref.ReferenceSource` (live windows default to the callables' values)."""
@@ -187,23 +190,38 @@ def check_features(fingerprint: str, source: Inversion, features: ReferenceFeatu
     features.check_compatible(fingerprint, source.steps, source=source)
 
 
-def _check_bank(bank: ReferenceBank, source: Inversion) -> None:
-    if bank.total_steps != source.steps:
-        raise SpecRefError(f"RealEdit: the REF_FEATURES were made with {bank.total_steps} steps but the "
-                           f"source INVERSION with {source.steps}; invert both with the same steps.")
+def check_features_type(features: object) -> None:
+    """Refuse a ref_features input that is not a REF_FEATURES object (RealEdit Reference Features)."""
+    if not isinstance(features, ReferenceFeatures):
+        raise SpecRefError("RealEdit: the ref_features input is not a RealEdit Reference Features output "
+                           f"(got {type(features).__name__}).")
+
+
+def check_bank_filled(bank: ReferenceBank) -> None:
+    """Refuse a bank without K/V (its layer or step window selected nothing)."""
     if not bank.entries:
         raise SpecRefError("RealEdit: the REF_FEATURES hold no K/V (empty layer or step window).")
 
 
-def _check_live(fingerprint: str, reference: Inversion, source: Inversion, conditioning: object) -> None:
+def _check_bank(bank: ReferenceBank, source: Inversion) -> None:
+    if bank.total_steps != source.steps:
+        raise SpecRefError(f"RealEdit: the REF_FEATURES were made with {bank.total_steps} steps but the "
+                           f"source INVERSION with {source.steps}; invert both with the same steps.")
+    check_bank_filled(bank)
+
+
+def _check_live(fingerprint: str, reference: Inversion, source: Inversion) -> None:
+    """A live reference inversion given on its own (not as REF_FEATURES): this model and step count, and the
+    source's schedule, channels and size."""
     reference.check_compatible(fingerprint, source.steps, what="reference INVERSION")
-    if not torch.allclose(reference.sigmas, source.sigmas):
-        raise SpecRefError("RealEdit: the reference and source inversions use different schedules; "
-                           "invert both with the same scheduler.")
-    if tuple(reference.z_T.shape) != tuple(source.z_T.shape):
-        raise SpecRefError(f"RealEdit: live reference features need a reference latent of the source's size "
-                           f"({tuple(source.z_T.shape)}), got {tuple(reference.z_T.shape)}; resize the "
-                           "reference image to the source's size, or use stored features (any size).")
+    check_reference(reference, source, "reference features", same_size=True, error=SpecRefError)
+
+
+def _check_live_row(reference: Inversion, source: Inversion, conditioning: object) -> None:
+    """The live reference is one more row of the edit's batch: one image per source image, with its prompt."""
+    if reference.z_T.shape[0] != source.z_T.shape[0]:
+        raise SpecRefError(f"RealEdit: live reference features need as many reference images as source images "
+                           f"({source.z_T.shape[0]}), got {reference.z_T.shape[0]}.")
     if conditioning is None:
         raise SpecRefError("RealEdit: live reference features need the reference prompt's CONDITIONING "
                            "(the empty prompt by default).")

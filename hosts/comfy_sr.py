@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from comfy.patcher_extension import WrappersMP
 
+from ..attention.edit_loop import check_bank_filled, check_features_type
 from ..attention.specref import SpecRefControls, SpecRefError, SRAttentionHook, StoredReference
 from ..inversion.bank import ReferenceFeatures
 from .comfy import install_hook
@@ -38,16 +39,13 @@ class _SamplingStart:
 
 def check_stored_features(model: Any, features: ReferenceFeatures) -> None:
     """Refuse REF_FEATURES a plain sampler cannot use: live mode, another model, an empty bank."""
-    if not isinstance(features, ReferenceFeatures):
-        raise SpecRefError("RealEdit: the ref_features input is not a RealEdit Reference Features output "
-                           f"(got {type(features).__name__}).")
+    check_features_type(features)
     if features.mode != "stored" or features.bank is None:
         raise SpecRefError("RealEdit Apply SR-Attention needs stored REF_FEATURES (mode 'stored' on RealEdit "
                            "Reference Features): live features run the reference as an extra batch row, which "
                            "only the RealEdit SpecRef Edit Sampler does.")
     features.check_compatible(model_fingerprint(model), features.total_steps)  # another model: refused
-    if not features.bank.entries:
-        raise SpecRefError("RealEdit: the REF_FEATURES hold no K/V (empty layer or step window).")
+    check_bank_filled(features.bank)
 
 
 def apply_sr_attention(model: Any, features: ReferenceFeatures,

@@ -208,25 +208,8 @@ class ReferenceFeatures:
         the reference's own token grid).
         """
         check_made_with(what, self.fingerprint, self.total_steps, fingerprint, steps)
-        if source is None:
-            return
-        if source.steps != self.total_steps:
-            raise ValueError(f"RealEdit: the {what} was made with {self.total_steps} steps but the source INVERSION "
-                             f"with {source.steps}; invert both with the same steps.")
-        if source.fingerprint != self.fingerprint:
-            raise ValueError(f"RealEdit: the {what} and the source INVERSION were made with different models or "
-                             "weight patches; make both with the same MODEL.")
-        if source.sigmas.shape != self.sigmas.shape or not torch.allclose(source.sigmas.cpu(), self.sigmas.cpu()):
-            raise ValueError(f"RealEdit: the {what} and the source INVERSION use different schedules; use the same "
-                             "scheduler on the inversion and reference nodes.")
-        src, ref = source.latent_shape, self.latent_shape
-        if src[1] != ref[1]:
-            raise ValueError(f"RealEdit: the {what} come from a latent with {ref[1]} channels but the source "
-                             f"INVERSION's has {src[1]}; encode both photos with the same VAE.")
-        if self.mode == "live" and src[-2:] != ref[-2:]:
-            raise ValueError(
-                f"RealEdit: live {what} need a reference latent of the source's size ({src[-2]}x{src[-1]}), got "
-                f"{ref[-2]}x{ref[-1]}; resize the reference photo to the source's size or use mode 'stored'.")
+        if source is not None:
+            check_reference(self.inversion, source, what, same_size=self.mode == "live")
 
     def describe(self) -> str:
         size = f"reference latent {self.latent_shape[-2]}x{self.latent_shape[-1]}, {self.total_steps} steps"
@@ -235,3 +218,28 @@ class ReferenceFeatures:
         latents = len(self.inversion.trajectory)
         return (f"RealEdit reference (live): trajectory of {latents} latents, {self.nbytes / 2**20:.2f} MiB; "
                 f"K/V recomputed each edit step for layers {list(self.layers)}; {size}")
+
+
+def check_reference(reference: Inversion, source: Inversion, what: str, *, same_size: bool,
+                    error: type[ValueError] = ValueError) -> None:
+    """Refuse a reference inversion (``what`` in the messages) for an edit of the ``source`` INVERSION: another
+    step count, model (or weight patches), schedule or latent channel count, and with ``same_size`` (live
+    features: the reference is one more row of the edit's batch) another latent size."""
+    if source.steps != reference.steps:
+        raise error(f"RealEdit: the {what} was made with {reference.steps} steps but the source INVERSION "
+                    f"with {source.steps}; invert both with the same steps.")
+    if source.fingerprint != reference.fingerprint:
+        raise error(f"RealEdit: the {what} and the source INVERSION were made with different models or "
+                    "weight patches; make both with the same MODEL.")
+    if source.sigmas.shape != reference.sigmas.shape or not torch.allclose(source.sigmas.cpu(),
+                                                                           reference.sigmas.cpu()):
+        raise error(f"RealEdit: the {what} and the source INVERSION use different schedules; use the same "
+                    "scheduler on the inversion and reference nodes.")
+    src, ref = source.latent_shape, reference.latent_shape
+    if src[1] != ref[1]:
+        raise error(f"RealEdit: the {what} come from a latent with {ref[1]} channels but the source "
+                    f"INVERSION's has {src[1]}; encode both photos with the same VAE.")
+    if same_size and src[-2:] != ref[-2:]:
+        raise error(
+            f"RealEdit: live {what} need a reference latent of the source's size ({src[-2]}x{src[-1]}), got "
+            f"{ref[-2]}x{ref[-1]}; resize the reference photo to the source's size or use mode 'stored'.")
