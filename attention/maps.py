@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .hooks import AttentionContext, RowKind
-from .math import DEFAULT_MAX_ELEMENTS, attention_probs, map_attention_chunks
+from .math import DEFAULT_MAX_ELEMENTS, attention_probs, map_attention_chunks, query_chunk_size
 from .settings import CLIP_CHUNK, StepFraction, in_window
 
 ProbsFn = Callable[[torch.Tensor, slice], torch.Tensor]
@@ -73,13 +73,17 @@ class CrossAttentionStore:
             if kind in self.kinds and (self.slots is None or slot in self.slots)
         ]
 
+    def _wanted_keys(self, ctx: AttentionContext) -> list[tuple[int, Key]]:
+        """The (batch row, key) pairs this call records, [] when the store does not record it."""
+        if ctx.kind != "cross" or not self._layer_selected(ctx):
+            return []
+        if self.steps is not None and not in_window(ctx.step, self.steps, ctx.total_steps):
+            return []
+        return self._row_keys(ctx)
+
     def wants(self, ctx: AttentionContext) -> bool:
         """Whether this call is one the store records."""
-        if ctx.kind != "cross" or not self._layer_selected(ctx):
-            return False
-        if self.steps is not None and not in_window(ctx.step, self.steps, ctx.total_steps):
-            return False
-        return bool(self._row_keys(ctx))
+        return bool(self._wanted_keys(ctx))
 
     def _start_call(self, ctx: AttentionContext) -> None:
         if ctx.step is not None and self._last_step is not None and ctx.step < self._last_step:
@@ -94,23 +98,34 @@ class CrossAttentionStore:
                 "layers of one resolution, or reset the store when the image size changes."
             )
 
+    def _begin_call(self, ctx: AttentionContext) -> list[tuple[int, Key]]:
+        """Count this call once for each recorded row; returns those rows ([]: not recorded)."""
+        keys = self._wanted_keys(ctx)
+        if not keys:
+            return keys
+        self._start_call(ctx)
+        for _, key in keys:
+            self._count[key] = self._count.get(key, 0) + 1
+        return keys
+
+    def _add(self, keys: list[tuple[int, Key]], probs: torch.Tensor, rows: slice, q_tokens: int) -> None:
+        """Add the recorded rows' probabilities (len(keys), heads, chunk, k) to the sums' query ``rows``."""
+        chunk = self._fold(probs.float().mean(dim=1))  # (rows, chunk, tokens)
+        for j, (_, key) in enumerate(keys):
+            self._buffer(key, q_tokens, chunk)[rows] += chunk[j]
+
     def recorder(self, ctx: AttentionContext) -> ProbsFn | None:
         """A ``fn(probs, query_slice)`` for :func:`map_attention_chunks` recording this call, or None.
 
         Creating it counts the call once; the chunks then fill disjoint query rows of the sums.
         """
-        if not self.wants(ctx):
+        keys = self._begin_call(ctx)
+        if not keys:
             return None
-        self._start_call(ctx)
-        keys = self._row_keys(ctx)
-        for _, key in keys:
-            self._count[key] = self._count.get(key, 0) + 1
         index = [i for i, _ in keys]
 
         def record(probs: torch.Tensor, rows: slice) -> torch.Tensor:  # probs: (batch, heads, chunk, k)
-            chunk = self._fold(probs[index].float().mean(dim=1))  # (rows, chunk, tokens)
-            for j, (_, key) in enumerate(keys):
-                self._buffer(key, ctx.tokens, chunk)[rows] += chunk[j]
+            self._add(keys, probs[index], rows, ctx.tokens)
             return probs
 
         return record
@@ -145,13 +160,18 @@ class CrossAttentionStore:
         own kernel computes the output bit for bit): the probabilities are computed a second time here,
         chunked over queries, which costs little in the small map layers (16x16 x 77 keys at 512 px).
         """
-        fn = self.recorder(ctx)
-        if fn is None:
+        keys = self._begin_call(ctx)
+        if not keys:
             return False
-        step = max(1, self.max_elements // max(1, q.shape[0] * ctx.heads * k.shape[1]))
-        for start in range(0, q.shape[1], step):
-            rows = slice(start, min(q.shape[1], start + step))
-            fn(attention_probs(q[:, rows], k, ctx.heads), rows)  # (batch, heads, chunk, k)
+        nq = q.shape[1]
+        # chunks as for the whole batch (the same query chunks, so the same sums, as recording its output)
+        step = query_chunk_size(q.shape[0], ctx.heads, nq, k.shape[1], self.max_elements)
+        if len(keys) < q.shape[0]:  # only the recorded rows' probabilities
+            index = torch.tensor([i for i, _ in keys], device=q.device)
+            q, k = q.index_select(0, index), k.index_select(0, index)
+        for start in range(0, nq, step):
+            rows = slice(start, min(nq, start + step))
+            self._add(keys, attention_probs(q[:, rows], k, ctx.heads), rows, ctx.tokens)  # (rows, heads, chunk, k)
         return True
 
     # -- reading ---------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _query_chunks(batch: int, heads: int, q_tokens: int, k_tokens: int, max_elements: int) -> int:
+def query_chunk_size(batch: int, heads: int, q_tokens: int, k_tokens: int, max_elements: int) -> int:
+    """Queries per chunk so that a (batch, heads, chunk, k_tokens) score matrix stays under ``max_elements``."""
     per_query = max(1, batch * heads * k_tokens)
     return max(1, min(q_tokens, max_elements // per_query))
 
@@ -71,7 +72,7 @@ def map_attention_chunks(
     """
     qh, kh, vh = (split_heads(t, heads).to(dtype) for t in (q, k, v))
     b, h, nq, d = qh.shape
-    step = _query_chunks(b, h, nq, kh.shape[2], max_elements)
+    step = query_chunk_size(b, h, nq, kh.shape[2], max_elements)
     out = torch.empty(b, h, nq, vh.shape[-1], dtype=dtype, device=q.device)
     for start in range(0, nq, step):
         rows = slice(start, min(nq, start + step))
