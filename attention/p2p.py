@@ -11,7 +11,7 @@ SR-attention (Eq. 2-3) and LocalBlend (Eq. 5) on top of these controls.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 import torch
@@ -40,11 +40,20 @@ def _blocks(k: int, chunk: int) -> int:
     return k // chunk
 
 
+def _cached(cache: dict[tuple, torch.Tensor], key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``cache[key]``, made on first use (a control's constants per device, dtype and key length)."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+    return value
+
+
 class Replace:
     """Word swap: A_edit = A_src @ M with the (77, 77) mapper of :func:`~.tokens.replace_mapper`."""
 
     def __init__(self, mapper: torch.Tensor) -> None:
         self.mapper = mapper  # (src_tokens, tgt_tokens)
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_tokens(cls, src_tokens: list[Token], tgt_tokens: list[Token]) -> Replace:
@@ -53,7 +62,7 @@ class Replace:
     def __call__(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         n, h, q, k = src.shape
         chunk = self.mapper.shape[0]
-        m = self.mapper.to(src.device, src.dtype)
+        m = _cached(self._cache, (src.device, src.dtype), lambda: self.mapper.to(src.device, src.dtype))
         blocks = src.reshape(n, h, q, _blocks(k, chunk), chunk)  # (n, h, q, blocks, 77)
         return (blocks @ m).reshape(n, h, q, k)
 
@@ -63,6 +72,7 @@ class Refine:
 
     def __init__(self, mapper: torch.Tensor, alphas: torch.Tensor) -> None:
         self.mapper, self.alphas = mapper, alphas  # (77,) long, (77,) float
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_tokens(cls, src_tokens: list[Token], tgt_tokens: list[Token]) -> Refine:
@@ -70,9 +80,12 @@ class Refine:
 
     def __call__(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         k, chunk = src.shape[-1], self.mapper.shape[0]
-        offsets = torch.arange(_blocks(k, chunk), device=src.device)[:, None] * chunk
-        index = (offsets + self.mapper.to(src.device)[None]).reshape(-1)  # (k,)
-        alphas = self.alphas.to(src.device, src.dtype).repeat(k // chunk)  # (k,)
+        blocks = _blocks(k, chunk)
+        index = _cached(self._cache, ("index", src.device, k), lambda: (
+            torch.arange(blocks, device=src.device)[:, None] * chunk + self.mapper.to(src.device)[None]
+        ).reshape(-1))  # (k,)
+        alphas = _cached(self._cache, ("alphas", src.device, src.dtype, k),
+                         lambda: self.alphas.to(src.device, src.dtype).repeat(blocks))  # (k,)
         return src[..., index] * alphas + edit * (1 - alphas)
 
 
@@ -84,11 +97,14 @@ class Reweight:
 
     def __init__(self, scale: torch.Tensor, base: CrossEdit | None = None) -> None:
         self.scale, self.base = scale, base  # (77,)
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         mapped = src if self.base is None else self.base(src, edit)
         k, chunk = src.shape[-1], self.scale.shape[0]
-        return mapped * self.scale.to(src.device, src.dtype).repeat(_blocks(k, chunk))
+        blocks = _blocks(k, chunk)
+        return mapped * _cached(self._cache, (src.device, src.dtype, k),
+                                lambda: self.scale.to(src.device, src.dtype).repeat(blocks))
 
 
 def row_pairs(rows: RowInfo, kinds: Collection[RowKind], src_slot: int, edit_slot: int) -> tuple[list[int], list[int]]:
