@@ -196,25 +196,23 @@ def optimise_inversion(
     try:
         inversion = ddim_invert(clone, latent, positive, steps=steps, scheduler=scheduler, guidance=1.0,
                                 convention=convention, callback=_interruptible(inversion_callback))
-        result, start, fixed = _optimise_on(clone, inversion.trajectory, inversion.sigmas, latent.shape, positive,
+        result, cond, uncond = _optimise_on(clone, inversion.trajectory, inversion.sigmas, latent.shape, positive,
                                             negative, branch, settings, inversion.sampling_sigmas,
                                             _interruptible(callback))
     finally:
         hand_back(model)
     result = dataclasses.replace(result, embeddings=tuple(e.cpu() for e in result.embeddings),
                                  reconstruction=result.reconstruction.cpu())  # off the GPU, as the trajectory
-    return OptimisedInversion(
-        trajectory=inversion.trajectory, sigmas=inversion.sigmas, convention=convention,
-        fingerprint=model_fingerprint(model), embeddings=result.embeddings, branch=branch, cfg=settings.cfg,
-        initial_embedding=start.cpu(), fixed_embedding=fixed.cpu(), optimisation=result,
-    )
+    return OptimisedInversion.from_result(inversion, result, cond.cpu(), uncond.cpu(), settings.cfg,
+                                          fingerprint=model_fingerprint(model))
 
 
 def _optimise_on(clone: Any, trajectory: tuple[torch.Tensor, ...], sigmas: torch.Tensor, latent_shape: torch.Size,
                  positive: list, negative: list, branch: Branch, settings: OptimisationSettings,
                  sample_sigmas: torch.Tensor, callback: IterationCallback,
                  ) -> tuple[EmbeddingOptimisation, torch.Tensor, torch.Tensor]:
-    """Load the clone for backward passes and run the core loop on its load device."""
+    """Load the clone for backward passes and run the core loop on its load device; with the cond and uncond
+    embeddings it started from."""
     memory = clone.memory_required(list(latent_shape)) * BACKWARD_MEMORY_FACTOR
     comfy.model_management.load_models_gpu([clone], memory_required=memory)
     device = clone.load_device
@@ -231,8 +229,7 @@ def _optimise_on(clone: Any, trajectory: tuple[torch.Tensor, ...], sigmas: torch
             "RealEdit: a layer of this MODEL is not a ComfyUI op, so its inference-mode weights cannot take part "
             "in backpropagation; embedding optimisation does not support this model."
         ) from error
-    start, fixed = (cond, uncond) if branch == "cond" else (uncond, cond)
-    return result, start, fixed
+    return result, cond, uncond
 
 
 def ttis_invert(

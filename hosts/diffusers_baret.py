@@ -88,12 +88,8 @@ def optimise_inversion(unet: torch.nn.Module, scheduler, latent: torch.Tensor, c
         with frozen_weights(unet):
             result = optimise_embeddings(denoise, inversion.trajectory, inversion.sigmas, cond, uncond, branch,
                                          settings, callback)
-    start, fixed = (cond, uncond) if branch == "cond" else (uncond, cond)
-    return OptimisedInversion(
-        trajectory=inversion.trajectory, sigmas=inversion.sigmas, convention=convention,
-        fingerprint=inversion.fingerprint, embeddings=result.embeddings, branch=branch, cfg=settings.cfg,
-        initial_embedding=start.detach().float(), fixed_embedding=fixed.detach().float(), optimisation=result,
-    )
+    return OptimisedInversion.from_result(inversion, result, cond.detach().float(), uncond.detach().float(),
+                                          settings.cfg)
 
 
 def ttis_invert(unet: torch.nn.Module, scheduler, latent: torch.Tensor, target: torch.Tensor, uncond: torch.Tensor,

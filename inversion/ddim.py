@@ -136,7 +136,6 @@ class Inversion:
     sigmas: torch.Tensor
     convention: Convention
     fingerprint: str
-    embeddings: tuple[torch.Tensor, ...] | None = None  # per-step optimised embeddings (BARET)
 
     def __deepcopy__(self, memo: dict) -> Inversion:
         return self

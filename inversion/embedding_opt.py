@@ -227,8 +227,7 @@ def optimise_embeddings(
     with torch.inference_mode(False), torch.enable_grad():
         # Clones made here are normal tensors even when the inputs are inference tensors.
         path = [t.detach().clone().float() for t in trajectory]
-        start = (cond if branch == "cond" else uncond).detach().clone().float()
-        fixed = (uncond if branch == "cond" else cond).detach().clone().float()
+        start, fixed = (t.detach().clone().float() for t in optimised_and_fixed(branch, cond, uncond))
         return _run(denoise, path, sigmas, start, fixed, branch, settings, callback)
 
 
@@ -334,6 +333,11 @@ def _non_finite(s: int, i: int, losses: list[float],
     return _StepResult(last[0], last[1], losses, last[2], warning)
 
 
+def optimised_and_fixed(branch: Branch, cond: torch.Tensor, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedding ``branch`` names (optimised) and the other one (kept fixed)."""
+    return (cond, uncond) if branch == "cond" else (uncond, cond)
+
+
 def _other(branch: Branch) -> Branch:
     return "uncond" if branch == "cond" else "cond"
 
@@ -354,21 +358,39 @@ def _check_inputs(trajectory: Sequence[torch.Tensor], sigmas: torch.Tensor, cond
 class OptimisedInversion(Inversion):
     """A DDIM inversion with per-step optimised embeddings: TTIS (BARET Sec. 3.1) or null-text inversion.
 
+    ``optimisation`` holds what the loop found: per-step losses, iteration counts and the embeddings.
     ``embeddings[s]`` is the embedding of edit step s (s = 0 the noisiest) for the ``branch`` it
     replaces: "cond" (TTIS, the optimised target embedding e_opt,t) or "uncond" (null-text). The other
     branch keeps ``fixed_embedding`` at every step; ``initial_embedding`` is where step 0 started (TTIS:
-    the target embedding e_target of Eq. 3). ``optimisation`` holds per-step losses and iteration counts.
+    the target embedding e_target of Eq. 3).
     """
 
-    branch: Branch = "cond"
+    optimisation: EmbeddingOptimisation
     cfg: float = 7.5
     initial_embedding: torch.Tensor | None = None
     fixed_embedding: torch.Tensor | None = None
-    optimisation: EmbeddingOptimisation | None = None
+
+    @classmethod
+    def from_result(cls, inversion: Inversion, optimisation: EmbeddingOptimisation, cond: torch.Tensor,
+                    uncond: torch.Tensor, cfg: float, *, fingerprint: str | None = None) -> OptimisedInversion:
+        """The DDIM ``inversion`` with what :func:`optimise_embeddings` found along it, started from ``cond`` and
+        ``uncond`` at CFG ``cfg``; ``fingerprint`` (default: the inversion's) names the model it is for."""
+        start, fixed = optimised_and_fixed(optimisation.branch, cond, uncond)
+        return cls(trajectory=inversion.trajectory, sigmas=inversion.sigmas, convention=inversion.convention,
+                   fingerprint=inversion.fingerprint if fingerprint is None else fingerprint,
+                   optimisation=optimisation, cfg=cfg, initial_embedding=start, fixed_embedding=fixed)
+
+    @property
+    def branch(self) -> Branch:
+        return self.optimisation.branch
+
+    @property
+    def embeddings(self) -> tuple[torch.Tensor, ...]:
+        return self.optimisation.embeddings
 
     def null_text_context(self, kind: str, slot: int, step: int) -> torch.Tensor | None:
         """Null-text inversion's per-step unconditional embedding for every unconditional row of an edit
         batch at edit ``step`` (a host's context schedule); None elsewhere, or for a TTIS inversion."""
-        if self.branch != "uncond" or kind != "uncond" or self.embeddings is None:
+        if self.branch != "uncond" or kind != "uncond":
             return None
         return self.embeddings[step] if 0 <= step < len(self.embeddings) else None
