@@ -79,7 +79,8 @@ class IP2PMaskRecorder:
 
     def begin_run(self) -> None:
         """Forget everything recorded (a new sampling run starts)."""
-        self.sums: dict[int, torch.Tensor] = {}  # layer index -> (2, h, w) sum of [A^1, A^L]
+        # layer index -> (2, h, w) sum of [A^1, A^L], on the attention's device (no sync per call)
+        self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
         self.recorded: list[tuple[int, int | None, tuple[int, ...]]] = []
 
@@ -96,7 +97,7 @@ class IP2PMaskRecorder:
         index = torch.tensor(rows, device=q.device)
         probs = attention_probs(q.index_select(0, index), k.index_select(0, index), ctx.heads)  # Eq. 3
         tokens = probs[..., [0, self.last_token]].mean(dim=(0, 1))  # (q_tokens, 2): mean over rows, heads
-        maps = tokens.transpose(0, 1).reshape(2, *ctx.grid).detach().cpu()
+        maps = tokens.transpose(0, 1).reshape(2, *ctx.grid).detach()
         layer = ctx.layer.index
         self.sums[layer] = self.sums[layer] + maps if layer in self.sums else maps
         self.counts[layer] = self.counts.get(layer, 0) + 1
@@ -109,13 +110,13 @@ class IP2PMaskRecorder:
 
     def maps(self, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The averaged (A^1, A^L), each (H, W): per layer the mean over calls, resized bilinearly to
-        ``size`` (default: the finest recorded grid), then the mean over layers."""
+        ``size`` (default: the finest recorded grid), then the mean over layers; on the CPU."""
         if self.empty:
             raise RuntimeError(
                 "IP2P mask: no cross-attention of the empty-text rows was recorded. The model must be an "
                 "InstructPix2Pix UNet sampled with three-way guidance (text + image CFG)."
             )
-        means = [self.sums[i] / self.counts[i] for i in sorted(self.sums)]
+        means = [self.sums[i].cpu() / self.counts[i] for i in sorted(self.sums)]
         if size is None:
             size = max((tuple(m.shape[-2:]) for m in means), key=lambda hw: hw[0] * hw[1])
         resized = [F.interpolate(m[None], size=size, mode="bilinear", align_corners=False)[0] for m in means]
