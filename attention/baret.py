@@ -134,6 +134,12 @@ class BaretResult:
     reconstruction: torch.Tensor
     lambdas: tuple[float, ...]
 
+    @staticmethod
+    def from_batch(out: torch.Tensor, lambdas: tuple[float, ...]) -> BaretResult:
+        """The result from a sampled three-process batch (one row per slot: reconstruction, transition, edit)."""
+        return BaretResult(edit=out[EDIT_SLOT : EDIT_SLOT + 1], transition=out[TRANSITION_SLOT : TRANSITION_SLOT + 1],
+                           reconstruction=out[RECONSTRUCTION_SLOT : RECONSTRUCTION_SLOT + 1], lambdas=lambdas)
+
 
 class BaretHook:
     """BAM (Eq. 4-5) for the three-process batch: self-attention maps from the reconstruction and

@@ -21,7 +21,6 @@ import torch
 
 from ..attention.baret import (
     BaretControls,
-    BaretEmbeddings,
     BaretHook,
     BaretResult,
     check_ttis_inversion,
@@ -72,8 +71,4 @@ def baret_edit(
     step = None if callback is None else lambda i, _denoised, _x, total: callback(i, total)
     out = guider.sample(torch.zeros_like(latent), latent, comfy.samplers.sampler_object("euler"), sigmas,
                         callback=step, disable_pbar=True, seed=0)
-    return _result(out.cpu(), embeddings)
-
-
-def _result(out: torch.Tensor, embeddings: BaretEmbeddings) -> BaretResult:
-    return BaretResult(edit=out[2:3], transition=out[1:2], reconstruction=out[0:1], lambdas=embeddings.lambdas)
+    return BaretResult.from_batch(out.cpu(), embeddings.lambdas)

@@ -144,4 +144,4 @@ def baret_edit(unet: torch.nn.Module, scheduler, inversion: OptimisedInversion, 
                                   prediction=prediction_type(scheduler), **added_cond)
         x = sample(denoise, inversion.z_T.repeat(3, 1, 1, 1), sigmas,
                    callback=None if callback is None else lambda i, x: callback(i, x[2:3]))
-    return BaretResult(edit=x[2:3], transition=x[1:2], reconstruction=x[0:1], lambdas=plan.lambdas)
+    return BaretResult.from_batch(x, plan.lambdas)
