@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .maps import CrossAttentionStore, token_sum
+from .maps import CrossAttentionStore, normalize_max, token_sum
 from .settings import P2PSettings, in_window
 
 _DEFAULTS = P2PSettings()
@@ -29,11 +29,9 @@ def word_region(maps: torch.Tensor, positions: Sequence[int], latent_hw: tuple[i
     """
     m = token_sum(maps, positions)[None, None]  # (1, 1, h, w)
     m = F.max_pool2d(m, kernel_size=3, stride=1, padding=1)
-    m = F.interpolate(m, size=latent_hw, mode="nearest")  # (1, 1, H, W)
-    peak = m.max()
-    if float(peak) <= 0:
-        return torch.zeros(latent_hw, dtype=torch.bool, device=maps.device)
-    return (m / peak)[0, 0] > threshold
+    m = normalize_max(F.interpolate(m, size=latent_hw, mode="nearest"))[0, 0]  # (H, W), zeros: no attention
+    region = m > threshold
+    return region if threshold >= 0 else region & bool(m.any())  # a flat map stays empty
 
 
 def local_blend_mask(maps: torch.Tensor, positions: Sequence[Sequence[int]], latent_hw: tuple[int, int],

@@ -218,6 +218,12 @@ def normalize_minmax(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return (x - lo) / (hi - lo)
 
 
+def normalize_max(x: torch.Tensor) -> torch.Tensor:
+    """x / max(x); all zeros when the max is not positive (a word with no attention anywhere)."""
+    peak = x.max()
+    return x / peak if float(peak) > 0 else torch.zeros_like(x)
+
+
 def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(n, c, h, w) maps resized bilinearly to ``size`` (H, W), antialiased when either side shrinks."""
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
@@ -274,8 +280,7 @@ def word_mask(maps: torch.Tensor, positions: Sequence[int], size: tuple[int, int
         if normalize == "minmax":
             m = normalize_minmax(m)
         elif normalize == "max":
-            peak = m.max()
-            m = m / peak if float(peak) > 0 else torch.zeros_like(m)
+            m = normalize_max(m)
         elif normalize != "none":
             raise ValueError(f"RealEdit: normalize must be 'minmax', 'max' or 'none', got {normalize!r}.")
         out.append(m)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.hooks import UNCOND, AttentionContext, RowKind
+from ..attention.maps import normalize_max
 from ..attention.math import attention_probs
 from .settings import ZONE_DEFAULTS
 
@@ -32,12 +33,6 @@ class RoughMask:
 
     mask: torch.Tensor
     difference: torch.Tensor
-
-
-def normalise_by_max(attention_map: torch.Tensor) -> torch.Tensor:
-    """Scale a non-negative map to [0, 1] by its maximum (an all-zero map stays zero)."""
-    peak = attention_map.max()
-    return attention_map / peak if float(peak) > 0 else torch.zeros_like(attention_map)
 
 
 def rough_mask(first_map: torch.Tensor, last_map: torch.Tensor,
@@ -54,7 +49,7 @@ def rough_mask(first_map: torch.Tensor, last_map: torch.Tensor,
             f"rough_mask: A^1 and A^L must be two (H, W) maps of one size, got {tuple(first_map.shape)} "
             f"and {tuple(last_map.shape)}."
         )
-    difference = normalise_by_max(first_map.float()) - normalise_by_max(last_map.float())
+    difference = normalize_max(first_map.float()) - normalize_max(last_map.float())
     return RoughMask(mask=difference < threshold, difference=difference)
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from realedit.attention.hooks import AttentionContext, LayerInfo, RowInfo
+from realedit.attention.maps import normalize_max
 from realedit.attention.math import attention_probs
-from realedit.masks.ip2p_mask import IP2PMaskRecorder, normalise_by_max, rough_mask
+from realedit.masks.ip2p_mask import IP2PMaskRecorder, rough_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADS, DIM = 2, 8
@@ -31,7 +32,7 @@ def test_rough_mask_thresholds_the_max_scaled_difference():
     assert torch.allclose(out.difference, torch.tensor([[1.0, -0.5], [-0.75, -0.5]]))
     assert out.mask.tolist() == [[False, True], [True, True]]
     assert rough_mask(first, last, threshold=-0.6).mask.tolist() == [[False, False], [True, False]]
-    assert torch.equal(normalise_by_max(torch.zeros(2, 2)), torch.zeros(2, 2))
+    assert torch.equal(normalize_max(torch.zeros(2, 2)), torch.zeros(2, 2))
     with pytest.raises(ValueError, match="A\\^1 and A\\^L"):
         rough_mask(first, last[:1])
 
