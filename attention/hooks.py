@@ -101,6 +101,23 @@ class AttentionContext:
         return self.grid[0] * self.grid[1]
 
 
+def schedule_index(value: float, schedule: Sequence[float]) -> int | None:
+    """Index of the schedule entry a model call at noise level (or timestep) ``value`` belongs to.
+
+    An exact (rtol 1e-4) match with an entry gives that entry's index; a value between two entries
+    (the intermediate evaluations of heun or dpmpp_2s) belongs to the interval that contains it, in
+    either direction (sampling or inversion). None when it lies outside the schedule.
+    """
+    for i, s in enumerate(schedule):
+        if abs(s - value) <= 1e-4 * max(abs(s), 1e-8):
+            return i
+    for i in range(len(schedule) - 1):
+        lo, hi = sorted(schedule[i : i + 2])
+        if lo <= value <= hi:
+            return i
+    return None
+
+
 class AttentionHook(Protocol):
     """Called for every attention call; returns ``(batch, q_tokens, heads*dim)`` or ``None``.
 

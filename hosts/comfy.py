@@ -26,6 +26,7 @@ from ..attention.hooks import (
     RowInfo,
     check_hook_output,
     grid_for,
+    schedule_index,
 )
 
 WRAPPER_KEY = "realedit"
@@ -116,16 +117,7 @@ def sigma_to_step(sigmas: torch.Tensor | None, schedule: torch.Tensor | None) ->
     if sigmas is None or schedule is None or len(schedule) < 2:
         return None, None
     values = schedule.detach().float().cpu().tolist()
-    sigma = float(sigmas.reshape(-1)[0])
-    total = len(values) - 1
-    for i, s in enumerate(values):
-        if abs(s - sigma) <= 1e-4 * max(abs(s), 1e-8):
-            return i, total
-    for i in range(total):
-        lo, hi = sorted(values[i : i + 2])
-        if lo <= sigma <= hi:
-            return i, total
-    return None, total
+    return schedule_index(float(sigmas.reshape(-1)[0]), values), len(values) - 1
 
 
 def row_info(cond_or_uncond: tuple[int, ...], batch: int) -> RowInfo:

@@ -39,6 +39,7 @@ from ..attention.hooks import (
     RowInfo,
     check_hook_output,
     grid_for,
+    schedule_index,
 )
 from ..attention.math import attention, split_heads
 
@@ -119,15 +120,7 @@ def timestep_to_step(timestep: float | None, schedule: Sequence[float] | None) -
     """
     if timestep is None or not schedule:
         return None, None
-    total = len(schedule)
-    for i, s in enumerate(schedule):
-        if abs(s - timestep) <= 1e-4 * max(abs(s), 1e-8):
-            return i, total
-    for i in range(total - 1):
-        lo, hi = sorted(schedule[i : i + 2])
-        if lo <= timestep <= hi:
-            return i, total
-    return None, total
+    return schedule_index(timestep, schedule), len(schedule)
 
 
 def _as_float(timestep: Any) -> float | None:
