@@ -123,8 +123,9 @@ class AttentionHook(Protocol):
 
     A hook may also define ``begin_run()``: hosts call it when a sampling run starts (ComfyUI: an
     outer-sample wrapper; diffusers: on install, or when the caller says so), so per-run state such
-    as running-mean maps is reset and a re-queued graph repeats itself exactly. Calls that carry an
-    attention mask of the host's own are not routed to hooks.
+    as running-mean maps is reset and a re-queued graph repeats itself exactly. On ComfyUI a hook may
+    define ``begin_sampling(sigmas)`` too, called with the run's schedule at the same moment. Calls that
+    carry an attention mask of the host's own are not routed to hooks.
     """
 
     def __call__(

@@ -210,23 +210,28 @@ def install_hook(model_patcher: Any, hook: AttentionHook, *, self_attention: boo
             previous = existing.get(layer.host_key, existing.get(layer.host_key[:2]))
             patch = HookedAttention(hook, layer, kind, previous, steps)
             patched.set_model_patch_replace(patch, slot, *layer.host_key)
-    begin_run = getattr(hook, "begin_run", None)
-    if begin_run is not None:
-        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _RunStart(begin_run))
+    if hasattr(hook, "begin_run") or hasattr(hook, "begin_sampling"):
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _RunStart(hook))
     return patched
 
 
 class _RunStart:
-    """Outer-sample wrapper: tells a hook that a sampling run begins (reset per-run state)."""
+    """Outer-sample wrapper: tells a hook that a sampling run begins, before the first model call:
+    ``begin_sampling(sigmas)`` gets the run's schedule, ``begin_run()`` resets per-run state."""
 
-    def __init__(self, begin_run: Callable[[], None]) -> None:
-        self.begin_run = begin_run
+    def __init__(self, hook: AttentionHook) -> None:
+        self.hook = hook
 
     def __deepcopy__(self, memo: dict) -> _RunStart:
         return self
 
     def __call__(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:
-        self.begin_run()
+        begin_sampling = getattr(self.hook, "begin_sampling", None)
+        if begin_sampling is not None:
+            begin_sampling(args[3] if len(args) > 3 else kwargs["sigmas"])  # (noise, latent, sampler, sigmas, ...)
+        begin_run = getattr(self.hook, "begin_run", None)
+        if begin_run is not None:
+            begin_run()
         return executor(*args, **kwargs)
 
 

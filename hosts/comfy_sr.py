@@ -1,40 +1,21 @@
 """SR-attention for ComfyUI's own samplers (RealEdit Apply SR-Attention): a MODEL clone, no edit sampler.
 
 The clone carries an :class:`~..attention.specref.SRAttentionHook` (SpecRef Eq. 2-3 on every conditional
-row, M_t from the target word's cross-attention in the same run) and an outer-sample wrapper that hands
-each run's sigmas to the hook, which maps them onto the edit steps the stored reference K/V are keyed by
-(and refuses a schedule the features were not made with). KSampler, KSamplerAdvanced, SamplerCustom and
-SamplerCustomAdvanced all go through ``CFGGuider.outer_sample``, where the wrapper runs.
-"""
+row, M_t from the target word's cross-attention in the same run). The host's outer-sample wrapper hands
+each run's sigmas to the hook (``begin_sampling``), which maps them onto the edit steps the stored
+reference K/V are keyed by (and refuses a schedule the features were not made with). KSampler,
+KSamplerAdvanced, SamplerCustom and SamplerCustomAdvanced all go through ``CFGGuider.outer_sample``,
+where the wrapper runs."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-from comfy.patcher_extension import WrappersMP
+from typing import Any
 
 from ..attention.edit_loop import check_bank_filled, check_features_type
 from ..attention.specref import SpecRefControls, SpecRefError, SRAttentionHook, StoredReference
 from ..inversion.bank import ReferenceFeatures
 from .comfy import install_hook
 from .comfy_sampling import model_fingerprint
-
-SCHEDULE_WRAPPER_KEY = "realedit_sr_schedule"
-
-
-class _SamplingStart:
-    """Outer-sample wrapper: gives the hook the run's sigmas before the first model call."""
-
-    def __init__(self, hook: SRAttentionHook) -> None:
-        self.hook = hook
-
-    def __deepcopy__(self, memo: dict) -> _SamplingStart:
-        return self
-
-    def __call__(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:
-        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]  # (noise, latent_image, sampler, sigmas, ...)
-        self.hook.begin_sampling(sigmas)
-        return executor(*args, **kwargs)
 
 
 def check_stored_features(model: Any, features: ReferenceFeatures) -> None:
@@ -59,6 +40,4 @@ def apply_sr_attention(model: Any, features: ReferenceFeatures,
     check_stored_features(model, features)
     reference = StoredReference(features.bank, tuple(features.inversion.z_T.shape[-2:]))
     hook = SRAttentionHook(controls, reference, features.inversion.sampling_sigmas)
-    patched = install_hook(model, hook)
-    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, SCHEDULE_WRAPPER_KEY, _SamplingStart(hook))
-    return patched, hook
+    return install_hook(model, hook), hook
