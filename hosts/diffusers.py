@@ -157,6 +157,18 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
     return out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
 
 
+def _project(attn: Attention, hidden_states: torch.Tensor,
+             encoder_hidden_states: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of (batch, tokens, channels) input, projected as ``AttnProcessor2_0`` does (group norm,
+    then the encoder states' norm for cross-attention)."""
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+
+
 def _split_and_norm(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
     """Head-split q, k, v with ``norm_q``/``norm_k`` applied as ``AttnProcessor2_0`` does, plus the
     merged q and k the hook sees (the projections themselves when there is no q/k norm)."""
@@ -241,17 +253,7 @@ class HookedAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
+        query, key, value = _project(attn, hidden_states, encoder_hidden_states)
         out = self._hook_or_sdpa(attn, query, key, value, attention_mask, grid)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -301,12 +303,7 @@ class HookedAttnProcessor:
 
     def _hook_only(self, attn: Attention, hidden_states: torch.Tensor,
                    encoder_hidden_states: torch.Tensor | None) -> torch.Tensor | None:
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        q, k, v = _project(attn, hidden_states, encoder_hidden_states)
         q, k, *_ = _split_and_norm(attn, q, k, v)
         out = self._run_hook(attn, q, k, v, None)
         return None if out is None else attn.to_out[1](attn.to_out[0](out))
