@@ -29,7 +29,7 @@ from ..attention.baret import (
 from ..inversion.embedding_opt import OptimisedInversion
 from .comfy import install_context_schedule, install_hook
 from .comfy_edit import per_slot_conditioning
-from .comfy_sampling import check_sd_model, model_fingerprint
+from .comfy_sampling import cfg_guider, check_sd_model, model_fingerprint
 
 # callback(step, total) after every edit step; it may raise to cancel.
 StepCallback = Callable[[int, int], None]
@@ -58,14 +58,10 @@ def baret_edit(
     inversion.check_compatible(model_fingerprint(model), inversion.steps)
     check_sd_model(model, inversion.z_T)
     cfg = inversion.cfg if cfg is None else cfg
-    target = per_slot_conditioning([target_cond], ["target"])[0][0]
-    embeddings = transition_embeddings(inversion.embeddings, target, controls)
-    patched = install_context_schedule(install_hook(model, BaretHook(controls)), embeddings.for_row)
-
     positive = per_slot_conditioning([target_cond] * 3, ["target"] * 3)
-    guider = comfy.samplers.CFGGuider(patched)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
+    embeddings = transition_embeddings(inversion.embeddings, positive[0][0][:1], controls)
+    patched = install_context_schedule(install_hook(model, BaretHook(controls)), embeddings.for_row)
+    guider = cfg_guider(patched, positive, negative, cfg)
     sigmas = inversion.sampling_sigmas
     latent = patched.model.process_latent_out(inversion.z_T.repeat(3, 1, 1, 1))  # user space, like DDIM Invert's z_T
     step = None if callback is None else lambda i, _denoised, _x, total: callback(i, total)
