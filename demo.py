@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-WORKFLOWS = ROOT / "workflows" / "api"
+WORKFLOWS = ROOT / "api_workflows"
 
 
 def _save_image(image, path: Path) -> None:

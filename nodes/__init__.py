@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .attention_maps import AttentionMapRecorder, WordAttentionMap
 from .baret import BaretEditSampler, NullTextInversion, TargetTextInversion

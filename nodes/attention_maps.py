@@ -10,7 +10,7 @@ thresholded. One MASK per latent of the sampled batch.
 
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..attention.maps import CrossAttentionStore, MapRecorder, MapStoreError, word_mask
 from ..attention.settings import P2PSettings

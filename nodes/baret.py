@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..attention.baret import BaretControls
 from ..hosts.comfy_autograd import null_text_invert, ttis_invert

@@ -7,7 +7,7 @@ from typing import Callable
 import comfy.model_management
 import comfy.utils
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..hosts.comfy_sampling import INVERSION_SCHEDULERS
 from ..inversion.ddim import CONVENTIONS, DEFAULT_CONVENTION

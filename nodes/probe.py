@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..attention.probe import ProbeHook
 from ..hosts.comfy import install_hook

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..attention.local_blend import LocalBlend
 from ..attention.p2p import Refine, Replace, Reweight

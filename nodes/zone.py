@@ -9,7 +9,7 @@ import comfy.model_management
 import comfy.samplers
 import torch
 import torch.nn.functional as F
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..hosts.comfy_ip2p import check_fusion_partner, check_ip2p_model, ip2p_edit
 from ..masks.actions import DEFAULT_ACTION, OVERRIDE_CHOICES, action_tooltip, classify_action, parse_action

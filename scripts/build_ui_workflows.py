@@ -1,9 +1,10 @@
 """Generate the UI-format workflows (what users drag into ComfyUI) from their API-format twins.
 
-The API twins in ``workflows/api/`` are the source of truth: tests execute them. This script writes
-``workflows/<name>.json`` in ComfyUI's UI format (nodes, links, widget values in the order of each
-node's inputs) and copies it to ``example_workflows/`` for the template browser. Run it after editing
-a twin; ``tests/test_workflows.py`` fails when the two disagree.
+The API twins in ``api_workflows/`` are the source of truth: tests execute them. This script writes
+``example_workflows/<name>.json`` in ComfyUI's UI format (nodes, links, widget values in the order of each
+node's inputs): the folder ComfyUI's template browser lists. The twins live outside every folder name the
+browser scans (example_workflows, example(s), workflow(s)), so each template is listed once. Run it after
+editing a twin; ``tests/test_workflows.py`` fails when the two disagree.
 
     .venv/bin/python scripts/build_ui_workflows.py
 """
@@ -11,7 +12,6 @@ a twin; ``tests/test_workflows.py`` fails when the two disagree.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,12 +27,11 @@ def main() -> None:
     load_pack()
     import nodes
 
-    for api_path in sorted((ROOT / "workflows" / "api").glob("*.json")):
+    for api_path in sorted((ROOT / "api_workflows").glob("*.json")):
         ui = api_to_ui(json.loads(api_path.read_text()), nodes.NODE_CLASS_MAPPINGS)
-        target = ROOT / "workflows" / api_path.name
+        target = ROOT / "example_workflows" / api_path.name
         target.write_text(json.dumps(ui, indent=1) + "\n")
-        shutil.copy(target, ROOT / "example_workflows" / api_path.name)
-        print(f"wrote {target.relative_to(ROOT)} and example_workflows/{api_path.name}")
+        print(f"wrote {target.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

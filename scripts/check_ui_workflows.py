@@ -1,14 +1,14 @@
 """Load every UI workflow in the real ComfyUI front end and check it queues exactly its API twin.
 
 A manual developer check (not CI: it needs a browser and a ComfyUI checkout). For each
-``workflows/<name>.json`` it, in a headless Chromium page of a running ComfyUI:
+``example_workflows/<name>.json`` it, in a headless Chromium page of a running ComfyUI:
 
 1. calls ``app.loadGraphData(ui)`` and records missing node types, open dialogs, toasts, console
    errors/warnings and page errors raised while loading;
 2. checks every input the server's ``/object_info`` declares for each node (required and optional)
    is on the loaded node: a socket for a link-only input (e.g. ``ref_features``), a widget otherwise;
 3. calls ``app.graphToPrompt()`` and compares its ``output`` (what the front end POSTs to
-   ``/prompt``, ``_meta`` dropped) with ``workflows/api/<name>.json``: node ids, class types, every
+   ``/prompt``, ``_meta`` dropped) with ``api_workflows/<name>.json``: node ids, class types, every
    input (links as ``[node_id, slot]`` and widget values);
 4. runs ComfyUI's own ``execution.validate_inputs`` (in a subprocess with the pack's venv; nothing is
    executed) on both prompts and reports validation errors the front end's prompt has and the twin
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOWS = ROOT / "workflows"
+WORKFLOWS = ROOT / "example_workflows"
 PACK_PREFIX = "RealEdit"
 
 # The page is ready when the app, its graph and the node definitions are there.
@@ -285,7 +285,7 @@ def report(name: str, loaded: dict[str, Any], twin: dict[str, Any], info: dict[s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("names", nargs="*", help="workflow names (default: every workflows/api/*.json)")
+    parser.add_argument("names", nargs="*", help="workflow names (default: every api_workflows/*.json)")
     parser.add_argument("--url", help="use this running ComfyUI instead of starting one")
     parser.add_argument("--comfy", type=Path, default=Path("/opt/ComfyUI"))
     parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))

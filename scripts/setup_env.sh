@@ -4,7 +4,7 @@
 #   COMFYUI_PATH a ComfyUI checkout to install requirements for (default /opt/ComfyUI, if present)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="$root/.venv"
+venv="${REALEDIT_VENV:-$root/.venv}"
 py="${PYTHON:-python3}"
 log() { printf '[setup] %s\n' "$*" >&2; }
 

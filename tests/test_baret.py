@@ -227,7 +227,7 @@ def _workflow(steps: int = 3) -> tuple[dict, dict, str]:
 
     from realedit.testbed.demo_inputs import tiny_run
 
-    path = Path(__file__).resolve().parent.parent / "workflows" / "api" / WORKFLOW
+    path = Path(__file__).resolve().parent.parent / "api_workflows" / WORKFLOW
     return tiny_run(json.loads(path.read_text()), steps=steps)
 
 

@@ -12,7 +12,7 @@ import torch
 
 pytestmark = pytest.mark.comfy
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW = ROOT / "workflows" / "api" / "specref_object_replace.json"
+WORKFLOW = ROOT / "api_workflows" / "specref_object_replace.json"
 INVERT, REFERENCE, SAMPLER, PAIR = "9", "10", "11", "19"
 SIZE, STEPS = 128, 3
 TOLERANCE = 1e-4  # relative: batched vs separate kernels, through the tiny (rough) random UNet

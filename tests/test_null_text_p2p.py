@@ -13,7 +13,7 @@ import torch
 
 pytestmark = pytest.mark.comfy
 STEPS = 3
-WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "api" / "nulltext_p2p_edit.json"
+WORKFLOW = Path(__file__).resolve().parent.parent / "api_workflows" / "nulltext_p2p_edit.json"
 
 
 @pytest.fixture(scope="module")

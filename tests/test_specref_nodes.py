@@ -14,8 +14,8 @@ import torch
 
 pytestmark = pytest.mark.comfy
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW = ROOT / "workflows" / "api" / "specref_object_replace.json"
-SR_KSAMPLER = ROOT / "workflows" / "api" / "specref_sr_ksampler.json"
+WORKFLOW = ROOT / "api_workflows" / "specref_object_replace.json"
+SR_KSAMPLER = ROOT / "api_workflows" / "specref_sr_ksampler.json"
 SAMPLER = "11"
 SIZE = 128
 

@@ -11,7 +11,7 @@ import torch
 
 pytestmark = pytest.mark.comfy
 ROOT = Path(__file__).resolve().parent.parent
-API_TWINS = sorted((ROOT / "workflows" / "api").glob("*.json"))
+API_TWINS = sorted((ROOT / "api_workflows").glob("*.json"))
 
 
 def _load(path: Path) -> dict:
@@ -37,14 +37,21 @@ def test_ui_workflow_queues_exactly_its_api_twin(runner, api_path):
 
     import nodes
 
-    ui_path = ROOT / "workflows" / api_path.name
+    ui_path = ROOT / "example_workflows" / api_path.name
     assert ui_path.is_file(), "run scripts/build_ui_workflows.py"
     assert ui_to_api(_load(ui_path), nodes.NODE_CLASS_MAPPINGS) == _load(api_path)
-    assert (ROOT / "example_workflows" / api_path.name).read_bytes() == ui_path.read_bytes()
+
+
+def test_template_browser_lists_each_workflow_once():
+    """ComfyUI serves templates from every one of these folder names (app/custom_node_manager.py): only
+    example_workflows/ may exist, and it holds exactly one UI file per API twin."""
+    scanned = ["example_workflows", "example", "examples", "workflow", "workflows"]
+    assert [name for name in scanned if (ROOT / name).exists()] == ["example_workflows"]
+    assert sorted(p.name for p in (ROOT / "example_workflows").glob("*.json")) == [p.name for p in API_TWINS]
 
 
 def test_probe_workflow_runs_and_reports_every_layer_and_step(runner, tmp_path):
-    workflow = small(_load(ROOT / "workflows" / "api" / "attention_probe.json"))
+    workflow = small(_load(ROOT / "api_workflows" / "attention_probe.json"))
     first = runner.run_workflow(workflow, outputs=["6", "9"], output_dir=tmp_path)
     summary = first["9"][0]
     assert "16 layers" in summary and "steps seen: [0, 1, 2] of [3]" in summary
@@ -57,7 +64,7 @@ def test_probe_workflow_runs_and_reports_every_layer_and_step(runner, tmp_path):
 
 
 def test_probe_changes_nothing_compared_with_the_unprobed_graph(runner, tmp_path):
-    workflow = small(_load(ROOT / "workflows" / "api" / "attention_probe.json"))
+    workflow = small(_load(ROOT / "api_workflows" / "attention_probe.json"))
     probed = runner.run_workflow(workflow, outputs=["6"], output_dir=tmp_path)["6"][0]["samples"]
     plain_graph = copy.deepcopy(workflow)
     plain_graph["6"]["inputs"]["model"] = ["1", 0]

@@ -480,7 +480,7 @@ def test_zone_workflow_runs_with_tiny_ip2p_and_tiny_sam(comfy, tmp_path):
     from realedit.testbed import comfy_runner
     from realedit.testbed.sam import make_tiny_sam
 
-    workflow = json.loads((ROOT / "workflows" / "api" / "zone_instruction_edit.json").read_text())
+    workflow = json.loads((ROOT / "api_workflows" / "zone_instruction_edit.json").read_text())
     ids = {node["class_type"]: key for key, node in workflow.items()}
     workflow[ids["RealEditIP2PEditMask"]]["inputs"]["steps"] = 2
     refine = workflow[ids["RealEditRegionIoURefine"]]["inputs"]
@@ -518,7 +518,7 @@ def test_each_instruction_is_typed_once(comfy, name):
 
     load_comfy_nodes()
     load_pack()
-    workflow = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    workflow = json.loads((ROOT / "api_workflows" / f"{name}.json").read_text())
     texts = {key: node for key, node in workflow.items() if node["class_type"] == "PrimitiveStringMultiline"}
     users = {key: [(n["class_type"], field) for n in workflow.values() for field, value in n["inputs"].items()
                    if value == [key, 0]] for key in texts}
@@ -528,7 +528,7 @@ def test_each_instruction_is_typed_once(comfy, name):
         if node["class_type"] in ("RealEditInstructionAction", "CLIPTextEncode"):
             field = "instruction" if node["class_type"] == "RealEditInstructionAction" else "text"
             assert isinstance(node["inputs"][field], list) or node["inputs"][field] == ""
-    ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    ui = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
     assert ui_to_api(ui, nodes.NODE_CLASS_MAPPINGS) == workflow  # the UI file links the widget inputs too
     linked_widgets = [i for n in ui["nodes"] for i in n["inputs"] if "widget" in i]
     assert len(linked_widgets) == 2 * len(texts) and all(i["link"] is not None for i in linked_widgets)
@@ -539,7 +539,7 @@ def test_multi_turn_workflow_keeps_every_pixel_outside_both_final_masks(comfy, t
     from realedit.testbed.demo_inputs import tiny_run
 
     workflow, overrides, family = tiny_run(
-        json.loads((ROOT / "workflows" / "api" / "zone_multi_turn.json").read_text()), size=128, steps=2)
+        json.loads((ROOT / "api_workflows" / "zone_multi_turn.json").read_text()), size=128, steps=2)
     smooth = [key for key, node in workflow.items() if node["class_type"] == "RealEditFFTEdgeSmooth"]
     first, second = sorted(smooth, key=int)
     assert workflow[second]["inputs"]["original"] == [first, 1]  # turn 2 edits turn 1's composite
