@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args.out = args.out.resolve()  # ComfyUI's SaveImage refuses a relative output folder
     args.out.mkdir(parents=True, exist_ok=True)
 
     from .testbed.comfy_env import bootstrap_comfyui, find_comfyui

@@ -5,13 +5,21 @@ ComfyUI runs nodes under ``torch.inference_mode()``, so a loaded model's weights
 for backward"). The technique (METHODS.md, BARET; the one ComfyUI's own LoRA trainer,
 ``comfy_extras/nodes_train.py``, uses):
 
-1. Work on ``model.clone()``: same weights, own patch lists; the caller's MODEL is never touched.
+1. Work on ``model.clone()``: same weights, own patch lists; the caller's MODEL is never touched. Under
+   ComfyUI's dynamic VRAM (``ModelPatcherDynamic``, the default on NVIDIA since 0.16), weights stream
+   through staging buffers that are reused layer after layer, so a weight saved for backward could be
+   overwritten before backward reads it. There the clone is what ComfyUI's own trainer uses instead: a
+   non-dynamic deep copy (``clone(disable_dynamic=True)``, LoRA and other patches kept), fully loaded.
+   A dynamic model that cannot be deep-copied (built in code, not loaded from a file) keeps the shared
+   weights and has every per-forward weight copied (step 2), never a view of a staging buffer. On a CPU,
+   and on every release before dynamic VRAM, nothing of this applies and the clone is the plain one.
+   (Verified on the CPU only; no GPU was available when this was written.)
 2. Give the clone an *identity weight wrapper* on every ComfyUI op (``add_weight_wrapper`` on each
    ``<module>.weight`` / ``.bias``). A module with a weight function runs through
    ``comfy.ops.cast_bias_weight``, which copies the weight each forward before calling the wrapper; run
    outside inference mode, that copy is a normal tensor autograd can save. The wrapper detaches it
-   (no gradient flows into the shared parameters, which keep ``requires_grad=True`` in ComfyUI) and
-   clones a weight that is still an inference tensor. No weight is modified and nothing is stored:
+   (no gradient flows into the shared parameters, which keep ``requires_grad=True`` in older ComfyUI) and
+   clones a weight that is still an inference tensor (every weight, on a dynamic model that stayed dynamic). No weight is modified and nothing is stored:
    the copies live as long as one forward/backward.
 3. Give the clone an fp32 compute dtype (``set_model_compute_dtype``) when the model computes in
    another dtype: the embedding, Adam, the loss and the backward pass are fp32 (no fp16 gradient
@@ -33,6 +41,7 @@ are not supported (a clear error): the loop optimises text embeddings only. The 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from typing import Any, Callable
 
@@ -64,18 +73,44 @@ UNSUPPORTED_COND_KEYS = ("control", "area", "mask", "hooks", "gligen")
 
 class CopyInferenceWeight:
     """Identity weight wrapper: the (per-forward) weight cut off from the parameter's autograd history,
-    copied to a normal tensor when it is still an inference tensor.
+    copied to a normal tensor when it is still an inference tensor (``always``: copied every time).
 
     Detaching keeps backward from computing (and storing in ``.grad``) gradients for the shared model's
-    parameters, which ComfyUI leaves with ``requires_grad=True``: only the embedding gets a gradient.
+    parameters, which older ComfyUI leaves with ``requires_grad=True``: only the embedding gets a gradient.
+    ``always`` is for a dynamic-VRAM model whose per-forward weight may be a view of a reused staging buffer.
     """
+
+    def __init__(self, always: bool = False) -> None:
+        self.always = always
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         weight = weight.detach()
-        return weight.clone() if weight.is_inference() else weight
+        return weight.clone() if self.always or weight.is_inference() else weight
 
     def __deepcopy__(self, memo: dict) -> CopyInferenceWeight:
         return self
+
+
+def is_dynamic(model: Any) -> bool:
+    """Whether ``model`` streams its weights with ComfyUI's dynamic VRAM (releases before it have no such mode)."""
+    return bool(getattr(model, "is_dynamic", lambda: False)())
+
+
+def trainable_copy(model: Any) -> tuple[Any, bool]:
+    """The clone to run autograd through, and whether its weights must be copied every forward.
+
+    A plain ``clone()``, except under dynamic VRAM: there, as ComfyUI's trainer (comfy_extras/nodes_train.py),
+    a non-dynamic deep copy of the clone; when the model cannot be deep-copied, the plain clone with every
+    per-forward weight copied (module docstring, step 1).
+    """
+    if not is_dynamic(model):
+        return model.clone(), False
+    try:
+        return model.clone(disable_dynamic=True), False
+    except RuntimeError as error:  # no cached_patcher_init: the model was not loaded from a file
+        logging.warning("RealEdit: %s; optimising on the dynamic-VRAM model with every weight copied per forward "
+                         "(slower, same result).", error)
+        return model.clone(), True
 
 
 def compute_dtype(model: Any) -> torch.dtype:
@@ -87,8 +122,8 @@ def compute_dtype(model: Any) -> torch.dtype:
 def autograd_clone(model: Any, dtype: torch.dtype | None = torch.float32) -> Any:
     """A clone of ``model`` that autograd can run through (see the module docstring); ``dtype`` None
     keeps the model's compute dtype."""
-    clone = model.clone()
-    wrapper = CopyInferenceWeight()
+    clone, copy_every_weight = trainable_copy(model)
+    wrapper = CopyInferenceWeight(always=copy_every_weight)
     for name, module in clone.model.named_modules():
         if not hasattr(module, "weight_function"):
             continue
@@ -100,8 +135,16 @@ def autograd_clone(model: Any, dtype: torch.dtype | None = torch.float32) -> Any
     return clone
 
 
-def hand_back(model: Any) -> None:
-    """Load the caller's MODEL again: ComfyUI unpatches our clone (object patches, weight functions)."""
+def is_deep_copy(clone: Any) -> bool:
+    """Whether ``clone`` has a model of its own (:func:`trainable_copy`'s deep copy) rather than its parent's."""
+    return clone.model is not getattr(clone.parent, "model", clone.model)
+
+
+def hand_back(model: Any, clone: Any) -> None:
+    """Load the caller's MODEL again: ComfyUI unpatches our clone (object patches, weight functions). A deep
+    copy also gives its weights back to the offload device at once, instead of whenever ComfyUI collects it."""
+    if is_deep_copy(clone):
+        clone.detach()
     comfy.model_management.load_models_gpu([model])
 
 
@@ -200,7 +243,7 @@ def optimise_inversion(
                                             negative, branch, settings, inversion.sampling_sigmas,
                                             _interruptible(callback))
     finally:
-        hand_back(model)
+        hand_back(model, clone)
     result = dataclasses.replace(result, embeddings=tuple(e.cpu() for e in result.embeddings),
                                  reconstruction=result.reconstruction.cpu())  # off the GPU, as the trajectory
     return OptimisedInversion.from_result(inversion, result, cond.cpu(), uncond.cpu(), settings.cfg,
@@ -214,7 +257,8 @@ def _optimise_on(clone: Any, trajectory: tuple[torch.Tensor, ...], sigmas: torch
     """Load the clone for backward passes and run the core loop on its load device; with the cond and uncond
     embeddings it started from."""
     memory = clone.memory_required(list(latent_shape)) * BACKWARD_MEMORY_FACTOR
-    comfy.model_management.load_models_gpu([clone], memory_required=memory)
+    # a deep copy made for dynamic VRAM loads whole, as ComfyUI's trainer loads it (module docstring, step 1)
+    comfy.model_management.load_models_gpu([clone], memory_required=memory, force_full_load=is_deep_copy(clone))
     device = clone.load_device
     cond, cond_extras = embedding_and_extras(clone, positive, latent_shape, device, "positive")
     uncond, uncond_extras = embedding_and_extras(clone, negative, latent_shape, device, "negative")

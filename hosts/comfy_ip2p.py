@@ -38,6 +38,7 @@ Two choices, against the official code (lsl001006/ZONE, ``text2image_instructpix
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -56,6 +57,7 @@ from .comfy import install_hook
 
 ROWS_WRAPPER_KEY = "realedit_ip2p_rows"
 FUSION_MODELS_KEY = "realedit_zone_fusion"  # the second model, loaded with the IP2P clone
+FUSION_SESSION_KEY = "realedit_zone_fusion_session"  # readies the second model inside the sampling run
 # calc_cond_batch position in [negative, middle, positive] -> ComfyUI's cond (0) / uncond (1) label.
 BRANCH_TO_ROW = {0: 1, 1: 1, 2: 0}
 StepCallback = Callable[[int, torch.Tensor], None]
@@ -143,7 +145,7 @@ class IP2PGuider(comfy.samplers.CFGGuider):
         return image_guided + (out[2] - out[1]) * self.text_cfg
 
     def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict | None = None,
-                      seed: int | None = None) -> torch.Tensor:
+                      seed: int | None = None, **_unused: Any) -> torch.Tensor:
         denoised = self.three_way(x, timestep, model_options or {})
         if self._partner_options is None:
             return denoised
@@ -152,19 +154,29 @@ class IP2PGuider(comfy.samplers.CFGGuider):
             second = partner.three_way(x, timestep, self._partner_options)
         return fuse_latents(denoised, second, self.beta)  # Eq. 5
 
-    def inner_sample(self, noise: torch.Tensor, latent_image: torch.Tensor, device: torch.device, sampler: Any,
-                     sigmas: torch.Tensor, denoise_mask: torch.Tensor | None, callback: Any, disable_pbar: bool,
-                     seed: int | None) -> torch.Tensor:
-        if self.partner is None or self.beta == 0:
-            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
-                                        disable_pbar, seed)
-        with _partner_session(self.partner, noise, latent_image, device, sigmas, denoise_mask, seed) as options:
-            self._partner_options = options
-            try:
-                return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
-                                            disable_pbar, seed)
-            finally:
-                self._partner_options = None
+
+def _fusion_session_wrapper(executor: Callable, guider: Any, sigmas: torch.Tensor, extra_args: dict, callback: Any,
+                            noise: torch.Tensor, latent_image: torch.Tensor | None = None,
+                            denoise_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """SAMPLER_SAMPLE wrapper on the IP2P clone: make the fusion partner ready for the run, then sample.
+
+    ComfyUI calls it inside ``CFGGuider.inner_sample`` once the main model is loaded and its conds are
+    processed, with the sampler's own arguments (a signature every supported release shares); the guider
+    itself is the sampler's ``model_wrap``. So the guider overrides none of ``CFGGuider``'s sampling
+    internals, whose signatures change between releases (``latent_shapes`` since 0.3.67), and whatever
+    else ComfyUI passes is handed on untouched.
+    """
+    def sample() -> torch.Tensor:
+        return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, *args, **kwargs)
+
+    if not isinstance(guider, IP2PGuider) or guider.partner is None or guider.beta == 0:
+        return sample()
+    with _partner_session(guider, noise, latent_image, sigmas, denoise_mask, extra_args.get("seed")) as options:
+        guider._partner_options = options
+        try:
+            return sample()
+        finally:
+            guider._partner_options = None
 
 
 @contextmanager
@@ -180,13 +192,25 @@ def _current_patcher(patcher: Any) -> Iterator[None]:
         model.current_patcher = previous
 
 
+def _latent_shapes_kwargs(main: Any, partner_model: Any) -> dict:
+    """``latent_shapes`` for ``process_conds`` where the release has it (0.3.67 and later: the main model's
+    ``inner_sample`` sets it on its BaseModel), set on the partner's BaseModel the same way; else nothing."""
+    if "latent_shapes" not in inspect.signature(comfy.samplers.process_conds).parameters:
+        return {}
+    shapes = getattr(main.inner_model, "latent_shapes", None)
+    partner_model.latent_shapes = shapes
+    return {"latent_shapes": shapes}
+
+
 @contextmanager
-def _partner_session(partner: IP2PGuider, noise: torch.Tensor, latent_image: torch.Tensor, device: torch.device,
-                     sigmas: torch.Tensor, denoise_mask: torch.Tensor | None, seed: int | None) -> Iterator[dict]:
+def _partner_session(main: IP2PGuider, noise: torch.Tensor, latent_image: torch.Tensor | None, sigmas: torch.Tensor,
+                     denoise_mask: torch.Tensor | None, seed: int | None) -> Iterator[dict]:
     """What ``CFGGuider.sample``/``outer_sample``/``inner_sample`` do to make a model ready, minus the loading
     (the partner is loaded with the main model): hooks and wrappers merged into its own model options,
     conds processed by its own BaseModel, pre-run/cleanup callbacks. Yields the partner's model options."""
+    partner = main.partner
     patcher = partner.model_patcher
+    device = noise.device
     conds = {k: [c.copy() for c in v] for k, v in partner.original_conds.items()}
     comfy.samplers.preprocess_conds_hooks(conds)
     options = comfy.model_patcher.create_model_options_clone(partner.model_options)
@@ -194,7 +218,7 @@ def _partner_session(partner: IP2PGuider, noise: torch.Tensor, latent_image: tor
     comfy.samplers.filter_registered_hooks_on_conds(conds, options)
     partner.inner_model = patcher.model
     partner.conds = comfy.samplers.process_conds(patcher.model, noise, conds, device, latent_image, denoise_mask,
-                                                 seed)
+                                                 seed, **_latent_shapes_kwargs(main, patcher.model))
     options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
     comfy.samplers.cast_to_load_options(options, device=device, dtype=patcher.model_dtype())
     with _current_patcher(patcher):
@@ -214,6 +238,7 @@ def ip2p_model(model: Any, hook: AttentionHook | None = None) -> Any:
     check_ip2p_model(model)
     patched = install_hook(model, hook, self_attention=False) if hook is not None else model.clone()
     patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, ROWS_WRAPPER_KEY, _ip2p_rows_wrapper)
+    patched.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, FUSION_SESSION_KEY, _fusion_session_wrapper)
     return patched
 
 

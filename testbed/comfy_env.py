@@ -32,6 +32,10 @@ def bootstrap_comfyui(path: Path | None = None) -> Path:
         sys.path.insert(0, str(path))
     if "comfy.model_management" not in sys.modules:
         import torch
+
+        from .torchaudio_standin import install_if_missing
+
+        install_if_missing()  # ComfyUI 0.33.0 imports torchaudio at module level
         from comfy.cli_args import args  # ComfyUI parses no command line unless asked to
 
         args.cpu = not torch.cuda.is_available()

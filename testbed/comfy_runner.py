@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import importlib
+import inspect
 import itertools
 import logging
 import sys
@@ -337,13 +338,12 @@ def run_workflow(
         asyncio.run(_validate(prompt_id, prompt, targets))
 
         with _directories(folder_paths, output_dir):
-            server = _StandInServer()
-            executor = execution.PromptExecutor(server)
+            executor = _prompt_executor(execution, _StandInServer())
             executor.execute(prompt, prompt_id, dict(extra_data or {}), targets)
             messages = list(executor.status_messages)
             if not executor.success or any(e in ("execution_error", "execution_interrupted") for e, _ in messages):
                 raise _execution_error(messages)
-            raw = {nid: executor.caches.outputs.get(nid) for nid in wanted}
+            raw = {nid: _cached_outputs(executor, nid) for nid in wanted}
             ui = dict(executor.history_result.get("outputs", {}))
     finally:
         for name in registered:
@@ -353,6 +353,26 @@ def run_workflow(
         raise WorkflowError(f"ComfyUI produced no outputs for {missing}", stage="execution", details=messages)
     return WorkflowResult(outputs={nid: _unwrap(value) for nid, value in raw.items()}, raw_outputs=raw, ui=ui,
                           messages=messages)
+
+
+def _prompt_executor(execution: Any, server: _StandInServer) -> Any:
+    """ComfyUI's ``PromptExecutor`` with the classic cache, on every supported release.
+
+    Releases that take ``cache_args`` (0.3.67 and later) read its RAM headroom keys on every run even with
+    the classic cache; zeros leave the cache as it is (no RAM-pressure release).
+    """
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+    return execution.PromptExecutor(server)
+
+
+def _cached_outputs(executor: Any, node_id: str) -> list[list[Any]] | None:
+    """A node's outputs from the executor's output cache: a plain list-per-slot before 0.17, since then a
+    ``CacheEntry`` (``.outputs``) returned by a coroutine."""
+    entry = executor.caches.outputs.get(node_id)
+    if inspect.isawaitable(entry):
+        entry = asyncio.run(entry)
+    return getattr(entry, "outputs", entry)
 
 
 def _tiny_checkpoint_factory(family: str, seed: int) -> Callable[[], tuple[Any, Any, Any]]:
@@ -369,7 +389,8 @@ def _directories(folder_paths: Any, output_dir: Path | str | None) -> Iterator[N
     """Point ComfyUI's output and temp folders at ``output_dir`` (or a temporary one) for a run."""
     previous = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
     with tempfile.TemporaryDirectory(prefix="realedit-run-") as scratch:
-        target = Path(output_dir) if output_dir is not None else Path(scratch)
+        # absolute: ComfyUI's SaveImage refuses to mix a relative output folder with its absolute paths
+        target = Path(output_dir).resolve() if output_dir is not None else Path(scratch)
         target.mkdir(parents=True, exist_ok=True)
         folder_paths.set_output_directory(str(target))
         folder_paths.set_temp_directory(str(target / "temp"))

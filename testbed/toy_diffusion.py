@@ -288,6 +288,7 @@ def train(model: comfy.model_patcher.ModelPatcher, clip: comfy.sd.CLIP, config: 
     schedule_config = dataclasses.replace(config, train_steps=steps)  # the lr schedule spans ``steps``
     window, history, start = [], [], time.perf_counter()
     unet.train()
+    unet.requires_grad_(True)  # ComfyUI 0.31 and later build the diffusion model with gradients off
     with torch.inference_mode(False), torch.enable_grad():
         for step in range(steps):
             for group in optimiser.param_groups:

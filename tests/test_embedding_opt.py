@@ -400,3 +400,79 @@ def test_bad_inputs_on_comfy_are_clear_errors_before_any_work(env):
         autograd.ttis_invert(model, _latent(), cond + cond, negative, steps=3)
     with pytest.raises(ValueError, match="InstructPix2Pix"):
         autograd.ttis_invert(make("ip2p"), _latent(), cond, negative, steps=3)
+
+
+def _dynamic(model, deep_copy_source=None):
+    """``model`` posing as a dynamic-VRAM patcher (ComfyUI builds none on a CPU). With ``deep_copy_source``, a
+    cached_patcher_init that rebuilds the model from it, as ComfyUI's loaders register for clone(disable_dynamic)."""
+    model.is_dynamic = lambda: True
+    if deep_copy_source is not None:
+        model.cached_patcher_init = (lambda disable_dynamic=False: deep_copy_source(), ())
+    return model
+
+
+def _supports_dynamic_vram(autograd, model) -> bool:
+    """Whether this release has dynamic VRAM; where it has not, the model is never treated as dynamic and is
+    optimised on the plain clone (checked here, so the test still asserts something on old releases)."""
+    import inspect
+
+    if "disable_dynamic" in inspect.signature(model.clone).parameters:
+        return True
+    clone, always = autograd.trainable_copy(model)
+    assert not autograd.is_dynamic(model) and clone.model is model.model and not always
+    return False
+
+
+def test_dynamic_vram_optimises_a_fully_loaded_non_dynamic_deep_copy(env, monkeypatch):
+    """As ComfyUI's trainer: a deep copy (patches kept, the caller's model untouched), loaded whole; the
+    same embeddings as on the plain model, bit for bit."""
+    import comfy.model_management
+
+    autograd, make, helpers = env
+    with torch.inference_mode():
+        model = make("sd1", output_scale=0.01)
+        if not _supports_dynamic_vram(autograd, model):
+            return
+        cond, negative = helpers.conditioning("sd1", 1), helpers.conditioning("sd1", 2)
+        plain = autograd.ttis_invert(model, _latent(), cond, negative, steps=STEPS, iterations=2, lr=LR)
+        copies = []
+        dynamic = _dynamic(model.clone(), lambda: copies.append(make("sd1", output_scale=0.01)) or copies[-1])
+        before = _model_state(dynamic)
+        loads = []
+        real_load = comfy.model_management.load_models_gpu
+        monkeypatch.setattr(comfy.model_management, "load_models_gpu",
+                            lambda models, **kw: loads.append((models[0], kw.get("force_full_load"))) or
+                            real_load(models, **kw))
+        ttis = autograd.ttis_invert(dynamic, _latent(), cond, negative, steps=STEPS, iterations=2, lr=LR)
+    assert len(copies) == 1 and copies[0].model is not dynamic.model
+    optimised_on = [(m, full) for m, full in loads if m.model is copies[0].model]
+    assert optimised_on[-1][1] is True and not optimised_on[-1][0].is_dynamic()  # the optimisation's load: whole
+    assert [torch.equal(a, b) for a, b in zip(ttis.embeddings, plain.embeddings)] == [True] * STEPS
+    _assert_untouched(dynamic, before, tuple(cond[0][0].shape))
+
+
+def test_dynamic_vram_without_a_deep_copy_copies_every_weight_and_gives_the_same_result(env, caplog):
+    autograd, make, helpers = env
+    with torch.inference_mode():
+        model = make("sd1", output_scale=0.01)
+        if not _supports_dynamic_vram(autograd, model):
+            return
+        cond, negative = helpers.conditioning("sd1", 1), helpers.conditioning("sd1", 2)
+        plain = autograd.null_text_invert(model, _latent(), cond, negative, steps=STEPS, iterations=2)
+        clone, always = autograd.trainable_copy(_dynamic(model.clone()))
+        assert always and clone.model is model.model  # built in code: no cached_patcher_init to deep-copy from
+        with caplog.at_level("WARNING"):
+            dynamic = autograd.null_text_invert(_dynamic(model.clone()), _latent(), cond, negative, steps=STEPS,
+                                                iterations=2)
+    assert "every weight copied per forward" in caplog.text
+    assert [torch.equal(a, b) for a, b in zip(dynamic.embeddings, plain.embeddings)] == [True] * STEPS
+    _assert_no_wrappers(model)
+
+
+def test_copy_every_weight_wrapper_never_returns_the_buffer_it_was_given():
+    from realedit.hosts.comfy_autograd import CopyInferenceWeight
+
+    staging = torch.randn(4, 4)
+    assert CopyInferenceWeight()(staging).data_ptr() == staging.data_ptr()  # a normal tensor: no copy
+    copied = CopyInferenceWeight(always=True)(staging)
+    assert copied.data_ptr() != staging.data_ptr() and torch.equal(copied, staging)

@@ -63,6 +63,15 @@ def test_probe_workflow_runs_and_reports_every_layer_and_step(runner, tmp_path):
     assert second["9"][0] == summary
 
 
+def test_saved_images_go_to_a_relative_output_folder(runner, tmp_path, monkeypatch):
+    """The demo's default ``--out out/demo`` is relative: ComfyUI's SaveImage used to refuse it ("Can't mix
+    absolute and relative paths")."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.run_workflow(small(_load(ROOT / "api_workflows" / "attention_probe.json")), output_dir="out/demo")
+    saved = [image["filename"] for ui in result.ui.values() for image in ui.get("images", [])]
+    assert saved and all((tmp_path / "out" / "demo" / name).is_file() for name in saved)
+
+
 def test_probe_changes_nothing_compared_with_the_unprobed_graph(runner, tmp_path):
     workflow = small(_load(ROOT / "api_workflows" / "attention_probe.json"))
     probed = runner.run_workflow(workflow, outputs=["6"], output_dir=tmp_path)["6"][0]["samples"]
