@@ -19,8 +19,8 @@ for backward"). The technique (METHODS.md, BARET; the one ComfyUI's own LoRA tra
    ``comfy.ops.cast_bias_weight``, which copies the weight each forward before calling the wrapper; run
    outside inference mode, that copy is a normal tensor autograd can save. The wrapper detaches it
    (no gradient flows into the shared parameters, which keep ``requires_grad=True`` in older ComfyUI) and
-   clones a weight that is still an inference tensor (every weight, on a dynamic model that stayed dynamic). No weight is modified and nothing is stored:
-   the copies live as long as one forward/backward.
+   clones a weight that is still an inference tensor (every weight, on a dynamic model that stayed
+   dynamic). No weight is modified and nothing is stored: the copies live as long as one forward/backward.
 3. Give the clone an fp32 compute dtype (``set_model_compute_dtype``) when the model computes in
    another dtype: the embedding, Adam, the loss and the backward pass are fp32 (no fp16 gradient
    overflow or underflow), also on models loaded in fp16/bf16. ``dtype=None`` keeps the model's.

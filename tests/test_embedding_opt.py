@@ -411,16 +411,19 @@ def _dynamic(model, deep_copy_source=None):
     return model
 
 
-def _supports_dynamic_vram(autograd, model) -> bool:
-    """Whether this release has dynamic VRAM; where it has not, the model is never treated as dynamic and is
-    optimised on the plain clone (checked here, so the test still asserts something on old releases)."""
+def _dynamic_vram_case(env) -> tuple:
+    """A tiny SD1 model and its two prompts where this release has dynamic VRAM, else ``(None, None, None)``
+    after checking that such a release never treats a model as dynamic (the plain clone, no per-forward copy),
+    so the tests still assert something on old releases."""
     import inspect
 
-    if "disable_dynamic" in inspect.signature(model.clone).parameters:
-        return True
-    clone, always = autograd.trainable_copy(model)
-    assert not autograd.is_dynamic(model) and clone.model is model.model and not always
-    return False
+    autograd, make, helpers = env
+    model = make("sd1", output_scale=0.01)
+    if "disable_dynamic" not in inspect.signature(model.clone).parameters:
+        clone, always = autograd.trainable_copy(model)
+        assert not autograd.is_dynamic(model) and clone.model is model.model and not always
+        return None, None, None
+    return model, helpers.conditioning("sd1", 1), helpers.conditioning("sd1", 2)
 
 
 def test_dynamic_vram_optimises_a_fully_loaded_non_dynamic_deep_copy(env, monkeypatch):
@@ -428,12 +431,11 @@ def test_dynamic_vram_optimises_a_fully_loaded_non_dynamic_deep_copy(env, monkey
     same embeddings as on the plain model, bit for bit."""
     import comfy.model_management
 
-    autograd, make, helpers = env
+    autograd, make, _ = env
     with torch.inference_mode():
-        model = make("sd1", output_scale=0.01)
-        if not _supports_dynamic_vram(autograd, model):
+        model, cond, negative = _dynamic_vram_case(env)
+        if model is None:
             return
-        cond, negative = helpers.conditioning("sd1", 1), helpers.conditioning("sd1", 2)
         plain = autograd.ttis_invert(model, _latent(), cond, negative, steps=STEPS, iterations=2, lr=LR)
         copies = []
         dynamic = _dynamic(model.clone(), lambda: copies.append(make("sd1", output_scale=0.01)) or copies[-1])
@@ -452,12 +454,11 @@ def test_dynamic_vram_optimises_a_fully_loaded_non_dynamic_deep_copy(env, monkey
 
 
 def test_dynamic_vram_without_a_deep_copy_copies_every_weight_and_gives_the_same_result(env, caplog):
-    autograd, make, helpers = env
+    autograd, _, _ = env
     with torch.inference_mode():
-        model = make("sd1", output_scale=0.01)
-        if not _supports_dynamic_vram(autograd, model):
+        model, cond, negative = _dynamic_vram_case(env)
+        if model is None:
             return
-        cond, negative = helpers.conditioning("sd1", 1), helpers.conditioning("sd1", 2)
         plain = autograd.null_text_invert(model, _latent(), cond, negative, steps=STEPS, iterations=2)
         clone, always = autograd.trainable_copy(_dynamic(model.clone()))
         assert always and clone.model is model.model  # built in code: no cached_patcher_init to deep-copy from
