@@ -23,7 +23,8 @@ def test_core_imports_without_comfyui():
 def test_pack_modules_import_each_other_relatively_only():
     offenders = []
     for path in ROOT.rglob("*.py"):
-        if any(part in {".venv", "tests", "scripts", "bench", "build"} for part in path.relative_to(ROOT).parts):
+        parts = path.relative_to(ROOT).parts  # hidden folders: .git, the venvs (.venv, .venv-comfy-*)
+        if any(part in {"tests", "scripts", "bench", "build"} or part.startswith(".") for part in parts):
             continue
         for node in ast.walk(ast.parse(path.read_text())):  # import statements, not docstring examples
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else \
