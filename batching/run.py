@@ -190,8 +190,9 @@ def ray_available() -> bool:
 
 
 def _package_path() -> str:
-    """The folder that holds the ``realedit`` package (workers of a local Ray instance import it from there)."""
-    return str(Path(__file__).resolve().parent.parent.parent)
+    """The folder that holds the ``realedit`` package this process imported (workers of a local Ray instance
+    import it from there; links are kept, as the import system keeps them)."""
+    return str(Path(sys.modules[__package__.rsplit(".", 1)[0]].__file__).parent.parent)
 
 
 def run_ray(rows: list[Row], job: Job, on_record: OnRecord, *, address: str | None, workers: int | None,
