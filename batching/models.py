@@ -18,6 +18,7 @@ Plug in another loader with ``register_loader("name", fn)`` where ``fn(device, d
 from __future__ import annotations
 
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,10 +82,11 @@ def _clip_ids(tokens: list[Token]) -> torch.Tensor:
     return torch.tensor([ids + [_EOS] * (CLIP_CHUNK - len(ids))])  # (1, 77)
 
 
-def _tiny_text_encoder(width: int, seed: int = 0) -> torch.nn.Module:
+def tiny_text_encoder(width: int, seed: int = 0, vocab_size: int = TINY_VOCAB) -> torch.nn.Module:
+    """A random-weight two-layer CLIP text encoder of ``width`` channels (seeded; the global RNG is untouched)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(vocab_size=TINY_VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=CLIP_CHUNK, bos_token_id=_BOS,
                             eos_token_id=_EOS, pad_token_id=_EOS)
     with torch.random.fork_rng():
@@ -99,7 +101,7 @@ def load_tiny(device: torch.device, dtype: torch.dtype) -> EditModel:
     unet, vae = make_tiny_diffusers_unet("sd1", weight_scale=0.5), make_tiny_diffusers_vae()
     for module in (unet, vae):
         module.to(device=device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
-    text = _tiny_text_encoder(unet.config.cross_attention_dim).to(device)
+    text = tiny_text_encoder(unet.config.cross_attention_dim).to(device)
 
     @torch.no_grad()
     def encode(prompt: str) -> torch.Tensor:
@@ -118,12 +120,13 @@ def from_pipeline(name: str, pipe: object, device: torch.device, dtype: torch.dt
 
     from ..attention.tokens import from_hf_tokenizer
 
-    pipe.to(device, dtype)
+    pipe.to(device)  # loaded in ``dtype`` already
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)  # 77 for SD's CLIP
 
     @torch.no_grad()
     def encode(prompt: str) -> torch.Tensor:
-        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True,
                         return_tensors="pt").input_ids
         return text_encoder(ids.to(device))[0].to(dtype)
 
@@ -134,8 +137,10 @@ def from_pipeline(name: str, pipe: object, device: torch.device, dtype: torch.dt
 def load_diffusers_folder(path: Path, device: torch.device, dtype: torch.dtype) -> EditModel:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
+    with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; 0.30 knows only torch_dtype
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                       safety_checker=None, requires_safety_checker=False)
     return from_pipeline(str(path), pipe, device, dtype)
 
 
@@ -144,9 +149,12 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype, confi
 
     kwargs = {"config": str(config)} if config is not None else {}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, local_files_only=True,
-                                                        safety_checker=None, requires_safety_checker=False, **kwargs)
-    except (OSError, ValueError) as e:
+        with warnings.catch_warnings():  # torch_dtype, as above
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, local_files_only=True,
+                                                            safety_checker=None, requires_safety_checker=False,
+                                                            **kwargs)
+    except Exception as e:  # diffusers raises OSError, ValueError or its own SingleFileComponentError
         hint = "" if config is not None else (
             " diffusers needs the model's configuration for a single file and cannot fetch it offline: pass "
             "--model-config with a local diffusers folder of the same architecture (its model_index.json, "

@@ -146,4 +146,5 @@ def contact_sheet(records: Iterable[dict], out: Path, title: str) -> str:
 def write_summary(out: Path, summary: dict[str, Any], records: list[dict]) -> None:
     """``summary.json`` (the run's counts, speed, invalid rows and every row's record) and the contact sheet."""
     write_json(out / SUMMARY, {**summary, "rows": records})
-    atomic_write(out / CONTACT_SHEET, contact_sheet(records, out, f"RealEdit batch: {summary.get('manifest')}").encode())
+    sheet = contact_sheet(records, out, f"RealEdit batch: {summary.get('manifest')}")
+    atomic_write(out / CONTACT_SHEET, sheet.encode())

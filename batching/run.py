@@ -223,7 +223,7 @@ def _ray_rows(ray, rows: list[Row], job: Job, on_record: OnRecord, workers: int 
         return [], []
     import logging
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress line is the one shown
     resources = ray.cluster_resources()
     gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)

@@ -140,9 +140,10 @@ def p2p_controls(run, tokenize: Tokenizer, source: str, target: str, *, word: st
         blend = LocalBlend([_positions(source, blend_words, tokenize, False),
                             _positions(target, blend_words, tokenize, True)],
                            threshold=run.settings.p2p.blend_threshold, start=run.settings.p2p.blend_start)
+    positions = _positions(target, word, tokenize, True) if word else None
     return SpecRefControls(settings=run.settings, cross_edit=cross_edit_for(run.edit_mode, src_tokens, tgt_tokens),
-                           local_blend=blend, target_positions=_positions(target, word, tokenize, True) if word else None,
-                           ref_mask=ref_mask, sr_uncond=run.sr_uncond, self_replace_uncond=run.self_replace_uncond)
+                           local_blend=blend, target_positions=positions, ref_mask=ref_mask, sr_uncond=run.sr_uncond,
+                           self_replace_uncond=run.self_replace_uncond)
 
 
 # -- null-text + P2P ------------------------------------------------------------------------------------------------

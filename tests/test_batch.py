@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from realedit.batching import BatchOptions, InvalidManifestError, run_batch, validate
 from realedit.batching import run as batch_run
 from realedit.batching.example import write_example
@@ -301,3 +300,42 @@ def test_ray_gives_the_same_outputs_as_the_local_run_row_for_row(example, refere
     assert len(summary["workers"]) == 2
     assert _outputs(out) == _outputs(reference_run)
     assert _records(out) == _records(reference_run)
+
+
+# -- models -----------------------------------------------------------------------------------------------------------
+def _letter_tokenizer(folder: Path):
+    """A real ``CLIPTokenizer`` with a letters-only vocabulary (no merges: every word is spelled out), written
+    locally: a diffusers folder with a BPE tokenizer, without a download."""
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in letters:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")), len(vocab)
+
+
+def test_a_diffusers_folder_loads_offline_and_runs_rows(example, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from realedit.batching.models import load_tiny, tiny_text_encoder
+
+    tiny = load_tiny(torch.device("cpu"), torch.float32)
+    tokenizer, vocab = _letter_tokenizer(tmp_path / "tok")
+    pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny_text_encoder(64, vocab_size=vocab),
+                                   tokenizer=tokenizer, unet=tiny.unet, scheduler=tiny.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "model")
+    manifest = tmp_path / "rows.jsonl"
+    lines = []
+    for row in map(json.loads, example.read_text().splitlines()):
+        if row["method"] in ("specref", "nulltext-p2p"):
+            paths = {k: str(example.parent / row[k]) for k in ("image", "reference", "reference_mask") if k in row}
+            lines.append(json.dumps({**row, **paths}))
+    manifest.write_text("\n".join(lines) + "\n")
+    summary = run_batch(manifest, str(tmp_path / "model"), tmp_path / "out", _options())
+    assert summary["ok"] == 2, [r.get("error") for r in summary["rows"]]
+    specref = next(r for r in summary["rows"] if r["method"] == "specref")
+    assert specref["info"]["sr_attention"]["applied"] > 0  # 'square' found as 6 letter tokens, M_t non-empty
