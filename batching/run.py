@@ -205,11 +205,12 @@ def run_ray(rows: list[Row], job: Job, on_record: OnRecord, *, address: str | No
     import ray
 
     started_here = not ray.is_initialized()
-    if started_here:
+    if started_here and address:  # a cluster: RealEdit is installed on its nodes
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    elif started_here:  # this machine: workers import the same RealEdit as this process
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [_package_path(),
                                                                        os.environ.get("PYTHONPATH")]))}}
-        ray.init(address=address, runtime_env=env, log_to_driver=False, include_dashboard=False,
-                 logging_level="ERROR")
+        ray.init(runtime_env=env, log_to_driver=False, include_dashboard=False, logging_level="ERROR")
     try:
         return _ray_rows(ray, rows, job, on_record, workers, gpus_per_worker)
     finally:
