@@ -11,7 +11,6 @@ name; the default is the built-in random-weight tiny model (a dry run: it shows 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -43,7 +42,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from .batching import BatchOptions, InvalidManifestError, ManifestError, run_batch, validate
     from .batching.run import RAY_INSTALL, ray_available
 

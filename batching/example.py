@@ -37,7 +37,7 @@ def example_rows(steps: int) -> list[dict]:
         {"id": "zone", "method": "zone", "image": "source.png", "edited": "edited.png", "mask": "rough_mask.png",
          "segments": ["source_mask.png"], "instruction": "make the disc blue", "ground_truth": "edited.png"},
         {"id": "keep", "method": "keep-pixels", "image": "source.png", "edited": "edited.png",
-         "settings": {"align": False}},
+         "settings": {"align": False}, "ground_truth": "edited.png"},
     ]
     return [r for r in rows if METHODS[r["method"]].available()]
 

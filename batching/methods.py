@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ..attention.baret import BaretControls
@@ -105,9 +105,9 @@ class ZoneRun:
 
 @dataclass(frozen=True)
 class KeepRun:
-    """keep-pixels: the ``KeepSettings`` field overrides (the dataclass itself lives in ``masks.keep``)."""
+    """keep-pixels: its ``KeepSettings`` (the dataclass lives in ``masks.keep``) with the row's overrides."""
 
-    overrides: Mapping[str, Any] = field(default_factory=dict)
+    settings: Any
 
 
 def _p2p_run(o: Mapping[str, Any], default_steps: int) -> P2PRun:
@@ -158,8 +158,7 @@ def _keep_run(o: Mapping[str, Any], default_steps: int) -> KeepRun:
     if api is None:
         raise UnavailableMethodError("RealEdit: method 'keep-pixels' needs realedit.masks.keep_unedited, which "
                                      "this installation does not have yet; update RealEdit.")
-    dataclasses.replace(api[1](), **o)  # KeepSettings refuses unknown fields / bad values
-    return KeepRun(overrides=dict(o))
+    return KeepRun(dataclasses.replace(api[1](), **o))  # KeepSettings refuses unknown fields and bad values
 
 
 def _keep_keys() -> tuple[str, ...]:

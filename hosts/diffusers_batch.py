@@ -265,7 +265,7 @@ def run_keep(model, row, run, timer: _Timer) -> RowResult:
     original, edited = load_image(row.image), load_image(row.edited)
     rough = load_mask(row.mask) if row.mask else None
     segments = [load_mask(p) for p in row.segments] or None
-    result = timer("keep", lambda: keep_unedited(original, edited, rough, segments, **run.overrides))
+    result = timer("keep", lambda: keep_unedited(original, edited, rough, segments, settings=run.settings))
     item = result.items[0]
     return RowResult({"edit": item.image}, {"rough": item.rough_mask.float(), "refined": item.refined_mask.float(),
                                             "final": item.final_mask.float()},

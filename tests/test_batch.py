@@ -67,6 +67,10 @@ def test_every_row_writes_its_edit_masks_record_and_the_run_its_summary_and_cont
     zone = json.loads((row_dir(reference_run, "zone") / "record.json").read_text())
     assert {"mask_rough.png", "mask_refined.png", "mask_final.png"} <= set(zone["files"])
     assert zone["scores"]["unchanged_outside_mask"] == 1.0  # ZONE keeps the original's pixels bit for bit
+    keep = json.loads((row_dir(reference_run, "keep") / "record.json").read_text()) if any(
+        r.id == "keep" for r in rows) else None  # where realedit.masks.keep_unedited exists
+    if keep is not None:
+        assert keep["scores"]["unchanged_outside_mask"] == 1.0 and keep["settings"]["settings"]["align"] is False
     baret = json.loads((row_dir(reference_run, "baret") / "record.json").read_text())
     assert baret["settings"]["steps"] == STEPS and baret["settings"]["ttis_iterations"] == 1
     assert len(baret["info"]["ttis"]["final_losses"]) == STEPS and baret["scores"]["psnr"] > 0
