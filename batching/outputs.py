@@ -122,8 +122,9 @@ def _text(record: dict) -> str:
     return "<br>".join(parts)
 
 
-def contact_sheet(records: Iterable[dict], out: Path, title: str) -> str:
-    """One table row per manifest row: source photo, every output image and mask, prompts, scores, errors."""
+def contact_sheet(records: Iterable[dict], out: Path, title: str, invalid: Iterable[dict] = ()) -> str:
+    """One table row per manifest row: source photo, every output image and mask, prompts, scores, errors;
+    above it the rows that were not run because they are invalid."""
     lines = [
         "<!doctype html><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -131,6 +132,8 @@ def contact_sheet(records: Iterable[dict], out: Path, title: str) -> str:
         " figure{display:inline-block;margin:2px;text-align:center} .error{color:#b00} img{image-rendering:pixelated}"
         "</style>",
         f"<h1>{html.escape(title)}</h1>",
+        *(f'<p class="error">line {p["line"]} ({html.escape(str(p.get("id")))}) not run: '
+          f'{html.escape("; ".join(p["reasons"]))}</p>' for p in invalid),
         "<table><tr><th>id</th><th>method</th><th>status</th><th>source</th><th>outputs</th><th>text</th></tr>",
     ]
     for record in records:
@@ -146,5 +149,5 @@ def contact_sheet(records: Iterable[dict], out: Path, title: str) -> str:
 def write_summary(out: Path, summary: dict[str, Any], records: list[dict]) -> None:
     """``summary.json`` (the run's counts, speed, invalid rows and every row's record) and the contact sheet."""
     write_json(out / SUMMARY, {**summary, "rows": records})
-    sheet = contact_sheet(records, out, f"RealEdit batch: {summary.get('manifest')}")
+    sheet = contact_sheet(records, out, f"RealEdit batch: {summary.get('manifest')}", summary.get("invalid", ()))
     atomic_write(out / CONTACT_SHEET, sheet.encode())

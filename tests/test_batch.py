@@ -193,6 +193,7 @@ def test_skip_invalid_runs_the_good_rows(example, tmp_path):
     summary = run_batch(manifest, "tiny", tmp_path / "out", _options(skip_invalid=True))
     assert [r["id"] for r in summary["rows"]] == ["good", "good2"] and summary["ok"] == 2
     assert [p["line"] for p in summary["invalid"]] == [2, 3, 4, 5, 6, 7, 8]
+    assert "line 4 (word) not run: the word &#x27;tiger&#x27;" in (tmp_path / "out" / "contact_sheet.html").read_text()
     assert (tmp_path / "out" / "rows" / "good" / "edit.png").read_bytes() == \
         (tmp_path / "out" / "rows" / "good2" / "edit.png").read_bytes()  # same row, same seed, same bytes
 
