@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"diffusers folder, .safetensors/.ckpt file or registered name (default: {DEFAULT_MODEL})")
     p.add_argument("--model-config", type=Path, help="for a single-file checkpoint offline: a local diffusers "
                                                      "folder of the same architecture (configs and tokenizer)")
+    p.add_argument("--ip2p-model", help="InstructPix2Pix diffusers folder (or registered name) for zone rows "
+                                        "without an edited image (default with --model tiny: tiny-ip2p)")
     p.add_argument("--out", type=Path, default=Path("out/batch"), help="output folder (shared by all Ray nodes)")
     p.add_argument("--steps", type=int, help="sampling steps for rows whose settings do not give them")
     p.add_argument("--skip-invalid", action="store_true", help="run the valid rows even if some are invalid")
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .batching import BatchOptions, InvalidManifestError, ManifestError, run_batch, validate
+    from .batching.models import DEFAULT_IP2P
     from .batching.run import RAY_INSTALL, ray_available
 
     if args.ray is not None and not ray_available():
@@ -50,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.validate_only:
-            rows, problems = validate(args.manifest.resolve(), args.steps)
+            ip2p = args.ip2p_model or DEFAULT_IP2P.get(args.model)
+            rows, problems = validate(args.manifest.resolve(), args.steps, ip2p=ip2p is not None)
             for problem in problems:
                 print(f"RealEdit: invalid {problem}", file=sys.stderr)
             print(f"{len(rows)} valid row(s), {len(problems)} invalid")
             return 1 if problems else 0
         options = BatchOptions(skip_invalid=args.skip_invalid, ray=args.ray is not None,
                                ray_address=args.ray or None, workers=args.workers, model_config=args.model_config,
+                               ip2p_model=args.ip2p_model,
                                default_steps=args.steps, device=args.device, threads=args.threads)
         summary = run_batch(args.manifest, args.model, args.out, options)
     except (InvalidManifestError, ManifestError, ValueError, RuntimeError) as e:

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from . import outputs
 from .manifest import Problem, Row, validate
-from .models import check_model_spec
+from .models import DEFAULT_IP2P, check_model_spec
 from .run import Job, Progress, StopFlag, run_local, run_ray
 
 
@@ -39,6 +39,7 @@ class BatchOptions:
     ray_address: str | None = None
     workers: int | None = None
     model_config: Path | None = None
+    ip2p_model: str | None = None  # default: the model's own IP2P twin where there is one (tiny -> tiny-ip2p)
     default_steps: int | None = None
     device: str | None = None
     threads: int | None = None
@@ -48,7 +49,7 @@ class BatchOptions:
 
 def plan(manifest: Path, out: Path, job: Job, skip_invalid: bool) -> tuple[list[Row], list[Row], list[Problem]]:
     """(pending rows, finished rows, problems); raises :class:`InvalidManifestError` unless ``skip_invalid``."""
-    rows, problems = validate(manifest, job.default_steps)
+    rows, problems = validate(manifest, job.default_steps, ip2p=job.ip2p_model is not None)
     if problems and not skip_invalid:
         raise InvalidManifestError(problems)
     done = [r for r in rows if outputs.is_done(out, r.id, r.key(job.model_key))]
@@ -63,8 +64,12 @@ def run_batch(manifest: Path, model: str, out: Path, options: BatchOptions | Non
     log = log or sys.stderr
     manifest, out = manifest.resolve(), out.resolve()
     check_model_spec(model)
-    job = Job(model=model, out=str(out), model_config=str(options.model_config) if options.model_config else None,
-              default_steps=options.default_steps, device=options.device, threads=options.threads)
+    ip2p = options.ip2p_model or DEFAULT_IP2P.get(model)
+    if ip2p is not None:
+        check_model_spec(ip2p)
+    config = str(options.model_config) if options.model_config else None
+    job = Job(model=model, out=str(out), ip2p_model=ip2p, model_config=config, default_steps=options.default_steps,
+              device=options.device, threads=options.threads)
     pending, done, problems = plan(manifest, out, job, options.skip_invalid)
     for problem in problems:
         log.write(f"RealEdit: skipping invalid {problem}\n")

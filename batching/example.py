@@ -36,6 +36,8 @@ def example_rows(steps: int) -> list[dict]:
          "target": "a blue disc on a wall", "blend_words": "disc", "settings": {**s, "null_text_iterations": 1}},
         {"id": "zone", "method": "zone", "image": "source.png", "edited": "edited.png", "mask": "rough_mask.png",
          "segments": ["source_mask.png"], "instruction": "make the disc blue", "ground_truth": "edited.png"},
+        {"id": "zone-ip2p", "method": "zone", "image": "source.png", "instruction": "make the disc blue",
+         "segments": ["source_mask.png"], "settings": {"steps": steps}},
         {"id": "keep", "method": "keep-pixels", "image": "source.png", "edited": "edited.png",
          "settings": {"align": False}, "ground_truth": "edited.png"},
     ]

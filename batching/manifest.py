@@ -213,7 +213,7 @@ def _check_files(raw: dict, spec: MethodSpec) -> list[str]:
                 sizes[label] = size
     if "image" in sizes:
         width, height = sizes["image"]
-        if spec.generative and (width % 8 or height % 8):
+        if spec.runs_model(raw) and (width % 8 or height % 8):
             reasons.append(f"image is {width}x{height}; the VAE needs sides that are multiples of 8 (resize or crop)")
         for label, size in sizes.items():
             if label.split("[")[0] in spec.same_size and size != sizes["image"]:
@@ -224,8 +224,11 @@ def _check_files(raw: dict, spec: MethodSpec) -> list[str]:
     return reasons
 
 
-def _check_row(raw: dict, spec: MethodSpec, default_steps: int | None) -> list[str]:
-    reasons = _check_fields(raw, spec) + _check_words(raw, spec)
+def _check_row(raw: dict, spec: MethodSpec, default_steps: int | None, ip2p: bool) -> list[str]:
+    reasons = _check_fields(raw, spec) + spec.check(raw) + _check_words(raw, spec)
+    if spec.needs_ip2p(raw) and not ip2p:
+        reasons.append(f"method {spec.name!r} without an edited image samples InstructPix2Pix: pass --ip2p-model "
+                       "(an InstructPix2Pix diffusers folder)")
     if not spec.available():
         reasons.append(f"method {spec.name!r} is not available in this installation (update RealEdit)")
     elif isinstance(raw.get("settings", {}), dict):
@@ -236,11 +239,12 @@ def _check_row(raw: dict, spec: MethodSpec, default_steps: int | None) -> list[s
     return reasons + _check_files(raw, spec)
 
 
-def validate(path: Path, default_steps: int | None = None) -> tuple[list[Row], list[Problem]]:
+def validate(path: Path, default_steps: int | None = None, ip2p: bool = True) -> tuple[list[Row], list[Problem]]:
     """All rows of the manifest at ``path``: the valid ones, and a :class:`Problem` for every other one.
 
     Reads image headers only (no pixels, no model). ``default_steps`` is the run's ``--steps`` (rows
-    without a ``steps`` setting use it; validation builds every row's settings with it).
+    without a ``steps`` setting use it; validation builds every row's settings with it); ``ip2p``: whether the
+    run has an InstructPix2Pix model (zone rows without an edited image need one).
     """
     rows: list[Row] = []
     problems: list[Problem] = []
@@ -263,7 +267,7 @@ def validate(path: Path, default_steps: int | None = None) -> tuple[list[Row], l
         elif method not in METHODS:
             reasons.append(f"unknown method {method!r} (methods: {', '.join(METHODS)})")
         else:
-            reasons += _check_row(_resolve(raw, path.parent), METHODS[method], default_steps)
+            reasons += _check_row(_resolve(raw, path.parent), METHODS[method], default_steps, ip2p)
         if reasons:
             problems.append(Problem(line, row_id if isinstance(row_id, str) else None, tuple(reasons)))
         else:

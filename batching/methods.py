@@ -95,8 +95,12 @@ class BaretRun:
 
 @dataclass(frozen=True)
 class ZoneRun:
-    """ZONE's mask pipeline on a given edit (``ZoneSettings`` names)."""
+    """ZONE (``ZoneSettings`` names): IP2P sampling and M_b (rows without an edit), then the mask pipeline."""
 
+    steps: int = ZONE_DEFAULTS.steps
+    text_cfg: float = ZONE_DEFAULTS.text_cfg
+    image_cfg: float = ZONE_DEFAULTS.image_cfg
+    mask_threshold: float = ZONE_DEFAULTS.mask_threshold
     fft_d0: float = ZONE_DEFAULTS.fft_d0
     fft_threshold: float = ZONE_DEFAULTS.fft_threshold
     blend_alpha: float = ZONE_DEFAULTS.blend_alpha
@@ -136,12 +140,31 @@ def _baret_run(o: Mapping[str, Any], default_steps: int) -> BaretRun:
                     early_stop_delta=base.early_stop_delta, controls=controls)
 
 
+_ZONE_NUMBERS = ("text_cfg", "image_cfg", "mask_threshold", "fft_d0", "fft_threshold", "blend_alpha")
+
+
 def _zone_run(o: Mapping[str, Any], default_steps: int) -> ZoneRun:
-    run = ZoneRun(**{k: _number(k, v) for k, v in _pick(o, ("fft_d0", "fft_threshold", "blend_alpha")).items()},
+    run = ZoneRun(steps=_steps(o.get("steps", default_steps)),
+                  **{k: _number(k, v) for k, v in _pick(o, _ZONE_NUMBERS).items()},
                   fallback=_choice("fallback", o.get("fallback", "rough"), ZONE_FALLBACKS))
-    if not 0.0 <= run.blend_alpha <= 1.0:
-        raise ValueError(f"RealEdit: blend_alpha must lie in [0, 1], got {run.blend_alpha}.")
+    for name in ("blend_alpha", "mask_threshold"):
+        if not 0.0 <= getattr(run, name) <= 1.0:
+            raise ValueError(f"RealEdit: {name} must lie in [0, 1], got {getattr(run, name)}.")
     return run
+
+
+def zone_needs_ip2p(raw: Mapping[str, Any]) -> bool:
+    """A zone row without an edited image samples InstructPix2Pix from its instruction (and reads M_b)."""
+    return not raw.get("edited")
+
+
+def _zone_check(raw: Mapping[str, Any]) -> list[str]:
+    if raw.get("edited") and not raw.get("mask"):
+        return ["method 'zone' with an edited image needs its rough mask M_b (mask); or drop edited to sample "
+                "InstructPix2Pix from the instruction"]
+    if not raw.get("edited") and not raw.get("instruction"):
+        return ["method 'zone' needs an instruction (InstructPix2Pix samples the edit), or edited + mask"]
+    return []
 
 
 def keep_pixels_api() -> tuple[Callable[..., Any], type] | None:
@@ -186,7 +209,9 @@ class MethodSpec:
     keys: Callable[[], tuple[str, ...]]
     build: Callable[[Mapping[str, Any], int], Any]
     default_steps: int = 50
-    generative: bool = True  # runs the diffusion model (needs sizes that are multiples of 8)
+    runs_model: Callable[[Mapping[str, Any]], bool] = lambda raw: True  # sampling: sides multiples of 8
+    needs_ip2p: Callable[[Mapping[str, Any]], bool] = lambda raw: False  # an InstructPix2Pix UNet as well
+    check: Callable[[Mapping[str, Any]], list[str]] = lambda raw: []  # rules between fields
     available: Callable[[], bool] = lambda: True
 
     def settings(self, overrides: Mapping[str, Any], default_steps: int | None = None) -> Any:
@@ -222,14 +247,17 @@ METHODS: dict[str, MethodSpec] = {
         keys=lambda: (*_P2P_ALL, "self_replace_uncond", "null_text_iterations", "early_stop_eps", "early_stop_delta"),
         build=_nulltext_run, default_steps=BARET_DEFAULTS.steps),
     "zone": MethodSpec(
-        "zone", "ZONE's mask pipeline on a given edit: Region-IoU, FFT edge smoother, exact composite",
-        required=("image", "edited", "mask"), images=("image", "edited", *_GT), masks=("mask", "segments"),
+        "zone", "ZONE: InstructPix2Pix edit and M_b from the instruction (or a given edit and M_b), Region-IoU, "
+        "FFT edge smoother, exact composite",
+        required=("image",), images=("image", "edited", *_GT), masks=("mask", "segments"),
         same_size=("edited", "mask", "segments", *_GT), word_fields=(),
-        keys=lambda: ("fft_d0", "fft_threshold", "blend_alpha", "fallback"), build=_zone_run, generative=False),
+        keys=lambda: ("steps", *_ZONE_NUMBERS, "fallback"), build=_zone_run, default_steps=ZONE_DEFAULTS.steps,
+        runs_model=zone_needs_ip2p, needs_ip2p=zone_needs_ip2p, check=_zone_check),
     "keep-pixels": MethodSpec(
         "keep-pixels", "keep the original's pixels wherever another editor's output did not mean to change them",
         required=("image", "edited"), images=("image", "edited", *_GT), masks=("mask", "segments"),
-        same_size=("mask", "segments", *_GT), word_fields=(), keys=_keep_keys, build=_keep_run, generative=False,
+        same_size=("mask", "segments", *_GT), word_fields=(), keys=_keep_keys, build=_keep_run,
+        runs_model=lambda raw: False,
         available=lambda: keep_pixels_api() is not None),
 }
 

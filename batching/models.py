@@ -6,7 +6,8 @@ positions and a prompt encoder). ``spec`` is
 * a registered name (:data:`LOADERS`; ``tiny`` is built in: random-weight tiny UNet, VAE and CLIP text
   encoder with a word-level tokenizer, for dry runs and tests). :data:`DEFAULT_MODEL` is what
   ``--model`` defaults to; a trained checkpoint shipped with the pack registers itself here;
-* a diffusers folder (``model_index.json``): ``StableDiffusionPipeline.from_pretrained``, local files only;
+* a diffusers folder (``model_index.json``; Stable Diffusion or InstructPix2Pix):
+  ``DiffusionPipeline.from_pretrained``, local files only;
 * a single-file checkpoint (``.safetensors`` / ``.ckpt``): ``from_single_file`` with ``local_files_only``.
   diffusers reads the model's configuration (and the CLIP tokenizer) from the Hugging Face hub for a single
   file; offline it needs ``config=`` a local diffusers folder of the same architecture (``--model-config``),
@@ -94,11 +95,12 @@ def tiny_text_encoder(width: int, seed: int = 0, vocab_size: int = TINY_VOCAB) -
         return CLIPTextModel(config).eval()
 
 
-def load_tiny(device: torch.device, dtype: torch.dtype) -> EditModel:
-    """Random-weight tiny SD1-shaped UNet, VAE and CLIP text encoder (testbed); edits are not meaningful."""
+def load_tiny(device: torch.device, dtype: torch.dtype, family: str = "sd1") -> EditModel:
+    """Random-weight tiny SD1-shaped UNet, VAE and CLIP text encoder (testbed); edits are not meaningful.
+    ``family="ip2p"``: the InstructPix2Pix-shaped UNet (8 input channels) with the same VAE and text encoder."""
     from ..testbed.diffusers_models import make_ddim_scheduler, make_tiny_diffusers_unet, make_tiny_diffusers_vae
 
-    unet, vae = make_tiny_diffusers_unet("sd1", weight_scale=0.5), make_tiny_diffusers_vae()
+    unet, vae = make_tiny_diffusers_unet(family, weight_scale=0.5), make_tiny_diffusers_vae()
     for module in (unet, vae):
         module.to(device=device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
     text = tiny_text_encoder(unet.config.cross_attention_dim).to(device)
@@ -107,10 +109,13 @@ def load_tiny(device: torch.device, dtype: torch.dtype) -> EditModel:
     def encode(prompt: str) -> torch.Tensor:
         return text(_clip_ids(word_tokenizer(prompt)).to(device)).last_hidden_state.to(dtype)
 
-    return EditModel("tiny", unet, vae, make_ddim_scheduler(), word_tokenizer, encode)
+    return EditModel("tiny" if family == "sd1" else f"tiny-{family}", unet, vae, make_ddim_scheduler(),
+                     word_tokenizer, encode)
 
 
 register_loader("tiny", load_tiny)
+register_loader("tiny-ip2p", lambda device, dtype: load_tiny(device, dtype, "ip2p"))
+DEFAULT_IP2P = {"tiny": "tiny-ip2p"}  # --ip2p-model when not given, per --model
 
 
 # -- diffusers pipelines -----------------------------------------------------------------------------------------
@@ -135,12 +140,13 @@ def from_pipeline(name: str, pipe: object, device: torch.device, dtype: torch.dt
 
 
 def load_diffusers_folder(path: Path, device: torch.device, dtype: torch.dtype) -> EditModel:
-    from diffusers import StableDiffusionPipeline
+    """A Stable Diffusion or InstructPix2Pix folder (the pipeline class its model_index.json names)."""
+    from diffusers import DiffusionPipeline
 
     with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; 0.30 knows only torch_dtype
         warnings.simplefilter("ignore", FutureWarning)
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
-                                                       safety_checker=None, requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, safety_checker=None,
+                                                 requires_safety_checker=False)
     return from_pipeline(str(path), pipe, device, dtype)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from . import outputs
 from .manifest import Row
+from .models import EditModel
 
 RAY_INSTALL = ("RealEdit: --ray needs Ray Data, which is not installed here: pip install 'realedit[batch]' "
                "(or pip install 'ray[data]') in this environment, and on every node of the cluster.")
@@ -34,6 +35,7 @@ class Job:
 
     model: str
     out: str
+    ip2p_model: str | None = None  # InstructPix2Pix model for zone rows without an edited image
     model_config: str | None = None
     default_steps: int | None = None
     device: str | None = None
@@ -41,7 +43,7 @@ class Job:
 
     @property
     def model_key(self) -> str:
-        return json.dumps([self.model, self.model_config, self.default_steps])
+        return json.dumps([self.model, self.model_config, self.default_steps, self.ip2p_model])
 
 
 class RowWorker:
@@ -59,6 +61,18 @@ class RowWorker:
         self.model = load_model(job.model, device=job.device, config=config)
         self.worker = {"host": socket.gethostname(), "pid": os.getpid(),
                        "model_load_seconds": round(self.model.load_seconds, 3), "threads": torch.get_num_threads()}
+        self._ip2p: EditModel | None = None
+
+    def ip2p(self) -> EditModel:
+        """The InstructPix2Pix model, loaded on the first row that needs it and kept."""
+        from .models import load_model
+
+        if self._ip2p is None:
+            if not self.job.ip2p_model:
+                raise ValueError("RealEdit: this row samples InstructPix2Pix; pass --ip2p-model.")
+            self._ip2p = load_model(self.job.ip2p_model, device=self.job.device)
+            self.worker["ip2p_load_seconds"] = round(self._ip2p.load_seconds, 3)
+        return self._ip2p
 
     def run(self, row: Row) -> dict[str, Any]:
         """Run one row and write its outputs (or its error record); returns the record."""
@@ -70,7 +84,8 @@ class RowWorker:
         start = time.perf_counter()
         try:
             run = row.spec.settings(row.settings, self.job.default_steps)
-            result = run_row(self.model, row, run)
+            ip2p = self.ip2p() if row.spec.needs_ip2p(row.to_dict()) else None
+            result = run_row(self.model, row, run, ip2p=ip2p)
         except Exception as e:  # a failing row is recorded, the batch goes on
             return outputs.write_error(self.out, row.id, {
                 **base, "status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),

@@ -9,8 +9,9 @@ prompt encoder) and a validated row and calls the same functions the README's Py
 * ``nulltext-p2p``: ``null_text_invert`` then :func:`nulltext_p2p_edit`, the two-path P2P edit whose
   unconditional rows take the per-step null-text embeddings (Mokady et al. 2023 Sec. 3.2; the ComfyUI
   host does the same with ``comfy_edit.with_null_text``);
-* ``zone``: ``masks.local_edit`` on a given edit and rough mask M_b (Region-IoU, FFT smoother, composite).
-  The diffusers host has no InstructPix2Pix sampler yet, so the edit and M_b come from the manifest;
+* ``zone``: ``diffusers_ip2p.ip2p_edit`` with an :class:`~..masks.IP2PMaskRecorder` (the IP2P edit and M_b,
+  ZONE Sec. 4.2) unless the row gives an edit and its M_b, then ``masks.local_edit`` (Region-IoU over the row's
+  segments, else M_b itself; the FFT smoother; the exact composite). No MagicBrush fusion, no SAM here;
 * ``keep-pixels``: ``masks.keep_unedited`` on another editor's output.
 
 Images are (H, W, 3) float in [0, 1] on the CPU, masks (H, W) float in [0, 1].
@@ -35,11 +36,12 @@ from ..attention.p2p import CrossEdit, Refine, Replace
 from ..attention.specref import SpecRefControls, SpecRefError
 from ..attention.tokens import Tokenizer, TokenLookupError, check_prompt_length, word_positions, word_units
 from ..inversion.embedding_opt import OptimisedInversion
-from ..masks import classify_action, local_edit
+from ..masks import IP2PMaskRecorder, classify_action, local_edit
 from .diffusers import DiffusersHost, discover_layers
 from .diffusers_bank import reference_features
 from .diffusers_baret import baret_edit, null_text_invert, ttis_invert
 from .diffusers_edit import specref_edit
+from .diffusers_ip2p import ip2p_edit
 from .diffusers_sampling import ddim_invert, guided_denoiser, prediction_type, unet_fingerprint, use_schedule
 
 
@@ -247,16 +249,41 @@ def run_baret(model, row, run, timer: _Timer) -> RowResult:
     return RowResult(images, info={"ttis": _optimisation_info(inversion), "lambdas": list(result.lambdas)})
 
 
-def run_zone(model, row, run, timer: _Timer) -> RowResult:
-    original, edited, rough = load_image(row.image), load_image(row.edited), load_mask(row.mask)
+def _ip2p_edit_and_rough_mask(ip2p, row, run, original: torch.Tensor,
+                              timer: _Timer) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """ZONE Sec. 4.2: the IP2P edit of the photo and M_b from its empty-text cross-attention (Eq. 3-4)."""
+    photo = encode_image(ip2p, original) / ip2p.vae.config.scaling_factor  # IP2P's c_I: the unscaled mode
+    instruction, empty = ip2p.encode(row.instruction), ip2p.encode("")
+    recorder = IP2PMaskRecorder()
+    latent = timer("ip2p", lambda: ip2p_edit(ip2p.unet, ip2p.scheduler, photo, instruction, empty, steps=run.steps,
+                                             text_cfg=run.text_cfg, image_cfg=run.image_cfg, seed=row.seed,
+                                             hook=recorder))
+    edited = timer("decode", lambda: decode_latent(ip2p, latent))
+    rough = recorder.rough_mask(tuple(latent.shape[-2:]), run.mask_threshold)
+    size = tuple(original.shape[:2])
+    info = {"ip2p_layers": sorted({layer for layer, _, _ in recorder.recorded})}
+    return edited, image_size_mask(rough.mask.float()[None], size), info
+
+
+def run_zone(model, row, run, timer: _Timer, ip2p=None) -> RowResult:
+    original = load_image(row.image)
+    info: dict[str, Any] = {}
+    images: dict[str, torch.Tensor] = {}
+    if row.edited:
+        edited, rough = load_image(row.edited), load_mask(row.mask)
+    else:
+        if ip2p is None:
+            raise ValueError("RealEdit: this zone row has no edited image; InstructPix2Pix needs --ip2p-model.")
+        edited, rough, info = _ip2p_edit_and_rough_mask(ip2p, row, run, original, timer)
+        images["ip2p"] = edited
     segments = [load_mask(p) for p in row.segments] or [rough]  # no segmenter output: M_b is the one segment
     result = timer("zone", lambda: local_edit(original, edited, rough, segments, fallback=run.fallback,
                                               d0=run.fft_d0, threshold=run.fft_threshold, blend=run.blend_alpha))
-    info = {"segment": result.index, "iou": result.iou}
+    info.update(segment=result.index, iou=result.iou)
     if row.instruction:
         info["action"] = classify_action(row.instruction)
-    return RowResult({"edit": result.image}, {"rough": rough, "refined": result.refined_mask.float(),
-                                              "final": result.final_mask.float()}, info)
+    return RowResult({"edit": result.image, **images},
+                     {"rough": rough, "refined": result.refined_mask.float(), "final": result.final_mask.float()}, info)
 
 
 def run_keep(model, row, run, timer: _Timer) -> RowResult:
@@ -315,11 +342,12 @@ def settings_record(run: Any) -> dict[str, Any]:
     return _plain(run)
 
 
-def run_row(model, row, run) -> RowResult:
-    """Run one validated row with its resolved settings ``run``; seeds torch from ``row.seed`` first."""
+def run_row(model, row, run, *, ip2p=None) -> RowResult:
+    """Run one validated row with its resolved settings ``run``; seeds torch from ``row.seed`` first.
+    ``ip2p``: the InstructPix2Pix model (same interface as ``model``) for zone rows without an edit."""
     torch.manual_seed(row.seed)
     timer = _Timer()
-    result = RUNNERS[row.method](model, row, run, timer)
+    result = RUNNERS[row.method](model, row, run, timer, **({"ip2p": ip2p} if ip2p is not None else {}))
     result.timings = dict(timer.times)
     if row.ground_truth:
         original = load_image(row.image) if "final" in result.masks else None

@@ -67,6 +67,8 @@ def test_every_row_writes_its_edit_masks_record_and_the_run_its_summary_and_cont
     zone = json.loads((row_dir(reference_run, "zone") / "record.json").read_text())
     assert {"mask_rough.png", "mask_refined.png", "mask_final.png"} <= set(zone["files"])
     assert zone["scores"]["unchanged_outside_mask"] == 1.0  # ZONE keeps the original's pixels bit for bit
+    ip2p = json.loads((row_dir(reference_run, "zone-ip2p") / "record.json").read_text())
+    assert {"ip2p.png", "mask_rough.png", "mask_final.png"} <= set(ip2p["files"]) and ip2p["info"]["action"] == "change"
     keep = json.loads((row_dir(reference_run, "keep") / "record.json").read_text()) if any(
         r.id == "keep" for r in rows) else None  # where realedit.masks.keep_unedited exists
     if keep is not None:
@@ -285,6 +287,45 @@ def test_nulltext_edit_takes_the_per_step_null_text_embeddings():
         with_empty, _ = reconstruct(denoise, inversion.trajectory, inversion.sigmas, target, empty, inversion.cfg)
     assert torch.allclose(result.latent, expected, rtol=1e-4, atol=1e-5), (result.latent - expected).abs().max()
     assert not torch.allclose(result.latent, with_empty, rtol=1e-4, atol=1e-5)
+
+
+# -- InstructPix2Pix on the diffusers host (ZONE rows without an edit) ------------------------------------------
+def test_ip2p_three_way_guidance_at_unit_scales_is_the_instruction_branch_and_m_b_reads_empty_text_rows():
+    """s_T = s_I = 1 leaves e(z, c_I, c_T) alone (Eq. 2): equal to Euler sampling with the instruction branch
+    only; the recorder saw the two empty-text rows (1 and 2) of every call, never the instruction row."""
+    from realedit.hosts.diffusers_ip2p import ip2p_edit
+    from realedit.hosts.diffusers_sampling import sample, sampling_sigmas, timestep_for_sigma
+    from realedit.masks import IP2PMaskRecorder
+    from realedit.testbed.diffusers_models import make_ddim_scheduler, make_tiny_diffusers_unet
+
+    unet, scheduler = make_tiny_diffusers_unet("ip2p", weight_scale=0.1), make_ddim_scheduler()
+    g = torch.Generator().manual_seed(1)
+    photo, instruction, empty = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 64, generator=g), \
+        torch.randn(1, 77, 64, generator=g)
+    recorder = IP2PMaskRecorder()
+    got = ip2p_edit(unet, scheduler, photo, instruction, empty, steps=3, text_cfg=1.0, image_cfg=1.0, seed=5,
+                    hook=recorder)
+    _, sigmas = sampling_sigmas(scheduler, 3)
+
+    def instruction_only(x, sigma):
+        sigma = float(sigma)
+        x_ddpm = x / (1 + sigma**2) ** 0.5
+        t = torch.tensor(timestep_for_sigma(sigma, scheduler.alphas_cumprod))
+        return x - sigma * unet(torch.cat([x_ddpm, photo], 1), t, instruction).sample
+
+    with torch.no_grad():
+        expected = sample(instruction_only, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+                          * sigmas[0], sigmas)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (got - expected).abs().max()
+    assert recorder.recorded and {rows for _, _, rows in recorder.recorded} == {(1, 2)}
+    again = ip2p_edit(unet, scheduler, photo, instruction, empty, steps=3, text_cfg=7.5, image_cfg=1.5, seed=5)
+    assert not torch.allclose(again, expected, rtol=1e-4, atol=1e-4)  # the guidance scales act
+
+
+def test_zone_rows_without_an_edit_need_an_ip2p_model(example):
+    rows, problems = validate(example, ip2p=False)
+    assert [p.id for p in problems] == ["zone-ip2p"] and "--ip2p-model" in problems[0].reasons[0]
+    assert "zone-ip2p" not in [r.id for r in rows]
 
 
 # -- Ray -----------------------------------------------------------------------------------------------------------
