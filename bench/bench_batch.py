@@ -37,11 +37,12 @@ def _run(manifest: Path, out: Path, model: str, options: BatchOptions) -> dict:
 def _line(name: str, summary: dict, workers_started: float = 0.0) -> str:
     rows = summary["ran"]
     compute = sum(r.get("seconds", 0.0) for r in summary["rows"])
-    loads = [w["model_load_seconds"] for w in summary["workers"]]
+    loads = [f"{w['model_load_seconds']:.2f}" + (f" (+{w['ip2p_load_seconds']:.2f} IP2P)" if "ip2p_load_seconds" in w
+                                                else "") for w in summary["workers"]]
     wall = summary["wall"] + workers_started
     return (f"{name:<22} {rows:>4} {summary['failed']:>6} {wall:>9.1f} {60 * rows / wall:>12.1f} "
             f"{60 * rows / compute if compute else 0:>14.1f} {len(loads):>7}  "
-            + ", ".join(f"{s:.2f}" for s in loads))
+            + ", ".join(loads))
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
         manifest = write_example(Path(tmp) / "inputs", size=args.size, steps=args.steps, copies=copies)
         lines = manifest.read_text().splitlines()[: args.rows]
         manifest.write_text("\n".join(lines) + "\n")
-        print(f"{len(lines)} rows ({', '.join(r['method'] for r in example_rows(args.steps))}), {args.size} px, "
+        print(f"{len(lines)} rows ({', '.join(r['id'] for r in example_rows(args.steps))}, repeated), {args.size} px, "
               f"{args.steps} steps, model {args.model}")
         local = _run(manifest, Path(tmp) / "local", args.model, BatchOptions(threads=1))
         results = [("local (1 process)", local, 0.0)]

@@ -250,6 +250,15 @@ def test_atomic_write_leaves_the_old_file_whole_when_interrupted(tmp_path, monke
     assert target.read_bytes() == b"new content"
 
 
+def test_the_command_validates_only_and_exits_nonzero_on_bad_rows(example, tmp_path, capsys):
+    from realedit import batch
+
+    assert batch.main([str(example), "--validate-only"]) == 0
+    assert batch.main([str(_bad_manifest(example, tmp_path)), "--validate-only"]) == 1
+    err = capsys.readouterr().err
+    assert "line 3 (unknown-method): unknown method 'magic'" in err and "line 9" not in err
+
+
 def test_ray_missing_says_how_to_install(example, tmp_path, monkeypatch, capsys):
     from realedit import batch
 
