@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from ..attention.hooks import ChainHook
 from ..attention.local_blend import LocalBlend
 from ..attention.p2p import CrossEdit, Refine, Replace
 from ..attention.specref import SpecRefControls, SpecRefError
-from ..attention.tokens import Tokenizer, TokenLookupError, check_prompt_length, word_positions, word_units
+from ..attention.tokens import Token, Tokenizer, TokenLookupError, check_prompt_length, word_positions, word_units
 from ..inversion.embedding_opt import OptimisedInversion
 from ..masks import IP2PMaskRecorder, classify_action, local_edit
 from .diffusers import DiffusersHost, discover_layers
@@ -43,6 +43,26 @@ from .diffusers_baret import baret_edit, null_text_invert, ttis_invert
 from .diffusers_edit import specref_edit
 from .diffusers_ip2p import ip2p_edit
 from .diffusers_sampling import ddim_invert, guided_denoiser, prediction_type, unet_fingerprint, use_schedule
+
+
+class BatchModel(Protocol):
+    """What a row needs of a loaded model (``batching.models.EditModel`` is one)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: Any
+    tokenize: Tokenizer
+    encode: Callable[[str], torch.Tensor]  # prompt -> (1, 77, width)
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+
+Row = Any  # batching.manifest.Row (hosts do not import the batching layer)
+Run = Any  # the method's settings object from batching.methods
 
 
 @dataclass
@@ -87,14 +107,14 @@ def load_mask(path: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_image(model, image: torch.Tensor) -> torch.Tensor:
+def encode_image(model: BatchModel, image: torch.Tensor) -> torch.Tensor:
     """(H, W, 3) in [0, 1] -> the UNet's scaled latent (1, 4, H/8, W/8), the VAE's posterior mode."""
     pixels = (image.permute(2, 0, 1)[None] * 2 - 1).to(model.device, model.dtype)  # (1, 3, H, W) in [-1, 1]
     return model.vae.encode(pixels).latent_dist.mode() * model.vae.config.scaling_factor
 
 
 @torch.no_grad()
-def decode_latent(model, latent: torch.Tensor) -> torch.Tensor:
+def decode_latent(model: BatchModel, latent: torch.Tensor) -> torch.Tensor:
     """A scaled latent (1, 4, h, w) -> (H, W, 3) float in [0, 1] on the CPU."""
     pixels = model.vae.decode(latent.to(model.device, model.dtype) / model.vae.config.scaling_factor).sample
     return ((pixels[0].permute(1, 2, 0).float().cpu() + 1) / 2).clamp(0, 1)
@@ -108,7 +128,7 @@ def image_size_mask(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.T
 
 
 # -- Prompt-to-Prompt controls from words ------------------------------------------------------------------------
-def cross_edit_for(mode: str, src_tokens: list, tgt_tokens: list) -> CrossEdit | None:
+def cross_edit_for(mode: str, src_tokens: list[Token], tgt_tokens: list[Token]) -> CrossEdit | None:
     """P2P's cross-attention control: ``auto`` is Replace for prompts of equally many words, else Refine
     (as the SpecRef Edit Sampler node's ``edit_mode``)."""
     if mode == "auto":
@@ -130,7 +150,7 @@ def _positions(prompt: str, words: str, tokenize: Tokenizer, required: bool) -> 
     return sorted(found)
 
 
-def p2p_controls(run, tokenize: Tokenizer, source: str, target: str, *, word: str | None = None,
+def p2p_controls(run: Run, tokenize: Tokenizer, source: str, target: str, *, word: str | None = None,
                  blend_words: str | None = None, ref_mask: torch.Tensor | None = None) -> SpecRefControls:
     """SpecRefControls for a row: Replace/Refine between the prompts, M_t from ``word`` (target prompt),
     LocalBlend on ``blend_words`` (positions in each prompt where they occur), M_s = ``ref_mask``."""
@@ -183,12 +203,12 @@ def nulltext_p2p_edit(unet: torch.nn.Module, scheduler, inversion: OptimisedInve
 
 
 # -- the methods ------------------------------------------------------------------------------------------------
-def _source(model, row, timer: _Timer) -> tuple[torch.Tensor, torch.Tensor]:
+def _source(model: BatchModel, row: Row, timer: _Timer) -> tuple[torch.Tensor, torch.Tensor]:
     image = load_image(row.image)
     return image, timer("encode", lambda: encode_image(model, image))
 
 
-def _edit_outputs(model, result: EditResult, size: tuple[int, int], timer: _Timer) -> RowResult:
+def _edit_outputs(model: BatchModel, result: EditResult, size: tuple[int, int], timer: _Timer) -> RowResult:
     images = timer("decode", lambda: {"edit": decode_latent(model, result.latent),
                                       "reconstruction": decode_latent(model, result.reconstruction)})
     masks = {name: image_size_mask(m, size) for name, m in (("mt", result.mt_mask), ("blend", result.blend_mask))
@@ -196,7 +216,7 @@ def _edit_outputs(model, result: EditResult, size: tuple[int, int], timer: _Time
     return RowResult(images, masks)
 
 
-def run_specref(model, row, run, timer: _Timer) -> RowResult:
+def run_specref(model: BatchModel, row: Row, run: Run, timer: _Timer) -> RowResult:
     image, latent = _source(model, row, timer)
     reference = encode_image(model, load_image(row.reference))
     source, target, empty = (model.encode(t) for t in (row.prompt, row.target, ""))
@@ -217,7 +237,7 @@ def run_specref(model, row, run, timer: _Timer) -> RowResult:
     return out
 
 
-def run_nulltext(model, row, run, timer: _Timer) -> RowResult:
+def run_nulltext(model: BatchModel, row: Row, run: Run, timer: _Timer) -> RowResult:
     image, latent = _source(model, row, timer)
     source, target, empty = (model.encode(t) for t in (row.prompt, row.target, ""))
     controls = p2p_controls(run, model.tokenize, row.prompt, row.target, blend_words=row.blend_words)
@@ -236,7 +256,7 @@ def _optimisation_info(inversion: OptimisedInversion) -> dict[str, Any]:
     return {"iterations": [len(step) for step in opt.losses], "final_losses": [float(x) for x in opt.final_losses]}
 
 
-def run_baret(model, row, run, timer: _Timer) -> RowResult:
+def run_baret(model: BatchModel, row: Row, run: Run, timer: _Timer) -> RowResult:
     _, latent = _source(model, row, timer)
     target, empty = model.encode(row.target), model.encode("")
     inversion = timer("invert", lambda: ttis_invert(
@@ -249,7 +269,7 @@ def run_baret(model, row, run, timer: _Timer) -> RowResult:
     return RowResult(images, info={"ttis": _optimisation_info(inversion), "lambdas": list(result.lambdas)})
 
 
-def _ip2p_edit_and_rough_mask(ip2p, row, run, original: torch.Tensor,
+def _ip2p_edit_and_rough_mask(ip2p: BatchModel, row: Row, run: Run, original: torch.Tensor,
                               timer: _Timer) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """ZONE Sec. 4.2: the IP2P edit of the photo and M_b from its empty-text cross-attention (Eq. 3-4)."""
     photo = encode_image(ip2p, original) / ip2p.vae.config.scaling_factor  # IP2P's c_I: the unscaled mode
@@ -265,7 +285,7 @@ def _ip2p_edit_and_rough_mask(ip2p, row, run, original: torch.Tensor,
     return edited, image_size_mask(rough.mask.float()[None], size), info
 
 
-def run_zone(model, row, run, timer: _Timer, ip2p=None) -> RowResult:
+def run_zone(model: BatchModel, row: Row, run: Run, timer: _Timer, ip2p: BatchModel | None = None) -> RowResult:
     original = load_image(row.image)
     info: dict[str, Any] = {}
     images: dict[str, torch.Tensor] = {}
@@ -286,7 +306,7 @@ def run_zone(model, row, run, timer: _Timer, ip2p=None) -> RowResult:
                      {"rough": rough, "refined": result.refined_mask.float(), "final": result.final_mask.float()}, info)
 
 
-def run_keep(model, row, run, timer: _Timer) -> RowResult:
+def run_keep(model: BatchModel, row: Row, run: Run, timer: _Timer) -> RowResult:
     from ..masks.keep import keep_unedited
 
     original, edited = load_image(row.image), load_image(row.edited)
@@ -342,7 +362,7 @@ def settings_record(run: Any) -> dict[str, Any]:
     return _plain(run)
 
 
-def run_row(model, row, run, *, ip2p=None) -> RowResult:
+def run_row(model: BatchModel, row: Row, run: Run, *, ip2p: BatchModel | None = None) -> RowResult:
     """Run one validated row with its resolved settings ``run``; seeds torch from ``row.seed`` first.
     ``ip2p``: the InstructPix2Pix model (same interface as ``model``) for zone rows without an edit."""
     torch.manual_seed(row.seed)
