@@ -52,7 +52,7 @@ def plan(manifest: Path, out: Path, job: Job, skip_invalid: bool) -> tuple[list[
     rows, problems = validate(manifest, job.default_steps, ip2p=job.ip2p_model is not None)
     if problems and not skip_invalid:
         raise InvalidManifestError(problems)
-    done = [r for r in rows if outputs.is_done(out, r.id, r.key(job.model_key))]
+    done = [r for r in rows if outputs.is_done(out, r.id, job.row_key(r))]
     finished = {r.id for r in done}
     return [r for r in rows if r.id not in finished], done, problems
 

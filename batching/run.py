@@ -41,9 +41,10 @@ class Job:
     device: str | None = None
     threads: int | None = None  # torch CPU threads per worker (results match across runs with equal counts)
 
-    @property
-    def model_key(self) -> str:
-        return json.dumps([self.model, self.model_config, self.default_steps, self.ip2p_model])
+    def row_key(self, row: Row) -> str:
+        """What a finished row's outputs depend on: the row, its files, the model(s) it used, the default steps."""
+        ip2p = [self.ip2p_model] if row.spec.needs_ip2p(row.to_dict()) else []
+        return row.key(json.dumps([self.model, self.model_config, self.default_steps, *ip2p]))
 
 
 class RowWorker:
@@ -78,7 +79,7 @@ class RowWorker:
         """Run one row and write its outputs (or its error record); returns the record."""
         from ..hosts.diffusers_batch import run_row, settings_record
 
-        key = row.key(self.job.model_key)
+        key = self.job.row_key(row)
         base = {"id": row.id, "line": row.line, "method": row.method, "key": key, "model": self.job.model,
                 "seed": row.seed, "row": row.to_dict(), "worker": self.worker}
         start = time.perf_counter()
