@@ -1,7 +1,8 @@
 """P2P LocalBlend (SpecRef Eq. 5): keep the source latent outside the region of the blend words.
 
 The mask, as P2P computes it: for each path, the sum of its blend words' cross-attention maps (mean
-over heads, the 16x16 layers and the steps so far), a 3x3 max-pool, nearest upsampling to the latent
+over heads, the 16x16 layers and the steps so far; the maps each row used, i.e. after the P2P cross
+edit, as the official P2P code reads them), a 3x3 max-pool, nearest upsampling to the latent
 size, division by the max, threshold 0.3; the source-word and target-word masks are united. After
 each step from ``int(0.2 * N)`` on: x_edit = x_src + M * (x_edit - x_src).
 """

@@ -48,7 +48,7 @@ class P2PSettings:
     """
 
     cross_replace: StepFraction = 0.8
-    self_replace: StepFraction = 0.4
+    self_replace: StepFraction = 0.6
     self_replace_max_tokens: int = 32 * 32
     blend_threshold: float = 0.3
     blend_start: float = 0.2
@@ -87,8 +87,9 @@ def check_unit(name: str, value: float, error: type[Exception] = ValueError) -> 
 DOCS: dict[str, str] = {
     "cross_replace": "Fraction of steps with cross-attention replacement (Replace/Refine/Reweight). "
     "Default 0.8: P2P's examples and METHODS.md.",
-    "self_replace": "Fraction of steps in which the edit takes the source's self-attention maps. "
-    "Default 0.4, useful range 0.4-0.8 (P2P).",
+    "self_replace": "Fraction of steps in which the edit takes the source's self-attention maps (0 = off). "
+    "Default 0.6: the official SpecRef script's value (P2P's examples use 0.4-0.8). Not applied to the rows "
+    "SR-attention mixes, in its layers and steps (official code; Eq. 3).",
     "self_replace_max_tokens": "Self-attention replacement only in layers with at most this many query "
     "tokens (P2P: 32x32 on a 64x64 latent).",
     "blend_threshold": "LocalBlend: threshold on the max-normalised word map (P2P default 0.3).",

@@ -5,9 +5,12 @@ pinned to the inversion trajectory), slot 1 the edit (target prompt) and, in liv
 reference row whose own self-attention K/V are the reference features. Per attention call it
 
 * records the conditional cross-attention maps of the ``map_downscale`` layers (16x16 at 512 px) of
-  slots 0 and 1 into a :class:`~.maps.CrossAttentionStore` (LocalBlend, Eq. 5, and M_t);
+  slots 0 and 1 into a :class:`~.maps.CrossAttentionStore` (LocalBlend, Eq. 5, and M_t), *after* the
+  P2P cross edit: the maps the edit row used, as the official SpecRef and P2P code read them;
 * applies Prompt-to-Prompt between slot 0 and slot 1 (cross-attention Replace / Refine / Reweight,
-  self-attention map replacement) through a :class:`~.p2p.P2PHook`;
+  self-attention map replacement) through a :class:`~.p2p.P2PHook`, except self-attention
+  replacement on the rows SR-attention mixes, in its layers and steps (their O_self is their own
+  attention, Eq. 3, as in the official code);
 * applies SR-attention (Eq. 2-3) to the edit path's conditional rows (optionally also the
   unconditional ones) inside the reference's layer and step windows:
   ``O = M_t * softmax(Q K_ref^T / sqrt(d) + M_s^inf) V_ref + (1 - M_t) * O_self``.
@@ -391,11 +394,14 @@ class SpecRefHook:
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        ctx: AttentionContext) -> torch.Tensor | None:
-        """P2P self-attention replacement, then SR-attention (Eq. 2-3) on the edit rows."""
-        out = self.p2p.self_attention(q, k, v, ctx)
+        """P2P self-attention replacement, or, in SR-attention's layers and steps, SR-attention (Eq. 2-3)
+        on the edit rows with O_self = Attn(Q~, K~) V~, the rows' *own* attention: the official code skips
+        P2P's self-replacement there. Other rows (e.g. unconditional edit rows without ``sr_uncond``)
+        keep P2P's replacement."""
         rows = self.sr_rows(ctx)
         if self.sr is None or not rows or not self.sr.active(ctx):
-            return out
+            return self.p2p.self_attention(q, k, v, ctx)
+        out = self.p2p.self_attention(q, k, v, ctx, keep=rows)
         mixed = self.sr.mix(q, k, v, ctx, rows, out)
         return out if mixed is None else mixed
 

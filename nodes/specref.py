@@ -35,6 +35,7 @@ from ..hosts.comfy_sr import apply_sr_attention, check_stored_features
 from .common import Inversion, RefFeatures, progress
 
 CATEGORY = "RealEdit/specref"
+P2P_DEFAULTS = P2PSettings()
 EDIT_MODES = ("auto", "replace", "refine", "reweight", "none")
 LATENT_SCALE = 8  # VAE downscale of SD1.x / SD2.x / SDXL
 log = logging.getLogger("realedit")
@@ -154,10 +155,10 @@ class SpecRefEditSampler(io.ComfyNode):
                 io.Combo.Input("edit_mode", options=list(EDIT_MODES), default="auto",
                                tooltip="auto: replace when both prompts have the same number of words, else "
                                        "refine. reweight: scale the reweight words' attention (on top of auto)."),
-                io.Float.Input("cross_replace", default=0.8, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of steps with cross-attention replacement."),
-                io.Float.Input("self_replace", default=0.4, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of steps with self-attention map replacement (0 = off)."),
+                io.Float.Input("cross_replace", default=P2P_DEFAULTS.cross_replace, min=0.0, max=1.0, step=0.01,
+                               tooltip=describe(P2PSettings, "cross_replace")),
+                io.Float.Input("self_replace", default=P2P_DEFAULTS.self_replace, min=0.0, max=1.0, step=0.01,
+                               tooltip=describe(P2PSettings, "self_replace")),
                 io.String.Input("blend_words", default="", optional=True,
                                 tooltip="LocalBlend words, comma separated (e.g. 'cat, tiger'); empty = off."),
                 io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01),

@@ -95,9 +95,10 @@ class KVRecorder:
 
 # -- SR-attention ------------------------------------------------------------------------------------
 def test_sr_with_empty_mt_is_identical_to_no_sr(env, setup):
-    """M_t = 0 everywhere (threshold 1 on a [0, 1] map): bit-identical to the sampler without SR."""
-    plain = _edit(env, setup, _p2p())
-    empty_mt = _edit(env, setup, _p2p(settings=SpecRefSettings(mt_threshold=1.0)), bank=setup.bank)
+    """M_t = 0 everywhere (threshold 1 on a [0, 1] map): bit-identical to the sampler without SR (without P2P
+    self-replacement, which SR's windows never take: there O_self is the edit row's own attention, Eq. 3)."""
+    plain = _edit(env, setup, _p2p(settings=OFF))
+    empty_mt = _edit(env, setup, _p2p(settings=dataclasses.replace(OFF, mt_threshold=1.0)), bank=setup.bank)
     assert empty_mt.stats.empty_mt > 0 and empty_mt.stats.applied == 0
     assert torch.equal(plain.latent, empty_mt.latent)
     with_sr = _edit(env, setup, _p2p(), bank=setup.bank)  # the same run with a working M_t does differ

@@ -91,8 +91,8 @@ def test_every_control_off_equals_plain_sampling_from_z_T(setup):
 
 
 def test_empty_mt_is_identical_to_no_sr_and_localblend_is_exact(setup):
-    plain = _edit(setup, _p2p())
-    empty = _edit(setup, _p2p(settings=SpecRefSettings(mt_threshold=1.0)), ref_features=setup.stored)
+    plain = _edit(setup, _p2p(settings=OFF))  # SR's windows take no P2P self-replacement (Eq. 3): compare without
+    empty = _edit(setup, _p2p(settings=dataclasses.replace(OFF, mt_threshold=1.0)), ref_features=setup.stored)
     assert empty.stats.empty_mt > 0 and empty.stats.applied == 0
     assert torch.equal(plain.latent, empty.latent)
     steps = []

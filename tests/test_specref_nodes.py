@@ -130,10 +130,12 @@ def test_bad_input_is_a_clear_error(runner, overrides, workflow, tmp_path, case)
 
 def test_empty_target_word_map_falls_back_to_the_edit_without_reference(runner, overrides, workflow, tmp_path):
     """Documented fallback: where M_t is empty (here everywhere: threshold 1 on a [0, 1] map) SR-attention
-    leaves the edit path alone, so the result is the edit without REF_FEATURES, and the node says so."""
+    leaves the edit path its own attention (Eq. 3 with M_t = 0), so without P2P self-replacement (which the
+    SR windows never take, as in the official code) the result is the edit without REF_FEATURES, and the
+    node says so."""
     empty = copy.deepcopy(workflow)
-    empty[SAMPLER]["inputs"]["mt_threshold"] = 1.0
-    without = copy.deepcopy(workflow)
+    empty[SAMPLER]["inputs"].update(mt_threshold=1.0, self_replace=0.0)
+    without = copy.deepcopy(empty)
     del without[SAMPLER]["inputs"]["ref_features"], without[SAMPLER]["inputs"]["reference_mask"]
     a = runner.run_workflow(empty, outputs=[SAMPLER], overrides=overrides, output_dir=tmp_path)
     b = runner.run_workflow(without, outputs=[SAMPLER], overrides=overrides, output_dir=tmp_path)
@@ -236,3 +238,18 @@ def test_sr_ksampler_workflow_edits_from_z_T_and_previews_the_word_map(runner, t
     unpatched = runner.run_workflow(plain, outputs=["14"], overrides=photos, tiny_checkpoint=family,
                                     output_dir=tmp_path)
     assert not torch.equal(unpatched["14"][0]["samples"], edited)  # SR-attention changed the edit
+
+
+def _schema_inputs(node) -> dict:
+    return {i.id: i for i in node.define_schema().inputs}
+
+
+def test_edit_sampler_p2p_defaults_come_from_the_settings_and_name_their_origin(comfy):
+    """self_replace defaults to the official SpecRef script's 0.6 (was 0.4), taken from P2PSettings."""
+    from realedit.attention.settings import P2PSettings
+    from realedit.nodes.specref import SpecRefEditSampler
+
+    inputs = _schema_inputs(SpecRefEditSampler)
+    assert inputs["self_replace"].default == P2PSettings().self_replace == 0.6
+    assert "official SpecRef script" in inputs["self_replace"].tooltip
+    assert inputs["cross_replace"].default == P2PSettings().cross_replace
