@@ -15,12 +15,14 @@ ComfyUI runs it as a ``KSAMPLER`` and the diffusers host calls it with its own d
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..inversion.bank import BankSettings, ReferenceBank, ReferenceFeatures, check_reference
 from ..inversion.ddim import Inversion
+from ..inversion.embedding_opt import OptimisedInversion
 from .hooks import LayerInfo
 from .specref import (
     LiveReference,
@@ -31,6 +33,9 @@ from .specref import (
     SRStats,
     StoredReference,
 )
+
+
+log = logging.getLogger("realedit")
 
 
 @dataclass(frozen=True)
@@ -246,3 +251,20 @@ def prepare_edit(fingerprint: str, inversion: Inversion, layers: Callable[[], li
     window = live_window or BankSettings(mode="live")
     source = refs.source(lambda: window.layers.select(layers()), window.steps.select(inversion.steps))
     return SpecRefHook(controls or SpecRefControls(), source), refs
+
+
+def null_text_inversion(inversion: Inversion, cfg: float) -> OptimisedInversion | None:
+    """The null-text INVERSION whose per-step unconditional embeddings every unconditional row of the edit
+    takes (Mokady et al.: the classic null-text inversion + Prompt-to-Prompt pipeline), or None for a plain
+    DDIM inversion. Both hosts apply it (ComfyUI: a context schedule; diffusers: the per-step negative).
+    A TTIS inversion belongs to the BARET sampler and is refused; another CFG than the one the embeddings
+    were optimised for is allowed with a warning (the reconstruction is then no longer exact)."""
+    if not isinstance(inversion, OptimisedInversion):
+        return None
+    if inversion.branch != "uncond":
+        raise SpecRefError("RealEdit: this INVERSION comes from Target-Text Inversion (TTIS); edit it with the "
+                           "RealEdit BARET Edit Sampler. The SpecRef sampler takes DDIM or null-text inversions.")
+    if cfg != inversion.cfg:
+        log.warning("RealEdit: the null-text embeddings were optimised for CFG %s but the edit uses %s; the "
+                    "reconstruction is exact only at the same CFG.", inversion.cfg, cfg)
+    return inversion
