@@ -217,6 +217,23 @@ def test_bad_inversions_are_clear_errors(setup):
         baret_edit(model, inversion, [[torch.zeros(1, 154, 64), {}]], negative)
 
 
+def test_the_edit_refuses_another_target_negative_or_cfg_than_ttis_used(setup):
+    """Eq. 3 and the reconstruction hold only for TTIS's own target, negative and CFG: a mismatch used to run
+    silently; now it is refused by name (and the inputs TTIS used still pass)."""
+    import comfy_helpers
+    from realedit.hosts.comfy_baret import baret_edit
+
+    model, inversion, target, negative = setup
+    other = comfy_helpers.conditioning("sd1", 9)
+    with pytest.raises(BaretError, match="target prompt of the BARET edit differs"):
+        baret_edit(model, inversion, other, negative)
+    with pytest.raises(BaretError, match="negative prompt of the BARET edit differs"):
+        baret_edit(model, inversion, target, other)
+    with pytest.raises(BaretError, match="cfg is 5 but Target-Text Inversion optimised .* for cfg 7.5"):
+        baret_edit(model, inversion, target, negative, cfg=5.0)
+    assert torch.isfinite(baret_edit(model, inversion, target, negative, cfg=inversion.cfg).edit).all()
+
+
 # -- nodes and the shipped workflow ---------------------------------------------------------------------
 WORKFLOW = "baret_text_edit.json"
 
