@@ -131,6 +131,10 @@ def test_nms_fallback_is_used_when_torchvision_op_raises(monkeypatch):
     assert segments.dtype == torch.bool and segments.shape[1:] == (64, 64)
 
 
+class _Pickled:
+    """An arbitrary object: a pickle torch's weights_only reader refuses (with advice to load unsafely)."""
+
+
 def test_load_sam_by_file_name_with_safe_readers(tmp_path, monkeypatch):
     import segment_anything
     from realedit.masks import sam_auto
@@ -147,8 +151,12 @@ def test_load_sam_by_file_name_with_safe_readers(tmp_path, monkeypatch):
     with pytest.raises(sam_auto.SamCheckpointError, match="vit_h, vit_l, vit_b"):
         sam_auto.load_sam(str(tmp_path / "mystery.pth"))
     (tmp_path / "sam_vit_b_bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(sam_auto.SamCheckpointError, match="could not read"):
-        sam_auto.load_sam(str(tmp_path / "sam_vit_b_bad.pth"))
+    torch.save({"model": _Pickled()}, tmp_path / "sam_vit_b_code.pth")  # weights_only refuses it
+    for name in ("sam_vit_b_bad.pth", "sam_vit_b_code.pth"):
+        with pytest.raises(sam_auto.SamCheckpointError, match="not a SAM checkpoint, or it is corrupt") as info:
+            sam_auto.load_sam(str(tmp_path / name))
+        message = str(info.value)
+        assert "sam_vit_h_4b8939.pth" in message and "weights_only" not in message  # no unsafe loading advice
     torch.save(make_tiny_sam(seed=1, embed_dim=16).state_dict(), tmp_path / "sam_vit_b_other_size.pth")
     with pytest.raises(sam_auto.SamCheckpointError, match="does not hold vit_b SAM weights"):
         sam_auto.load_sam(str(tmp_path / "sam_vit_b_other_size.pth"))
