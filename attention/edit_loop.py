@@ -186,7 +186,8 @@ class ReferenceInputs:
         if self.inversion is None:
             return None
         layers = self.layers if self.layers is not None else default_layers()
-        return LiveReference(layers, self.steps if self.steps is not None else default_steps)
+        return LiveReference(layers, self.steps if self.steps is not None else default_steps,
+                             latent_hw=self.latent_hw)
 
 
 def check_features(fingerprint: str, source: Inversion, features: ReferenceFeatures) -> None:

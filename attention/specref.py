@@ -152,12 +152,12 @@ class StoredReference:
 
 class LiveReference:
     """Live mode: the reference is an extra conditional row of the batch (``slot``); its own K/V in
-    this very call are K_ref / V_ref. The sampler feeds it the reference inversion's latents."""
+    this very call are K_ref / V_ref. The sampler feeds it the reference inversion's latents.
+    ``latent_hw``: the reference latent's size when known (the source's: the reference row shares its grid)."""
 
-    latent_hw: tuple[int, int] | None = None  # the reference row has the source's size: the query grid
-
-    def __init__(self, layers: Collection[int], steps: range, slot: int = LIVE_REFERENCE_SLOT) -> None:
-        self.layers, self.steps, self.slot = frozenset(layers), steps, slot
+    def __init__(self, layers: Collection[int], steps: range, slot: int = LIVE_REFERENCE_SLOT,
+                 latent_hw: tuple[int, int] | None = None) -> None:
+        self.layers, self.steps, self.slot, self.latent_hw = frozenset(layers), steps, slot, latent_hw
 
     def __deepcopy__(self, memo: dict) -> LiveReference:
         return self
@@ -185,6 +185,24 @@ def reference_grid(tokens: int, query_grid: tuple[int, int], mask_hw: tuple[int,
     aspect = (mask_hw[0] / mask_hw[1]) if mask_hw is not None else query_grid[0] / query_grid[1]
     pairs = [(h, tokens // h) for h in range(1, tokens + 1) if tokens % h == 0]
     return min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - math.log(aspect)))
+
+
+ASPECT_TOLERANCE = 0.03  # relative: a mask of the photo's own shape at any resolution passes
+
+
+def warn_if_mask_aspect_differs(mask: torch.Tensor | None, latent_hw: tuple[int, int] | None) -> bool:
+    """Warn when the reference mask M_s has another aspect ratio than the reference photo (latent ``latent_hw``):
+    it would be stretched onto the photo without a word, and is almost always the wrong mask connected (e.g.
+    the source photo's). Returns whether it warned."""
+    if mask is None or latent_hw is None:
+        return False
+    (mh, mw), (lh, lw) = mask.shape[-2:], latent_hw
+    if abs((mh / mw) / (lh / lw) - 1.0) <= ASPECT_TOLERANCE:
+        return False
+    log.warning("RealEdit: the reference mask is %dx%d (aspect %.2f) but the reference photo is %dx%d latent pixels "
+                "(aspect %.2f); the mask is stretched onto the photo. This is almost always the wrong mask connected: "
+                "connect the mask drawn on (or segmented from) the reference photo.", mw, mh, mw / mh, lw, lh, lw / lh)
+    return True
 
 
 # -- SR-attention ---------------------------------------------------------------------------------------
@@ -217,6 +235,7 @@ class SRMixer:
         if controls.target_mask is None and store is None:
             raise SpecRefError("RealEdit: M_t from target words needs a cross-attention map store.")
         self.controls, self.reference, self.store = controls, reference, store
+        warn_if_mask_aspect_differs(controls.ref_mask, reference.latent_hw)
         self.begin_run()
 
     def begin_run(self) -> None:

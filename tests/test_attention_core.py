@@ -288,6 +288,20 @@ def test_sr_rows_keep_their_own_self_attention_inside_sr_windows():
     torch.testing.assert_close(outside[3], replaced, rtol=0, atol=1e-6)
 
 
+def test_a_reference_mask_of_another_aspect_ratio_than_the_reference_photo_warns(caplog):
+    """It used to be stretched onto the photo without a word (almost always the wrong mask connected)."""
+    from realedit.attention.specref import SpecRefControls, SpecRefHook, StoredReference
+    from realedit.inversion.bank import ReferenceBank
+
+    bank = ReferenceBank([3], range(10), 10, torch.float32, None)
+    for mask_hw, warns in (((32, 32), False), ((64, 64), False), ((32, 64), True), ((48, 32), True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="realedit"):
+            SpecRefHook(SpecRefControls(target_mask=torch.ones(4, 4), ref_mask=torch.ones(*mask_hw)),
+                        StoredReference(bank, latent_hw=(4, 4)))
+        assert any("reference mask is" in r.getMessage() for r in caplog.records) == warns, mask_hw
+
+
 # -- LocalBlend ------------------------------------------------------------------------------------
 def test_local_blend_mask_and_exact_outside():
     maps = torch.zeros(2, 77, 4, 4)

@@ -155,6 +155,21 @@ def test_stored_reference_of_another_size_is_used_on_its_own_grid(runner, overri
     assert _sr_calls(result) > 0 and torch.isfinite(result[SAMPLER][0]["samples"]).all()
 
 
+def test_a_reference_mask_of_another_aspect_ratio_warns_through_the_executor(runner, overrides, workflow, tmp_path,
+                                                                             caplog):
+    """A 96x128 reference photo given a square mask (e.g. the source photo's): stretched as before, but now
+    with a warning naming the likely mistake; the photo's own mask (any resolution) gives none."""
+    from realedit.testbed.images import reference_scene
+
+    scene = reference_scene(96, SIZE)
+    for mask, warns in ((torch.ones(1, SIZE, SIZE), True), (scene.mask, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="realedit"):
+            runner.run_workflow(workflow, outputs=[SAMPLER], overrides={**overrides, "3": (scene.image, mask)},
+                                output_dir=tmp_path)
+        assert any("almost always the wrong mask" in r.getMessage() for r in caplog.records) == warns
+
+
 def test_clip_tokenizer_strips_weights_and_matches_plain_text(comfy):
     from realedit.attention.tokens import word_token_indices
     from realedit.nodes.specref import clip_tokenizer
