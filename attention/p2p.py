@@ -131,8 +131,9 @@ class P2PHook:
     used (e.g. for LocalBlend and SpecRef's M_t): inside the cross-replace window a swapped word's map
     is the source word's. That is what the official P2P and SpecRef code read: their AttentionStore
     keeps a reference to the probability tensor that the edit then overwrites in place. Calls outside
-    every window decline (return None) so the host's own attention runs. Cross-attention edits act on conditional rows only (P2P); set
-    ``self_replace_uncond`` to also replace the unconditional rows' self-attention maps.
+    every window decline (return None) so the host's own attention runs. Cross-attention edits act on
+    conditional rows only (P2P); set ``self_replace_uncond`` to also replace the unconditional rows'
+    self-attention maps.
     """
 
     def __init__(

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from comfy_api.v0_0_2 import io, ui
 
+from ..attention.tokens import Token
 from ..hosts.comfy_ip2p import check_fusion_partner, check_ip2p_model, ip2p_edit
 from ..masks.actions import DEFAULT_ACTION, OVERRIDE_CHOICES, action_tooltip, classify_action, parse_action
 from ..masks.composite import as_image_hwc, as_mask_hw, image_pair
 from ..masks.fusion import AUTO_BETA, fusion_beta
-from ..attention.tokens import Token
 from ..masks.ip2p_mask import IP2PMaskRecorder, instruction_eot_position
 from ..masks.pipeline import smooth_and_composite
 from ..masks.region_iou import FALLBACKS, as_segments, region_iou

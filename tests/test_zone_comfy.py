@@ -71,8 +71,9 @@ def test_by_default_only_the_layers_at_1_32_of_the_image_are_averaged():
     """Official code: M_b from the 16x16 layers at 512 px only (downscale 4), not the 32x32 ones too."""
     rows = RowInfo(("uncond", "cond"), (0, 0))
     recorder = IP2PMaskRecorder()
-    for layer, grid in ((LayerInfo(2, "down", 2, ("input", 4, 0)), (4, 4)), (LayerInfo(4, "down", 4, ("input", 7, 0)),
-                                                                            (2, 2)), (LayerInfo(9, "up", 4, ("output", 5, 0)), (2, 2))):
+    layers = ((LayerInfo(2, "down", 2, ("input", 4, 0)), (4, 4)), (LayerInfo(4, "down", 4, ("input", 7, 0)), (2, 2)),
+              (LayerInfo(9, "up", 4, ("output", 5, 0)), (2, 2)))
+    for layer, grid in layers:
         q, k = torch.randn(2, grid[0] * grid[1], HEADS * DIM), torch.randn(2, 77, HEADS * DIM)
         recorder(q, k, k, _ctx(layer, rows, grid))
     assert sorted(layer for layer, _, _ in recorder.recorded) == [4, 9]
