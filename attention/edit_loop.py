@@ -14,8 +14,8 @@ ComfyUI runs it as a ``KSAMPLER`` and the diffusers host calls it with its own d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,6 @@ from .specref import (
     SRStats,
     StoredReference,
 )
-
 
 log = logging.getLogger("realedit")
 

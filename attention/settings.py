@@ -14,6 +14,7 @@ from typing import Any
 StepFraction = float | tuple[float, float]
 
 CLIP_CHUNK = 77  # BOS + 75 tokens + EOS
+MASK_RESIZE_MODES = ("bilinear", "nearest")
 
 
 def window_steps(frac: StepFraction, total: int) -> tuple[int, int]:
@@ -70,8 +71,12 @@ class SpecRefSettings:
     mt_threshold: float = 0.5
     ms_threshold: float = 0.5
     map_downscale: int = 4
+    mask_resize: str = "bilinear"
 
     def __post_init__(self) -> None:
+        if self.mask_resize not in MASK_RESIZE_MODES:
+            raise ValueError(f"RealEdit: mask_resize must be one of {', '.join(MASK_RESIZE_MODES)}, got "
+                             f"{self.mask_resize!r}.")
         check_unit("mt_threshold", self.mt_threshold)
         check_unit("ms_threshold", self.ms_threshold)
         if self.map_downscale < 1:
@@ -101,6 +106,8 @@ DOCS: dict[str, str] = {
     "(Eq. 2). Default 0.5.",
     "map_downscale": "Cross-attention maps are read from layers at this downscale of the latent: 4 gives "
     "P2P's 16x16 maps on a 64x64 SD1.x latent.",
+    "mask_resize": "How M_s and M_t are resized to each layer's token grid before thresholding: bilinear "
+    "(default, METHODS.md; antialiased when shrinking) or nearest (an option of the official code).",
 }
 
 

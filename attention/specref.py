@@ -84,10 +84,14 @@ class SpecRefControls:
     ``cross_edit``: P2P cross-attention control (Replace / Refine / Reweight) or None; its window is
     ``settings.p2p.cross_replace``. Self-attention map replacement follows ``settings.p2p.self_replace``
     (0 disables it). ``local_blend``: LocalBlend (Eq. 5) on the blend words' token positions per path.
+    ``sr_layers``: SR-attention only in these layers (a subset of the reference's; None: all of them), as
+    the official code's explicit layer lists (its examples use three decoder layers).
     ``target_positions``: token positions (BOS = 0) of the target word(s) in the target prompt, whose
     running-mean map is M_t; ``target_mask`` replaces that map by a fixed MASK (user-drawn M_t).
     ``ref_mask``: M_s, the reference object in the reference image (None: the whole reference).
-    ``sr_uncond``: SR-attention also on the edit path's unconditional rows (official code's option).
+    ``sr_uncond_shared_kv``: SR-attention also on the edit path's unconditional rows, with the same reference
+    K/V as the conditional rows (the reference is inverted once, without guidance). Not the official code's
+    unconditional option, which pairs those rows with K/V from a CFG inversion of the reference.
     """
 
     settings: SpecRefSettings = field(default_factory=SpecRefSettings)
@@ -96,10 +100,13 @@ class SpecRefControls:
     target_positions: Sequence[int] | None = None
     target_mask: torch.Tensor | None = None
     ref_mask: torch.Tensor | None = None
-    sr_uncond: bool = False
+    sr_uncond_shared_kv: bool = False
     self_replace_uncond: bool = False
+    sr_layers: Collection[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.sr_layers is not None:
+            object.__setattr__(self, "sr_layers", frozenset(int(i) for i in self.sr_layers))
         object.__setattr__(self, "target_mask", as_mask(self.target_mask, "target mask (M_t)"))
         object.__setattr__(self, "ref_mask", as_mask(self.ref_mask, "reference mask (M_s)"))
         if self.target_positions is not None:
@@ -113,6 +120,25 @@ class SpecRefControls:
     def records_maps(self) -> bool:
         """Whether cross-attention maps are recorded (LocalBlend, or M_t from target words)."""
         return self.local_blend is not None or self.target_positions is not None
+
+
+def parse_layers(text: str | None) -> frozenset[int] | None:
+    """Layer indices from text: "14, 15", a range "13-15", or both ("10, 13-15"); empty: None (all).
+
+    Layers are numbered in call order as in METHODS.md (SD1.x: 0-5 encoder, 6 middle, 7-15 decoder)."""
+    if text is None or not text.strip():
+        return None
+    layers: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        bounds = [b.strip() for b in part.split("-")]
+        if not part or len(bounds) > 2 or not all(b.isdigit() for b in bounds):
+            raise SpecRefError(f"RealEdit: sr_layers {text!r}: give layer indices like '13, 15' or a range '13-15' "
+                               "(0-15 on SD1.x in call order, METHODS.md).")
+        lo, hi = int(bounds[0]), int(bounds[-1])
+        if lo > hi:
+            raise SpecRefError(f"RealEdit: sr_layers {text!r}: the range {part!r} runs backwards; write it low-high.")
+        layers.update(range(lo, hi + 1))
+    return frozenset(layers)
 
 
 # -- reference features --------------------------------------------------------------------------------
@@ -235,6 +261,11 @@ class SRMixer:
         if controls.target_mask is None and store is None:
             raise SpecRefError("RealEdit: M_t from target words needs a cross-attention map store.")
         self.controls, self.reference, self.store = controls, reference, store
+        self.layers = reference.layers if controls.sr_layers is None else reference.layers & controls.sr_layers
+        if controls.sr_layers is not None and not controls.sr_layers <= reference.layers:
+            raise SpecRefError(f"RealEdit: SR-attention layers {sorted(controls.sr_layers - reference.layers)} are not "
+                               f"among the layers the reference features hold ({sorted(reference.layers)}); choose "
+                               "from those, or widen the Reference Features layer window.")
         warn_if_mask_aspect_differs(controls.ref_mask, reference.latent_hw)
         self.begin_run()
 
@@ -250,9 +281,8 @@ class SRMixer:
 
     def active(self, ctx: AttentionContext) -> bool:
         """SR-attention's windows: a self-attention call in the reference's layers and steps."""
-        ref = self.reference
-        return (ctx.kind == "self" and ctx.step is not None and ctx.layer.index in ref.layers
-                and ctx.step in ref.steps)
+        return (ctx.kind == "self" and ctx.step is not None and ctx.layer.index in self.layers
+                and ctx.step in self.reference.steps)
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, rows: list[int],
             base: torch.Tensor | None) -> torch.Tensor | None:
@@ -305,7 +335,8 @@ class SRMixer:
             else:
                 grid = reference_grid(ref_tokens, ctx.grid, tuple(mask.shape), self.reference.latent_hw,
                                       ctx.layer.downscale)
-                m_s = resize_mask_to_grid(mask, grid, self.controls.settings.ms_threshold)
+                settings = self.controls.settings
+                m_s = resize_mask_to_grid(mask, grid, settings.ms_threshold, mode=settings.mask_resize)
             self._ms_cache[key] = (m_s.to(device), bool(m_s.any()))  # checked on the CPU
         return self._ms_cache[key]
 
@@ -333,8 +364,9 @@ class SRMixer:
             return None
         key = (slot, ctx.grid, device)
         if key not in self._mt_cache:
-            thr = self.controls.settings.mt_threshold
-            m_t = resize_mask_to_grid(m, ctx.grid, thr, keep_nonempty=False).float()
+            settings = self.controls.settings
+            m_t = resize_mask_to_grid(m, ctx.grid, settings.mt_threshold, keep_nonempty=False,
+                                      mode=settings.mask_resize).float()
             if device is not None:
                 m_t = m_t.to(device)
             self._mt_cache[key] = (m_t, bool(m_t.any()))
@@ -415,7 +447,7 @@ class SpecRefHook:
                        ctx: AttentionContext) -> torch.Tensor | None:
         """P2P self-attention replacement, or, in SR-attention's layers and steps, SR-attention (Eq. 2-3)
         on the edit rows with O_self = Attn(Q~, K~) V~, the rows' *own* attention: the official code skips
-        P2P's self-replacement there. Other rows (e.g. unconditional edit rows without ``sr_uncond``)
+        P2P's self-replacement there. Other rows (e.g. unconditional edit rows without ``sr_uncond_shared_kv``)
         keep P2P's replacement."""
         rows = self.sr_rows(ctx)
         if self.sr is None or not rows or not self.sr.active(ctx):
@@ -427,7 +459,7 @@ class SpecRefHook:
     def sr_rows(self, ctx: AttentionContext) -> list[int]:
         """The rows SR-attention edits: the edit path's conditional (and optionally unconditional) rows."""
         rows = ctx.rows.rows("cond", EDIT_SLOT)
-        if self.controls.sr_uncond:
+        if self.controls.sr_uncond_shared_kv:
             rows += ctx.rows.rows("uncond", EDIT_SLOT)
         return sorted(rows)
 
@@ -448,18 +480,19 @@ class SpecRefHook:
 
     def mt_mask(self, latent_hw: tuple[int, int]) -> torch.Tensor | None:
         """The final M_t (the map the next step would use) at latent size, (H, W) float 0/1, for preview."""
-        return _preview(self.target_map(), latent_hw, self.controls.settings.mt_threshold)
+        return _preview(self.target_map(), latent_hw, self.controls.settings)
 
     def blend_mask(self) -> torch.Tensor | None:
         """The last LocalBlend mask used, (H, W) float 0/1, or None when LocalBlend never ran."""
         return None if self.last_blend_mask is None else self.last_blend_mask.float()
 
 
-def _preview(m: torch.Tensor | None, latent_hw: tuple[int, int], threshold: float) -> torch.Tensor | None:
-    """A map resized bilinearly to latent size and thresholded, (H, W) float 0/1."""
+def _preview(m: torch.Tensor | None, latent_hw: tuple[int, int], settings: SpecRefSettings) -> torch.Tensor | None:
+    """A map resized to latent size as M_t is (``settings.mask_resize``) and thresholded, (H, W) float 0/1."""
     if m is None:
         return None
-    return resize_mask_to_grid(m, latent_hw, threshold, keep_nonempty=False).reshape(latent_hw).float()
+    return resize_mask_to_grid(m, latent_hw, settings.mt_threshold, keep_nonempty=False,
+                               mode=settings.mask_resize).reshape(latent_hw).float()
 
 
 # -- SR-attention in any sampler ---------------------------------------------------------------------------
@@ -541,7 +574,7 @@ class SRAttentionHook:
         return dataclasses.replace(ctx, step=ctx.step + self.offset)
 
     def rows(self, ctx: AttentionContext) -> list[int]:
-        kinds: tuple[RowKind, ...] = ("cond", "uncond") if self.controls.sr_uncond else ("cond",)
+        kinds: tuple[RowKind, ...] = ("cond", "uncond") if self.controls.sr_uncond_shared_kv else ("cond",)
         return sorted(r for kind in kinds for r in ctx.rows.rows(kind))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
@@ -557,4 +590,4 @@ class SRAttentionHook:
 
     def mt_mask(self, slot: int, latent_hw: tuple[int, int]) -> torch.Tensor | None:
         """M_t of ``slot`` as of the last step, at latent size (H, W) float 0/1 (None before any map)."""
-        return _preview(self.sr.target_map(slot), latent_hw, self.controls.settings.mt_threshold)
+        return _preview(self.sr.target_map(slot), latent_hw, self.controls.settings)

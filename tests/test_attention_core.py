@@ -331,6 +331,58 @@ def test_local_blend_schedule_and_store():
     assert mask.any() and torch.equal(out[..., ~mask], x_src[..., ~mask])
 
 
+def test_local_blend_subtract_words_take_their_region_out_unpooled():
+    """Official P2P option (substruct_words): default off; the subtracted words' map, without the max-pool
+    and at its own threshold, is removed from the blend mask."""
+    store = CrossAttentionStore()
+    maps = torch.zeros(2, 77, 4, 4)
+    maps[:, 2, 1:3, 1:3] = 1.0  # blend word: the central 2x2 cells (3x3-pooled to all 16)
+    maps[:, 5, 1, 1] = 1.0  # subtracted word: one cell
+    store.maps = lambda kind, slots: maps  # the store's running means, as LocalBlend reads them
+    plain = LocalBlend([[2], [2]]).mask(store, (4, 4))
+    assert plain.all()
+    sub = LocalBlend([[2], [2]], subtract=[[5], [5]]).mask(store, (4, 4))
+    assert not sub[1, 1] and int(sub.sum()) == 15  # only the word's own cell: not max-pooled
+    assert LocalBlend([[2], [2]], subtract=[[5], [5]], subtract_threshold=1.0).mask(store, (4, 4)).all()
+    assert torch.equal(LocalBlend([[2], [2]], subtract=[[], []]).mask(store, (4, 4)), plain)
+
+
+def test_sr_layers_restrict_sr_attention_to_a_subset_of_the_reference_layers():
+    """Official option: an explicit layer list or range (its examples use three decoder layers)."""
+    from realedit.attention.specref import SpecRefControls, SpecRefError, SpecRefHook, StoredReference, parse_layers
+    from realedit.inversion.bank import ReferenceBank
+
+    assert parse_layers("13-15") == {13, 14, 15} and parse_layers("10, 13-14") == {10, 13, 14}
+    assert parse_layers("  ") is None
+    for bad in ("a", "15-13", "1--2"):
+        with pytest.raises(SpecRefError, match="sr_layers"):
+            parse_layers(bad)
+    bank = ReferenceBank([3, 4], range(10), 10, torch.float32, None)
+    _, k_ref, v_ref = qkv(1, 16, 16, seed=23)
+    for layer in (3, 4):
+        bank.put(layer, 0, k_ref[0], v_ref[0])
+    q, k, v = qkv(4, 16, 16, seed=24)
+    controls = SpecRefControls(settings=SpecRefSettings(p2p=P2PSettings(self_replace=0.0)),
+                               target_mask=torch.ones(4, 4), sr_layers=[4])
+    hook = SpecRefHook(controls, StoredReference(bank))
+    assert hook(q, k, v, make_ctx(kind="self", index=3)) is None  # in the bank, not chosen: host attention
+    assert hook(q, k, v, make_ctx(kind="self", index=4)) is not None and hook.stats.applied == 1
+    with pytest.raises(SpecRefError, match=r"layers \[7\] are not among the layers the reference features hold"):
+        SpecRefHook(dataclasses.replace(controls, sr_layers=[4, 7]), StoredReference(bank))
+
+
+def test_masks_resize_bilinear_by_default_and_nearest_on_request():
+    mask = torch.zeros(8, 8)
+    mask[2:6, 3:5] = 1.0
+    nearest = resize_mask_to_grid(mask, (3, 3), 0.5, mode="nearest")
+    expected = torch.nn.functional.interpolate(mask[None, None], size=(3, 3), mode="nearest").reshape(9) > 0.5
+    assert torch.equal(nearest, expected)
+    assert not torch.equal(nearest, resize_mask_to_grid(mask, (3, 3), 0.5))
+    assert SpecRefSettings().mask_resize == "bilinear" and "nearest" in describe(SpecRefSettings, "mask_resize")
+    with pytest.raises(ValueError, match="mask_resize"):
+        SpecRefSettings(mask_resize="bicubic")
+
+
 # -- SR-attention ----------------------------------------------------------------------------------
 def test_sr_attention_mt_zero_is_o_self_exactly():
     q, k, v = qkv(2, 16, 16, seed=11)

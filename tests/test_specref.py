@@ -122,7 +122,7 @@ def test_sr_with_full_masks_and_own_kv_is_plain_self_attention(env, setup):
 
 def test_sr_on_unconditional_rows_too(env, setup):
     cond_only = _edit(env, setup, _p2p(), bank=setup.bank)
-    both = _edit(env, setup, _p2p(sr_uncond=True), bank=setup.bank)
+    both = _edit(env, setup, _p2p(sr_uncond_shared_kv=True), bank=setup.bank)
     assert both.stats.applied > 0 and torch.isfinite(both.latent).all()
     assert not torch.equal(cond_only.latent, both.latent)
 

@@ -114,6 +114,10 @@ BAD_INPUTS = {
     "REF_FEATURES with another step count": (_node("10", steps=4),
                                              "REF_FEATURES was made with 4 steps but this node uses 3"),
     "INVERSION with another step count": (_node("9", steps=4), "INVERSION was made with 4 steps but this node uses 3"),
+    "SR layers not in the features": (_sampler(sr_layers="0-1"), r"SR-attention layers \[0, 1\] are not among"),
+    "SR layers unreadable": (_sampler(sr_layers="last three"), "give layer indices like"),
+    "subtract words without blend words": (_sampler(blend_words="", blend_subtract_words="cat"),
+                                           "blend_subtract_words need blend_words"),
     "live reference of another size": (_small_live_reference,
                                        "live REF_FEATURES need a reference latent of the source's size"),
 }
@@ -192,7 +196,7 @@ def _sr_graph(workflow: dict, mt_threshold: float = 0.5, sampler_steps: int = 3,
         "19": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a tiger", "clip": ["1", 1]}},
         "20": {"class_type": "RealEditApplySRAttention", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "ref_features": ["10", 0], "target_text": "a photo of a tiger",
-            "target_words": "tiger", "mt_threshold": mt_threshold, "ms_threshold": 0.5, "include_uncond": False,
+            "target_words": "tiger", "mt_threshold": mt_threshold, "ms_threshold": 0.5, "uncond_shared_kv": False,
             "reference_mask": ["3", 1]}},
         "21": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
         "22": {"class_type": "KSampler", "inputs": {**ksampler, "model": ["20", 0]}},
@@ -268,3 +272,14 @@ def test_edit_sampler_p2p_defaults_come_from_the_settings_and_name_their_origin(
     assert inputs["self_replace"].default == P2PSettings().self_replace == 0.6
     assert "official SpecRef script" in inputs["self_replace"].tooltip
     assert inputs["cross_replace"].default == P2PSettings().cross_replace
+
+
+def test_the_unconditional_sr_option_is_named_for_what_it_does(comfy):
+    """It reuses the conditional reference K/V; it must not claim to be the official option (which pairs the
+    unconditional rows with K/V from a CFG inversion of the reference)."""
+    from realedit.nodes.specref import ApplySRAttention
+
+    inputs = _schema_inputs(ApplySRAttention)
+    assert "include_uncond" not in inputs and inputs["uncond_shared_kv"].default is False
+    tooltip = inputs["uncond_shared_kv"].tooltip
+    assert "same reference K/V" in tooltip and "Not the official code's" in tooltip
