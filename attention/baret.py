@@ -104,6 +104,37 @@ def check_ttis_inversion(inversion: object) -> OptimisedInversion:
     return inversion
 
 
+def _same_embedding(given: torch.Tensor, used: torch.Tensor | None) -> bool:
+    """Whether ``given`` is the embedding TTIS used (None: not recorded, nothing to compare)."""
+    if used is None:
+        return True
+    a, b = given.detach().float().cpu(), used.detach().float().cpu()
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def check_edit_matches_inversion(inversion: OptimisedInversion, target: torch.Tensor, uncond: torch.Tensor | None,
+                                 cfg: float) -> None:
+    """Refuse an edit whose target prompt, negative prompt or CFG differ from what TTIS optimised with.
+
+    Eq. 3 mixes the per-step e_opt,s with e_target, the embedding TTIS started from, and e_opt,s
+    reconstructs the photo only with TTIS's unconditional prompt and guidance: any other target, negative
+    or CFG silently breaks both (the null-text path of the SpecRef sampler only warns on CFG, as a
+    reconstruction there is optional; here it is the method).
+    """
+    if not _same_embedding(target, inversion.initial_embedding):
+        raise BaretError("RealEdit: the target prompt of the BARET edit differs from the one Target-Text Inversion "
+                         "optimised (e_target of Eq. 3). Connect the same CLIP Text Encode to both nodes' target "
+                         "inputs.")
+    if uncond is not None and not _same_embedding(uncond, inversion.fixed_embedding):
+        raise BaretError("RealEdit: the negative prompt of the BARET edit differs from the one Target-Text Inversion "
+                         "used (TTIS's unconditional prompt, usually empty). Connect the same negative CLIP Text "
+                         "Encode to both nodes.")
+    if cfg != inversion.cfg:
+        raise BaretError(f"RealEdit: the BARET edit's cfg is {cfg:g} but Target-Text Inversion optimised its "
+                         f"embeddings for cfg {inversion.cfg:g}; set the edit's cfg to {inversion.cfg:g} (or re-run "
+                         "the inversion with the cfg you want).")
+
+
 def transition_embeddings(optimised: Sequence[torch.Tensor], target: torch.Tensor,
                           controls: BaretControls) -> BaretEmbeddings:
     """e_trans,s = lambda_s * e_opt,s + (1 - lambda_s) * e_target for every step (BARET Eq. 3)."""

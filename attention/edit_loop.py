@@ -14,6 +14,7 @@ ComfyUI runs it as a ``KSAMPLER`` and the diffusers host calls it with its own d
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch
 
 from ..inversion.bank import BankSettings, ReferenceBank, ReferenceFeatures, check_reference
 from ..inversion.ddim import Inversion
+from ..inversion.embedding_opt import OptimisedInversion
 from .hooks import LayerInfo
 from .specref import (
     LiveReference,
@@ -31,6 +33,8 @@ from .specref import (
     SRStats,
     StoredReference,
 )
+
+log = logging.getLogger("realedit")
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,8 @@ class ReferenceInputs:
         if self.inversion is None:
             return None
         layers = self.layers if self.layers is not None else default_layers()
-        return LiveReference(layers, self.steps if self.steps is not None else default_steps)
+        return LiveReference(layers, self.steps if self.steps is not None else default_steps,
+                             latent_hw=self.latent_hw)
 
 
 def check_features(fingerprint: str, source: Inversion, features: ReferenceFeatures) -> None:
@@ -246,3 +251,20 @@ def prepare_edit(fingerprint: str, inversion: Inversion, layers: Callable[[], li
     window = live_window or BankSettings(mode="live")
     source = refs.source(lambda: window.layers.select(layers()), window.steps.select(inversion.steps))
     return SpecRefHook(controls or SpecRefControls(), source), refs
+
+
+def null_text_inversion(inversion: Inversion, cfg: float) -> OptimisedInversion | None:
+    """The null-text INVERSION whose per-step unconditional embeddings every unconditional row of the edit
+    takes (Mokady et al.: the classic null-text inversion + Prompt-to-Prompt pipeline), or None for a plain
+    DDIM inversion. Both hosts apply it (ComfyUI: a context schedule; diffusers: the per-step negative).
+    A TTIS inversion belongs to the BARET sampler and is refused; another CFG than the one the embeddings
+    were optimised for is allowed with a warning (the reconstruction is then no longer exact)."""
+    if not isinstance(inversion, OptimisedInversion):
+        return None
+    if inversion.branch != "uncond":
+        raise SpecRefError("RealEdit: this INVERSION comes from Target-Text Inversion (TTIS); edit it with the "
+                           "RealEdit BARET Edit Sampler. The SpecRef sampler takes DDIM or null-text inversions.")
+    if cfg != inversion.cfg:
+        log.warning("RealEdit: the null-text embeddings were optimised for CFG %s but the edit uses %s; the "
+                    "reconstruction is exact only at the same CFG.", inversion.cfg, cfg)
+    return inversion

@@ -127,10 +127,13 @@ class P2PHook:
     """An :class:`~.hooks.AttentionHook` applying P2P controls to the edit rows of a two-path batch.
 
     ``edit`` is the cross-attention control (None: self-attention replacement only). ``store``, when
-    given, records the cross-attention maps *before* they are edited (as P2P's AttentionStore does),
-    e.g. for LocalBlend and SpecRef's M_t. Calls outside every window decline (return None) so the
-    host's own attention runs. Cross-attention edits act on conditional rows only (P2P); set
-    ``self_replace_uncond`` to also replace the unconditional rows' self-attention maps.
+    given, records the cross-attention maps *after* they are edited, i.e. the maps the edit row actually
+    used (e.g. for LocalBlend and SpecRef's M_t): inside the cross-replace window a swapped word's map
+    is the source word's. That is what the official P2P and SpecRef code read: their AttentionStore
+    keeps a reference to the probability tensor that the edit then overwrites in place. Calls outside
+    every window decline (return None) so the host's own attention runs. Cross-attention edits act on
+    conditional rows only (P2P); set ``self_replace_uncond`` to also replace the unconditional rows'
+    self-attention maps.
     """
 
     def __init__(
@@ -166,7 +169,7 @@ class P2PHook:
 
     def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         ctx: AttentionContext) -> torch.Tensor | None:
-        """Cross-attention with explicit probabilities: record, then edit the edit rows."""
+        """Cross-attention with explicit probabilities: edit the edit rows, then record what they used."""
         src_rows, edit_rows = row_pairs(ctx.rows, ("cond",), self.src_slot, self.edit_slot)
         editing = bool(edit_rows) and self.cross_active(ctx)
         record = self.store.recorder(ctx) if self.store is not None else None
@@ -175,27 +178,30 @@ class P2PHook:
         edit = self.edit if editing else None
 
         def fn(probs: torch.Tensor, rows: slice) -> torch.Tensor:  # (batch, heads, chunk, k)
-            if record is not None:
-                probs = record(probs, rows)
             if edit is not None:
                 probs[edit_rows] = edit(probs[src_rows], probs[edit_rows]).to(probs.dtype)
+            if record is not None:  # after the edit: the maps the edit row used (official P2P / SpecRef)
+                probs = record(probs, rows)
             return probs
 
         return map_attention_chunks(q, k, v, ctx.heads, fn, max_elements=self.max_elements)
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       ctx: AttentionContext) -> torch.Tensor | None:
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+                       keep: Collection[int] = ()) -> torch.Tensor | None:
         """Edit rows attend with the source rows' maps: softmax(Q_src K_src^T / sqrt(d)) V_edit.
 
         The maps never materialise: swapping Q and K of the edit rows for the source's gives the same
         probabilities inside the fused kernel, which is the host's own (``ctx.host_attention``) when
-        the host provides it, so the untouched rows come out exactly as without the hook.
+        the host provides it, so the untouched rows come out exactly as without the hook. Edit rows in
+        ``keep`` keep their own maps (SpecRef: the rows SR-attention mixes, whose O_self is their own).
         """
         if not self.self_active(ctx):
             return None
         src_rows, edit_rows = row_pairs(ctx.rows, self.self_kinds, self.src_slot, self.edit_slot)
-        if not edit_rows:
+        pairs = [(s, e) for s, e in zip(src_rows, edit_rows) if e not in keep]
+        if not pairs:
             return None
+        src_rows, edit_rows = [s for s, _ in pairs], [e for _, e in pairs]
         q2, k2 = q.clone(), k.clone()  # (batch, tokens, heads*dim)
         q2[edit_rows], k2[edit_rows] = q[src_rows], k[src_rows]
         return host_attention(q2, k2, v, ctx)

@@ -14,6 +14,7 @@ from typing import Any
 StepFraction = float | tuple[float, float]
 
 CLIP_CHUNK = 77  # BOS + 75 tokens + EOS
+MASK_RESIZE_MODES = ("bilinear", "nearest")
 
 
 def window_steps(frac: StepFraction, total: int) -> tuple[int, int]:
@@ -48,7 +49,7 @@ class P2PSettings:
     """
 
     cross_replace: StepFraction = 0.8
-    self_replace: StepFraction = 0.4
+    self_replace: StepFraction = 0.6
     self_replace_max_tokens: int = 32 * 32
     blend_threshold: float = 0.3
     blend_start: float = 0.2
@@ -70,8 +71,12 @@ class SpecRefSettings:
     mt_threshold: float = 0.5
     ms_threshold: float = 0.5
     map_downscale: int = 4
+    mask_resize: str = "bilinear"
 
     def __post_init__(self) -> None:
+        if self.mask_resize not in MASK_RESIZE_MODES:
+            raise ValueError(f"RealEdit: mask_resize must be one of {', '.join(MASK_RESIZE_MODES)}, got "
+                             f"{self.mask_resize!r}.")
         check_unit("mt_threshold", self.mt_threshold)
         check_unit("ms_threshold", self.ms_threshold)
         if self.map_downscale < 1:
@@ -87,8 +92,9 @@ def check_unit(name: str, value: float, error: type[Exception] = ValueError) -> 
 DOCS: dict[str, str] = {
     "cross_replace": "Fraction of steps with cross-attention replacement (Replace/Refine/Reweight). "
     "Default 0.8: P2P's examples and METHODS.md.",
-    "self_replace": "Fraction of steps in which the edit takes the source's self-attention maps. "
-    "Default 0.4, useful range 0.4-0.8 (P2P).",
+    "self_replace": "Fraction of steps in which the edit takes the source's self-attention maps (0 = off). "
+    "Default 0.6: the official SpecRef script's value (P2P's examples use 0.4-0.8). Not applied to the rows "
+    "SR-attention mixes, in its layers and steps (official code; Eq. 3).",
     "self_replace_max_tokens": "Self-attention replacement only in layers with at most this many query "
     "tokens (P2P: 32x32 on a 64x64 latent).",
     "blend_threshold": "LocalBlend: threshold on the max-normalised word map (P2P default 0.3).",
@@ -100,6 +106,8 @@ DOCS: dict[str, str] = {
     "(Eq. 2). Default 0.5.",
     "map_downscale": "Cross-attention maps are read from layers at this downscale of the latent: 4 gives "
     "P2P's 16x16 maps on a 64x64 SD1.x latent.",
+    "mask_resize": "How M_s and M_t are resized to each layer's token grid before thresholding: bilinear "
+    "(default, METHODS.md; antialiased when shrinking) or nearest (an option of the official code).",
 }
 
 

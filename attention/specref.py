@@ -5,9 +5,12 @@ pinned to the inversion trajectory), slot 1 the edit (target prompt) and, in liv
 reference row whose own self-attention K/V are the reference features. Per attention call it
 
 * records the conditional cross-attention maps of the ``map_downscale`` layers (16x16 at 512 px) of
-  slots 0 and 1 into a :class:`~.maps.CrossAttentionStore` (LocalBlend, Eq. 5, and M_t);
+  slots 0 and 1 into a :class:`~.maps.CrossAttentionStore` (LocalBlend, Eq. 5, and M_t), *after* the
+  P2P cross edit: the maps the edit row used, as the official SpecRef and P2P code read them;
 * applies Prompt-to-Prompt between slot 0 and slot 1 (cross-attention Replace / Refine / Reweight,
-  self-attention map replacement) through a :class:`~.p2p.P2PHook`;
+  self-attention map replacement) through a :class:`~.p2p.P2PHook`, except self-attention
+  replacement on the rows SR-attention mixes, in its layers and steps (their O_self is their own
+  attention, Eq. 3, as in the official code);
 * applies SR-attention (Eq. 2-3) to the edit path's conditional rows (optionally also the
   unconditional ones) inside the reference's layer and step windows:
   ``O = M_t * softmax(Q K_ref^T / sqrt(d) + M_s^inf) V_ref + (1 - M_t) * O_self``.
@@ -81,10 +84,14 @@ class SpecRefControls:
     ``cross_edit``: P2P cross-attention control (Replace / Refine / Reweight) or None; its window is
     ``settings.p2p.cross_replace``. Self-attention map replacement follows ``settings.p2p.self_replace``
     (0 disables it). ``local_blend``: LocalBlend (Eq. 5) on the blend words' token positions per path.
+    ``sr_layers``: SR-attention only in these layers (a subset of the reference's; None: all of them), as
+    the official code's explicit layer lists (its examples use three decoder layers).
     ``target_positions``: token positions (BOS = 0) of the target word(s) in the target prompt, whose
     running-mean map is M_t; ``target_mask`` replaces that map by a fixed MASK (user-drawn M_t).
     ``ref_mask``: M_s, the reference object in the reference image (None: the whole reference).
-    ``sr_uncond``: SR-attention also on the edit path's unconditional rows (official code's option).
+    ``sr_uncond_shared_kv``: SR-attention also on the edit path's unconditional rows, with the same reference
+    K/V as the conditional rows (the reference is inverted once, without guidance). Not the official code's
+    unconditional option, which pairs those rows with K/V from a CFG inversion of the reference.
     """
 
     settings: SpecRefSettings = field(default_factory=SpecRefSettings)
@@ -93,10 +100,13 @@ class SpecRefControls:
     target_positions: Sequence[int] | None = None
     target_mask: torch.Tensor | None = None
     ref_mask: torch.Tensor | None = None
-    sr_uncond: bool = False
+    sr_uncond_shared_kv: bool = False
     self_replace_uncond: bool = False
+    sr_layers: Collection[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.sr_layers is not None:
+            object.__setattr__(self, "sr_layers", frozenset(int(i) for i in self.sr_layers))
         object.__setattr__(self, "target_mask", as_mask(self.target_mask, "target mask (M_t)"))
         object.__setattr__(self, "ref_mask", as_mask(self.ref_mask, "reference mask (M_s)"))
         if self.target_positions is not None:
@@ -110,6 +120,25 @@ class SpecRefControls:
     def records_maps(self) -> bool:
         """Whether cross-attention maps are recorded (LocalBlend, or M_t from target words)."""
         return self.local_blend is not None or self.target_positions is not None
+
+
+def parse_layers(text: str | None) -> frozenset[int] | None:
+    """Layer indices from text: "14, 15", a range "13-15", or both ("10, 13-15"); empty: None (all).
+
+    Layers are numbered in call order as in METHODS.md (SD1.x: 0-5 encoder, 6 middle, 7-15 decoder)."""
+    if text is None or not text.strip():
+        return None
+    layers: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        bounds = [b.strip() for b in part.split("-")]
+        if not part or len(bounds) > 2 or not all(b.isdigit() for b in bounds):
+            raise SpecRefError(f"RealEdit: sr_layers {text!r}: give layer indices like '13, 15' or a range '13-15' "
+                               "(0-15 on SD1.x in call order, METHODS.md).")
+        lo, hi = int(bounds[0]), int(bounds[-1])
+        if lo > hi:
+            raise SpecRefError(f"RealEdit: sr_layers {text!r}: the range {part!r} runs backwards; write it low-high.")
+        layers.update(range(lo, hi + 1))
+    return frozenset(layers)
 
 
 # -- reference features --------------------------------------------------------------------------------
@@ -149,12 +178,12 @@ class StoredReference:
 
 class LiveReference:
     """Live mode: the reference is an extra conditional row of the batch (``slot``); its own K/V in
-    this very call are K_ref / V_ref. The sampler feeds it the reference inversion's latents."""
+    this very call are K_ref / V_ref. The sampler feeds it the reference inversion's latents.
+    ``latent_hw``: the reference latent's size when known (the source's: the reference row shares its grid)."""
 
-    latent_hw: tuple[int, int] | None = None  # the reference row has the source's size: the query grid
-
-    def __init__(self, layers: Collection[int], steps: range, slot: int = LIVE_REFERENCE_SLOT) -> None:
-        self.layers, self.steps, self.slot = frozenset(layers), steps, slot
+    def __init__(self, layers: Collection[int], steps: range, slot: int = LIVE_REFERENCE_SLOT,
+                 latent_hw: tuple[int, int] | None = None) -> None:
+        self.layers, self.steps, self.slot, self.latent_hw = frozenset(layers), steps, slot, latent_hw
 
     def __deepcopy__(self, memo: dict) -> LiveReference:
         return self
@@ -182,6 +211,24 @@ def reference_grid(tokens: int, query_grid: tuple[int, int], mask_hw: tuple[int,
     aspect = (mask_hw[0] / mask_hw[1]) if mask_hw is not None else query_grid[0] / query_grid[1]
     pairs = [(h, tokens // h) for h in range(1, tokens + 1) if tokens % h == 0]
     return min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - math.log(aspect)))
+
+
+ASPECT_TOLERANCE = 0.03  # relative: a mask of the photo's own shape at any resolution passes
+
+
+def warn_if_mask_aspect_differs(mask: torch.Tensor | None, latent_hw: tuple[int, int] | None) -> bool:
+    """Warn when the reference mask M_s has another aspect ratio than the reference photo (latent ``latent_hw``):
+    it would be stretched onto the photo without a word, and is almost always the wrong mask connected (e.g.
+    the source photo's). Returns whether it warned."""
+    if mask is None or latent_hw is None:
+        return False
+    (mh, mw), (lh, lw) = mask.shape[-2:], latent_hw
+    if abs((mh / mw) / (lh / lw) - 1.0) <= ASPECT_TOLERANCE:
+        return False
+    log.warning("RealEdit: the reference mask is %dx%d (aspect %.2f) but the reference photo is %dx%d latent pixels "
+                "(aspect %.2f); the mask is stretched onto the photo. This is almost always the wrong mask connected: "
+                "connect the mask drawn on (or segmented from) the reference photo.", mw, mh, mw / mh, lw, lh, lw / lh)
+    return True
 
 
 # -- SR-attention ---------------------------------------------------------------------------------------
@@ -214,6 +261,12 @@ class SRMixer:
         if controls.target_mask is None and store is None:
             raise SpecRefError("RealEdit: M_t from target words needs a cross-attention map store.")
         self.controls, self.reference, self.store = controls, reference, store
+        self.layers = reference.layers if controls.sr_layers is None else reference.layers & controls.sr_layers
+        if controls.sr_layers is not None and not controls.sr_layers <= reference.layers:
+            raise SpecRefError(f"RealEdit: SR-attention layers {sorted(controls.sr_layers - reference.layers)} are not "
+                               f"among the layers the reference features hold ({sorted(reference.layers)}); choose "
+                               "from those, or widen the Reference Features layer window.")
+        warn_if_mask_aspect_differs(controls.ref_mask, reference.latent_hw)
         self.begin_run()
 
     def begin_run(self) -> None:
@@ -228,9 +281,8 @@ class SRMixer:
 
     def active(self, ctx: AttentionContext) -> bool:
         """SR-attention's windows: a self-attention call in the reference's layers and steps."""
-        ref = self.reference
-        return (ctx.kind == "self" and ctx.step is not None and ctx.layer.index in ref.layers
-                and ctx.step in ref.steps)
+        return (ctx.kind == "self" and ctx.step is not None and ctx.layer.index in self.layers
+                and ctx.step in self.reference.steps)
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, rows: list[int],
             base: torch.Tensor | None) -> torch.Tensor | None:
@@ -283,7 +335,8 @@ class SRMixer:
             else:
                 grid = reference_grid(ref_tokens, ctx.grid, tuple(mask.shape), self.reference.latent_hw,
                                       ctx.layer.downscale)
-                m_s = resize_mask_to_grid(mask, grid, self.controls.settings.ms_threshold)
+                settings = self.controls.settings
+                m_s = resize_mask_to_grid(mask, grid, settings.ms_threshold, mode=settings.mask_resize)
             self._ms_cache[key] = (m_s.to(device), bool(m_s.any()))  # checked on the CPU
         return self._ms_cache[key]
 
@@ -311,8 +364,9 @@ class SRMixer:
             return None
         key = (slot, ctx.grid, device)
         if key not in self._mt_cache:
-            thr = self.controls.settings.mt_threshold
-            m_t = resize_mask_to_grid(m, ctx.grid, thr, keep_nonempty=False).float()
+            settings = self.controls.settings
+            m_t = resize_mask_to_grid(m, ctx.grid, settings.mt_threshold, keep_nonempty=False,
+                                      mode=settings.mask_resize).float()
             if device is not None:
                 m_t = m_t.to(device)
             self._mt_cache[key] = (m_t, bool(m_t.any()))
@@ -391,18 +445,21 @@ class SpecRefHook:
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        ctx: AttentionContext) -> torch.Tensor | None:
-        """P2P self-attention replacement, then SR-attention (Eq. 2-3) on the edit rows."""
-        out = self.p2p.self_attention(q, k, v, ctx)
+        """P2P self-attention replacement, or, in SR-attention's layers and steps, SR-attention (Eq. 2-3)
+        on the edit rows with O_self = Attn(Q~, K~) V~, the rows' *own* attention: the official code skips
+        P2P's self-replacement there. Other rows (e.g. unconditional edit rows without ``sr_uncond_shared_kv``)
+        keep P2P's replacement."""
         rows = self.sr_rows(ctx)
         if self.sr is None or not rows or not self.sr.active(ctx):
-            return out
+            return self.p2p.self_attention(q, k, v, ctx)
+        out = self.p2p.self_attention(q, k, v, ctx, keep=rows)
         mixed = self.sr.mix(q, k, v, ctx, rows, out)
         return out if mixed is None else mixed
 
     def sr_rows(self, ctx: AttentionContext) -> list[int]:
         """The rows SR-attention edits: the edit path's conditional (and optionally unconditional) rows."""
         rows = ctx.rows.rows("cond", EDIT_SLOT)
-        if self.controls.sr_uncond:
+        if self.controls.sr_uncond_shared_kv:
             rows += ctx.rows.rows("uncond", EDIT_SLOT)
         return sorted(rows)
 
@@ -423,18 +480,19 @@ class SpecRefHook:
 
     def mt_mask(self, latent_hw: tuple[int, int]) -> torch.Tensor | None:
         """The final M_t (the map the next step would use) at latent size, (H, W) float 0/1, for preview."""
-        return _preview(self.target_map(), latent_hw, self.controls.settings.mt_threshold)
+        return _preview(self.target_map(), latent_hw, self.controls.settings)
 
     def blend_mask(self) -> torch.Tensor | None:
         """The last LocalBlend mask used, (H, W) float 0/1, or None when LocalBlend never ran."""
         return None if self.last_blend_mask is None else self.last_blend_mask.float()
 
 
-def _preview(m: torch.Tensor | None, latent_hw: tuple[int, int], threshold: float) -> torch.Tensor | None:
-    """A map resized bilinearly to latent size and thresholded, (H, W) float 0/1."""
+def _preview(m: torch.Tensor | None, latent_hw: tuple[int, int], settings: SpecRefSettings) -> torch.Tensor | None:
+    """A map resized to latent size as M_t is (``settings.mask_resize``) and thresholded, (H, W) float 0/1."""
     if m is None:
         return None
-    return resize_mask_to_grid(m, latent_hw, threshold, keep_nonempty=False).reshape(latent_hw).float()
+    return resize_mask_to_grid(m, latent_hw, settings.mt_threshold, keep_nonempty=False,
+                               mode=settings.mask_resize).reshape(latent_hw).float()
 
 
 # -- SR-attention in any sampler ---------------------------------------------------------------------------
@@ -516,7 +574,7 @@ class SRAttentionHook:
         return dataclasses.replace(ctx, step=ctx.step + self.offset)
 
     def rows(self, ctx: AttentionContext) -> list[int]:
-        kinds: tuple[RowKind, ...] = ("cond", "uncond") if self.controls.sr_uncond else ("cond",)
+        kinds: tuple[RowKind, ...] = ("cond", "uncond") if self.controls.sr_uncond_shared_kv else ("cond",)
         return sorted(r for kind in kinds for r in ctx.rows.rows(kind))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
@@ -532,4 +590,4 @@ class SRAttentionHook:
 
     def mt_mask(self, slot: int, latent_hw: tuple[int, int]) -> torch.Tensor | None:
         """M_t of ``slot`` as of the last step, at latent size (H, W) float 0/1 (None before any map)."""
-        return _preview(self.sr.target_map(slot), latent_hw, self.controls.settings.mt_threshold)
+        return _preview(self.sr.target_map(slot), latent_hw, self.controls.settings)

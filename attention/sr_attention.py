@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .maps import resize_bilinear
 from .math import attention
@@ -40,8 +41,9 @@ class SRResult(NamedTuple):
 
 
 def resize_mask_to_grid(mask: torch.Tensor, grid: tuple[int, int], threshold: float = _MS_DEFAULT,
-                        keep_nonempty: bool = True) -> torch.Tensor:
-    """A mask (..., H, W) resized bilinearly (antialiased when shrinking) to ``grid`` and thresholded.
+                        keep_nonempty: bool = True, mode: str = "bilinear") -> torch.Tensor:
+    """A mask (..., H, W) resized to ``grid`` and thresholded: bilinearly (antialiased when shrinking; our
+    default) or by ``mode="nearest"`` (an option of the official SpecRef code).
 
     Returns (..., h*w) bool, True where the resized value exceeds ``threshold``. ``keep_nonempty``: when
     the mask has some positive pixel but nothing survives the threshold at this grid (a small object on
@@ -50,7 +52,8 @@ def resize_mask_to_grid(mask: torch.Tensor, grid: tuple[int, int], threshold: fl
     if mask.dim() < 2:
         raise ValueError(f"RealEdit: a mask must be (..., H, W), got shape {tuple(mask.shape)}.")
     lead, (H, W) = mask.shape[:-2], mask.shape[-2:]
-    x = resize_bilinear(mask.float().reshape(-1, 1, H, W), grid)
+    flat = mask.float().reshape(-1, 1, H, W)
+    x = F.interpolate(flat, size=grid, mode="nearest") if mode == "nearest" else resize_bilinear(flat, grid)
     x = x.reshape(x.shape[0], -1)  # (n, h*w)
     out = x > threshold
     if keep_nonempty:

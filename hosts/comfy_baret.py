@@ -23,6 +23,7 @@ from ..attention.baret import (
     BaretControls,
     BaretHook,
     BaretResult,
+    check_edit_matches_inversion,
     check_ttis_inversion,
     transition_embeddings,
 )
@@ -33,6 +34,13 @@ from .comfy_sampling import cfg_guider, check_sd_model, model_fingerprint
 
 # callback(step, total) after every edit step; it may raise to cancel.
 StepCallback = Callable[[int, int], None]
+
+
+def _first_tensor(conditioning: list | None) -> torch.Tensor | None:
+    """The text embedding of a CONDITIONING's first entry (what TTIS optimised against), None if absent."""
+    if not conditioning:
+        return None
+    return conditioning[0][0]
 
 
 def baret_edit(
@@ -50,7 +58,8 @@ def baret_edit(
     The result's latents are in user space (what VAE Decode takes).
 
     ``target_cond`` is the target prompt TTIS started from (e_target of Eq. 3); ``negative`` the empty
-    prompt TTIS used as uncond. ``cfg`` defaults to the inversion's (TTIS optimised for that CFG).
+    prompt TTIS used as uncond. ``cfg`` defaults to the inversion's (TTIS optimised for that CFG). Another
+    target, negative or CFG than TTIS used is refused by name (:func:`check_edit_matches_inversion`).
     ``callback(step, total)`` runs after every step (progress; raise to cancel).
     """
     controls = controls or BaretControls()
@@ -60,6 +69,7 @@ def baret_edit(
     cfg = inversion.cfg if cfg is None else cfg
     positive = per_slot_conditioning([target_cond] * 3, ["target"] * 3)
     embeddings = transition_embeddings(inversion.embeddings, positive[0][0][:1], controls)
+    check_edit_matches_inversion(inversion, target_cond[0][0], _first_tensor(negative), cfg)
     patched = install_context_schedule(install_hook(model, BaretHook(controls)), embeddings.for_row)
     guider = cfg_guider(patched, positive, negative, cfg)
     sigmas = inversion.sampling_sigmas

@@ -29,12 +29,12 @@ from ..attention.edit_loop import (
     EditStep,  # noqa: F401  (re-exported: callers' callback type)
     TwoPathLoop,
     edit_result,
+    null_text_inversion,
     prepare_edit,
 )
 from ..attention.specref import SpecRefControls, SpecRefError
 from ..inversion.bank import BankSettings, ReferenceBank, ReferenceFeatures
 from ..inversion.ddim import Inversion
-from ..inversion.embedding_opt import OptimisedInversion
 from .comfy import discover_layers, install_context_schedule, install_hook
 from .comfy_sampling import cfg_guider, check_sd_model, model_fingerprint, repeat_to_common_length
 
@@ -80,17 +80,12 @@ def per_slot_conditioning(conds: Sequence[list], names: Sequence[str]) -> list:
 # -- the sampler ----------------------------------------------------------------------------------------
 def with_null_text(model: object, inversion: Inversion, cfg: float) -> object:
     """A null-text INVERSION: every unconditional row of the edit takes the embedding optimised for its
-    step (the classic null-text inversion + Prompt-to-Prompt pipeline). A plain DDIM inversion leaves
-    ``model`` as it is; a TTIS inversion belongs to the BARET sampler."""
-    if not isinstance(inversion, OptimisedInversion):
+    step (see :func:`~..attention.edit_loop.null_text_inversion`). A plain DDIM inversion leaves ``model``
+    as it is; a TTIS inversion belongs to the BARET sampler."""
+    null_text = null_text_inversion(inversion, cfg)
+    if null_text is None:
         return model
-    if inversion.branch != "uncond":
-        raise SpecRefError("RealEdit: this INVERSION comes from Target-Text Inversion (TTIS); edit it with the "
-                           "RealEdit BARET Edit Sampler. The SpecRef sampler takes DDIM or null-text inversions.")
-    if cfg != inversion.cfg:
-        log.warning("RealEdit: the null-text embeddings were optimised for CFG %s but the edit uses %s; the "
-                    "reconstruction is exact only at the same CFG.", inversion.cfg, cfg)
-    return install_context_schedule(model, inversion.null_text_context)
+    return install_context_schedule(model, null_text.null_text_context)
 
 
 def specref_edit(

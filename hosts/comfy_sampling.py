@@ -81,9 +81,13 @@ def model_fingerprint(model: Any) -> str:
     """Identifies the weights: the base model object and its weight patches (LoRAs...).
 
     Attention patches (ours included) live in ``model_options`` and do not change it, so the
-    SR-attention clone of a model matches an inversion made on the model itself.
+    SR-attention clone of a model matches an inversion made on the model itself. Format
+    ``family@weights/patches`` (family: ComfyUI's model config, e.g. SD15, SDXL), which
+    ``inversion.ddim.describe_model_difference`` turns into words for messages.
     """
-    return f"{type(model.model).__name__}@{id(model.model):x}/{model.patches_uuid}"
+    config = getattr(model.model, "model_config", None)
+    family = type(config).__name__ if config is not None else type(model.model).__name__
+    return f"{family}@{id(model.model):x}/{model.patches_uuid}"
 
 
 def cfg_guider(model: Any, positive: list, negative: list | None, cfg: float) -> comfy.samplers.CFGGuider:

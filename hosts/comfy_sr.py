@@ -34,7 +34,7 @@ def apply_sr_attention(model: Any, features: ReferenceFeatures,
     """A clone of ``model`` with SR-attention onto the stored reference features, and its hook.
 
     ``controls`` gives M_t (``target_positions`` in the sampler's positive prompt, or ``target_mask``),
-    M_s (``ref_mask``), the thresholds and ``sr_uncond``; its P2P and LocalBlend fields are not used.
+    M_s (``ref_mask``), the thresholds and ``sr_uncond_shared_kv``; its P2P and LocalBlend fields are not used.
     The input model is left unpatched.
     """
     check_stored_features(model, features)

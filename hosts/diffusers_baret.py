@@ -20,7 +20,14 @@ from contextlib import contextmanager
 
 import torch
 
-from ..attention.baret import BaretControls, BaretHook, BaretResult, check_ttis_inversion, transition_embeddings
+from ..attention.baret import (
+    BaretControls,
+    BaretHook,
+    BaretResult,
+    check_edit_matches_inversion,
+    check_ttis_inversion,
+    transition_embeddings,
+)
 from ..attention.hooks import ChainHook, RowInfo
 from ..inversion.baret_settings import BARET_DEFAULTS
 from ..inversion.ddim import DEFAULT_CONVENTION, Convention
@@ -124,12 +131,14 @@ def baret_edit(unet: torch.nn.Module, scheduler, inversion: OptimisedInversion, 
     """BARET's edit (Sec. 3.2-3.3) on a diffusers UNet: reconstruction, transition and edit batched.
 
     The batch is [uncond x 3, cond x 3] (diffusers' CFG order); the cond rows carry e_opt,s, e_trans,s
-    and e_target. ``cfg`` defaults to the inversion's. ``callback(step, edit_latent)`` after each step.
+    and e_target. ``cfg`` defaults to the inversion's; another target, uncond or CFG than TTIS used is
+    refused by name. ``callback(step, edit_latent)`` after each step.
     """
     controls = controls or BaretControls()
     inversion = check_ttis_inversion(inversion)
-    plan = transition_embeddings(inversion.embeddings, target, controls)
     cfg = inversion.cfg if cfg is None else cfg
+    plan = transition_embeddings(inversion.embeddings, target, controls)
+    check_edit_matches_inversion(inversion, target, uncond, cfg)
     sigmas = inversion.sampling_sigmas
     step_of = {float(s): i for i, s in enumerate(sigmas)}
 

@@ -20,10 +20,19 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..attention.edit_loop import EditCallback, EditResult, TwoPathLoop, edit_result, prepare_edit
+from ..attention.edit_loop import (
+    EditCallback,
+    EditResult,
+    TwoPathLoop,
+    edit_result,
+    null_text_inversion,
+    prepare_edit,
+)
+from ..attention.hooks import schedule_index
 from ..attention.specref import SpecRefControls, SpecRefError
 from ..inversion.bank import BankSettings, ReferenceBank, ReferenceFeatures
 from ..inversion.ddim import Inversion
+from ..inversion.embedding_opt import OptimisedInversion
 from .diffusers import DiffusersHost, discover_layers
 from .diffusers_sampling import Denoiser, guided_denoiser, prediction_type, unet_fingerprint, use_schedule
 
@@ -43,13 +52,27 @@ def _common_length(contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _slot_denoiser(host: DiffusersHost, scheduler, conds: Sequence[torch.Tensor], uncond: torch.Tensor | None,
-                   cfg: float, total_steps: int, added_cond: Mapping[str, torch.Tensor]) -> Denoiser:
-    """CFG ``denoised = f(x, sigma)`` for the per-slot batch: row i takes ``conds[i]``."""
+                   cfg: float, sigmas: torch.Tensor, added_cond: Mapping[str, torch.Tensor],
+                   null_text: OptimisedInversion | None = None) -> Denoiser:
+    """CFG ``denoised = f(x, sigma)`` for the per-slot batch: row i takes ``conds[i]``; with a null-text
+    inversion every unconditional row takes the embedding optimised for the step of ``sigma`` (as ComfyUI's
+    context schedule does, ``hosts.comfy_edit.with_null_text``)."""
     contexts = _common_length([*conds, *([uncond] if uncond is not None else [])])
     slots = torch.cat(contexts[: len(conds)])  # (n, tokens, width)
     negative = contexts[-1] if uncond is not None else None
-    return guided_denoiser(host, scheduler.alphas_cumprod, lambda sigma: (slots, negative), cfg,
-                           total_steps=total_steps, prediction=prediction_type(scheduler), **added_cond)
+    schedule = [float(s) for s in sigmas]
+
+    def rows(sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if null_text is None or negative is None:
+            return slots, negative
+        step = schedule_index(float(sigma), schedule)
+        embedding = null_text.null_text_context("uncond", 0, step) if step is not None else None
+        if embedding is None:
+            return slots, negative
+        return slots, _common_length([negative, embedding])[1]  # (1, tokens, width)
+
+    return guided_denoiser(host, scheduler.alphas_cumprod, rows, cfg, total_steps=len(sigmas) - 1,
+                           prediction=prediction_type(scheduler), **added_cond)
 
 
 @torch.no_grad()
@@ -77,13 +100,16 @@ def specref_edit(
     Arguments mirror ``hosts.comfy_edit.specref_edit``: prompts are embeddings (1, tokens, width);
     ``ref_features`` from ``hosts.diffusers_bank.reference_features`` (stored or live), or lower level a
     ``bank`` or a live ``reference`` inversion with its ``reference_cond``; none: P2P editing only.
-    ``added_cond`` (SDXL's ``text_embeds`` / ``time_ids``, batch 1) goes to every row. ``scheduler`` gives
+    ``added_cond`` (SDXL's ``text_embeds`` / ``time_ids``, batch 1) goes to every row. A null-text
+    ``inversion`` (``hosts.diffusers_baret.null_text_invert``) gives every unconditional row its step's
+    optimised embedding, as on ComfyUI; a TTIS inversion is refused (use ``baret_edit``). ``scheduler`` gives
     the noise schedule (``alphas_cumprod``) the inversion used. The UNet's processors are restored after.
     """
     hook, refs = prepare_edit(unet_fingerprint(unet), inversion, lambda: discover_layers(unet), controls=controls,
                               cfg=cfg, has_negative=negative is not None, ref_features=ref_features, bank=bank,
                               reference=reference, reference_cond=reference_cond, live_window=live_window,
                               steps=steps, negative_name="negative prompt embedding")
+    null_text = null_text_inversion(inversion, cfg)
     if refs.live and ref_features is not None and ref_features.added_cond and not added_cond:
         added_cond = dict(ref_features.added_cond)
 
@@ -93,6 +119,6 @@ def specref_edit(
     x = torch.zeros(len(conds), *inversion.z_T.shape[1:], device=param.device, dtype=param.dtype)
     with DiffusersHost(unet, hook) as host:
         use_schedule(host, sigmas, scheduler.alphas_cumprod)
-        denoise = _slot_denoiser(host, scheduler, conds, negative, cfg, inversion.steps, added_cond)
+        denoise = _slot_denoiser(host, scheduler, conds, negative, cfg, sigmas, added_cond, null_text)
         out = TwoPathLoop(hook, inversion, refs.inversion, callback)(denoise, x, sigmas.to(x.device))
     return edit_result(out, hook, tuple(inversion.z_T.shape[-2:]), sigmas)

@@ -200,6 +200,30 @@ def check_made_with(what: str, made_fingerprint: str, made_steps: int, fingerpri
         )
     if fingerprint != made_fingerprint:
         raise ValueError(
-            f"RealEdit: the {what} was made with a different model or settings ({made_fingerprint}) "
-            f"than this node's ({fingerprint}); invert with the same MODEL, scheduler and steps."
+            f"RealEdit: the {what} was made with a different model than this node's: "
+            f"{describe_model_difference(made_fingerprint, fingerprint)}. Connect the same MODEL (with the same "
+            f"LoRAs) to both nodes, or re-run the node that made the {what}."
         )
+
+
+def _fingerprint_parts(fingerprint: str) -> tuple[str, str, str]:
+    """(family, weights, patches) of a host's model fingerprint ``family@weights/patches``."""
+    family, _, rest = fingerprint.partition("@")
+    weights, _, patches = rest.partition("/")
+    return family, weights, patches
+
+
+def describe_model_difference(made: str, now: str) -> str:
+    """What differs between the model an input was made with and this one, in words a user knows (never the
+    internal ids): the model family, the weights (another checkpoint, or the same file loaded again), or
+    the weight patches on the same checkpoint (a LoRA added, removed or at another strength)."""
+    (family_a, weights_a, patches_a), (family_b, weights_b, patches_b) = map(_fingerprint_parts, (made, now))
+    if family_a != family_b:
+        return f"another model family ({family_a} then, {family_b} now)"
+    if weights_a != weights_b:
+        return (f"other {family_b} weights (another checkpoint, or the same one loaded again since; a model loaded "
+                "anew counts as another one)")
+    if patches_a != patches_b:
+        return (f"the same {family_b} checkpoint with other weight patches (a LoRA or other weight patch added, "
+                "removed or at another strength)")
+    return "other model settings"

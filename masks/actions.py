@@ -122,11 +122,17 @@ def classify_action(instruction: str, override: str | None = None) -> Action:
     """The action of an instruction: the override when given, else the verb rules above.
 
     ``override``: None or "auto" reads the instruction; "add" / "remove" / "change" is returned as is.
+    An instruction without a word (empty, punctuation or digits only) is refused, override or not: it is
+    always a mistake (IP2P would run with the empty text and the action would silently be "change").
     """
+    tokens = tokenize(instruction or "")
+    if not tokens:
+        raise ValueError(f"RealEdit: the instruction {instruction!r} has no words (empty, or only punctuation or "
+                         "digits); InstructPix2Pix would edit with an empty text. Type the edit, e.g. 'make his tie "
+                         "blue'.")
     forced = _normalise_override(override)
     if forced is not None:
         return forced
-    tokens = tokenize(instruction)
     if _first_match(tokens, _PATTERNS["remove"]) is not None:
         return "remove"
     add_at = _first_match(tokens, _PATTERNS["add"])

@@ -1,11 +1,16 @@
 """ZONE's rough edit mask M_b from InstructPix2Pix cross-attention (papers/zone.txt Sec. 4.2, Eq. 3-4).
 
 Host-neutral: :class:`IP2PMaskRecorder` is an :class:`~..attention.hooks.AttentionHook` that never
-changes the attention output (it declines every call). In each cross-attention layer of at most 32x32
-tokens at 512 px (``downscale >= 2``; encoder and decoder, never the middle block) it computes
-M = softmax(QK^T / sqrt(d)) (Eq. 3) for the **empty-text rows** of IP2P's three-way batch only -- the
-paper's finding is that those maps mark the edit region -- and keeps running sums of the first-token
-map A^1 and the last-token map A^L, averaged over steps, heads and rows per layer, then over layers.
+changes the attention output (it declines every call). In the encoder and decoder cross-attention
+layers at 1/32 of the image size (16x16 at 512 px, a downscale of 4 from the latent: the official
+code's choice; ``downscales=(2, 4)`` adds the 32x32 layers) it computes M = softmax(QK^T / sqrt(d))
+(Eq. 3) for the **empty-text rows** of IP2P's three-way batch only -- the paper's finding is that
+those maps mark the edit region -- and keeps running sums of the first-token map A^1 and the
+last-token map A^L, averaged over steps, heads and rows per layer, then over layers.
+
+A^L is the map at the instruction's end-of-text token (the paper: "the L tokens include the
+start-of-text and end-of-text tokens"; the official code indexes it so), i.e. key position
+``len(instruction tokens) + 1``: :func:`instruction_eot_position`. Not key 76, the last padding token.
 
 Which rows are the empty-text branches is the host's business: the host presents them as ``uncond``
 rows (``hosts/comfy_ip2p.py`` does) and the instruction row as ``cond``. :func:`rough_mask` then applies
@@ -14,6 +19,8 @@ Eq. 4: M_b = (A^1 - A^L) < T, with A^1 and A^L each scaled to [0, 1] by its max.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +29,28 @@ import torch.nn.functional as F
 from ..attention.hooks import UNCOND, AttentionContext, RowKind
 from ..attention.maps import normalize_max
 from ..attention.math import attention_probs
+from ..attention.settings import CLIP_CHUNK
+from ..attention.tokens import Tokenizer
 from .settings import ZONE_DEFAULTS
 
-MIN_DOWNSCALE = 2  # 64x64 latent at 512 px -> layers of <= 32x32 tokens
+log = logging.getLogger("realedit")
+LAST_KEY = -1  # the context's last key token: only when the instruction is unknown
+
+
+def instruction_eot_position(instruction: str, tokenize: Tokenizer) -> int:
+    """Key position of the instruction's end-of-text token: BOS at 0, its tokens at 1..n, EOT at n + 1.
+
+    ``tokenize`` gives the BPE tokens without BOS/EOS (:data:`~..attention.tokens.Tokenizer`). An
+    instruction longer than one 77-token CLIP chunk has its EOT in a later chunk; A^L is then read at the
+    first chunk's last position (76), with a warning.
+    """
+    position = len(tokenize(instruction)) + 1
+    if position >= CLIP_CHUNK:
+        log.warning("RealEdit: the instruction has %d tokens, more than one CLIP chunk of %d; A^L is read at key "
+                    "%d. Shorten the instruction for the paper's end-of-text map.", position - 1, CLIP_CHUNK - 2,
+                    CLIP_CHUNK - 1)
+        return CLIP_CHUNK - 1
+    return position
 
 
 @dataclass(frozen=True)
@@ -41,8 +67,9 @@ def rough_mask(first_map: torch.Tensor, last_map: torch.Tensor,
 
     Args:
         first_map: A^1, the averaged map of the first (start-of-text) token, (H, W).
-        last_map: A^L, the averaged map of the last token, (H, W), same size.
-        threshold: T in [0, 1] units (the paper's 128 of 255 by default).
+        last_map: A^L, the averaged map of the instruction's end-of-text token, (H, W), same size.
+        threshold: T in [0, 1] units (default: the official code's effective ~54/255, see
+            ``masks.settings``; the paper prints 128/255, ``PAPER_MASK_THRESHOLD``).
     """
     if first_map.shape != last_map.shape or first_map.ndim != 2:
         raise ValueError(
@@ -58,15 +85,22 @@ class IP2PMaskRecorder:
 
     Args:
         row_kind: the row kind the host gives the empty-text branches ("uncond").
-        min_downscale: only layers at least this much coarser than the latent (2: <= 32x32 at 512 px).
-        last_token: key index of A^L (default -1, the last of the context's tokens).
+        downscales: the layers averaged, by downscale from the latent (default (4,): 1/32 of the image
+            size, 16x16 at 512 px, as the official code; (2, 4) adds the 32x32 layers).
+        eot_position: key index of A^L, the instruction's end-of-text token
+            (:func:`instruction_eot_position`). None: the context's last key (a padding token, not the
+            paper's A^L), only for when the instruction is unknown.
 
     ``recorded`` lists ``(layer index, step, rows)`` for every call that contributed, so tests (and
     users) can check which rows and layers the mask came from.
     """
 
-    def __init__(self, row_kind: RowKind = UNCOND, min_downscale: int = MIN_DOWNSCALE, last_token: int = -1) -> None:
-        self.row_kind, self.min_downscale, self.last_token = row_kind, min_downscale, last_token
+    def __init__(self, row_kind: RowKind = UNCOND, downscales: Collection[int] = ZONE_DEFAULTS.mask_downscales,
+                 eot_position: int | None = None) -> None:
+        if not downscales:
+            raise ValueError("RealEdit: the IP2P mask needs at least one layer downscale (4: 16x16 at 512 px).")
+        self.row_kind, self.downscales = row_kind, frozenset(downscales)
+        self.last_token = LAST_KEY if eot_position is None else eot_position
         self.begin_run()
 
     def __deepcopy__(self, memo: dict) -> IP2PMaskRecorder:
@@ -80,8 +114,8 @@ class IP2PMaskRecorder:
         self.recorded: list[tuple[int, int | None, tuple[int, ...]]] = []
 
     def wants(self, ctx: AttentionContext) -> bool:
-        """Cross-attention of an encoder or decoder layer of at most 32x32 tokens (at 512 px)."""
-        return ctx.kind == "cross" and ctx.layer.stage != "mid" and ctx.layer.downscale >= self.min_downscale
+        """Cross-attention of an encoder or decoder layer at one of the chosen downscales."""
+        return ctx.kind == "cross" and ctx.layer.stage != "mid" and ctx.layer.downscale in self.downscales
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> None:
         if not self.wants(ctx):

@@ -27,6 +27,7 @@ from .composite import as_image_hwc
 from .settings import ZONE_DEFAULTS
 
 SAM_KINDS = ("vit_h", "vit_l", "vit_b")
+OFFICIAL_SAM_FILES = ("sam_vit_h_4b8939.pth", "sam_vit_l_0b3195.pth", "sam_vit_b_01ec64.pth")
 NmsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
@@ -56,7 +57,13 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             return load_file(path, device="cpu")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear message
-        raise SamCheckpointError(f"RealEdit SAM: could not read '{path}' as weights ({exc}).") from exc
+        # torch's own text is left out on purpose: it advises weights_only=False, which runs the file's code
+        # and is unsafe for a corrupt or untrusted file.
+        raise SamCheckpointError(
+            f"RealEdit SAM: '{os.path.basename(path)}' is not a SAM checkpoint, or it is corrupt (it could not be "
+            f"read as plain tensors: {type(exc).__name__}). Use one of the official files "
+            f"({', '.join(OFFICIAL_SAM_FILES)}) from the segment-anything repository, or a .safetensors conversion "
+            "of one, downloaded again if this one is damaged.") from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):

@@ -17,8 +17,8 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..attention.local_blend import LocalBlend
 from ..attention.p2p import Refine, Replace, Reweight
-from ..attention.settings import P2PSettings, SpecRefSettings, describe
-from ..attention.specref import SpecRefControls, SpecRefError, SRStats
+from ..attention.settings import MASK_RESIZE_MODES, P2PSettings, SpecRefSettings, describe
+from ..attention.specref import SpecRefControls, SpecRefError, SRStats, parse_layers
 from ..attention.tokens import (
     Token,
     Tokenizer,
@@ -35,6 +35,8 @@ from ..hosts.comfy_sr import apply_sr_attention, check_stored_features
 from .common import Inversion, RefFeatures, progress
 
 CATEGORY = "RealEdit/specref"
+P2P_DEFAULTS = P2PSettings()
+SR_DEFAULTS = SpecRefSettings()
 EDIT_MODES = ("auto", "replace", "refine", "reweight", "none")
 LATENT_SCALE = 8  # VAE downscale of SD1.x / SD2.x / SDXL
 log = logging.getLogger("realedit")
@@ -154,13 +156,14 @@ class SpecRefEditSampler(io.ComfyNode):
                 io.Combo.Input("edit_mode", options=list(EDIT_MODES), default="auto",
                                tooltip="auto: replace when both prompts have the same number of words, else "
                                        "refine. reweight: scale the reweight words' attention (on top of auto)."),
-                io.Float.Input("cross_replace", default=0.8, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of steps with cross-attention replacement."),
-                io.Float.Input("self_replace", default=0.4, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of steps with self-attention map replacement (0 = off)."),
+                io.Float.Input("cross_replace", default=P2P_DEFAULTS.cross_replace, min=0.0, max=1.0, step=0.01,
+                               tooltip=describe(P2PSettings, "cross_replace")),
+                io.Float.Input("self_replace", default=P2P_DEFAULTS.self_replace, min=0.0, max=1.0, step=0.01,
+                               tooltip=describe(P2PSettings, "self_replace")),
                 io.String.Input("blend_words", default="", optional=True,
                                 tooltip="LocalBlend words, comma separated (e.g. 'cat, tiger'); empty = off."),
-                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("blend_threshold", default=P2P_DEFAULTS.blend_threshold, min=0.0, max=1.0, step=0.01,
+                               tooltip=describe(P2PSettings, "blend_threshold")),
                 io.String.Input("reweight_words", default="", optional=True,
                                 tooltip="Words of the target prompt to reweight (edit_mode reweight)."),
                 io.Float.Input("reweight_factor", default=2.0, min=-10.0, max=10.0, step=0.1, optional=True),
@@ -172,6 +175,15 @@ class SpecRefEditSampler(io.ComfyNode):
                                 tooltip="Word(s) of the target prompt whose attention map gives M_t."),
                 io.Float.Input("mt_threshold", default=0.5, min=0.0, max=1.0, step=0.01, optional=True),
                 io.Float.Input("ms_threshold", default=0.5, min=0.0, max=1.0, step=0.01, optional=True),
+                io.String.Input("blend_subtract_words", default="", optional=True,
+                                tooltip="LocalBlend words whose region is taken out of the blend mask, comma "
+                                        "separated (the official P2P code's substruct_words: maps without the "
+                                        "max-pool, own threshold); empty = off (default, as there)."),
+                io.Float.Input("blend_subtract_threshold", default=P2P_DEFAULTS.blend_threshold, min=0.0, max=1.0,
+                               step=0.01, optional=True,
+                               tooltip="Threshold of the subtracted words' max-normalised map (official P2P code: "
+                                       "0.3, as the blend words')."),
+                *_sr_option_inputs(),
             ],
             outputs=[
                 io.Latent.Output(display_name="edited"),
@@ -185,7 +197,8 @@ class SpecRefEditSampler(io.ComfyNode):
     def execute(cls, model, clip, inversion, source_text, target_text, negative, steps, cfg, edit_mode,
                 cross_replace, self_replace, blend_words="", blend_threshold=0.3, reweight_words="",
                 reweight_factor=2.0, ref_features=None, reference_mask=None, target_words="", mt_threshold=0.5,
-                ms_threshold=0.5) -> io.NodeOutput:
+                ms_threshold=0.5, blend_subtract_words="", blend_subtract_threshold=P2P_DEFAULTS.blend_threshold,
+                sr_layers="", mask_resize=SR_DEFAULTS.mask_resize) -> io.NodeOutput:
         tokenize = clip_tokenizer(clip)
         src_tokens, tgt_tokens = tokenize(source_text), tokenize(target_text)
         check_prompt_length(f"the source prompt {source_text!r}", src_tokens)
@@ -201,11 +214,16 @@ class SpecRefEditSampler(io.ComfyNode):
                                    reweight_factor)
         settings = SpecRefSettings(
             p2p=P2PSettings(cross_replace=cross_replace, self_replace=self_replace, blend_threshold=blend_threshold),
-            mt_threshold=mt_threshold, ms_threshold=ms_threshold,
+            mt_threshold=mt_threshold, ms_threshold=ms_threshold, mask_resize=mask_resize,
         )
-        blend = split_words(blend_words)
+        blend, subtract = split_words(blend_words), split_words(blend_subtract_words)
+        if subtract and not blend:
+            raise SpecRefError("RealEdit: blend_subtract_words need blend_words (LocalBlend is off without them).")
         local_blend = (LocalBlend(blend_positions(source_text, target_text, blend, tokenize),
-                                  threshold=blend_threshold, start=settings.p2p.blend_start) if blend else None)
+                                  threshold=blend_threshold, start=settings.p2p.blend_start,
+                                  subtract=blend_positions(source_text, target_text, subtract, tokenize)
+                                  if subtract else None, subtract_threshold=blend_subtract_threshold)
+                       if blend else None)
         target = split_words(target_words)
         positions = word_token_indices(target_text, target, tokenize) if target else None
         if ref_features is not None and positions is None:
@@ -214,6 +232,7 @@ class SpecRefEditSampler(io.ComfyNode):
         controls = SpecRefControls(
             settings=settings, cross_edit=cross_edit(mode, src_tokens, tgt_tokens, scale), local_blend=local_blend,
             target_positions=positions, ref_mask=reference_mask if ref_features is not None else None,
+            sr_layers=parse_layers(sr_layers),
         )
 
         step = progress(inversion.steps)
@@ -225,6 +244,18 @@ class SpecRefEditSampler(io.ComfyNode):
         return io.NodeOutput({"samples": result.latent}, {"samples": result.reconstruction},
                              image_mask(result.mt_mask, hw), image_mask(result.blend_mask, hw),
                              ui=ui.PreviewText(text))
+
+
+def _sr_option_inputs() -> list:
+    """SR-attention's layer subset and mask resizing (official-code options; defaults off / ours)."""
+    return [
+        io.String.Input("sr_layers", default="", optional=True,
+                        tooltip="SR-attention only in these layers, e.g. '13-15' or '13, 15' (numbered 0-15 in call "
+                                "order, METHODS.md; a subset of the REF_FEATURES' layers). Empty (default): every "
+                                "layer the features hold. The official examples use three decoder layers."),
+        io.Combo.Input("mask_resize", options=list(MASK_RESIZE_MODES), default=SR_DEFAULTS.mask_resize, optional=True,
+                       tooltip=describe(SpecRefSettings, "mask_resize")),
+    ]
 
 
 def sr_report(stats: SRStats) -> str:
@@ -271,20 +302,25 @@ class ApplySRAttention(io.ComfyNode):
                                tooltip=describe(SpecRefSettings, "mt_threshold")),
                 io.Float.Input("ms_threshold", default=defaults.ms_threshold, min=0.0, max=1.0, step=0.01,
                                tooltip=describe(SpecRefSettings, "ms_threshold")),
-                io.Boolean.Input("include_uncond", default=False,
-                                 tooltip="Also apply SR-attention to the unconditional rows (the official code's "
-                                         "option); their M_t is the conditional row's."),
+                io.Boolean.Input("uncond_shared_kv", default=False,
+                                 tooltip="Also apply SR-attention to the unconditional rows, with the same reference "
+                                         "K/V as the conditional rows (the reference is inverted once, without "
+                                         "guidance); their M_t is the conditional row's. Not the official code's "
+                                         "unconditional option, which pairs those rows with K/V from a CFG inversion "
+                                         "of the reference. Default off (as there)."),
                 io.Mask.Input("reference_mask", optional=True,
                               tooltip="M_s: the reference object in the reference photo (none = all of it)."),
                 io.Mask.Input("target_mask", optional=True,
                               tooltip="A fixed M_t (where to put the reference object) instead of the word's map."),
+                *_sr_option_inputs(),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The patched clone: use it in any sampler.")],
         )
 
     @classmethod
     def execute(cls, model, clip, ref_features, target_text, target_words, mt_threshold, ms_threshold,
-                include_uncond, reference_mask=None, target_mask=None) -> io.NodeOutput:
+                uncond_shared_kv, reference_mask=None, target_mask=None, sr_layers="",
+                mask_resize=SR_DEFAULTS.mask_resize) -> io.NodeOutput:
         check_stored_features(model, ref_features)
         words = split_words(target_words)
         positions = None
@@ -293,12 +329,14 @@ class ApplySRAttention(io.ComfyNode):
         elif target_mask is None:
             raise SpecRefError("RealEdit Apply SR-Attention needs target_words (word(s) of the target prompt naming "
                                "the object to copy) or a target_mask.")
-        controls = SpecRefControls(settings=SpecRefSettings(mt_threshold=mt_threshold, ms_threshold=ms_threshold),
-                                   target_positions=positions, target_mask=target_mask, ref_mask=reference_mask,
-                                   sr_uncond=include_uncond)
-        patched, _ = apply_sr_attention(model, ref_features, controls)
+        settings = SpecRefSettings(mt_threshold=mt_threshold, ms_threshold=ms_threshold, mask_resize=mask_resize)
+        controls = SpecRefControls(settings=settings, target_positions=positions, target_mask=target_mask,
+                                   ref_mask=reference_mask, sr_uncond_shared_kv=uncond_shared_kv,
+                                   sr_layers=parse_layers(sr_layers))
+        patched, hook = apply_sr_attention(model, ref_features, controls)
         source = f"the words {words} at tokens {positions}" if words else "the target_mask"
-        text = (f"RealEdit SR-attention: layers {sorted(ref_features.bank.layers)}, edit steps "
+        layers = sorted(hook.sr.layers)
+        text = (f"RealEdit SR-attention: layers {layers}, edit steps "
                 f"{ref_features.steps.start}-{ref_features.steps.stop - 1} of {ref_features.total_steps}; M_t from "
                 f"{source}. Sample with {ref_features.total_steps} steps of the reference's scheduler.")
         return io.NodeOutput(patched, ui=ui.PreviewText(text))

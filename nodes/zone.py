@@ -3,6 +3,7 @@ edge smoothing and composite (Sec. 4.4)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import comfy.model_management
@@ -11,15 +12,16 @@ import torch
 import torch.nn.functional as F
 from comfy_api.v0_0_2 import io, ui
 
+from ..attention.tokens import Token
 from ..hosts.comfy_ip2p import check_fusion_partner, check_ip2p_model, ip2p_edit
 from ..masks.actions import DEFAULT_ACTION, OVERRIDE_CHOICES, action_tooltip, classify_action, parse_action
 from ..masks.composite import as_image_hwc, as_mask_hw, image_pair
 from ..masks.fusion import AUTO_BETA, fusion_beta
-from ..masks.ip2p_mask import IP2PMaskRecorder
+from ..masks.ip2p_mask import IP2PMaskRecorder, instruction_eot_position
 from ..masks.pipeline import smooth_and_composite
 from ..masks.region_iou import FALLBACKS, as_segments, region_iou
 from ..masks.sam_auto import SamSettings, load_sam, sam_segments
-from ..masks.settings import ZONE_DEFAULTS, origin
+from ..masks.settings import MASK_LAYER_CHOICES, PAPER_MASK_THRESHOLD, ZONE_DEFAULTS, origin
 from .common import progress
 
 CATEGORY = "RealEdit/zone"
@@ -51,6 +53,33 @@ def _image_pair_inputs(original_tooltip: str) -> list:
             io.Image.Input("edited", tooltip="The edited image I_sty (VAE Decode of the edit), same size.")]
 
 
+@functools.cache
+def _sd1_tokenizer():
+    """ComfyUI's SD1 CLIP-L tokenizer (its bundled vocabulary: IP2P's text encoder's), loaded once."""
+    from comfy.sd1_clip import SDTokenizer
+
+    return SDTokenizer()
+
+
+def instruction_tokens(text: str) -> list[Token]:
+    """The instruction's BPE tokens as CLIP Text Encode gives them to IP2P (weights syntax parsed away),
+    without BOS, EOS and padding."""
+    tokenizer = _sd1_tokenizer()
+    ids: list[int] = []
+    for chunk in tokenizer.tokenize_with_weights(text):
+        chunk_ids = [t[0] for t in chunk]
+        if chunk_ids and chunk_ids[0] == tokenizer.start_token:
+            chunk_ids = chunk_ids[1:]
+        if tokenizer.end_token in chunk_ids:
+            chunk_ids = chunk_ids[: chunk_ids.index(tokenizer.end_token)]
+        ids.extend(int(t) if isinstance(t, int) else -1 for t in chunk_ids)
+    return [(i, "") for i in ids]
+
+
+def _layer_choice_default() -> str:
+    return next(k for k, v in MASK_LAYER_CHOICES.items() if v == ZONE_DEFAULTS.mask_downscales)
+
+
 class IP2PEditMask(io.ComfyNode):
     """IP2P three-way guidance with capture of the empty-text cross-attention (Sec. 4.2, Eq. 3-5)."""
 
@@ -60,8 +89,9 @@ class IP2PEditMask(io.ComfyNode):
             "RealEditIP2PEditMask", "RealEdit IP2P Edit Mask",
             "ZONE Sec. 4.2: samples the InstructPix2Pix edit of the photo (three-way guidance as ComfyUI's "
             "DualCFG: text and image guidance) while recording the cross-attention of the two empty-text "
-            "branches in the encoder and decoder layers of at most 32x32 tokens (at 512 px), averaged over "
-            "steps, heads and layers. Rough mask M_b = (A^1 - A^L) < T (Eq. 4), maps scaled to [0, 1]. "
+            "branches in the encoder and decoder layers at 1/32 of the image size (16x16 at 512 px, as the "
+            "official code), averaged over steps, heads and layers. Rough mask M_b = (A^1 - A^L) < T (Eq. 4), "
+            "maps scaled to [0, 1], A^L at the instruction's end-of-text token. "
             "Optional second model (MagicBrush): fused after every step, Eq. 5.",
             inputs=[
                 io.Model.Input("model", tooltip="An InstructPix2Pix model (8 input channels); others are refused. "
@@ -80,8 +110,9 @@ class IP2PEditMask(io.ComfyNode):
                 io.Float.Input("image_guidance", default=ZONE_DEFAULTS.image_cfg, min=0.0, max=100.0, step=0.05,
                                tooltip=_tip("s_I: guidance of the photo over no photo.", "image_cfg")),
                 io.Float.Input("threshold", default=round(ZONE_DEFAULTS.mask_threshold, 4), min=-1.0, max=1.0,
-                               step=0.005, tooltip=_tip("T of Eq. 4 in [0, 1] units: M_b = A^1 - A^L < T.",
-                                                        "mask_threshold")),
+                               step=0.005, tooltip=_tip(
+                                   f"T of Eq. 4 in [0, 1] units: M_b = A^1 - A^L < T. The paper's 128/255 is "
+                                   f"{PAPER_MASK_THRESHOLD:.3f}.", "mask_threshold")),
                 io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
                                tooltip="Eq. 5 fuses the two models exactly with first-order samplers (euler, "
                                        "euler_ancestral, ddim); others fuse every model evaluation."),
@@ -95,6 +126,13 @@ class IP2PEditMask(io.ComfyNode):
                 io.Float.Input("beta", default=AUTO_BETA, min=AUTO_BETA, max=10.0, step=0.01, optional=True,
                                tooltip=f"Eq. 5's weight of the second model. -1 (auto): {origin('beta_remove')}; "
                                        f"{origin('beta_other')}. 0 or more: use this value."),
+                io.String.Input("instruction", default="", force_input=True, optional=True,
+                                tooltip="The instruction's text (connect the String node that feeds CLIP Text "
+                                        "Encode): A^L is read at its end-of-text token (paper; official code). "
+                                        "Unconnected: at the last key, a padding token, with a warning."),
+                io.Combo.Input("mask_layers", options=list(MASK_LAYER_CHOICES), default=_layer_choice_default(),
+                               optional=True, tooltip=_tip("Cross-attention layers averaged for A^1 and A^L, by "
+                                                           "size relative to the image.", "mask_downscales")),
             ],
             outputs=[
                 io.Latent.Output(display_name="edited", tooltip="The globally edited latent (I_sty after VAE Decode)."),
@@ -105,8 +143,10 @@ class IP2PEditMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, image, positive, negative, seed, steps, text_guidance, image_guidance, threshold,
-                sampler_name, scheduler, second_model=None, action=DEFAULT_ACTION, beta=AUTO_BETA) -> io.NodeOutput:
+                sampler_name, scheduler, second_model=None, action=DEFAULT_ACTION, beta=AUTO_BETA, instruction=None,
+                mask_layers=None) -> io.NodeOutput:
         check_ip2p_model(model)
+        recorder = mask_recorder(instruction, mask_layers)
         beta = fusion_beta(parse_action(action), beta)
         if second_model is not None:
             check_fusion_partner(model, second_model)
@@ -118,7 +158,6 @@ class IP2PEditMask(io.ComfyNode):
                 "matches the photo pixel for pixel. Resize or crop it first (e.g. Upscale Image or ImageCrop)."
             )
         photo_latent = vae.encode(pixels[None, ..., :3])
-        recorder = IP2PMaskRecorder()
         edited = ip2p_edit(model, photo_latent, positive, negative, steps=steps, text_cfg=text_guidance,
                            image_cfg=image_guidance, seed=seed, sampler_name=sampler_name, scheduler=scheduler,
                            hook=recorder, callback=progress(steps), second_model=second_model, beta=beta)
@@ -130,6 +169,24 @@ class IP2PEditMask(io.ComfyNode):
         summary = f"M_b covers {float(rough.mask.float().mean()):.1%} of the image; {fusion}"
         return io.NodeOutput({"samples": edited}, _mask_out(rough.mask), _mask_out(rough.difference),
                              ui=ui.PreviewText(summary))
+
+
+def mask_recorder(instruction: str | None, mask_layers: str | None) -> IP2PMaskRecorder:
+    """The M_b recorder for the node's inputs: A^L at the instruction's end-of-text token, the chosen layers."""
+    if mask_layers is None:
+        mask_layers = _layer_choice_default()
+    if mask_layers not in MASK_LAYER_CHOICES:
+        raise ValueError(f"RealEdit IP2P Edit Mask: mask_layers is {mask_layers!r}; use one of "
+                         f"{', '.join(MASK_LAYER_CHOICES)}.")
+    if instruction is None:
+        log.warning("RealEdit IP2P Edit Mask: the 'instruction' input is not connected, so A^L is read at the last "
+                    "key (a padding token), not at the instruction's end-of-text token as in the paper and the "
+                    "official code. Connect the String node that feeds CLIP Text Encode.")
+        eot = None
+    else:
+        classify_action(instruction)  # refuses an instruction without words, by name
+        eot = instruction_eot_position(instruction, instruction_tokens)
+    return IP2PMaskRecorder(downscales=MASK_LAYER_CHOICES[mask_layers], eot_position=eot)
 
 
 class InstructionAction(io.ComfyNode):

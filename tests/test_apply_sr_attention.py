@@ -74,7 +74,7 @@ def test_reference_features_change_the_output_and_a_rerun_repeats_it(setup):
     assert hook.stats.applied == layers * steps and hook.stats.missing_reference == 0
     assert not torch.equal(first, plain) and torch.isfinite(first).all()
     assert torch.equal(_sample(setup, patched), first)  # M_t's running mean restarts with every run
-    both, hook = _apply(setup, sr_uncond=True)
+    both, hook = _apply(setup, sr_uncond_shared_kv=True)
     assert not torch.equal(_sample(setup, both), first) and hook.stats.applied == layers * steps
 
 

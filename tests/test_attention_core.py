@@ -245,15 +245,61 @@ def test_store_folds_repeated_context_and_word_map_normalises():
     assert torch.equal(word_map(torch.ones(77, 4, 4), [2]), torch.zeros(4, 4))  # flat: no attention
 
 
-def test_p2p_hook_records_before_editing():
-    tokens = fake_tokenize("a cat")
+def test_p2p_hook_records_the_maps_the_edit_used():
+    """Inside the cross-replace window the edit row's recorded map is the one it used after Replace (the
+    source row's map: official P2P / SpecRef read M_t and LocalBlend there); outside it, its own."""
     store = CrossAttentionStore()
-    hook = P2PHook(Replace.from_tokens(tokens, tokens), store=store)
+    hook = P2PHook(Replace.from_tokens(fake_tokenize("a cat"), fake_tokenize("a dog")), store=store)
     q, k, v = qkv(4, 16, 77, seed=7)
+
+    def row_map(row: int) -> torch.Tensor:
+        return attention_probs(q[row : row + 1], k[row : row + 1], HEADS).mean(1)[0].t().reshape(77, 4, 4)
+
     hook(q, k, v, make_ctx(step=0))
-    own = attention_probs(q[3:4], k[3:4], HEADS).mean(1)[0].t().reshape(77, 4, 4)
-    torch.testing.assert_close(store.maps("cond", [1])[0], own, rtol=0, atol=1e-6)
+    source, own = row_map(2), row_map(3)  # cond rows: slot 0 (source), slot 1 (edit)
+    assert not torch.allclose(source, own, atol=1e-3)
+    torch.testing.assert_close(store.maps("cond", [1])[0], source, rtol=0, atol=1e-6)
+    store.reset()
     assert hook(q, k, v, make_ctx(step=9)) is not None  # outside the window, still recording
+    torch.testing.assert_close(store.maps("cond", [1])[0], own, rtol=0, atol=1e-6)
+
+
+def test_sr_rows_keep_their_own_self_attention_inside_sr_windows():
+    """Eq. 3 and the official SpecRef code: in SR-attention's layers and steps the edit row's O_self is its
+    own attention Attn(Q~, K~) V~ (no P2P self-replacement under it); in other layers P2P replaces as usual."""
+    from realedit.attention.specref import SpecRefControls, SpecRefHook, StoredReference
+    from realedit.inversion.bank import ReferenceBank
+
+    q, k, v = qkv(4, 16, 16, seed=21)
+    _, k_ref, v_ref = qkv(1, 16, 16, seed=22)
+    bank = ReferenceBank([3], range(10), 10, torch.float32, None)
+    bank.put(3, 0, k_ref[0], v_ref[0])
+    half = torch.zeros(4, 4)
+    half[:2] = 1.0  # M_t: the first 8 query tokens
+    settings = SpecRefSettings(p2p=P2PSettings(self_replace=1.0))
+    hook = SpecRefHook(SpecRefControls(settings=settings, target_mask=half), StoredReference(bank))
+    own = attention(q[3:4], k[3:4], v[3:4], HEADS)[0]  # the edit cond row (slot 1)
+    replaced = attention(q[2:3], k[2:3], v[3:4], HEADS)[0]  # P2P: the source row's maps on the edit's V
+    inside = hook(q, k, v, make_ctx(kind="self", index=3, step=0))
+    assert hook.stats.applied == 1
+    torch.testing.assert_close(inside[3, 8:], own[8:], rtol=0, atol=1e-6)  # M_t = 0: O_self, the own one
+    assert not torch.allclose(inside[3, 8:], replaced[8:], atol=1e-3)
+    outside = hook(q, k, v, make_ctx(kind="self", index=4, step=0))  # a layer SR-attention does not touch
+    torch.testing.assert_close(outside[3], replaced, rtol=0, atol=1e-6)
+
+
+def test_a_reference_mask_of_another_aspect_ratio_than_the_reference_photo_warns(caplog):
+    """It used to be stretched onto the photo without a word (almost always the wrong mask connected)."""
+    from realedit.attention.specref import SpecRefControls, SpecRefHook, StoredReference
+    from realedit.inversion.bank import ReferenceBank
+
+    bank = ReferenceBank([3], range(10), 10, torch.float32, None)
+    for mask_hw, warns in (((32, 32), False), ((64, 64), False), ((32, 64), True), ((48, 32), True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="realedit"):
+            SpecRefHook(SpecRefControls(target_mask=torch.ones(4, 4), ref_mask=torch.ones(*mask_hw)),
+                        StoredReference(bank, latent_hw=(4, 4)))
+        assert any("reference mask is" in r.getMessage() for r in caplog.records) == warns, mask_hw
 
 
 # -- LocalBlend ------------------------------------------------------------------------------------
@@ -283,6 +329,58 @@ def test_local_blend_schedule_and_store():
     assert same is x_edit and none is None
     out, mask = lb(x_src, x_edit, store, 2, 10)
     assert mask.any() and torch.equal(out[..., ~mask], x_src[..., ~mask])
+
+
+def test_local_blend_subtract_words_take_their_region_out_unpooled():
+    """Official P2P option (substruct_words): default off; the subtracted words' map, without the max-pool
+    and at its own threshold, is removed from the blend mask."""
+    store = CrossAttentionStore()
+    maps = torch.zeros(2, 77, 4, 4)
+    maps[:, 2, 1:3, 1:3] = 1.0  # blend word: the central 2x2 cells (3x3-pooled to all 16)
+    maps[:, 5, 1, 1] = 1.0  # subtracted word: one cell
+    store.maps = lambda kind, slots: maps  # the store's running means, as LocalBlend reads them
+    plain = LocalBlend([[2], [2]]).mask(store, (4, 4))
+    assert plain.all()
+    sub = LocalBlend([[2], [2]], subtract=[[5], [5]]).mask(store, (4, 4))
+    assert not sub[1, 1] and int(sub.sum()) == 15  # only the word's own cell: not max-pooled
+    assert LocalBlend([[2], [2]], subtract=[[5], [5]], subtract_threshold=1.0).mask(store, (4, 4)).all()
+    assert torch.equal(LocalBlend([[2], [2]], subtract=[[], []]).mask(store, (4, 4)), plain)
+
+
+def test_sr_layers_restrict_sr_attention_to_a_subset_of_the_reference_layers():
+    """Official option: an explicit layer list or range (its examples use three decoder layers)."""
+    from realedit.attention.specref import SpecRefControls, SpecRefError, SpecRefHook, StoredReference, parse_layers
+    from realedit.inversion.bank import ReferenceBank
+
+    assert parse_layers("13-15") == {13, 14, 15} and parse_layers("10, 13-14") == {10, 13, 14}
+    assert parse_layers("  ") is None
+    for bad in ("a", "15-13", "1--2"):
+        with pytest.raises(SpecRefError, match="sr_layers"):
+            parse_layers(bad)
+    bank = ReferenceBank([3, 4], range(10), 10, torch.float32, None)
+    _, k_ref, v_ref = qkv(1, 16, 16, seed=23)
+    for layer in (3, 4):
+        bank.put(layer, 0, k_ref[0], v_ref[0])
+    q, k, v = qkv(4, 16, 16, seed=24)
+    controls = SpecRefControls(settings=SpecRefSettings(p2p=P2PSettings(self_replace=0.0)),
+                               target_mask=torch.ones(4, 4), sr_layers=[4])
+    hook = SpecRefHook(controls, StoredReference(bank))
+    assert hook(q, k, v, make_ctx(kind="self", index=3)) is None  # in the bank, not chosen: host attention
+    assert hook(q, k, v, make_ctx(kind="self", index=4)) is not None and hook.stats.applied == 1
+    with pytest.raises(SpecRefError, match=r"layers \[7\] are not among the layers the reference features hold"):
+        SpecRefHook(dataclasses.replace(controls, sr_layers=[4, 7]), StoredReference(bank))
+
+
+def test_masks_resize_bilinear_by_default_and_nearest_on_request():
+    mask = torch.zeros(8, 8)
+    mask[2:6, 3:5] = 1.0
+    nearest = resize_mask_to_grid(mask, (3, 3), 0.5, mode="nearest")
+    expected = torch.nn.functional.interpolate(mask[None, None], size=(3, 3), mode="nearest").reshape(9) > 0.5
+    assert torch.equal(nearest, expected)
+    assert not torch.equal(nearest, resize_mask_to_grid(mask, (3, 3), 0.5))
+    assert SpecRefSettings().mask_resize == "bilinear" and "nearest" in describe(SpecRefSettings, "mask_resize")
+    with pytest.raises(ValueError, match="mask_resize"):
+        SpecRefSettings(mask_resize="bicubic")
 
 
 # -- SR-attention ----------------------------------------------------------------------------------
@@ -344,7 +442,9 @@ def test_resize_mask_to_grid():
 # -- settings --------------------------------------------------------------------------------------
 def test_settings_defaults_and_validation():
     s = SpecRefSettings()
-    assert (s.p2p.cross_replace, s.p2p.self_replace, s.p2p.self_replace_max_tokens) == (0.8, 0.4, 1024)
+    # self_replace 0.6: the official SpecRef script's value (was 0.4)
+    assert (s.p2p.cross_replace, s.p2p.self_replace, s.p2p.self_replace_max_tokens) == (0.8, 0.6, 1024)
+    assert "official SpecRef script" in describe(P2PSettings, "self_replace")
     assert (s.p2p.blend_threshold, s.p2p.blend_start, s.mt_threshold, s.ms_threshold) == (0.3, 0.2, 0.5, 0.5)
     assert s.map_downscale == 4 and "0.8" in describe(P2PSettings, "cross_replace")
     with pytest.raises(ValueError):

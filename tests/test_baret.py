@@ -217,6 +217,78 @@ def test_bad_inversions_are_clear_errors(setup):
         baret_edit(model, inversion, [[torch.zeros(1, 154, 64), {}]], negative)
 
 
+def test_the_edit_refuses_another_target_negative_or_cfg_than_ttis_used(setup):
+    """Eq. 3 and the reconstruction hold only for TTIS's own target, negative and CFG: a mismatch used to run
+    silently; now it is refused by name (and the inputs TTIS used still pass)."""
+    import comfy_helpers
+    from realedit.hosts.comfy_baret import baret_edit
+
+    model, inversion, target, negative = setup
+    other = comfy_helpers.conditioning("sd1", 9)
+    with pytest.raises(BaretError, match="target prompt of the BARET edit differs"):
+        baret_edit(model, inversion, other, negative)
+    with pytest.raises(BaretError, match="negative prompt of the BARET edit differs"):
+        baret_edit(model, inversion, target, other)
+    with pytest.raises(BaretError, match="cfg is 5 but Target-Text Inversion optimised .* for cfg 7.5"):
+        baret_edit(model, inversion, target, negative, cfg=5.0)
+    assert torch.isfinite(baret_edit(model, inversion, target, negative, cfg=inversion.cfg).edit).all()
+
+
+class _SpyBam(BaretHook):
+    """BaretHook that checks, in the real sampling run, which process supplied the maps each BAM call used."""
+
+    calls: list[tuple[str, int, int, bool]] = []
+
+    def __call__(self, q, k, v, ctx):
+        out = super().__call__(q, k, v, ctx)
+        _SpyBam.calls.append((ctx.kind, ctx.tokens, ctx.step, out is not None))
+        if out is None:
+            return out
+        row = {slot: ctx.rows.rows("cond", slot)[0] for slot in (RECONSTRUCTION_SLOT, TRANSITION_SLOT, EDIT_SLOT)}
+        donor = row[RECONSTRUCTION_SLOT] if ctx.kind == "self" else row[TRANSITION_SLOT]
+        heads, edit = ctx.heads, row[EDIT_SLOT]
+        probs = attention_probs(q[donor : donor + 1], k[donor : donor + 1], heads)[0]  # (heads, q, k) of the donor
+        expected = (probs @ v[edit].view(k.shape[1], heads, -1).transpose(0, 1)).transpose(0, 1).reshape(q.shape[1], -1)
+        assert torch.allclose(out[edit].float(), expected, atol=1e-4), (ctx.kind, ctx.step, ctx.layer.index)
+        others = [r for r in range(q.shape[0]) if r != edit]
+        assert torch.allclose(out[others], attention(q, k, v, heads)[others], atol=1e-4)
+        return out
+
+
+@pytest.mark.slow
+def test_in_a_real_run_bam_takes_reconstruction_self_maps_and_transition_cross_maps_and_skips_large_layers(
+        comfy, monkeypatch):
+    """A 40x40 latent: the tiny UNet's finest layers have 1600 > 32x32 query tokens. In ComfyUI's own sampling
+    run the edit's self-attention maps come from the reconstruction, its cross-attention maps from the
+    transition (checked numerically on the very rows of each call), and those large layers are left alone."""
+    import comfy_helpers
+    from realedit.hosts import comfy_baret
+    from realedit.hosts.comfy_sampling import ddim_invert
+    from realedit.inversion.embedding_opt import EmbeddingOptimisation, OptimisedInversion
+    from realedit.testbed.comfy_models import make_tiny_unet
+
+    model = make_tiny_unet("sd1", output_scale=0.01)
+    target, negative = comfy_helpers.conditioning("sd1", 1), comfy_helpers.conditioning("sd1", 2)
+    latent = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(3))
+    plain = ddim_invert(model, latent, target, steps=2)
+    # per-step "optimised" target embeddings (no autograd needed to route maps): e_target plus a little noise
+    e = target[0][0]
+    found = tuple(e + 0.1 * torch.randn(e.shape, generator=torch.Generator().manual_seed(s)) for s in range(2))
+    optimisation = EmbeddingOptimisation("cond", found, ((0.0,),) * 2, (0.0,) * 2, (1.0,) * 2, plain.z_T)
+    inversion = OptimisedInversion.from_result(plain, optimisation, target[0][0], negative[0][0], 7.5)
+    monkeypatch.setattr(comfy_baret, "BaretHook", _SpyBam)
+    _SpyBam.calls = []
+    controls = BaretControls(self_attention_fraction=0.5, cross_attention_fraction=0.5)
+    comfy_baret.baret_edit(model, inversion, target, negative, controls=controls)
+    in_window = [(kind, tokens, acted) for kind, tokens, step, acted in _SpyBam.calls if step == 0]
+    large = [acted for kind, tokens, acted in in_window if kind == "self" and tokens > 32 * 32]
+    small = [acted for kind, tokens, acted in in_window if kind == "self" and tokens <= 32 * 32]
+    cross = [acted for kind, _, acted in in_window if kind == "cross"]
+    assert large and not any(large)  # 40x40 = 1600 tokens: the host's own attention
+    assert small and all(small) and cross and all(cross)
+    assert not any(acted for _, _, step, acted in _SpyBam.calls if step != 0)  # int(0.5 * 2) = 1: window over
+
+
 # -- nodes and the shipped workflow ---------------------------------------------------------------------
 WORKFLOW = "baret_text_edit.json"
 

@@ -75,3 +75,19 @@ def test_diffusers_null_text_leaves_the_weights_untouched_and_without_grad(hosts
     from realedit.hosts.diffusers import HookedAttnProcessor
 
     assert not any(isinstance(p, HookedAttnProcessor) for p in unet.attn_processors.values())  # taken off
+
+
+def test_diffusers_edit_refuses_another_target_negative_or_cfg_than_ttis_used(hosts):
+    from realedit.attention.baret import BaretError
+    from realedit.hosts.diffusers_baret import baret_edit, ttis_invert
+
+    model, unet, scheduler, latent, target, negative = hosts
+    inversion = ttis_invert(unet, scheduler, model.model.process_latent_in(latent), target[0][0], negative[0][0],
+                            steps=2, iterations=1)
+    other = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(9))
+    with pytest.raises(BaretError, match="target prompt"):
+        baret_edit(unet, scheduler, inversion, other, negative[0][0])
+    with pytest.raises(BaretError, match="negative prompt"):
+        baret_edit(unet, scheduler, inversion, target[0][0], other)
+    with pytest.raises(BaretError, match="cfg is 3"):
+        baret_edit(unet, scheduler, inversion, target[0][0], negative[0][0], cfg=3.0)

@@ -145,8 +145,18 @@ def test_inversion_from_another_model_or_step_count_is_refused(env):
     inv.check_compatible(sampling.model_fingerprint(model.clone()), 4)  # a clone (attention patches) is the same
     with pytest.raises(ValueError, match="INVERSION was made with 4 steps but this node uses 5; set the same steps"):
         inv.check_compatible(sampling.model_fingerprint(model), 5)
-    with pytest.raises(ValueError, match="INVERSION was made with a different model"):
+    with pytest.raises(ValueError, match="INVERSION was made with a different model") as info:
         inv.check_compatible(sampling.model_fingerprint(make("sd1", seed=1)), 4)
+    # in a user's words, never the internal ids (used to show 'BaseModel@7fcf.../uuid')
+    assert "other SD15 weights (another checkpoint" in str(info.value) and "@" not in str(info.value)
+    lora = model.clone()
+    key = next(k for k in lora.model.state_dict() if k.endswith(".weight"))
+    lora.add_patches({key: (torch.zeros_like(lora.model.state_dict()[key]),)}, 0.5)
+    with pytest.raises(ValueError, match="same SD15 checkpoint with other weight patches \\(a LoRA") as info:
+        inv.check_compatible(sampling.model_fingerprint(lora), 4)
+    assert "@" not in str(info.value)
+    with pytest.raises(ValueError, match="another model family \\(SD15 then, SDXL now\\)"):
+        inv.check_compatible(sampling.model_fingerprint(make("sdxl")), 4)
 
 
 def test_trajectory_is_moved_to_the_cpu_once_and_rows_split(env):

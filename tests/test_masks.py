@@ -38,7 +38,9 @@ from realedit.masks import (
 
 def test_settings_defaults_and_origins():
     s = ZONE_DEFAULTS
-    assert s.mask_threshold == 128 / 255 and s.fft_threshold == 30 / 255
+    # T: the official code's effective threshold (was the paper's 128/255); layers: 1/32 of the image only
+    assert s.mask_threshold == 0.21 and s.fft_threshold == 30 / 255 and s.mask_downscales == (4,)
+    assert "official code" in origin("mask_threshold") and "128/255" in origin("mask_threshold")
     assert (s.fft_d0, s.fft_d0_reference_size) == (200.0, 512)
     assert (s.dilation_kernel, s.dilation_iterations, s.closing_kernel) == (3, 4, 21)
     assert s.blend_alpha == 0.6 and s.blend_original_weight == pytest.approx(0.4)
@@ -94,8 +96,6 @@ ACTION_TABLE = [
     ("the address on the padded envelope", "change"),
     ("give the room a warmer tone", "add"),
     ("what if the horse wears a hat?", "change"),
-    ("", "change"),
-    ("42 !!", "change"),
     # precedence: removal anywhere, else the first add/change verb
     ("add a scarf and remove the hat", "remove"),
     ("Replace the sky with a sunset and put a bird in it", "change"),
@@ -111,6 +111,14 @@ ACTION_TABLE = [
 @pytest.mark.parametrize(("instruction", "expected"), ACTION_TABLE)
 def test_action_rules(instruction, expected):
     assert classify_action(instruction) == expected
+
+
+@pytest.mark.parametrize("instruction", ["", "   ", "42 !!", "?!", "..."])
+@pytest.mark.parametrize("override", [None, "auto", "add"])
+def test_an_instruction_without_words_is_refused_by_name(instruction, override):
+    """An empty or punctuation-only instruction used to run silently as 'change'."""
+    with pytest.raises(ValueError, match="RealEdit: the instruction .* has no words"):
+        classify_action(instruction, override)
 
 
 def test_action_override():

@@ -95,9 +95,10 @@ class KVRecorder:
 
 # -- SR-attention ------------------------------------------------------------------------------------
 def test_sr_with_empty_mt_is_identical_to_no_sr(env, setup):
-    """M_t = 0 everywhere (threshold 1 on a [0, 1] map): bit-identical to the sampler without SR."""
-    plain = _edit(env, setup, _p2p())
-    empty_mt = _edit(env, setup, _p2p(settings=SpecRefSettings(mt_threshold=1.0)), bank=setup.bank)
+    """M_t = 0 everywhere (threshold 1 on a [0, 1] map): bit-identical to the sampler without SR (without P2P
+    self-replacement, which SR's windows never take: there O_self is the edit row's own attention, Eq. 3)."""
+    plain = _edit(env, setup, _p2p(settings=OFF))
+    empty_mt = _edit(env, setup, _p2p(settings=dataclasses.replace(OFF, mt_threshold=1.0)), bank=setup.bank)
     assert empty_mt.stats.empty_mt > 0 and empty_mt.stats.applied == 0
     assert torch.equal(plain.latent, empty_mt.latent)
     with_sr = _edit(env, setup, _p2p(), bank=setup.bank)  # the same run with a working M_t does differ
@@ -119,9 +120,32 @@ def test_sr_with_full_masks_and_own_kv_is_plain_self_attention(env, setup):
     assert _rel(sr.latent, recorded.latent) < 1e-5  # stated tolerance (measured 0: same SDPA kernel)
 
 
+def test_mt_and_localblend_maps_are_the_ones_the_edit_used(env, setup, monkeypatch):
+    """Official SpecRef / P2P: inside the cross-replace window the edit row's recorded maps are its maps after
+    Replace (an identity word swap: exactly the source row's), so M_t and LocalBlend read those."""
+    from realedit.attention import edit_loop
+    from realedit.attention.specref import SpecRefHook
+
+    hooks = []
+
+    class Kept(SpecRefHook):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            hooks.append(self)
+
+    monkeypatch.setattr(edit_loop, "SpecRefHook", Kept)
+    settings = SpecRefSettings(p2p=P2PSettings(cross_replace=1.0, self_replace=0.0))
+    _edit(env, setup, _p2p(settings=settings))
+    maps = hooks[-1].store.maps("cond", [0, 1])  # (slots, tokens, h, w): source, edit
+    torch.testing.assert_close(maps[1], maps[0], rtol=0, atol=1e-6)
+    _edit(env, setup, _p2p(settings=dataclasses.replace(settings, p2p=P2PSettings(cross_replace=0.0))))
+    maps = hooks[-1].store.maps("cond", [0, 1])  # no cross edit: the edit row's own maps
+    assert not torch.allclose(maps[1], maps[0], atol=1e-4)
+
+
 def test_sr_on_unconditional_rows_too(env, setup):
     cond_only = _edit(env, setup, _p2p(), bank=setup.bank)
-    both = _edit(env, setup, _p2p(sr_uncond=True), bank=setup.bank)
+    both = _edit(env, setup, _p2p(sr_uncond_shared_kv=True), bank=setup.bank)
     assert both.stats.applied > 0 and torch.isfinite(both.latent).all()
     assert not torch.equal(cond_only.latent, both.latent)
 

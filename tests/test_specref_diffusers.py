@@ -91,8 +91,8 @@ def test_every_control_off_equals_plain_sampling_from_z_T(setup):
 
 
 def test_empty_mt_is_identical_to_no_sr_and_localblend_is_exact(setup):
-    plain = _edit(setup, _p2p())
-    empty = _edit(setup, _p2p(settings=SpecRefSettings(mt_threshold=1.0)), ref_features=setup.stored)
+    plain = _edit(setup, _p2p(settings=OFF))  # SR's windows take no P2P self-replacement (Eq. 3): compare without
+    empty = _edit(setup, _p2p(settings=dataclasses.replace(OFF, mt_threshold=1.0)), ref_features=setup.stored)
     assert empty.stats.empty_mt > 0 and empty.stats.applied == 0
     assert torch.equal(plain.latent, empty.latent)
     steps = []
@@ -168,3 +168,46 @@ def test_comfy_and_diffusers_hosts_give_the_same_edit(comfy):
     # SR-attention alone moves the edit by ~1e-1, a step or slot mix-up by more.
     assert _rel(ours.latent * scale, theirs.latent) < 1e-4
     assert _rel(ours.reconstruction * scale, theirs.reconstruction) < 1e-6  # both pinned to their x_0
+
+
+def test_both_hosts_apply_a_null_text_inversions_embeddings_alike(comfy):
+    """A null-text INVERSION (diffusers' null_text_invert, 2 iterations a step) edited on both hosts: every
+    unconditional row takes its step's optimised embedding on both, so the edits agree, and neither equals the
+    edit of the plain DDIM inversion underneath (the diffusers API used to give exactly that one)."""
+    from realedit.hosts import comfy_edit, comfy_sampling
+    from realedit.hosts.diffusers_baret import null_text_invert
+    from realedit.inversion.embedding_opt import OptimisedInversion
+    from realedit.testbed.comfy_models import make_tiny_unet
+    from realedit.testbed.parity import comfy_unet_to_diffusers
+
+    model = make_tiny_unet("sd1", seed=3)
+    unet = comfy_unet_to_diffusers(model, "sd1")
+    scheduler = make_ddim_scheduler()
+    g = torch.Generator().manual_seed(0)
+    source, target, negative = (torch.randn(1, 77, 64, generator=g) for _ in range(3))
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    scale = model.model.latent_format.scale_factor
+    null_d = null_text_invert(unet, scheduler, latent * scale, source, negative, steps=STEPS, cfg=CFG, iterations=2)
+    assert null_d.branch == "uncond" and not torch.equal(null_d.embeddings[0], negative)
+
+    def cond(t):
+        return [[t, {}]]
+
+    plain_c = comfy_sampling.ddim_invert(model, latent, cond(source), steps=STEPS)
+    null_c = OptimisedInversion.from_result(plain_c, null_d.optimisation, source, negative, CFG)  # same embeddings
+    controls = _p2p()
+    ours = comfy_edit.specref_edit(model, null_c, cond(source), cond(target), cond(negative), cfg=CFG,
+                                   controls=controls)
+    theirs = specref_edit(unet, scheduler, null_d, source, target, negative, cfg=CFG, controls=controls)
+    plain = specref_edit(unet, scheduler, _plain_inversion(null_d), source, target, negative,
+                         cfg=CFG, controls=controls)
+    assert _rel(ours.latent * scale, theirs.latent) < 1e-4  # the tolerance of the plain cross-host test above
+    assert _rel(plain.latent, theirs.latent) > 1e-3  # the embeddings reached the unconditional rows
+
+
+def _plain_inversion(inversion):
+    """The plain DDIM inversion under an OptimisedInversion (its trajectory, schedule and model)."""
+    from realedit.inversion.ddim import Inversion
+
+    return Inversion(trajectory=inversion.trajectory, sigmas=inversion.sigmas, convention=inversion.convention,
+                     fingerprint=inversion.fingerprint)

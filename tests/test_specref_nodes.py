@@ -114,6 +114,10 @@ BAD_INPUTS = {
     "REF_FEATURES with another step count": (_node("10", steps=4),
                                              "REF_FEATURES was made with 4 steps but this node uses 3"),
     "INVERSION with another step count": (_node("9", steps=4), "INVERSION was made with 4 steps but this node uses 3"),
+    "SR layers not in the features": (_sampler(sr_layers="0-1"), r"SR-attention layers \[0, 1\] are not among"),
+    "SR layers unreadable": (_sampler(sr_layers="last three"), "give layer indices like"),
+    "subtract words without blend words": (_sampler(blend_words="", blend_subtract_words="cat"),
+                                           "blend_subtract_words need blend_words"),
     "live reference of another size": (_small_live_reference,
                                        "live REF_FEATURES need a reference latent of the source's size"),
 }
@@ -130,10 +134,12 @@ def test_bad_input_is_a_clear_error(runner, overrides, workflow, tmp_path, case)
 
 def test_empty_target_word_map_falls_back_to_the_edit_without_reference(runner, overrides, workflow, tmp_path):
     """Documented fallback: where M_t is empty (here everywhere: threshold 1 on a [0, 1] map) SR-attention
-    leaves the edit path alone, so the result is the edit without REF_FEATURES, and the node says so."""
+    leaves the edit path its own attention (Eq. 3 with M_t = 0), so without P2P self-replacement (which the
+    SR windows never take, as in the official code) the result is the edit without REF_FEATURES, and the
+    node says so."""
     empty = copy.deepcopy(workflow)
-    empty[SAMPLER]["inputs"]["mt_threshold"] = 1.0
-    without = copy.deepcopy(workflow)
+    empty[SAMPLER]["inputs"].update(mt_threshold=1.0, self_replace=0.0)
+    without = copy.deepcopy(empty)
     del without[SAMPLER]["inputs"]["ref_features"], without[SAMPLER]["inputs"]["reference_mask"]
     a = runner.run_workflow(empty, outputs=[SAMPLER], overrides=overrides, output_dir=tmp_path)
     b = runner.run_workflow(without, outputs=[SAMPLER], overrides=overrides, output_dir=tmp_path)
@@ -151,6 +157,21 @@ def test_stored_reference_of_another_size_is_used_on_its_own_grid(runner, overri
     result = runner.run_workflow(workflow, outputs=[SAMPLER], overrides={**overrides, "3": (scene.image, scene.mask)},
                                  output_dir=tmp_path)
     assert _sr_calls(result) > 0 and torch.isfinite(result[SAMPLER][0]["samples"]).all()
+
+
+def test_a_reference_mask_of_another_aspect_ratio_warns_through_the_executor(runner, overrides, workflow, tmp_path,
+                                                                             caplog):
+    """A 96x128 reference photo given a square mask (e.g. the source photo's): stretched as before, but now
+    with a warning naming the likely mistake; the photo's own mask (any resolution) gives none."""
+    from realedit.testbed.images import reference_scene
+
+    scene = reference_scene(96, SIZE)
+    for mask, warns in ((torch.ones(1, SIZE, SIZE), True), (scene.mask, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="realedit"):
+            runner.run_workflow(workflow, outputs=[SAMPLER], overrides={**overrides, "3": (scene.image, mask)},
+                                output_dir=tmp_path)
+        assert any("almost always the wrong mask" in r.getMessage() for r in caplog.records) == warns
 
 
 def test_clip_tokenizer_strips_weights_and_matches_plain_text(comfy):
@@ -175,7 +196,7 @@ def _sr_graph(workflow: dict, mt_threshold: float = 0.5, sampler_steps: int = 3,
         "19": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a tiger", "clip": ["1", 1]}},
         "20": {"class_type": "RealEditApplySRAttention", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "ref_features": ["10", 0], "target_text": "a photo of a tiger",
-            "target_words": "tiger", "mt_threshold": mt_threshold, "ms_threshold": 0.5, "include_uncond": False,
+            "target_words": "tiger", "mt_threshold": mt_threshold, "ms_threshold": 0.5, "uncond_shared_kv": False,
             "reference_mask": ["3", 1]}},
         "21": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
         "22": {"class_type": "KSampler", "inputs": {**ksampler, "model": ["20", 0]}},
@@ -236,3 +257,29 @@ def test_sr_ksampler_workflow_edits_from_z_T_and_previews_the_word_map(runner, t
     unpatched = runner.run_workflow(plain, outputs=["14"], overrides=photos, tiny_checkpoint=family,
                                     output_dir=tmp_path)
     assert not torch.equal(unpatched["14"][0]["samples"], edited)  # SR-attention changed the edit
+
+
+def _schema_inputs(node) -> dict:
+    return {i.id: i for i in node.define_schema().inputs}
+
+
+def test_edit_sampler_p2p_defaults_come_from_the_settings_and_name_their_origin(comfy):
+    """self_replace defaults to the official SpecRef script's 0.6 (was 0.4), taken from P2PSettings."""
+    from realedit.attention.settings import P2PSettings
+    from realedit.nodes.specref import SpecRefEditSampler
+
+    inputs = _schema_inputs(SpecRefEditSampler)
+    assert inputs["self_replace"].default == P2PSettings().self_replace == 0.6
+    assert "official SpecRef script" in inputs["self_replace"].tooltip
+    assert inputs["cross_replace"].default == P2PSettings().cross_replace
+
+
+def test_the_unconditional_sr_option_is_named_for_what_it_does(comfy):
+    """It reuses the conditional reference K/V; it must not claim to be the official option (which pairs the
+    unconditional rows with K/V from a CFG inversion of the reference)."""
+    from realedit.nodes.specref import ApplySRAttention
+
+    inputs = _schema_inputs(ApplySRAttention)
+    assert "include_uncond" not in inputs and inputs["uncond_shared_kv"].default is False
+    tooltip = inputs["uncond_shared_kv"].tooltip
+    assert "same reference K/V" in tooltip and "Not the official code's" in tooltip

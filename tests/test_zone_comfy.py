@@ -38,12 +38,13 @@ def test_rough_mask_thresholds_the_max_scaled_difference():
 
 
 def test_recorder_reads_only_empty_text_rows_of_small_encoder_decoder_layers():
+    """The option 'layers at 1/16 and 1/32 of the image' (downscales 2 and 4)."""
     torch.manual_seed(0)
     rows = RowInfo(("uncond", "uncond", "cond"), (0, 0, 0))
     down = LayerInfo(2, "down", 2, ("input", 4, 0))
     up = LayerInfo(9, "up", 4, ("output", 5, 0))
     skipped = [LayerInfo(0, "down", 1, ("input", 1, 0)), LayerInfo(6, "mid", 8, ("middle", 0, 0))]
-    recorder = IP2PMaskRecorder()
+    recorder = IP2PMaskRecorder(downscales=(2, 4))
     direct = {}
     for step in range(2):
         for layer, grid in ((down, (4, 4)), (up, (2, 2))):
@@ -64,6 +65,40 @@ def test_recorder_reads_only_empty_text_rows_of_small_encoder_decoder_layers():
     recorder.begin_run()
     with pytest.raises(RuntimeError, match="no cross-attention of the empty-text rows"):
         recorder.maps()
+
+
+def test_by_default_only_the_layers_at_1_32_of_the_image_are_averaged():
+    """Official code: M_b from the 16x16 layers at 512 px only (downscale 4), not the 32x32 ones too."""
+    rows = RowInfo(("uncond", "cond"), (0, 0))
+    recorder = IP2PMaskRecorder()
+    layers = ((LayerInfo(2, "down", 2, ("input", 4, 0)), (4, 4)), (LayerInfo(4, "down", 4, ("input", 7, 0)), (2, 2)),
+              (LayerInfo(9, "up", 4, ("output", 5, 0)), (2, 2)))
+    for layer, grid in layers:
+        q, k = torch.randn(2, grid[0] * grid[1], HEADS * DIM), torch.randn(2, 77, HEADS * DIM)
+        recorder(q, k, k, _ctx(layer, rows, grid))
+    assert sorted(layer for layer, _, _ in recorder.recorded) == [4, 9]
+    assert recorder.maps()[0].shape == (2, 2)
+
+
+def test_a_l_is_read_at_the_instructions_end_of_text_token():
+    """Paper and official code: A^L is the instruction's EOT map (key n + 1), not key 76 (the last padding)."""
+    from realedit.masks.ip2p_mask import instruction_eot_position
+
+    def tokenize(text):
+        return [(i, w) for i, w in enumerate(text.split())]
+
+    assert instruction_eot_position("make his tie blue", tokenize) == 5
+    rows = RowInfo(("uncond", "cond"), (0, 0))
+    layer = LayerInfo(4, "down", 4, ("input", 7, 0))
+    q, k = torch.randn(2, 4, HEADS * DIM), torch.randn(2, 77, HEADS * DIM)
+    at_eot, at_end = IP2PMaskRecorder(eot_position=5), IP2PMaskRecorder()
+    for recorder in (at_eot, at_end):
+        recorder(q, k, k, _ctx(layer, rows, (2, 2)))
+    probs = attention_probs(q[:1], k[:1], HEADS).mean(dim=(0, 1))  # (4, 77)
+    assert torch.allclose(at_eot.maps()[1], probs[:, 5].reshape(2, 2), atol=1e-7)
+    assert torch.allclose(at_end.maps()[1], probs[:, 76].reshape(2, 2), atol=1e-7)
+    assert not torch.allclose(at_eot.maps()[1], at_end.maps()[1])
+    assert instruction_eot_position("a " * 80, tokenize) == 76  # beyond one chunk: its last key, with a warning
 
 
 # ---------------------------------------------------------------- SAM (no ComfyUI)
@@ -97,6 +132,10 @@ def test_nms_fallback_is_used_when_torchvision_op_raises(monkeypatch):
     assert segments.dtype == torch.bool and segments.shape[1:] == (64, 64)
 
 
+class _Pickled:
+    """An arbitrary object: a pickle torch's weights_only reader refuses (with advice to load unsafely)."""
+
+
 def test_load_sam_by_file_name_with_safe_readers(tmp_path, monkeypatch):
     import segment_anything
     from realedit.masks import sam_auto
@@ -113,8 +152,12 @@ def test_load_sam_by_file_name_with_safe_readers(tmp_path, monkeypatch):
     with pytest.raises(sam_auto.SamCheckpointError, match="vit_h, vit_l, vit_b"):
         sam_auto.load_sam(str(tmp_path / "mystery.pth"))
     (tmp_path / "sam_vit_b_bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(sam_auto.SamCheckpointError, match="could not read"):
-        sam_auto.load_sam(str(tmp_path / "sam_vit_b_bad.pth"))
+    torch.save({"model": _Pickled()}, tmp_path / "sam_vit_b_code.pth")  # weights_only refuses it
+    for name in ("sam_vit_b_bad.pth", "sam_vit_b_code.pth"):
+        with pytest.raises(sam_auto.SamCheckpointError, match="not a SAM checkpoint, or it is corrupt") as info:
+            sam_auto.load_sam(str(tmp_path / name))
+        message = str(info.value)
+        assert "sam_vit_h_4b8939.pth" in message and "weights_only" not in message  # no unsafe loading advice
     torch.save(make_tiny_sam(seed=1, embed_dim=16).state_dict(), tmp_path / "sam_vit_b_other_size.pth")
     with pytest.raises(sam_auto.SamCheckpointError, match="does not hold vit_b SAM weights"):
         sam_auto.load_sam(str(tmp_path / "sam_vit_b_other_size.pth"))
@@ -431,6 +474,28 @@ def test_ip2p_node_fuses_by_action_and_refuses_bad_inputs(tiny_ip2p, second_ip2p
         _ip2p_node(tiny_ip2p, photo[:, :60])
 
 
+def test_ip2p_node_reads_a_l_at_the_connected_instructions_end_of_text_token(comfy, caplog):
+    """With 'instruction' connected, the recorder's A^L key is its EOT as ComfyUI's CLIP tokenizer places it
+    (weights syntax parsed away); unconnected, a warning says A^L comes from a padding token."""
+    from realedit.nodes.zone import IP2PEditMask, instruction_tokens, mask_recorder
+
+    inputs = {i.id: i for i in IP2PEditMask.define_schema().inputs}
+    assert inputs["threshold"].default == 0.21 and "official code" in inputs["threshold"].tooltip  # was 128/255
+    assert "0.502" in inputs["threshold"].tooltip  # the paper's T, still reachable
+    assert inputs["mask_layers"].default == "1/32 (official code)"
+
+    assert [t for t, _ in instruction_tokens("make his tie blue")] == [1078, 787, 3422, 1746]
+    assert mask_recorder("make his tie blue", None).last_token == 5
+    assert mask_recorder("make (his tie:1.2) blue", None).last_token == 5
+    wide = mask_recorder("make his tie blue", "1/16 and 1/32")
+    assert wide.downscales == {2, 4} and mask_recorder("x y", None).downscales == {4}
+    with pytest.raises(ValueError, match="has no words"):
+        mask_recorder(" !! ", None)
+    with caplog.at_level("WARNING", logger="realedit"):
+        assert mask_recorder(None, None).last_token == -1
+    assert any("not connected" in r.getMessage() for r in caplog.records)
+
+
 def test_empty_rough_mask_warns_and_the_rough_fallback_keeps_the_photo(tiny_ip2p, caplog):
     from realedit.nodes.zone import FFTEdgeSmooth, RegionIoURefine
 
@@ -471,6 +536,8 @@ def test_instruction_action_node(comfy):
 
     assert InstructionAction.execute("remove the cup", "auto").result == ("remove",)
     assert InstructionAction.execute("remove the cup", "add").result == ("add",)
+    with pytest.raises(ValueError, match="has no words"):  # used to run silently as 'change'
+        InstructionAction.execute(" ?! ", "auto")
 
 
 # ---------------------------------------------------------------- workflow
@@ -522,8 +589,8 @@ def test_each_instruction_is_typed_once(comfy, name):
     texts = {key: node for key, node in workflow.items() if node["class_type"] == "PrimitiveStringMultiline"}
     users = {key: [(n["class_type"], field) for n in workflow.values() for field, value in n["inputs"].items()
                    if value == [key, 0]] for key in texts}
-    assert texts and all(sorted(u) == [("CLIPTextEncode", "text"), ("RealEditInstructionAction", "instruction")]
-                         for u in users.values())
+    assert texts and all(sorted(u) == [("CLIPTextEncode", "text"), ("RealEditIP2PEditMask", "instruction"),
+                                       ("RealEditInstructionAction", "instruction")] for u in users.values())
     for node in workflow.values():  # no other node holds an instruction of its own
         if node["class_type"] in ("RealEditInstructionAction", "CLIPTextEncode"):
             field = "instruction" if node["class_type"] == "RealEditInstructionAction" else "text"
