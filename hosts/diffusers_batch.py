@@ -6,7 +6,7 @@ prompt encoder) and a validated row and calls the same functions the README's Py
 * ``specref``: DDIM inversion of the photo with the source prompt, ``reference_features`` of the reference,
   ``specref_edit`` (P2P Replace/Refine between the prompts, M_t from ``word``, M_s from ``reference_mask``);
 * ``baret``: ``ttis_invert`` then ``baret_edit`` (edit, transition, reconstruction);
-* ``nulltext-p2p``: ``null_text_invert`` then :func:`nulltext_p2p_edit`, the two-path P2P edit whose
+* ``nulltext-p2p``: ``null_text_invert`` then ``specref_edit`` without a reference, the two-path P2P edit whose
   unconditional rows take the per-step null-text embeddings (Mokady et al. 2023 Sec. 3.2; the ComfyUI
   host does the same with ``comfy_edit.with_null_text``);
 * ``zone``: ``diffusers_ip2p.ip2p_edit`` with an :class:`~..masks.IP2PMaskRecorder` (the IP2P edit and M_b,
@@ -29,20 +29,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attention.edit_loop import EditCallback, EditResult, TwoPathLoop, edit_result, prepare_edit
+from ..attention.edit_loop import EditResult
 from ..attention.hooks import ChainHook
 from ..attention.local_blend import LocalBlend
 from ..attention.p2p import CrossEdit, Refine, Replace
-from ..attention.specref import SpecRefControls, SpecRefError
+from ..attention.specref import SpecRefControls
 from ..attention.tokens import Token, Tokenizer, TokenLookupError, check_prompt_length, word_positions, word_units
 from ..inversion.embedding_opt import OptimisedInversion
 from ..masks import IP2PMaskRecorder, classify_action, local_edit
-from .diffusers import DiffusersHost, discover_layers
+from .diffusers import DiffusersHost
 from .diffusers_bank import reference_features
 from .diffusers_baret import baret_edit, null_text_invert, ttis_invert
 from .diffusers_edit import specref_edit
 from .diffusers_ip2p import ip2p_edit
-from .diffusers_sampling import ddim_invert, guided_denoiser, prediction_type, unet_fingerprint, use_schedule
+from .diffusers_sampling import ddim_invert
 
 
 class BatchModel(Protocol):
@@ -168,40 +168,6 @@ def p2p_controls(run: Run, tokenize: Tokenizer, source: str, target: str, *, wor
                            self_replace_uncond=run.self_replace_uncond)
 
 
-# -- null-text + P2P ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def nulltext_p2p_edit(unet: torch.nn.Module, scheduler, inversion: OptimisedInversion, source_cond: torch.Tensor,
-                      target_cond: torch.Tensor, *, cfg: float | None = None, controls: SpecRefControls | None = None,
-                      callback: EditCallback | None = None) -> EditResult:
-    """The two-path P2P edit (``attention.edit_loop``) from a null-text inversion: at edit step s every
-    unconditional row takes the embedding null-text inversion optimised for step s (Mokady et al. Sec. 3.2).
-
-    ``cfg`` defaults to the one the embeddings were optimised for; latents are the UNet's scaled latents.
-    """
-    if not isinstance(inversion, OptimisedInversion) or inversion.branch != "uncond":
-        raise SpecRefError("RealEdit: nulltext_p2p_edit needs a null-text inversion (null_text_invert); a TTIS "
-                           "inversion goes to baret_edit, a plain DDIM inversion to specref_edit.")
-    cfg = inversion.cfg if cfg is None else cfg
-    hook, refs = prepare_edit(unet_fingerprint(unet), inversion, lambda: discover_layers(unet), controls=controls,
-                              cfg=cfg, has_negative=True, ref_features=None, bank=None, reference=None,
-                              reference_cond=None, live_window=None, steps=None)
-    sigmas = inversion.sampling_sigmas
-    step_of = {float(s): i for i, s in enumerate(sigmas)}
-    slots = torch.cat([source_cond, target_cond])  # (2, 77, width): reconstruction, edit
-
-    def contexts(sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return slots, inversion.embeddings[step_of[float(sigma)]]
-
-    param = next(unet.parameters())
-    x = torch.zeros(2, *inversion.z_T.shape[1:], device=param.device, dtype=param.dtype)
-    with DiffusersHost(unet, hook) as host:
-        use_schedule(host, sigmas, scheduler.alphas_cumprod)
-        denoise = guided_denoiser(host, scheduler.alphas_cumprod, contexts, cfg, total_steps=inversion.steps,
-                                  prediction=prediction_type(scheduler))
-        out = TwoPathLoop(hook, inversion, refs.inversion, callback)(denoise, x, sigmas.to(x.device))
-    return edit_result(out, hook, tuple(inversion.z_T.shape[-2:]), sigmas)
-
-
 # -- the methods ------------------------------------------------------------------------------------------------
 def _source(model: BatchModel, row: Row, timer: _Timer) -> tuple[torch.Tensor, torch.Tensor]:
     image = load_image(row.image)
@@ -244,8 +210,8 @@ def run_nulltext(model: BatchModel, row: Row, run: Run, timer: _Timer) -> RowRes
     inversion = timer("invert", lambda: null_text_invert(
         model.unet, model.scheduler, latent, source, empty, steps=run.steps, cfg=run.cfg,
         iterations=run.null_text_iterations, eps=run.early_stop_eps, delta=run.early_stop_delta))
-    result = timer("edit", lambda: nulltext_p2p_edit(model.unet, model.scheduler, inversion, source, target,
-                                                     cfg=run.cfg, controls=controls))
+    result = timer("edit", lambda: specref_edit(model.unet, model.scheduler, inversion, source, target, empty,
+                                                cfg=run.cfg, controls=controls))
     out = _edit_outputs(model, result, tuple(image.shape[:2]), timer)
     out.info["null_text"] = _optimisation_info(inversion)
     return out

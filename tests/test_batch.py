@@ -268,14 +268,14 @@ def test_ray_missing_says_how_to_install(example, tmp_path, monkeypatch, capsys)
 
 
 # -- null-text + P2P on the diffusers host ------------------------------------------------------------------------
-def test_nulltext_edit_takes_the_per_step_null_text_embeddings():
+def test_nulltext_rows_edit_with_the_per_step_null_text_embeddings():
     """With every P2P control off, the edit path is CFG sampling from z_T with the target prompt and the
     per-step null-text embeddings: the embedding optimiser's own reconstruction loop with those embeddings."""
     from realedit.attention.settings import P2PSettings, SpecRefSettings
     from realedit.attention.specref import SpecRefControls
     from realedit.hosts.diffusers import DiffusersHost
     from realedit.hosts.diffusers_baret import branch_denoiser, null_text_invert
-    from realedit.hosts.diffusers_batch import nulltext_p2p_edit
+    from realedit.hosts.diffusers_edit import specref_edit
     from realedit.hosts.diffusers_sampling import use_schedule
     from realedit.inversion.embedding_opt import reconstruct
     from realedit.testbed.diffusers_models import make_ddim_scheduler, make_tiny_diffusers_unet
@@ -287,7 +287,7 @@ def test_nulltext_edit_takes_the_per_step_null_text_embeddings():
     latent = torch.randn(1, 4, 8, 8, generator=g)
     inversion = null_text_invert(unet, scheduler, latent, source, empty, steps=3, iterations=2)
     controls = SpecRefControls(settings=SpecRefSettings(p2p=P2PSettings(cross_replace=0.0, self_replace=0.0)))
-    result = nulltext_p2p_edit(unet, scheduler, inversion, source, target, controls=controls)
+    result = specref_edit(unet, scheduler, inversion, source, target, empty, cfg=inversion.cfg, controls=controls)
     with DiffusersHost(unet, lambda *a: None) as host, torch.no_grad():
         use_schedule(host, inversion.sampling_sigmas, scheduler.alphas_cumprod)
         denoise = branch_denoiser(host, scheduler, inversion.steps)
