@@ -278,6 +278,14 @@ def _score(original: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor) -
     return float(cov / var) * total / float((weight > 0).numel())
 
 
+def _robust_score(original: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor) -> float:
+    """:func:`_score` with Tukey weights on the residual of two normalised planes over ``valid``: the same
+    measure before and after alignment."""
+    weight = valid.float()
+    residual = warped - original
+    return _score(original, warped, weight * _tukey(residual, _robust_sigma(residual, weight)))
+
+
 def estimate_alignment(original: torch.Tensor, edited: torch.Tensor,
                        settings: AlignSettings | None = None) -> Alignment:
     """Estimate the similarity that maps the original's pixel grid onto the edit (module docstring).
@@ -305,15 +313,20 @@ def estimate_alignment(original: torch.Tensor, edited: torch.Tensor,
     tx, ty, _ = phase_correlation(_resize(source[0], coarse), _resize(source[1], coarse))
     # pixel units of the coarse level -> of the full image (per axis: sizes round independently)
     p = _Params(tx=tx * width / coarse[1], ty=ty * height / coarse[0])
-    score = score_before = 0.0
     for (level_h, level_w), (plane_o, plane_e) in zip(reversed(levels), reversed(pyramid)):
         fy, fx = level_h / height, level_w / width
         o, e = _normalise(plane_o), _normalise(plane_e)
         level = _Params(p.a, p.b, p.tx * fx, p.ty * fy, p.gain, p.offset)
-        if (level_h, level_w) == levels[0]:
-            score_before = _score(o, e, torch.ones_like(o))
-        level, score = _lucas_kanade(o, e, level, iterations=12, estimate_scale=settings.estimate_scale)
+        level, _ = _lucas_kanade(o, e, level, iterations=12, estimate_scale=settings.estimate_scale)
         p = _Params(level.a, level.b, level.tx / fx, level.ty / fy, level.gain, level.offset)
+    o, e = _normalise(pyramid[0][0]), _normalise(pyramid[0][1])  # the finest level
+    fy, fx = levels[0][0] / height, levels[0][1] / width
+    theta = affine_theta((p.tx * fx, p.ty * fy), p.a, p.b, *levels[0])
+    warped, inside = _warp_planes(e[None], theta, "bilinear")
+    border = torch.zeros_like(inside)
+    border[2:-2, 2:-2] = True
+    score_before = _robust_score(o, e, border)
+    score = _robust_score(o, warped[0], inside & border)
     scale = math.hypot(1 + p.a, p.b)
     rotation = math.degrees(math.atan2(p.b, 1 + p.a))
     _check_range(p, scale, rotation, score, height, width, settings)
