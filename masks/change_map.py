@@ -80,13 +80,10 @@ def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torc
         valid: (h, w) bool, the pixels that may take part.
     IRLS: least squares, then Tukey weights on the residual's length scaled by its median (MAD).
     """
-    src = source[0].reshape(3, -1).T  # (P, 3)
-    dst = target[0].reshape(3, -1).T
-    keep = valid.reshape(-1)
-    src, dst = src[keep], dst[keep]
-    if src.shape[0] > FIT_PIXELS:
-        stride = src.shape[0] // FIT_PIXELS
-        src, dst = src[::stride], dst[::stride]
+    stride = max(1, valid.numel() // FIT_PIXELS)
+    keep = valid.reshape(-1)[::stride]
+    src = source[0].reshape(3, -1)[:, ::stride].T[keep]  # (P, 3), a strided sample of the valid pixels
+    dst = target[0].reshape(3, -1)[:, ::stride].T[keep]
     if src.shape[0] < 16:
         return IDENTITY_COLOUR.clone()
     design = torch.cat([src, torch.ones(src.shape[0], 1)], 1).double()  # (P, 4)
@@ -96,7 +93,7 @@ def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torc
     for _ in range(iterations):
         normal = (design * weight).T @ design + 1e-9 * torch.eye(4, dtype=torch.float64)  # (4, 4)
         transform = torch.linalg.solve(normal, (design * weight).T @ dst).T  # (3, 4)
-        residual = (design @ transform.T - dst).norm(dim=1, keepdim=True)  # (P, 1)
+        residual = (design @ transform.T - dst).square().sum(1, keepdim=True).sqrt()  # (P, 1)
         sigma = max(1.4826 * float(residual.median()), 1e-4)
         u = (residual / (TUKEY_C * sigma)).clamp(max=1)
         weight = (1 - u * u) ** 2
@@ -128,7 +125,7 @@ def working_planes(original: torch.Tensor, edited: torch.Tensor, valid: torch.Te
 def delta_e(original: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
     """CIE76 Delta E between two (1, 3, h, w) sRGB images in [0, 1] -> (h, w)."""
     lab = rgb_to_lab(torch.cat([original, edited]))  # (2, 3, h, w)
-    return (lab[0] - lab[1]).norm(dim=0)
+    return (lab[0] - lab[1]).square().sum(0).sqrt()
 
 
 def opening(mask: torch.Tensor, kernel: int) -> torch.Tensor:

@@ -109,24 +109,34 @@ def _match_size(rough: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="nearest-exact")[0, 0] > 0.5
 
 
-def _float_counts(segments: torch.Tensor, rough_words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(intersections with M_b, areas), (N,) int64 each, of float segments binarised at > 0.5, a block of
-    segments at a time into one reused bool buffer (padded as :func:`_as_words` pads): exact, and no
-    (N, H, W) bool tensor is ever written."""
+def _block_counts(segments: torch.Tensor, rough_words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(intersections with M_b, areas), (N,) int64 each, a block of segments at a time so every temporary
+    stays in the cache (at 100 x 1024 x 1024 a whole-batch ``words & rough_words`` writes 100 MB).
+
+    Bool segments are read as words in place; float segments (> 0.5) are binarised by numpy's comparison
+    into one reused, padded bool buffer: exact, and no (N, H, W) bool tensor is ever written.
+    """
     n = segments.shape[0]
-    flat = segments.reshape(n, -1).numpy()  # (N, P) view
-    pixels = flat.shape[1]
     padded = rough_words.shape[1] * 8
     block = max(1, min(n, _BLOCK_BYTES // padded))
-    buffer = np.zeros((block, padded), dtype=np.bool_)
     inter = torch.empty(n, dtype=torch.int64)
     area = torch.empty(n, dtype=torch.int64)
-    for start in range(0, n, block):
-        rows = min(block, n - start)
-        np.greater(flat[start:start + rows], 0.5, out=buffer[:rows, :pixels])
-        words = torch.from_numpy(buffer[:rows]).view(torch.int64)  # (rows, P / 8), no copy
-        inter[start:start + rows] = _count_true(words & rough_words)
-        area[start:start + rows] = _count_true(words)
+    if segments.dtype == torch.bool:
+        all_words = _as_words(segments)  # (N, P / 8), a view when no padding is needed
+        blocks = (all_words[start:start + block] for start in range(0, n, block))
+    else:
+        flat = segments.reshape(n, -1).numpy()  # (N, H*W)
+        buffer = np.zeros((block, padded), dtype=np.bool_)
+
+        def binarised(start: int) -> torch.Tensor:
+            rows = min(block, n - start)
+            np.greater(flat[start:start + rows], 0.5, out=buffer[:rows, :flat.shape[1]])
+            return torch.from_numpy(buffer[:rows]).view(torch.int64)  # (rows, P / 8), no copy
+
+        blocks = (binarised(start) for start in range(0, n, block))
+    for start, words in zip(range(0, n, block), blocks):
+        inter[start:start + words.shape[0]] = _count_true(words & rough_words)
+        area[start:start + words.shape[0]] = _count_true(words)
     return inter, area
 
 
@@ -137,8 +147,8 @@ def segment_ious(rough_mask: TensorLike, segments: TensorLike | list[TensorLike]
     segs = _segment_tensor(segments)
     rough = _match_size(as_mask_hw(rough_mask, "rough_mask").to(segs.device), tuple(segs.shape[1:]))
     rough_words = _as_words(rough[None])  # (1, P)
-    if segs.dtype != torch.bool and _numpy_path(segs) and segs.shape[0]:
-        inter, area = _float_counts(segs, rough_words)
+    if segs.device.type == "cpu" and segs.shape[0] and (segs.dtype == torch.bool or _numpy_path(segs)):
+        inter, area = _block_counts(segs, rough_words)
     else:
         words = _as_words(as_segments(segs))  # (N, P)
         inter, area = _count_true(words & rough_words), _count_true(words)
