@@ -41,6 +41,7 @@ from .fft_smooth import LUMA_BT601
 TUKEY_C = 4.685  # Tukey biweight constant (95% efficiency on Gaussian residuals)
 MAD_SCALE = 1.4826  # median absolute deviation -> standard deviation for Gaussian residuals
 CONVERGED = 0.005  # pixels of the level: an update moving no pixel further ends the level
+MIN_CONTRAST = 0.01  # luma standard deviation below which an image has nothing to register
 MIN_SIDE = 16  # images with a shorter side are not aligned (too little to register)
 
 
@@ -71,7 +72,8 @@ class Alignment:
     rotation: float  # theta, degrees, counter-clockwise in (x right, y down) pixel axes
     score: float  # robust correlation of the aligned luma with the original's (1: identical up to gain)
     score_before: float  # the same without alignment
-    identity: bool  # below the tolerance: no resampling
+    identity: bool  # below the tolerance, or no better than none: no resampling
+    note: str = ""  # why the identity was kept, when it was not measured as one
 
     def max_displacement(self, height: int, width: int) -> float:
         """Largest displacement the transform gives any pixel of an image of this size, in pixels."""
@@ -79,7 +81,7 @@ class Alignment:
 
     def describe(self) -> str:
         if self.identity:
-            return f"alignment: none needed (below tolerance; correlation {self.score:.3f})"
+            return f"alignment: none needed ({self.note or 'below tolerance'}; correlation {self.score:.3f})"
         return (f"alignment: shift x {self.shift[0]:+.2f} px, y {self.shift[1]:+.2f} px, scale {self.scale:.4f}, "
                 f"rotation {self.rotation:+.2f} deg (correlation {self.score_before:.3f} -> {self.score:.3f})")
 
@@ -309,6 +311,9 @@ def estimate_alignment(original: torch.Tensor, edited: torch.Tensor,
     if min(height, width) < MIN_SIDE:
         return IDENTITY
     luma_o, luma_e = gray(original).cpu(), gray(edited).cpu()
+    if float(luma_o.std()) < MIN_CONTRAST:
+        return Alignment((0.0, 0.0), 1.0, 0.0, score=1.0, score_before=1.0, identity=True,
+                         note="the original is too flat to register")
     levels = sorted({_level_size(height, width, s) for s in (128, 256, settings.fine_size)
                      if s <= max(settings.fine_size, 128)}, reverse=True)  # finest first
     pyramid = [(_resize(luma_o, levels[0]), _resize(luma_e, levels[0]))]
@@ -332,7 +337,13 @@ def estimate_alignment(original: torch.Tensor, edited: torch.Tensor,
     border = torch.zeros_like(inside)
     border[2:-2, 2:-2] = True
     score_before = _robust_score(o, e, border)
-    score = _robust_score(o, warped[0], inside & border)
+    finite = all(math.isfinite(v) for v in (p.tx, p.ty, p.a, p.b))
+    score = _robust_score(o, warped[0], inside & border) if finite else -math.inf
+    if score_before >= score:  # e.g. structure in one direction only (a ramp): the fit drifted along it
+        identity = Alignment((0.0, 0.0), 1.0, 0.0, score=score_before, score_before=score_before, identity=True,
+                             note="no transform matched better than none")
+        _check_range(_Params(), 1.0, 0.0, score_before, height, width, settings)
+        return identity
     scale = math.hypot(1 + p.a, p.b)
     rotation = math.degrees(math.atan2(p.b, 1 + p.a))
     _check_range(p, scale, rotation, score, height, width, settings)

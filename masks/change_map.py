@@ -8,7 +8,8 @@ the edited region a lot. The change map separates the two:
 2. **Global colour matching**: a 3x4 affine colour transform edited -> original (gain, cross-talk and
    offset per channel) fitted by iteratively reweighted least squares with Tukey weights on the colour
    residual, so the edited region does not take part in the fit (Reinhard-style mean/std transfer is the
-   diagonal special case; the full affine also absorbs hue and saturation drift).
+   diagonal special case; the full affine also absorbs hue and saturation drift). A fit that is not
+   plausible drift (:func:`plausible_drift`: a near-singular map, as few-colour images allow) is dropped.
 3. **Perceptual difference**: CIE76 Delta E (Euclidean distance in CIE L*a*b*, kornia) between the
    original and the colour-matched edit, smoothed with a Gaussian (``blur_sigma``). Delta E is in the
    units users know (about 2.3 is a just-noticeable difference; a recoloured object is 20-80).
@@ -35,6 +36,7 @@ from .align import TUKEY_C, _level_size
 from .fft_smooth import _square_op, close_and_fill
 
 IDENTITY_COLOUR = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)  # (3, 4)
+RIDGE = 1e-4  # ridge towards the identity, per unit of weight
 FIT_PIXELS = 32768  # pixels the colour fit samples (a regular stride over the valid ones)
 
 
@@ -89,17 +91,27 @@ def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torc
     design = torch.cat([src, torch.ones(src.shape[0], 1)], 1).double()  # (P, 4)
     dst = dst.double()
     weight = torch.ones(src.shape[0], 1, dtype=torch.float64)
+    prior = IDENTITY_COLOUR.double().T  # (4, 3): the ridge pulls undetermined directions to the identity
     transform = IDENTITY_COLOUR.double()
     for _ in range(iterations):
-        normal = (design * weight).T @ design + 1e-9 * torch.eye(4, dtype=torch.float64)  # (4, 4)
-        transform = torch.linalg.solve(normal, (design * weight).T @ dst).T  # (3, 4)
+        ridge = RIDGE * float(weight.sum())
+        normal = (design * weight).T @ design + ridge * torch.eye(4, dtype=torch.float64)  # (4, 4)
+        transform = torch.linalg.solve(normal, (design * weight).T @ dst + ridge * prior).T  # (3, 4)
         residual = (design @ transform.T - dst).square().sum(1, keepdim=True).sqrt()  # (P, 1)
         sigma = max(1.4826 * float(residual.median()), 1e-4)
         u = (residual / (TUKEY_C * sigma)).clamp(max=1)
         weight = (1 - u * u) ** 2
         if float(weight.sum()) < 8:
             break
-    return transform.float()
+    return transform.float() if plausible_drift(transform) else IDENTITY_COLOUR.clone()
+
+
+def plausible_drift(transform: torch.Tensor) -> bool:
+    """Whether a fitted (3, 4) colour transform looks like an edit model's drift: an invertible linear part
+    with a determinant in [1/4, 4] and offsets under 0.5. With few distinct colours (a flat background, a
+    logo) an affine map can send an edited colour onto the original one; such a fit is not drift."""
+    det = float(torch.linalg.det(transform[:, :3].double()))
+    return 0.25 <= det <= 4.0 and float(transform[:, 3].abs().max()) < 0.5
 
 
 def apply_colour_transform(image: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:

@@ -215,3 +215,23 @@ def test_float_mask_batches_give_the_bool_results_exactly():
         got, want = region_iou(m_b, segments), region_iou(m_b, ref)
         assert (got.index, got.iou) == (want.index, want.iou) and torch.equal(got.mask, want.mask)
         assert got.mask.dtype == torch.bool
+
+
+@pytest.mark.parametrize("background", ["flat", "ramp"])
+def test_images_with_little_structure_keep_the_identity_and_still_find_the_edit(background):
+    """A flat background (nothing to register, two colours an affine colour map could swap) and a ramp
+    (structure in one direction only): alignment keeps the identity and says why; the edit is found."""
+    height, width = 64, 96
+    if background == "flat":
+        original = torch.full((height, width, 3), 0.5)
+    else:
+        original = torch.linspace(0.1, 0.9, width)[None, :, None].expand(height, width, 3).contiguous()
+    region = torch.zeros(height, width, dtype=torch.bool)
+    region[10:30, 20:50] = True
+    edited = torch.where(region[..., None], RED, original)
+    result = keep_unedited(original, edited)
+    item = result.items[0]
+    assert item.alignment.identity and item.alignment.note and item.alignment.note in result.report
+    assert bool(result.final_mask[region].all()) and iou(result.final_mask, region) > 0.6
+    assert torch.equal(result.image[~result.final_mask], original[~result.final_mask])
+    assert torch.equal(result.image[region], edited[region])
