@@ -72,7 +72,7 @@ class KeepUneditedPixels(io.ComfyNode):
                 io.Mask.Output(display_name="final_mask", tooltip="M_f*: where the output may differ from the "
                                "original."),
                 io.Image.Output(display_name="aligned_edit", tooltip="The edit on the original's pixel grid "
-                                "(colour-matched when colour_drift is on)."),
+                                "(before colour matching)."),
                 io.String.Output(display_name="report", tooltip="Transform found, coverage, chosen segment."),
                 io.Mask.Output(display_name="rough_mask", tooltip="M_b (the change map, or the mask given): preview "
                                "it to set the threshold."),

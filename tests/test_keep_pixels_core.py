@@ -235,3 +235,18 @@ def test_images_with_little_structure_keep_the_identity_and_still_find_the_edit(
     assert bool(result.final_mask[region].all()) and iou(result.final_mask, region) > 0.6
     assert torch.equal(result.image[~result.final_mask], original[~result.final_mask])
     assert torch.equal(result.image[region], edited[region])
+
+
+def test_colour_matching_near_the_mask_gives_the_whole_image_result():
+    """The kept edit is colour-matched only around M_f (masks/keep.py); the smoother and the composite read
+    nothing beyond, so the result equals the pipeline on the fully colour-matched edit."""
+    from realedit.masks import composite, fft_edge_smooth
+    from realedit.masks.change_map import apply_colour_transform
+
+    original, edited, _ = scene(shift=(1.5, -0.5))
+    item = keep_unedited(original, edited).items[0]
+    assert "colour drift undone: RGB gains" in item.report
+    matched = apply_colour_transform(item.aligned, item.colour_transform)
+    final = fft_edge_smooth(original, matched, item.refined_mask).final_mask
+    assert torch.equal(final, item.final_mask)
+    assert torch.equal(composite(original, matched, item.refined_mask, final), item.image)
