@@ -41,6 +41,7 @@ from .fft_smooth import LUMA_BT601
 TUKEY_C = 4.685  # Tukey biweight constant (95% efficiency on Gaussian residuals)
 MAD_SCALE = 1.4826  # median absolute deviation -> standard deviation for Gaussian residuals
 CONVERGED = 0.005  # pixels of the level: an update moving no pixel further ends the level
+UNTOUCHED = 0.5  # share of bit-identical pixels above which the edit kept the original's grid (inpainting)
 MIN_CONTRAST = 0.01  # luma standard deviation below which an image has nothing to register
 MIN_SIDE = 16  # images with a shorter side are not aligned (too little to register)
 
@@ -109,8 +110,10 @@ def _resize(plane: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(plane[None, None], size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
 
 
-def _level_size(height: int, width: int, long_side: int) -> tuple[int, int]:
-    factor = min(1.0, long_side / max(height, width))
+def _level_size(height: int, width: int, long_side: int, short_min: int = 32) -> tuple[int, int]:
+    """An image size with at most ``long_side`` on the long side, but at least ``short_min`` (or the image's
+    own) on the short side, so a very elongated image keeps enough pixels across to register."""
+    factor = min(1.0, max(long_side / max(height, width), short_min / min(height, width)))
     return max(round(height * factor), 1), max(round(width * factor), 1)
 
 
@@ -310,6 +313,10 @@ def estimate_alignment(original: torch.Tensor, edited: torch.Tensor,
     height, width = original.shape[:2]
     if min(height, width) < MIN_SIDE:
         return IDENTITY
+    untouched = float((original == edited).all(dim=-1).float().mean())
+    if untouched > UNTOUCHED:
+        return Alignment((0.0, 0.0), 1.0, 0.0, score=1.0, score_before=1.0, identity=True,
+                         note=f"{untouched:.0%} of the pixels are the original's own")
     luma_o, luma_e = gray(original).cpu(), gray(edited).cpu()
     if float(luma_o.std()) < MIN_CONTRAST:
         return Alignment((0.0, 0.0), 1.0, 0.0, score=1.0, score_before=1.0, identity=True,
@@ -320,7 +327,9 @@ def estimate_alignment(original: torch.Tensor, edited: torch.Tensor,
     for size in levels[1:]:  # each level from the next finer one (cheaper than from the full image)
         pyramid.append((_resize(pyramid[-1][0], size), _resize(pyramid[-1][1], size)))
     coarse = _level_size(height, width, settings.coarse_size)
-    source = next((pair for pair, size in zip(pyramid, levels) if size[0] >= coarse[0]), pyramid[0])
+    # the smallest level at least as large as the coarse size (levels run finest first)
+    source = next((pair for pair, size in zip(reversed(pyramid), reversed(levels)) if size[0] >= coarse[0]),
+                  pyramid[0])
     tx, ty, _ = phase_correlation(_resize(source[0], coarse), _resize(source[1], coarse))
     # pixel units of the coarse level -> of the full image (per axis: sizes round independently)
     p = _Params(tx=tx * width / coarse[1], ty=ty * height / coarse[0])

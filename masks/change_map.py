@@ -74,13 +74,14 @@ def _planes(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-                         iterations: int = 4) -> torch.Tensor:
+                         iterations: int = 12) -> torch.Tensor:
     """A (3, 4) affine colour transform M with target ~ M [source; 1], robust to a local edit.
 
     Args:
         source, target: (1, 3, h, w) images (the edit and the original).
         valid: (h, w) bool, the pixels that may take part.
-    IRLS: least squares, then Tukey weights on the residual's length scaled by its median (MAD).
+    IRLS: least squares, then Tukey weights on the residual's length scaled by its median (MAD), until the
+    transform moves less than 1e-5 (a strongly edited region takes several rounds to drop out).
     """
     stride = max(1, valid.numel() // FIT_PIXELS)
     keep = valid.reshape(-1)[::stride]
@@ -96,7 +97,10 @@ def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torc
     for _ in range(iterations):
         ridge = RIDGE * float(weight.sum())
         normal = (design * weight).T @ design + ridge * torch.eye(4, dtype=torch.float64)  # (4, 4)
+        previous = transform
         transform = torch.linalg.solve(normal, (design * weight).T @ dst + ridge * prior).T  # (3, 4)
+        if float((transform - previous).abs().max()) < 1e-5:
+            break
         residual = (design @ transform.T - dst).square().sum(1, keepdim=True).sqrt()  # (P, 1)
         sigma = max(1.4826 * float(residual.median()), 1e-4)
         u = (residual / (TUKEY_C * sigma)).clamp(max=1)

@@ -250,3 +250,21 @@ def test_colour_matching_near_the_mask_gives_the_whole_image_result():
     final = fft_edge_smooth(original, matched, item.refined_mask).final_mask
     assert torch.equal(final, item.final_mask)
     assert torch.equal(composite(original, matched, item.refined_mask, final), item.image)
+
+
+@pytest.mark.parametrize("size", [(600, 40), (40, 600), (31, 33)], ids=["tall", "wide", "small"])
+def test_an_inpainting_output_keeps_the_grid_and_the_edit_exactly(size):
+    """An editor that kept the original's own pixels outside its edit (inpainting), on elongated and small
+    images of pure noise: no alignment (the untouched share is reported), no colour drift fitted (the large
+    strong edit drops out of the robust fit), and the edit's own pixels inside M_f."""
+    height, width = size
+    original = torch.rand(height, width, 3, generator=torch.Generator().manual_seed(0))
+    region = torch.zeros(height, width, dtype=torch.bool)
+    region[height // 3: 2 * height // 3, width // 3: 2 * width // 3] = True
+    edited = torch.where(region[..., None], RED, original)
+    item = keep_unedited(original, edited).items[0]
+    assert item.alignment.identity and "of the pixels are the original's own" in item.report
+    assert torch.allclose(item.colour_transform, torch.eye(3, 4), atol=1e-3)
+    assert bool(item.final_mask[region].all())
+    assert torch.allclose(item.image[region], edited[region], atol=1e-3)
+    assert torch.equal(item.image[~item.final_mask], original[~item.final_mask])
