@@ -37,7 +37,7 @@ from .fft_smooth import _square_op, close_and_fill
 
 IDENTITY_COLOUR = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)  # (3, 4)
 RIDGE = 1e-4  # ridge towards the identity, per unit of weight
-FIT_PIXELS = 32768  # pixels the colour fit samples (a regular stride over the valid ones)
+FIT_PIXELS = 16384  # pixels the colour fit samples (a regular stride over the valid ones)
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,12 @@ def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torc
         source, target: (1, 3, h, w) images (the edit and the original).
         valid: (h, w) bool, the pixels that may take part.
     IRLS: least squares, then Tukey weights on the residual's length scaled by its median (MAD), until the
-    transform moves less than 1e-5 (a strongly edited region takes several rounds to drop out).
+    transform moves less than 1e-4 (a strongly edited region takes several rounds to drop out).
     """
     stride = max(1, valid.numel() // FIT_PIXELS)
     keep = valid.reshape(-1)[::stride]
-    src = source[0].reshape(3, -1)[:, ::stride].T[keep]  # (P, 3), a strided sample of the valid pixels
-    dst = target[0].reshape(3, -1)[:, ::stride].T[keep]
+    src = source[0].reshape(3, -1)[:, ::stride][:, keep].T  # (P, 3), a strided sample of the valid pixels
+    dst = target[0].reshape(3, -1)[:, ::stride][:, keep].T
     if src.shape[0] < 16:
         return IDENTITY_COLOUR.clone()
     design = torch.cat([src, torch.ones(src.shape[0], 1)], 1).double()  # (P, 4)
@@ -99,7 +99,7 @@ def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torc
         normal = (design * weight).T @ design + ridge * torch.eye(4, dtype=torch.float64)  # (4, 4)
         previous = transform
         transform = torch.linalg.solve(normal, (design * weight).T @ dst + ridge * prior).T  # (3, 4)
-        if float((transform - previous).abs().max()) < 1e-5:
+        if float((transform - previous).abs().max()) < 1e-4:
             break
         residual = (design @ transform.T - dst).square().sum(1, keepdim=True).sqrt()  # (P, 1)
         sigma = max(1.4826 * float(residual.median()), 1e-4)
