@@ -169,23 +169,25 @@ def affine_theta(shift: tuple[float, float], a: float, b: float, height: int, wi
                           [b * hx / hy, 1 + a, shift[1] / hy]]], dtype=torch.float32)
 
 
-def _sampling_grid(theta: torch.Tensor, height: int, width: int, device: torch.device) -> torch.Tensor:
-    """``affine_grid(theta, align_corners=True)`` as two broadcast sums, (1, H, W, 2): a third of its cost."""
+def _sampling_grid(theta: torch.Tensor, height: int, width: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``affine_grid(theta, align_corners=True)`` as two broadcast sums, (1, H, W, 2) (a third of its cost), and
+    the (H, W) bool mask of sampling positions inside the image."""
     u = torch.linspace(-1.0, 1.0, width, device=device) if width > 1 else torch.zeros(1, device=device)
     v = torch.linspace(-1.0, 1.0, height, device=device) if height > 1 else torch.zeros(1, device=device)
     t = theta[0].tolist()
     gu = (t[0][0] * u)[None, :] + (t[0][1] * v + t[0][2])[:, None]  # (H, W)
     gv = (t[1][0] * u)[None, :] + (t[1][1] * v + t[1][2])[:, None]
-    return torch.stack([gu, gv], -1)[None]
+    inside = (gu.abs() <= 1.0 + 1e-6) & (gv.abs() <= 1.0 + 1e-6)
+    return torch.stack([gu, gv], -1)[None], inside
 
 
 def _warp_planes(planes: torch.Tensor, theta: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample (C, H, W) ``planes`` at the transform's positions: the warped planes and the (H, W) bool mask of
     positions inside the image (where the edit has data)."""
     channels, height, width = planes.shape
-    grid = _sampling_grid(theta, height, width, planes.device)  # (1, H, W, 2)
+    grid, inside = _sampling_grid(theta, height, width, planes.device)  # (1, H, W, 2), (H, W)
     warped = F.grid_sample(planes[None], grid, mode=mode, padding_mode="border", align_corners=True)[0]
-    inside = (grid[0].abs() <= 1.0 + 1e-6).all(dim=-1)  # (H, W)
     return warped, inside
 
 
@@ -313,7 +315,8 @@ def estimate_alignment(original: torch.Tensor, edited: torch.Tensor,
     height, width = original.shape[:2]
     if min(height, width) < MIN_SIDE:
         return IDENTITY
-    untouched = float((original == edited).all(dim=-1).float().mean())
+    sample = (slice(None, None, 2), slice(None, None, 2))  # every other row and column: the share, cheaply
+    untouched = float((original[sample] == edited[sample]).all(dim=-1).float().mean())
     if untouched > UNTOUCHED:
         return Alignment((0.0, 0.0), 1.0, 0.0, score=1.0, score_before=1.0, identity=True,
                          note=f"{untouched:.0%} of the pixels are the original's own")
