@@ -24,8 +24,10 @@ estimated on the BT.601 luma in two stages:
 The transform is reported (:class:`Alignment`) and undone on the full-size edit with
 ``torch.nn.functional.grid_sample`` (:func:`warp_to_original`). A pair that cannot be aligned (the
 aligned luma correlates with the original less than ``min_score``, or the transform leaves the allowed
-range) is refused with a :class:`AlignmentError` naming the fix. A transform below ``identity_tolerance``
-is treated as the identity: the edit's pixels are then used as they are (no resampling).
+range) is refused with a :class:`AlignmentError` naming the fix. The identity is kept, and the edit's
+pixels used as they are (no resampling), when the transform moves no pixel by ``identity_tolerance``,
+when most pixels are the original's own (an inpainting output), when the original is too flat to
+register, and when the transform found matches no better than none (structure in one direction only).
 """
 
 from __future__ import annotations
@@ -226,9 +228,8 @@ class _Params:
 
 
 def _lucas_kanade(original: torch.Tensor, edited: torch.Tensor, p: _Params, iterations: int,
-                  estimate_scale: bool) -> tuple[_Params, float]:
-    """Robust Gauss-Newton on one pyramid level, (H, W) normalised luma planes; returns the params and the
-    final robust correlation (see :func:`_score`)."""
+                  estimate_scale: bool) -> _Params:
+    """Robust Gauss-Newton on one pyramid level, (H, W) normalised luma planes; updates and returns ``p``."""
     height, width = original.shape
     ys = torch.arange(height, dtype=torch.float32) - (height - 1) / 2
     xs = torch.arange(width, dtype=torch.float32) - (width - 1) / 2
@@ -236,7 +237,6 @@ def _lucas_kanade(original: torch.Tensor, edited: torch.Tensor, p: _Params, iter
     go_x, go_y = _gradients(original)
     border = torch.zeros(height, width, dtype=torch.bool)
     border[2:-2, 2:-2] = True
-    score = 0.0
     for _ in range(iterations):
         warped, inside = _warp_planes(edited[None], affine_theta((p.tx, p.ty), p.a, p.b, height, width), "bilinear")
         warped = warped[0]
@@ -244,7 +244,6 @@ def _lucas_kanade(original: torch.Tensor, edited: torch.Tensor, p: _Params, iter
         residual = p.gain * warped + p.offset - original  # (H, W)
         sigma = _robust_sigma(residual, valid)
         weight = valid * _tukey(residual, sigma)
-        score = _score(original, warped, weight)
         gw_x, gw_y = _gradients(warped)
         # the normal equations from every other row and column on large levels: a quarter of the cost
         step_px = 2 if height * width > 65536 else 1
@@ -274,7 +273,7 @@ def _lucas_kanade(original: torch.Tensor, edited: torch.Tensor, p: _Params, iter
             break
         if math.hypot(dtx, dty) + math.hypot(da, db) * max(height, width) / 2 < CONVERGED:
             break
-    return p, score
+    return p
 
 
 def _score(original: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor) -> float:
@@ -340,7 +339,7 @@ def estimate_alignment(original: torch.Tensor, edited: torch.Tensor,
         fy, fx = level_h / height, level_w / width
         o, e = _normalise(plane_o), _normalise(plane_e)
         level = _Params(p.a, p.b, p.tx * fx, p.ty * fy, p.gain, p.offset)
-        level, _ = _lucas_kanade(o, e, level, iterations=12, estimate_scale=settings.estimate_scale)
+        level = _lucas_kanade(o, e, level, iterations=12, estimate_scale=settings.estimate_scale)
         p = _Params(level.a, level.b, level.tx / fx, level.ty / fy, level.gain, level.offset)
     o, e = _normalise(pyramid[0][0]), _normalise(pyramid[0][1])  # the finest level
     fy, fx = levels[0][0] / height, levels[0][1] / width
