@@ -83,13 +83,18 @@ class Alignment:
         return _max_displacement(self.shift, self.scale, self.rotation, height, width)
 
     def describe(self) -> str:
+        if self.note == OFF:
+            return "alignment: off"
         if self.identity:
             return f"alignment: none needed ({self.note or 'below tolerance'}; correlation {self.score:.3f})"
         return (f"alignment: shift x {self.shift[0]:+.2f} px, y {self.shift[1]:+.2f} px, scale {self.scale:.4f}, "
                 f"rotation {self.rotation:+.2f} deg (correlation {self.score_before:.3f} -> {self.score:.3f})")
 
 
+OFF = "off"
 IDENTITY = Alignment(shift=(0.0, 0.0), scale=1.0, rotation=0.0, score=1.0, score_before=1.0, identity=True)
+NOT_ALIGNED = Alignment(shift=(0.0, 0.0), scale=1.0, rotation=0.0, score=1.0, score_before=1.0, identity=True,
+                        note=OFF)  # what keep_unedited reports when alignment is turned off
 
 
 def _max_displacement(shift: tuple[float, float], scale: float, rotation: float, height: int, width: int) -> float:

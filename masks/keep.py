@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..attention.settings import field_origin
 from ..attention.settings import with_origin as _d
-from .align import IDENTITY, Alignment, AlignSettings, estimate_alignment, warp_to_original
+from .align import NOT_ALIGNED, Alignment, AlignSettings, estimate_alignment, warp_to_original
 from .change_map import (
     IDENTITY_COLOUR,
     ChangeSettings,
@@ -214,7 +214,7 @@ def _broadcast(batch: torch.Tensor, count: int, name: str, other: str) -> torch.
 def _align(original: torch.Tensor, edited: torch.Tensor,
            settings: KeepSettings) -> tuple[Alignment, torch.Tensor, torch.Tensor]:
     if not settings.align:
-        return IDENTITY, edited, torch.ones(original.shape[:2], dtype=torch.bool, device=original.device)
+        return NOT_ALIGNED, edited, torch.ones(original.shape[:2], dtype=torch.bool, device=original.device)
     alignment = estimate_alignment(original, edited, settings.align_settings())
     aligned, valid = warp_to_original(edited, alignment)
     return alignment, aligned, valid.to(original.device)

@@ -145,6 +145,7 @@ def test_an_edit_everywhere_keeps_the_aligned_edit_whole_and_says_so():
     restyled[:, :, 0] = 1 - restyled[:, :, 0]  # a new palette and new textures everywhere
     result = keep_unedited(original, restyled, align=False)
     assert result.items[0].status == "global" and "restyle" in result.report
+    assert result.report.startswith("alignment: off;")
     assert bool(result.final_mask.all()) and torch.equal(result.image, result.aligned)
 
 
