@@ -170,3 +170,14 @@ def test_workflow_uses_only_known_nodes_inputs_and_typed_links(runner, name):
             elif isinstance(known[field][0], list):  # a combo: the value is one of its options
                 options = known[field][0]
                 assert value in options or field.endswith("_name") or field == "image", (key, field, value)
+
+
+def test_the_demo_runs_the_ip2p_workflow_on_tiny_models_and_skips_the_edit_model_one():
+    from realedit.testbed.demo_inputs import tiny_run, untiny_loaders
+
+    ip2p = json.loads((ROOT / "api_workflows" / "keep_unedited_ip2p.json").read_text())
+    qwen = json.loads((ROOT / "api_workflows" / "keep_unedited_edit_model.json").read_text())
+    workflow, overrides, family = tiny_run(ip2p, size=64, steps=2)
+    assert family == "ip2p" and not untiny_loaders(ip2p)
+    assert [n["inputs"]["align"] for n in workflow.values() if n["class_type"] == NODE] == [False]
+    assert untiny_loaders(qwen) == ["CLIPLoader", "UNETLoader", "VAELoader"]
