@@ -128,14 +128,18 @@ def apply_colour_transform(image: torch.Tensor, transform: torch.Tensor) -> torc
 def working_planes(original: torch.Tensor, edited: torch.Tensor, valid: torch.Tensor | None,
                    working_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both images as (1, 3, h, w) CPU planes at most ``working_size`` on the long side, and the (h, w) bool
-    mask of pixels fully inside ``valid``."""
+    mask of pixels inside ``valid`` (a convex region: where a warped edit has data)."""
     height, width = original.shape[:2]
     size = _level_size(height, width, working_size)
     small_o, small_e = _planes(original, size).cpu(), _planes(edited, size).cpu()
     if valid is None:
         return small_o, small_e, torch.ones(size, dtype=torch.bool)
-    small_valid = F.interpolate(valid.float()[None, None].cpu(), size=size, mode="area")[0, 0] > 0.999
-    return small_o, small_e, small_valid
+    if bool(valid.all()):
+        return small_o, small_e, torch.ones(size, dtype=torch.bool)
+    # pixel centres sampled, then one eroded ring: the valid region of a similarity warp is convex, so a small
+    # pixel whose centre and neighbours' centres are valid covers valid full-size pixels only
+    centres = F.interpolate(valid.float()[None, None].cpu(), size=size, mode="nearest-exact")[0, 0] > 0.5
+    return small_o, small_e, _square_op(centres, 3, erosion)
 
 
 def delta_e(original: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
