@@ -33,7 +33,7 @@ def _save_image(image, path: Path) -> None:
 
 def run_comfy(out: Path, checkpoint: Path | None, size: int, steps: int) -> None:
     from .testbed import comfy_runner
-    from .testbed.demo_inputs import tiny_run
+    from .testbed.demo_inputs import tiny_run, untiny_loaders
 
     print("ComfyUI found: running the shipped workflows through ComfyUI's executor")
     if checkpoint is not None:
@@ -41,7 +41,11 @@ def run_comfy(out: Path, checkpoint: Path | None, size: int, steps: int) -> None
 
         folder_paths.add_model_folder_path("checkpoints", str(checkpoint.parent))
     for twin in sorted(WORKFLOWS.glob("*.json")):
-        workflow, overrides, family = tiny_run(json.loads(twin.read_text()), size, steps)
+        shipped = json.loads(twin.read_text())
+        if missing := untiny_loaders(shipped):
+            print(f"{twin.stem}: not run (needs {', '.join(missing)} weights)")
+            continue
+        workflow, overrides, family = tiny_run(shipped, size, steps)
         kwargs: dict = {"output_dir": out / twin.stem, "overrides": overrides, "tiny_checkpoint": family}
         if checkpoint is not None:
             for node in workflow.values():

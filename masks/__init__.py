@@ -8,6 +8,8 @@
 * :func:`composite` - edited inside M_f, 0.6/0.4 blend on M_f* minus M_f, original elsewhere.
 * :func:`local_edit` - the last three in one call; :func:`smooth_and_composite` - the last two.
 * :data:`ZONE_DEFAULTS` - every default, with its origin (:func:`origin`).
+* :func:`keep_unedited` - any editor's output: alignment (:func:`estimate_alignment`), a change map
+  (:func:`change_mask`) or a given M_b, Region-IoU, smoother and composite (:data:`KEEP_DEFAULTS`).
 
 Example (plain tensors: images (H, W, 3) in [0, 1], masks (H, W), segments (N, H, W))::
 
@@ -27,6 +29,8 @@ from .actions import (
     action_tooltip,
     classify_action,
 )
+from .align import Alignment, AlignmentError, AlignSettings, estimate_alignment, warp_to_original
+from .change_map import ChangeMap, ChangeSettings, change_mask
 from .composite import as_image_hwc, as_mask_hw, blend_band, composite
 from .fft_smooth import (
     EdgeSmoothResult,
@@ -41,8 +45,9 @@ from .fft_smooth import (
 )
 from .fusion import AUTO_BETA, fuse_latents, fusion_beta
 from .ip2p_mask import IP2PMaskRecorder, RoughMask, rough_mask
+from .keep import KEEP_DEFAULTS, KeepResult, KeepSettings, KeptImage, keep_unedited
 from .pipeline import LocalEditResult, local_edit, smooth_and_composite
-from .region_iou import FALLBACKS, RegionIoUResult, as_segments, region_iou, segment_ious
+from .region_iou import FALLBACKS, RegionIoUResult, as_segments, binarize, region_iou, segment_ious
 from .settings import ZONE_DEFAULTS, ZoneSettings, origin
 
 __all__ = [
@@ -52,12 +57,21 @@ __all__ = [
     "AUTO_BETA",
     "CHANGE_WORDS",
     "FALLBACKS",
+    "KEEP_DEFAULTS",
     "OVERRIDE_CHOICES",
     "REMOVE_WORDS",
     "ZONE_DEFAULTS",
     "Action",
+    "AlignSettings",
+    "Alignment",
+    "AlignmentError",
+    "ChangeMap",
+    "ChangeSettings",
     "EdgeSmoothResult",
     "IP2PMaskRecorder",
+    "KeepResult",
+    "KeepSettings",
+    "KeptImage",
     "LocalEditResult",
     "RegionIoUResult",
     "RoughMask",
@@ -66,17 +80,21 @@ __all__ = [
     "as_image_hwc",
     "as_mask_hw",
     "as_segments",
+    "binarize",
     "blend_band",
+    "change_mask",
     "classify_action",
     "close_and_fill",
     "closing",
     "composite",
     "difference_magnitude",
     "dilate",
+    "estimate_alignment",
     "fft_edge_smooth",
     "fill_holes",
     "fuse_latents",
     "fusion_beta",
+    "keep_unedited",
     "local_edit",
     "lowpass_mask",
     "luma",
@@ -85,4 +103,5 @@ __all__ = [
     "rough_mask",
     "segment_ious",
     "smooth_and_composite",
+    "warp_to_original",
 ]

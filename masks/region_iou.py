@@ -4,7 +4,10 @@ R(j) = area(S^j & M_b) / area(S^j | M_b) for every candidate segment S^j (SAM's 
 a MASK batch from any segmenter); the refined mask is M_f = S^k with k = argmax_j R(j).
 
 * Vectorised: all N intersections and areas in a few tensor operations, no loop over segments.
-* Float masks are binarised at > 0.5; bool masks are used as they are (and are the fastest input).
+* Float masks are binarised at > 0.5; bool masks are used as they are. A float MASK batch on the CPU
+  (ComfyUI's segmentation nodes, other packs) is binarised and counted in blocks of segments that stay in
+  the cache, with numpy's vectorised comparison: torch's ``x > 0.5`` writing a (N, H, W) bool tensor cost
+  about 35 ms of the 45 ms at 100 x 512 x 512; now float and bool batches cost about the same.
 * M_b is resized to the segments' size when they differ, with nearest-neighbour sampling at pixel
   centres (``nearest-exact``), then binarised.
 * Ties: the lowest segment index wins. Empty segments have IoU 0.
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +31,8 @@ Fallback = Literal["error", "rough"]
 FALLBACKS: tuple[str, ...] = ("error", "rough")
 
 _LANE_WORDS = 128  # int64 words summed per chunk: each byte lane then holds <= 128, no carry
+_BLOCK_BYTES = 1 << 21  # bool bytes per block of float segments binarised at once (stays in L2/L3)
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -46,12 +52,31 @@ def as_segments(segments: TensorLike | list[TensorLike]) -> torch.Tensor:
         if not segments:
             return torch.zeros(0, 0, 0, dtype=torch.bool)
         segments = torch.stack([torch.as_tensor(s) for s in segments])
+    x = _segment_tensor(segments)
+    return x if x.dtype == torch.bool else binarize(x)
+
+
+def _segment_tensor(segments: TensorLike) -> torch.Tensor:
+    """(N, H, W) or (H, W) -> (N, H, W), any dtype; refuses other shapes."""
     x = torch.as_tensor(segments)
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3:
         raise ValueError(f"segments: expected masks (N, H, W), got shape {tuple(x.shape)}")
-    return x if x.dtype == torch.bool else x > 0.5
+    return x
+
+
+def _numpy_path(x: torch.Tensor) -> bool:
+    """Whether a float tensor can be binarised through numpy (CPU, a dtype numpy has, no autograd)."""
+    return x.device.type == "cpu" and x.dtype in _NUMPY_FLOATS and not x.requires_grad
+
+
+def binarize(masks: torch.Tensor) -> torch.Tensor:
+    """``masks > 0.5`` as bool, bit for bit (NaN -> False), through numpy on the CPU (vectorised: ~2.5x faster
+    than torch's comparison, which writes bools one at a time)."""
+    if _numpy_path(masks):
+        return torch.from_numpy(np.greater(masks.numpy(), 0.5))
+    return masks > 0.5
 
 
 def _as_words(masks: torch.Tensor) -> torch.Tensor:
@@ -84,14 +109,50 @@ def _match_size(rough: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="nearest-exact")[0, 0] > 0.5
 
 
+def _block_counts(segments: torch.Tensor, rough_words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(intersections with M_b, areas), (N,) int64 each, a block of segments at a time so every temporary
+    stays in the cache (at 100 x 1024 x 1024 a whole-batch ``words & rough_words`` writes 100 MB).
+
+    Bool segments are read as words in place; float segments (> 0.5) are binarised by numpy's comparison
+    into one reused, padded bool buffer: exact, and no (N, H, W) bool tensor is ever written.
+    """
+    n = segments.shape[0]
+    padded = rough_words.shape[1] * 8
+    block = max(1, min(n, _BLOCK_BYTES // padded))
+    inter = torch.empty(n, dtype=torch.int64)
+    area = torch.empty(n, dtype=torch.int64)
+    if segments.dtype == torch.bool:
+        all_words = _as_words(segments)  # (N, P / 8), a view when no padding is needed
+        blocks = (all_words[start:start + block] for start in range(0, n, block))
+    else:
+        flat = segments.reshape(n, -1).numpy()  # (N, H*W)
+        buffer = np.zeros((block, padded), dtype=np.bool_)
+
+        def binarised(start: int) -> torch.Tensor:
+            rows = min(block, n - start)
+            np.greater(flat[start:start + rows], 0.5, out=buffer[:rows, :flat.shape[1]])
+            return torch.from_numpy(buffer[:rows]).view(torch.int64)  # (rows, P / 8), no copy
+
+        blocks = (binarised(start) for start in range(0, n, block))
+    for start, words in zip(range(0, n, block), blocks):
+        inter[start:start + words.shape[0]] = _count_true(words & rough_words)
+        area[start:start + words.shape[0]] = _count_true(words)
+    return inter, area
+
+
 def segment_ious(rough_mask: TensorLike, segments: TensorLike | list[TensorLike]) -> torch.Tensor:
     """R(j) of Eq. 6 for every segment, (N,) float64 (0 where both masks are empty)."""
-    segs = as_segments(segments)
+    if isinstance(segments, (list, tuple)):
+        segments = as_segments(segments)
+    segs = _segment_tensor(segments)
     rough = _match_size(as_mask_hw(rough_mask, "rough_mask").to(segs.device), tuple(segs.shape[1:]))
-    words = _as_words(segs)  # (N, P)
     rough_words = _as_words(rough[None])  # (1, P)
-    inter = _count_true(words & rough_words)
-    union = _count_true(words) + _count_true(rough_words) - inter
+    if segs.device.type == "cpu" and segs.shape[0] and (segs.dtype == torch.bool or _numpy_path(segs)):
+        inter, area = _block_counts(segs, rough_words)
+    else:
+        words = _as_words(as_segments(segs))  # (N, P)
+        inter, area = _count_true(words & rough_words), _count_true(words)
+    union = area + _count_true(rough_words) - inter
     # empty segment and empty M_b: IoU 0 rather than 0/0
     return torch.where(union > 0, inter.double() / union.clamp(min=1).double(), 0.0)
 
@@ -119,7 +180,7 @@ def region_iou(
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-    segs = as_segments(segments)
+    segs = as_segments(segments) if isinstance(segments, (list, tuple)) else _segment_tensor(segments)
     if segs.shape[0] == 0:
         rough = as_mask_hw(rough_mask, "rough_mask")
         reason = "Region-IoU: 'segments' is empty (no candidate masks). Run the segmenter on the edited image."
@@ -140,5 +201,6 @@ def region_iou(
         )
         return _fallback(rough, ious, fallback, reason)
     index = int(torch.nonzero(ious == best)[0, 0])  # first maximum: lowest index wins ties
-    return RegionIoUResult(index=index, iou=float(best), mask=segs[index].clone(), ious=ious, fallback_used=False)
+    mask = segs[index].clone() if segs.dtype == torch.bool else binarize(segs[index])
+    return RegionIoUResult(index=index, iou=float(best), mask=mask, ious=ious, fallback_used=False)
 

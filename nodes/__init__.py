@@ -9,6 +9,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from .attention_maps import AttentionMapRecorder, WordAttentionMap
 from .baret import BaretEditSampler, NullTextInversion, TargetTextInversion
 from .inversion import DDIMInvert, InvertSourceAndReference, ReferenceFeatures
+from .keep_pixels import KeepUneditedPixels
 from .probe import AttentionProbe, ProbeReport
 from .specref import ApplySRAttention, SpecRefEditSampler
 from .zone import SAM_FOLDER, FFTEdgeSmooth, InstructionAction, IP2PEditMask, RegionIoURefine, SAMLoader
@@ -28,7 +29,7 @@ def register_model_folders() -> None:
 NODES: list[type[io.ComfyNode]] = [AttentionProbe, ProbeReport, DDIMInvert, ReferenceFeatures, IP2PEditMask,
                                    InstructionAction, SAMLoader, RegionIoURefine, FFTEdgeSmooth, SpecRefEditSampler,
                                    TargetTextInversion, NullTextInversion, BaretEditSampler, InvertSourceAndReference,
-                                   ApplySRAttention, AttentionMapRecorder, WordAttentionMap]
+                                   ApplySRAttention, AttentionMapRecorder, WordAttentionMap, KeepUneditedPixels]
 
 
 class RealEditExtension(ComfyExtension):

@@ -13,7 +13,14 @@ from typing import Any
 
 from .images import reference_scene, source_scene
 
-IP2P_NODES = {"RealEditIP2PEditMask"}
+IP2P_NODES = {"RealEditIP2PEditMask", "InstructPixToPixConditioning"}
+# loaders of model files the tiny models do not stand in for (a workflow using one is not run on them)
+WEIGHT_LOADERS = {"UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader"}
+
+
+def untiny_loaders(workflow: dict[str, Any]) -> list[str]:
+    """The loaders of ``workflow`` that no tiny model replaces (e.g. a Qwen-Image-Edit UNETLoader)."""
+    return sorted({node["class_type"] for node in workflow.values() if node["class_type"] in WEIGHT_LOADERS})
 
 
 def tiny_run(workflow: dict[str, Any], size: int = 128, steps: int = 4,
@@ -37,5 +44,7 @@ def tiny_run(workflow: dict[str, Any], size: int = 128, steps: int = 4,
             overrides[node_id] = (make_tiny_sam(),)
         elif node["class_type"] == "RealEditRegionIoURefine":
             inputs.update(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0, fallback="rough")
+        elif node["class_type"] == "RealEditKeepUneditedPixels":
+            inputs["align"] = False  # a random model's output is no edit of the photo: alignment would refuse it
     family = "ip2p" if any(n["class_type"] in IP2P_NODES for n in workflow.values()) else "sd1"
     return workflow, overrides, family
