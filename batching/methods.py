@@ -67,7 +67,7 @@ class P2PRun:
     cfg: float
     settings: SpecRefSettings
     edit_mode: str = "auto"
-    sr_uncond: bool = False
+    sr_uncond_shared_kv: bool = False
     self_replace_uncond: bool = False
 
 
@@ -119,7 +119,7 @@ def _p2p_run(o: Mapping[str, Any], default_steps: int) -> P2PRun:
     settings = SpecRefSettings(p2p=p2p, **_pick(o, _SPECREF_KEYS))
     return P2PRun(steps=_steps(o.get("steps", default_steps)), cfg=_number("cfg", o.get("cfg", 7.5)),
                   settings=settings, edit_mode=_choice("edit_mode", o.get("edit_mode", "auto"), EDIT_MODES),
-                  **_pick(o, ("sr_uncond", "self_replace_uncond")))
+                  **_pick(o, ("sr_uncond_shared_kv", "self_replace_uncond")))
 
 
 def _nulltext_run(o: Mapping[str, Any], default_steps: int) -> NullTextRun:
@@ -232,7 +232,7 @@ METHODS: dict[str, MethodSpec] = {
         required=("image", "prompt", "target", "reference", "word"),
         images=("image", "reference", *_GT), masks=("reference_mask",), same_size=_GT,
         word_fields=(("word", "target"), ("blend_words", "target")),
-        keys=lambda: (*_P2P_ALL, "sr_uncond", "self_replace_uncond"), build=_p2p_run,
+        keys=lambda: (*_P2P_ALL, "sr_uncond_shared_kv", "self_replace_uncond"), build=_p2p_run,
         default_steps=50),
     "baret": MethodSpec(
         "baret", "BARET: target-text inversion, then reconstruction / transition / edit in one batch",

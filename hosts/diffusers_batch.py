@@ -164,8 +164,8 @@ def p2p_controls(run: Run, tokenize: Tokenizer, source: str, target: str, *, wor
                            threshold=run.settings.p2p.blend_threshold, start=run.settings.p2p.blend_start)
     positions = _positions(target, word, tokenize, True) if word else None
     return SpecRefControls(settings=run.settings, cross_edit=cross_edit_for(run.edit_mode, src_tokens, tgt_tokens),
-                           local_blend=blend, target_positions=positions, ref_mask=ref_mask, sr_uncond=run.sr_uncond,
-                           self_replace_uncond=run.self_replace_uncond)
+                           local_blend=blend, target_positions=positions, ref_mask=ref_mask,
+                           sr_uncond_shared_kv=run.sr_uncond_shared_kv, self_replace_uncond=run.self_replace_uncond)
 
 
 # -- the methods ------------------------------------------------------------------------------------------------
