@@ -69,7 +69,7 @@ class NonFiniteLossError(ValueError):
 class OptimisationSettings:
     """The knobs of the loop. ``lr`` is a number or a function of the edit step s (null-text's decay)."""
 
-    iterations: int
+    iterations: int | Callable[[int], int]  # a number, or the cap at edit step s (StyleDiffusion's decay)
     lr: LearningRate
     eps: float = BARET_DEFAULTS.early_stop_eps
     delta: float = BARET_DEFAULTS.early_stop_delta
@@ -78,15 +78,21 @@ class OptimisationSettings:
     def lr_at(self, step: int) -> float:
         return float(self.lr(step) if callable(self.lr) else self.lr)
 
+    def cap_at(self, step: int) -> int:
+        """The iteration cap of edit step s."""
+        return self.iterations(step) if callable(self.iterations) else self.iterations
+
     def threshold(self, step: int) -> float:
         """The early-stop threshold at edit step s: eps + s * delta (null-text inversion, BARET Sec. 4.1)."""
         return self.eps + step * self.delta
 
     def validate(self, steps: int, branch: Branch) -> None:
         """Clear errors for settings the loop cannot run with."""
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ValueError(f"RealEdit: the iterations per step must be an integer >= 1, got {self.iterations!r}.")
         for s in range(steps):
+            cap = self.cap_at(s)
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise ValueError(f"RealEdit: the iterations per step must be an integer >= 1, got {cap!r}"
+                                 + (f" at step {s}." if callable(self.iterations) else "."))
             lr = self.lr_at(s)
             if not (math.isfinite(lr) and lr > 0):
                 raise ValueError(
@@ -146,8 +152,11 @@ class EmbeddingOptimisation:
 
 
 @dataclass
-class _StepResult:
-    embedding: torch.Tensor
+class StepResult:
+    """One edit step of :func:`optimise_steps`: the kept parameters, the latent they step to, the loss of
+    every iteration, the kept parameters' loss and a warning (non-finite loss)."""
+
+    params: tuple[torch.Tensor, ...]
     x_next: torch.Tensor
     losses: list[float]
     final_loss: float
@@ -234,57 +243,94 @@ def optimise_embeddings(
 def _run(denoise: BranchDenoiser, path: list[torch.Tensor], sigmas: torch.Tensor, start: torch.Tensor,
          fixed: torch.Tensor, branch: Branch, settings: OptimisationSettings,
          callback: IterationCallback | None) -> EmbeddingOptimisation:
-    x, embedding = path[-1], start
-    results: list[_StepResult] = []
-    for s in range(len(sigmas) - 1):
-        result = _optimise_step(denoise, x, sigmas, s, path, embedding, fixed, branch, settings, callback)
-        if result.warning:
-            logger.warning(result.warning)
-        results.append(result)
-        x, embedding = result.x_next, result.embedding
+    def step_loss(s: int, x: torch.Tensor) -> StepLoss:
+        with torch.no_grad():
+            fixed_pred = denoise(x, edit_levels(sigmas, s)[0], fixed, _other(branch)).float()
+        return cfg_step_loss(lambda params: denoise(x, edit_levels(sigmas, s)[0], params[0], branch), branch,
+                             fixed_pred, x, s, sigmas, path, settings.cfg)
+
+    results = optimise_steps(step_loss, path[-1], (start,), len(sigmas) - 1, settings, callback)
     return EmbeddingOptimisation(
         branch=branch,
-        embeddings=tuple(r.embedding for r in results),
+        embeddings=tuple(r.params[0] for r in results),
         losses=tuple(tuple(r.losses) for r in results),
         final_losses=tuple(r.final_loss for r in results),
         thresholds=tuple(settings.threshold(s) for s in range(len(results))),
-        reconstruction=x,
+        reconstruction=results[-1].x_next,
         warnings=tuple(r.warning for r in results if r.warning),
     )
 
 
-def _optimise_step(denoise: BranchDenoiser, x: torch.Tensor, sigmas: torch.Tensor, s: int,
-                   path: list[torch.Tensor], start: torch.Tensor, fixed: torch.Tensor, branch: Branch,
-                   settings: OptimisationSettings, callback: IterationCallback | None) -> _StepResult:
-    """One edit step: Adam on a warm-started copy of ``start``, early stop, then advance (no grad)."""
+# -- the generic per-step loop: a parameter set, a per-step cap, any loss built on the CFG step ---------------
+Params = tuple[torch.Tensor, ...]
+# params -> (loss, x_next): the loss of one iteration and the latent the CFG step reached
+StepLoss = Callable[[Params], tuple[torch.Tensor, torch.Tensor]]
+# (edit step s, current latent) -> that step's loss function (called once per step, before its iterations)
+StepLossFactory = Callable[[int, torch.Tensor], StepLoss]
+
+
+def cfg_step_loss(predict: Callable[[Params], torch.Tensor], branch: Branch, fixed_pred: torch.Tensor,
+                  x: torch.Tensor, s: int, sigmas: torch.Tensor, path: Sequence[torch.Tensor], cfg: float,
+                  extra: Callable[[], torch.Tensor] | None = None) -> StepLoss:
+    """The loss of edit step s: MSE(CFG DDIM step from ``x``, x_{N-s-1}) (BARET Eq. 1-2, null-text inversion),
+    plus ``extra()`` when given (StyleDiffusion's attention-map term, read after ``predict`` ran).
+
+    ``predict(params)`` is the optimised ``branch``'s prediction; ``fixed_pred`` the other branch's (no grad).
+    """
     sigma, sigma_next, j = edit_levels(sigmas, s)
-    target, threshold = path[j], settings.threshold(s)
-    with torch.no_grad():
-        fixed_pred = denoise(x, sigma, fixed, _other(branch)).float()
+    target = path[j]
 
-    def evaluate(embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = denoise(x, sigma, embedding, branch).float()
+    def evaluate(params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = predict(params).float()
         cond_pred, uncond_pred = (pred, fixed_pred) if branch == "cond" else (fixed_pred, pred)
-        x_next = euler_step(x, cfg_combine(cond_pred, uncond_pred, settings.cfg), sigma, sigma_next)
-        return ddpm_mse(x_next, target, sigma_next), x_next
+        x_next = euler_step(x, cfg_combine(cond_pred, uncond_pred, cfg), sigma, sigma_next)
+        loss = ddpm_mse(x_next, target, sigma_next)
+        return (loss if extra is None else loss + extra()), x_next
 
-    embedding = start.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([embedding], lr=settings.lr_at(s))
+    return evaluate
+
+
+def optimise_steps(step_loss: StepLossFactory, x_start: torch.Tensor, start: Params, steps: int,
+                   settings: OptimisationSettings, callback: IterationCallback | None = None) -> list[StepResult]:
+    """Per edit step s = 0 .. steps - 1: Adam on a warm-started copy of the parameters (the previous step's
+    result; ``start`` at s = 0), a fresh optimiser per step, early stop, then advance to the latent the kept
+    parameters step to. Shared by TTIS, null-text inversion and StyleDiffusion's value inversion."""
+    x, params = x_start, start
+    results: list[StepResult] = []
+    for s in range(steps):
+        result = optimise_step(step_loss(s, x), params, s, settings, callback)
+        if result.warning:
+            logger.warning(result.warning)
+        results.append(result)
+        x, params = result.x_next, result.params
+    return results
+
+
+def optimise_step(evaluate: StepLoss, start: Params, s: int, settings: OptimisationSettings,
+                  callback: IterationCallback | None) -> StepResult:
+    """One edit step: Adam (lr ``settings.lr_at(s)``) on a copy of ``start``, at most ``settings.cap_at(s)``
+    iterations, early stop below ``settings.threshold(s)``."""
+    params = tuple(p.clone().requires_grad_(True) for p in start)
+    optimizer = torch.optim.Adam(list(params), lr=settings.lr_at(s))
     try:
-        return _iterate(evaluate, embedding, optimizer, s, threshold, settings.iterations, callback)
+        return _iterate(evaluate, params, optimizer, s, settings.threshold(s), settings.cap_at(s), callback)
     finally:  # also on cancellation: nothing may keep requiring grad or hold Adam's state
-        embedding.requires_grad_(False)
-        embedding.grad = None
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
         optimizer.state.clear()
 
 
-def _iterate(evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], embedding: torch.Tensor,
-             optimizer: torch.optim.Optimizer, s: int, threshold: float, cap: int,
-             callback: IterationCallback | None) -> _StepResult:
+def _snapshot(params: Params) -> Params:
+    return tuple(p.detach().clone() for p in params)
+
+
+def _iterate(evaluate: StepLoss, params: Params, optimizer: torch.optim.Optimizer, s: int, threshold: float,
+             cap: int, callback: IterationCallback | None) -> StepResult:
     losses: list[float] = []
-    last: tuple[torch.Tensor, torch.Tensor, float] | None = None  # last finite (embedding, x_next, loss)
+    last: tuple[Params, torch.Tensor, float] | None = None  # last finite (params, x_next, loss)
     for i in range(cap):
-        value, x_next, evaluated = _iteration(evaluate, embedding, optimizer, threshold)
+        value, x_next, evaluated = _iteration(evaluate, params, optimizer, threshold)
         losses.append(value)
         if callback is not None:
             callback(s, i, value)
@@ -292,27 +338,27 @@ def _iterate(evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor
             return _non_finite(s, i, losses, last)
         last = (evaluated, x_next, value)
         if value < threshold:
-            return _StepResult(evaluated, x_next, losses, value)
+            return StepResult(evaluated, x_next, losses, value)
     # At the cap the last update is unchecked: the advancing pass measures it (no grad).
     with torch.no_grad():
-        final, x_next = evaluate(embedding)
+        final, x_next = evaluate(params)
     if not math.isfinite(final.item()):
         return _non_finite(s, cap, losses, last)
-    return _StepResult(embedding.detach().clone(), x_next.detach(), losses, final.item())
+    return StepResult(_snapshot(params), x_next.detach(), losses, final.item())
 
 
-def _iteration(evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], embedding: torch.Tensor,
-               optimizer: torch.optim.Optimizer, threshold: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+def _iteration(evaluate: StepLoss, params: Params, optimizer: torch.optim.Optimizer,
+               threshold: float) -> tuple[float, torch.Tensor, Params]:
     """Forward; backward and Adam step unless the loss is under the threshold or non-finite.
 
-    Returns the loss, the latent it stepped to and the embedding it was measured at; the autograd
+    Returns the loss, the latent it stepped to and the parameters it was measured at; the autograd
     graph dies with this frame.
     """
-    loss, x_next = evaluate(embedding)
+    loss, x_next = evaluate(params)
     if not loss.requires_grad:
         raise RuntimeError("RealEdit: the denoiser's output does not depend on the optimised embedding.")
     value = loss.item()
-    evaluated = embedding.detach().clone()
+    evaluated = _snapshot(params)
     if math.isfinite(value) and value >= threshold:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -320,9 +366,8 @@ def _iteration(evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tens
     return value, x_next.detach(), evaluated
 
 
-def _non_finite(s: int, i: int, losses: list[float],
-                last: tuple[torch.Tensor, torch.Tensor, float] | None) -> _StepResult:
-    """Stop the step and keep the last embedding with a finite loss; fail if there is none."""
+def _non_finite(s: int, i: int, losses: list[float], last: tuple[Params, torch.Tensor, float] | None) -> StepResult:
+    """Stop the step and keep the last parameters with a finite loss; fail if there are none."""
     if last is None:
         raise NonFiniteLossError(
             f"RealEdit: the loss is NaN/inf at step {s} even before optimising (the model gives non-finite "
@@ -330,7 +375,7 @@ def _non_finite(s: int, i: int, losses: list[float],
         )
     warning = (f"RealEdit: non-finite loss at step {s}, iteration {i}; kept the last embedding with a finite "
                f"loss ({last[2]:.3g}). Try a lower learning rate.")
-    return _StepResult(last[0], last[1], losses, last[2], warning)
+    return StepResult(last[0], last[1], losses, last[2], warning)
 
 
 def optimised_and_fixed(branch: Branch, cond: torch.Tensor, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
