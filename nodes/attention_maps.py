@@ -16,8 +16,7 @@ from ..attention.maps import CrossAttentionStore, MapRecorder, MapStoreError, wo
 from ..attention.settings import P2PSettings
 from ..attention.tokens import word_token_indices
 from ..hosts.comfy import discover_layers, install_hook
-from .common import latent_samples
-from .specref import LATENT_SCALE, clip_tokenizer, split_words
+from .common import LATENT_SCALE, clip_tokenizer, latent_samples, split_words
 
 CATEGORY = "RealEdit/attention"
 AttentionMaps = io.Custom("REALEDIT_ATTENTION_MAPS")

@@ -1,19 +1,34 @@
-"""Shared node plumbing: progress with cancellation, custom socket types, validation helpers."""
+"""Shared node plumbing: progress with cancellation, custom socket types, validation helpers, and the prompt
+words of the two-path P2P samplers (SpecRef, StyleDiffusion): token positions from a CLIP, the P2P cross edit,
+LocalBlend words.
+
+The samplers encode the source and target prompts themselves with the CLIP, so that words (target word for
+M_t, LocalBlend words, reweighted words) map to the exact token positions ComfyUI's tokenizer gives
+them (prompt weighting syntax such as ``(cat:1.2)`` is parsed away by that tokenizer).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import comfy.model_management
 import comfy.utils
 import torch
+import torch.nn.functional as F
 from comfy_api.v0_0_2 import io
 
+from ..attention.p2p import Refine, Replace, Reweight
+from ..attention.specref import SpecRefError
+from ..attention.tokens import Token, Tokenizer, TokenLookupError, WordNotFoundError, word_positions, word_units
 from ..hosts.comfy_sampling import INVERSION_SCHEDULERS
 from ..inversion.ddim import CONVENTIONS, DEFAULT_CONVENTION
 
 Inversion = io.Custom("REALEDIT_INVERSION")
 RefFeatures = io.Custom("REALEDIT_REF_FEATURES")
+
+EDIT_MODES = ("auto", "replace", "refine", "reweight", "none")
+LATENT_SCALE = 8  # VAE downscale of SD1.x / SD2.x / SDXL
 
 CONVENTION_TOOLTIP = (
     "Where the inversion predicts noise. 'next' (default): at the current latent labelled with the next "
@@ -66,3 +81,88 @@ def single_image(samples: torch.Tensor, name: str) -> torch.Tensor:
             "(use 'Latent From Batch' to pick one)."
         )
     return samples
+
+
+# -- words and tokens ------------------------------------------------------------------------------------
+def clip_tokenizer(clip: object) -> Tokenizer:
+    """A :data:`~..attention.tokens.Tokenizer` from a ComfyUI CLIP: its own CLIP-L (else first) tokenizer,
+    so positions match what CLIPTextEncode feeds the model (weights parsed away, BOS/EOS/padding removed).
+    """
+    outer = getattr(clip, "tokenizer", None)
+    inner = getattr(outer, "clip_l", None) or getattr(outer, str(getattr(outer, "clip", "")), None)
+    hf = getattr(inner, "tokenizer", None)
+    if inner is None or hf is None or not hasattr(inner, "tokenize_with_weights"):
+        raise SpecRefError("RealEdit: this CLIP has no CLIP (BPE) tokenizer to look words up with; SpecRef "
+                           "editing supports SD1.x, SD2.x and SDXL text encoders.")
+    start, end = getattr(inner, "start_token", None), getattr(inner, "end_token", None)
+
+    def tokenize(text: str) -> list[Token]:
+        ids: list[int] = []
+        for chunk in inner.tokenize_with_weights(text):
+            chunk_ids = [t[0] for t in chunk]
+            if chunk_ids and start is not None and chunk_ids[0] == start:
+                chunk_ids = chunk_ids[1:]
+            if end is not None and end in chunk_ids:
+                chunk_ids = chunk_ids[: chunk_ids.index(end)]
+            ids.extend(int(t) if isinstance(t, int) else -1 for t in chunk_ids)  # -1: a textual embedding
+        texts = [hf.convert_ids_to_tokens(i) if i >= 0 else "<embedding></w>" for i in ids]
+        return list(zip(ids, texts))
+
+    return tokenize
+
+
+def split_words(text: str) -> list[str]:
+    """Comma-separated word groups (a group may hold several words: 'red car, tiger')."""
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
+def _positions_if_any(prompt: str, word: str, tokenize: Tokenizer) -> list[int]:
+    """Positions of ``word`` in ``prompt``; [] when it does not occur there (other lookup errors raise)."""
+    try:
+        return word_positions(prompt, word, tokenize)
+    except WordNotFoundError:
+        return []
+
+
+def blend_positions(source: str, target: str, words: Sequence[str], tokenize: Tokenizer) -> list[list[int]]:
+    """LocalBlend token positions per path (source, target); each word must occur in one of the prompts."""
+    found: tuple[set[int], set[int]] = (set(), set())
+    for word in words:
+        in_source, in_target = _positions_if_any(source, word, tokenize), _positions_if_any(target, word, tokenize)
+        if not in_source and not in_target:
+            raise TokenLookupError(f"RealEdit: the LocalBlend word {word!r} is in neither the source prompt "
+                                   f"{source!r} nor the target prompt {target!r}.")
+        found[0].update(in_source)
+        found[1].update(in_target)
+    return [sorted(found[0]), sorted(found[1])]
+
+
+def resolve_mode(mode: str, src_tokens: list[Token], tgt_tokens: list[Token]) -> str:
+    if mode != "auto":
+        return mode
+    return "replace" if len(word_units(src_tokens)) == len(word_units(tgt_tokens)) else "refine"
+
+
+def cross_edit(mode: str, src_tokens: list[Token], tgt_tokens: list[Token], scale: torch.Tensor | None):
+    """The P2P cross-attention control for ``mode`` (``reweight`` scales on top of the auto base)."""
+    if mode == "none":
+        return None
+    if mode == "reweight":
+        base = resolve_mode("auto", src_tokens, tgt_tokens)
+        return Reweight(scale, cross_edit(base, src_tokens, tgt_tokens, None))
+    if mode == "replace":
+        return Replace.from_tokens(src_tokens, tgt_tokens)
+    return Refine.from_tokens(src_tokens, tgt_tokens)
+
+
+def image_mask(mask: torch.Tensor | None, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """A (1, H, W) latent-size mask upscaled to image size (nearest); zeros when not computed."""
+    size = (latent_hw[0] * LATENT_SCALE, latent_hw[1] * LATENT_SCALE)
+    if mask is None:
+        return torch.zeros(1, *size)
+    return F.interpolate(mask.float().reshape(1, 1, *mask.shape[-2:]), size=size, mode="nearest")[0]
+
+
+def encode(clip: object, text: str) -> list:
+    """What CLIPTextEncode gives for ``text``."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))

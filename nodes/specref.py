@@ -1,130 +1,40 @@
 """RealEdit SpecRef Edit Sampler: SpecRef's edit stage (P2P two-path sampler + SR-attention) as one node;
 RealEdit Apply SR-Attention: SR-attention alone, as a MODEL patch for ComfyUI's own samplers.
 
-The edit sampler encodes the source and target prompts itself with the CLIP, so that words (target word for
-M_t, LocalBlend words, reweighted words) map to the exact token positions ComfyUI's tokenizer gives
-them (prompt weighting syntax such as ``(cat:1.2)`` is parsed away by that tokenizer).
+The edit sampler encodes the source and target prompts itself with the CLIP (the word helpers live in
+``nodes/common.py``, shared with the StyleDiffusion sampler).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
 from comfy_api.v0_0_2 import io, ui
 
 from ..attention.local_blend import LocalBlend
-from ..attention.p2p import Refine, Replace, Reweight
 from ..attention.settings import MASK_RESIZE_MODES, P2PSettings, SpecRefSettings, describe
 from ..attention.specref import SpecRefControls, SpecRefError, SRStats, parse_layers
-from ..attention.tokens import (
-    Token,
-    Tokenizer,
-    TokenLookupError,
-    WordNotFoundError,
-    check_prompt_length,
-    reweight_scale,
-    word_positions,
-    word_token_indices,
-    word_units,
-)
+from ..attention.tokens import check_prompt_length, reweight_scale, word_token_indices
 from ..hosts.comfy_edit import specref_edit
 from ..hosts.comfy_sr import apply_sr_attention, check_stored_features
-from .common import Inversion, RefFeatures, progress
+from .common import (
+    EDIT_MODES,
+    Inversion,
+    RefFeatures,
+    blend_positions,
+    clip_tokenizer,
+    cross_edit,
+    encode,
+    image_mask,
+    progress,
+    resolve_mode,
+    split_words,
+)
 
 CATEGORY = "RealEdit/specref"
 P2P_DEFAULTS = P2PSettings()
 SR_DEFAULTS = SpecRefSettings()
-EDIT_MODES = ("auto", "replace", "refine", "reweight", "none")
-LATENT_SCALE = 8  # VAE downscale of SD1.x / SD2.x / SDXL
 log = logging.getLogger("realedit")
-
-
-# -- words and tokens ------------------------------------------------------------------------------------
-def clip_tokenizer(clip: object) -> Tokenizer:
-    """A :data:`~..attention.tokens.Tokenizer` from a ComfyUI CLIP: its own CLIP-L (else first) tokenizer,
-    so positions match what CLIPTextEncode feeds the model (weights parsed away, BOS/EOS/padding removed).
-    """
-    outer = getattr(clip, "tokenizer", None)
-    inner = getattr(outer, "clip_l", None) or getattr(outer, str(getattr(outer, "clip", "")), None)
-    hf = getattr(inner, "tokenizer", None)
-    if inner is None or hf is None or not hasattr(inner, "tokenize_with_weights"):
-        raise SpecRefError("RealEdit: this CLIP has no CLIP (BPE) tokenizer to look words up with; SpecRef "
-                           "editing supports SD1.x, SD2.x and SDXL text encoders.")
-    start, end = getattr(inner, "start_token", None), getattr(inner, "end_token", None)
-
-    def tokenize(text: str) -> list[Token]:
-        ids: list[int] = []
-        for chunk in inner.tokenize_with_weights(text):
-            chunk_ids = [t[0] for t in chunk]
-            if chunk_ids and start is not None and chunk_ids[0] == start:
-                chunk_ids = chunk_ids[1:]
-            if end is not None and end in chunk_ids:
-                chunk_ids = chunk_ids[: chunk_ids.index(end)]
-            ids.extend(int(t) if isinstance(t, int) else -1 for t in chunk_ids)  # -1: a textual embedding
-        texts = [hf.convert_ids_to_tokens(i) if i >= 0 else "<embedding></w>" for i in ids]
-        return list(zip(ids, texts))
-
-    return tokenize
-
-
-def split_words(text: str) -> list[str]:
-    """Comma-separated word groups (a group may hold several words: 'red car, tiger')."""
-    return [w.strip() for w in (text or "").split(",") if w.strip()]
-
-
-def _positions_if_any(prompt: str, word: str, tokenize: Tokenizer) -> list[int]:
-    """Positions of ``word`` in ``prompt``; [] when it does not occur there (other lookup errors raise)."""
-    try:
-        return word_positions(prompt, word, tokenize)
-    except WordNotFoundError:
-        return []
-
-
-def blend_positions(source: str, target: str, words: Sequence[str], tokenize: Tokenizer) -> list[list[int]]:
-    """LocalBlend token positions per path (source, target); each word must occur in one of the prompts."""
-    found: tuple[set[int], set[int]] = (set(), set())
-    for word in words:
-        in_source, in_target = _positions_if_any(source, word, tokenize), _positions_if_any(target, word, tokenize)
-        if not in_source and not in_target:
-            raise TokenLookupError(f"RealEdit: the LocalBlend word {word!r} is in neither the source prompt "
-                                   f"{source!r} nor the target prompt {target!r}.")
-        found[0].update(in_source)
-        found[1].update(in_target)
-    return [sorted(found[0]), sorted(found[1])]
-
-
-def resolve_mode(mode: str, src_tokens: list[Token], tgt_tokens: list[Token]) -> str:
-    if mode != "auto":
-        return mode
-    return "replace" if len(word_units(src_tokens)) == len(word_units(tgt_tokens)) else "refine"
-
-
-def cross_edit(mode: str, src_tokens: list[Token], tgt_tokens: list[Token], scale: torch.Tensor | None):
-    """The P2P cross-attention control for ``mode`` (``reweight`` scales on top of the auto base)."""
-    if mode == "none":
-        return None
-    if mode == "reweight":
-        base = resolve_mode("auto", src_tokens, tgt_tokens)
-        return Reweight(scale, cross_edit(base, src_tokens, tgt_tokens, None))
-    if mode == "replace":
-        return Replace.from_tokens(src_tokens, tgt_tokens)
-    return Refine.from_tokens(src_tokens, tgt_tokens)
-
-
-def image_mask(mask: torch.Tensor | None, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """A (1, H, W) latent-size mask upscaled to image size (nearest); zeros when not computed."""
-    size = (latent_hw[0] * LATENT_SCALE, latent_hw[1] * LATENT_SCALE)
-    if mask is None:
-        return torch.zeros(1, *size)
-    return F.interpolate(mask.float().reshape(1, 1, *mask.shape[-2:]), size=size, mode="nearest")[0]
-
-
-def encode(clip: object, text: str) -> list:
-    """What CLIPTextEncode gives for ``text``."""
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 class SpecRefEditSampler(io.ComfyNode):
