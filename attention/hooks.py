@@ -206,3 +206,33 @@ class ChainHook:
             if out is not None:
                 return out
         return None
+
+
+# Which input a (row kind, prompt slot) gets at a step; None keeps the row's own. Hosts use it for text
+# contexts (BARET, null-text inversion) and for StyleDiffusion's value inputs.
+RowSchedule = Callable[[str, int, "int | None"], "torch.Tensor | None"]
+
+
+def substitute_rows(base: torch.Tensor, rows: RowInfo, step: int | None, schedule: RowSchedule) -> torch.Tensor:
+    """``base`` ((batch, tokens, width), a cross-attention context or value input) with the rows ``schedule``
+    names replaced; ``base`` itself (the same object) when it names none. A (1, tokens, width) replacement is
+    repeated to the batch's token count (:func:`fit_tokens`)."""
+    out = None
+    for i, (kind, slot) in enumerate(zip(rows.kind, rows.slot)):
+        embedding = schedule(kind, slot, step)
+        if embedding is None:
+            continue
+        if out is None:
+            out = base.clone()
+        out[i] = fit_tokens(embedding, base.shape[1:]).to(base)
+    return base if out is None else out
+
+
+def fit_tokens(embedding: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A (1, tokens, width) embedding repeated to the batch's context length (ComfyUI repeats contexts
+    to a common multiple of their lengths to batch them; attention is unchanged by the repetition)."""
+    tokens, width = embedding.shape[-2:]
+    if width != shape[1] or shape[0] % tokens:
+        raise ValueError(f"RealEdit: a scheduled text embedding of {tokens} tokens x {width} cannot stand in for "
+                         f"a context of {shape[0]} x {shape[1]}; encode every prompt with the same CLIP.")
+    return embedding.reshape(tokens, width).repeat(shape[0] // tokens, 1)

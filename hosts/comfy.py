@@ -24,9 +24,11 @@ from ..attention.hooks import (
     AttentionKind,
     LayerInfo,
     RowInfo,
+    RowSchedule,
     check_hook_output,
     grid_for,
     schedule_index,
+    substitute_rows,
 )
 
 WRAPPER_KEY = "realedit"
@@ -242,7 +244,7 @@ def installed_patches(model_patcher: Any) -> list[HookedAttention]:
 
 
 # Which text context a (row kind, prompt slot) gets at an edit step; None keeps the prompt's own.
-ContextSchedule = Callable[[str, int, int], "torch.Tensor | None"]
+ContextSchedule = RowSchedule
 
 
 class ScheduledContext:
@@ -277,25 +279,42 @@ class ScheduledContext:
         return n, replaced, replaced if value is context else value
 
     def _replace(self, context: torch.Tensor, rows: RowInfo, step: int) -> torch.Tensor:
-        out = None
-        for i, (kind, slot) in enumerate(zip(rows.kind, rows.slot)):
-            embedding = self.schedule(kind, slot, step)
-            if embedding is None:
-                continue
-            if out is None:
-                out = context.clone()
-            out[i] = _fit_tokens(embedding, context.shape[1:]).to(context)
-        return context if out is None else out
+        return substitute_rows(context, rows, step, self.schedule)
 
 
-def _fit_tokens(embedding: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A (1, tokens, width) embedding repeated to the batch's context length (ComfyUI repeats contexts
-    to a common multiple of their lengths to batch them; attention is unchanged by the repetition)."""
-    tokens, width = embedding.shape[-2:]
-    if width != shape[1] or shape[0] % tokens:
-        raise ValueError(f"RealEdit: a scheduled text embedding of {tokens} tokens x {width} cannot stand in for "
-                         f"a context of {shape[0]} x {shape[1]}; encode every prompt with the same CLIP.")
-    return embedding.reshape(tokens, width).repeat(shape[0] // tokens, 1)
+class ScheduledValue:
+    """An ``attn2_patch`` replacing only the *value input* of chosen rows (StyleDiffusion: the learned
+    ``c * A_s + B_s`` of the conditional rows); keys keep the text context.
+
+    ComfyUI passes the value input separately from the context (``BasicTransformerBlock`` hands
+    ``(n, context, value)`` through every ``attn2_patch``, then ``attn2.to_v(value)``), so this stacks with
+    other packs' patches before or after it: the rows ``schedule(kind, slot, step)`` names get their
+    replacement, every other row keeps the value input it arrived with. No caching: the schedule may return
+    a new tensor at every call (the optimisation's live value, which requires grad).
+    """
+
+    def __init__(self, schedule: ContextSchedule) -> None:
+        self.schedule = schedule
+        self.steps = _SigmaSteps()
+
+    def __deepcopy__(self, memo: dict) -> ScheduledValue:
+        return self
+
+    def __call__(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor | None,
+                 extra_options: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        base = context if value is None else value
+        if base is None:
+            return n, context, value
+        step, _ = self.steps(extra_options)
+        rows = row_info(tuple(extra_options.get("cond_or_uncond") or (0,)), base.shape[0])
+        return n, context, substitute_rows(base, rows, step, self.schedule)
+
+
+def install_value_schedule(model_patcher: Any, schedule: ContextSchedule) -> Any:
+    """Return a clone of ``model_patcher`` whose cross-attention value inputs follow ``schedule``."""
+    patched = model_patcher.clone()
+    patched.set_model_attn2_patch(ScheduledValue(schedule))
+    return patched
 
 
 def install_context_schedule(model_patcher: Any, schedule: ContextSchedule) -> Any:

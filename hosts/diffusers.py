@@ -37,9 +37,11 @@ from ..attention.hooks import (
     AttentionKind,
     LayerInfo,
     RowInfo,
+    RowSchedule,
     check_hook_output,
     grid_for,
     schedule_index,
+    substitute_rows,
 )
 from ..attention.math import attention, split_heads
 
@@ -157,16 +159,19 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
     return out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
 
 
-def _project(attn: Attention, hidden_states: torch.Tensor,
-             encoder_hidden_states: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _project(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+             value_states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v of (batch, tokens, channels) input, projected as ``AttnProcessor2_0`` does (group norm,
-    then the encoder states' norm for cross-attention)."""
+    then the encoder states' norm for cross-attention). ``value_states``: a separate value input for
+    cross-attention (StyleDiffusion; ComfyUI's ``attn2`` takes one too), normalised like the context."""
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
     context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
     if encoder_hidden_states is not None and attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)
-    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if value_states is not None:
+            value_states = attn.norm_encoder_hidden_states(value_states)
+    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context if value_states is None else value_states)
 
 
 def _split_and_norm(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
@@ -224,6 +229,10 @@ class HookedAttnProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         if not self.plain:
+            if self.kind == "cross" and self.host.value_input is not None:
+                raise ValueError(f"RealEdit: the cross-attention of layer {self.layer.index} runs "
+                                 f"{type(self.previous).__name__}; StyleDiffusion's value input needs diffusers' "
+                                 "AttnProcessor2_0 there (unet.set_attn_processor(AttnProcessor2_0())).")
             return self._call_previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
                                        args, kwargs)
         residual = hidden_states
@@ -253,10 +262,21 @@ class HookedAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        query, key, value = _project(attn, hidden_states, encoder_hidden_states)
+        query, key, value = _project(attn, hidden_states, encoder_hidden_states,
+                                     self._value_input(encoder_hidden_states))
         out = self._hook_or_sdpa(attn, query, key, value, attention_mask, grid)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+    def _value_input(self, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor | None:
+        """The host's scheduled value input for this cross-attention call (rows it names replaced), or None."""
+        schedule = self.host.value_input
+        if schedule is None or self.kind != "cross" or encoder_hidden_states is None:
+            return None
+        state = self.host.call_state
+        rows = state.rows if state is not None else self.host.default_rows(encoder_hidden_states.shape[0])
+        value = substitute_rows(encoder_hidden_states, rows, state.step if state is not None else None, schedule)
+        return None if value is encoder_hidden_states else value
 
     def _hook_or_sdpa(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       mask: torch.Tensor | None, grid: tuple[int, int] | None) -> torch.Tensor:
@@ -327,11 +347,16 @@ class DiffusersHost:
     ``install()`` / ``uninstall()`` or ``with host:`` put the processors on and take them off again
     (the original processor objects are restored). Hosts on one UNet must be uninstalled in the
     reverse order of installation.
+
+    ``value_input``: StyleDiffusion's value schedule, ``(kind, slot, step) -> (1, tokens, width) | None``;
+    the rows it names project their cross-attention *value* from it instead of the text context (keys keep
+    the context), the twin of ComfyUI's ``ScheduledValue`` patch. None (default): nothing changes.
     """
 
     def __init__(self, unet: torch.nn.Module, hook: AttentionHook, *, schedule: Schedule | None = None,
-                 self_attention: bool = True, cross_attention: bool = True) -> None:
-        self.unet, self.hook = unet, hook
+                 self_attention: bool = True, cross_attention: bool = True,
+                 value_input: RowSchedule | None = None) -> None:
+        self.unet, self.hook, self.value_input = unet, hook, value_input
         self._blocks = _layers_and_blocks(unet)
         self.layers = [layer for layer, _ in self._blocks]
         self.kinds: tuple[AttentionKind, ...] = ("self",) * self_attention + ("cross",) * cross_attention
