@@ -29,6 +29,7 @@ import torch
 
 from ..inversion.baret_settings import BARET_DEFAULTS, check_fractions, transition_lambda
 from ..inversion.embedding_opt import OptimisedInversion
+from ..inversion.value_inversion import refuse_value_inversion
 from .hooks import AttentionContext, RowKind
 from .math import DEFAULT_MAX_ELEMENTS
 from .p2p import P2PHook
@@ -92,6 +93,7 @@ class BaretEmbeddings:
 
 def check_ttis_inversion(inversion: object) -> OptimisedInversion:
     """The INVERSION must come from TTIS: per-step optimised *target* embeddings, one image."""
+    refuse_value_inversion(inversion, "the BARET Edit Sampler", BaretError)
     if not isinstance(inversion, OptimisedInversion) or inversion.embeddings is None:
         raise BaretError("RealEdit: this INVERSION carries no optimised embeddings; the BARET edit needs the "
                          "output of RealEdit Target-Text Inversion (TTIS), not a plain DDIM inversion.")

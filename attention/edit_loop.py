@@ -23,6 +23,7 @@ import torch
 from ..inversion.bank import BankSettings, ReferenceBank, ReferenceFeatures, check_reference
 from ..inversion.ddim import Inversion
 from ..inversion.embedding_opt import OptimisedInversion
+from ..inversion.value_inversion import refuse_value_inversion
 from .hooks import LayerInfo
 from .specref import (
     LiveReference,
@@ -70,15 +71,21 @@ class EditResult:
 
 
 class TwoPathLoop:
-    """The sampler: pinned reconstruction, Euler edit steps, LocalBlend, live reference row."""
+    """The sampler: pinned reconstruction, Euler edit steps, LocalBlend, live reference row.
+
+    ``pin_source`` False lets slot 0 run free from z_T like the edit row (StyleDiffusion's P2Plus, as its
+    official code samples the source row with its learned value inputs instead of pinning it).
+    """
 
     def __init__(self, hook: SpecRefHook, inversion: Inversion, reference: Inversion | None,
-                 callback: EditCallback | None) -> None:
+                 callback: EditCallback | None, *, pin_source: bool = True) -> None:
         self.hook, self.inversion, self.reference, self.callback = hook, inversion, reference, callback
+        self.pin_source = pin_source
 
     def _pin(self, x: torch.Tensor, step: int) -> None:
         """Slot 0 := the inverted latent edit step ``step`` starts from; slot 2 := the reference input."""
-        x[0] = self.inversion.latent_for_edit_step(step)[0].to(x)
+        if self.pin_source:
+            x[0] = self.inversion.latent_for_edit_step(step)[0].to(x)
         if self.reference is not None and step < self.inversion.steps:
             x[2] = self.reference.pinned_model_input(step)[0][0].to(x)
 
@@ -240,6 +247,7 @@ def prepare_edit(fingerprint: str, inversion: Inversion, layers: Callable[[], li
     """Both hosts' checks before an edit, and its hook: guidance needs a negative prompt, one source image,
     an inversion (and reference inputs) made with this model (``fingerprint``) and step count. ``layers``
     lists the model's attention layers (live windows default to ``BankSettings(mode="live")``'s)."""
+    refuse_value_inversion(inversion, "the SpecRef Edit Sampler", SpecRefError)
     if not has_negative and cfg != 1.0:
         raise SpecRefError(f"RealEdit: guidance above 1 needs a {negative_name}; connect one or use cfg 1.")
     if inversion.z_T.shape[0] != 1:
