@@ -40,9 +40,11 @@ are not supported (a clear error): the loop optimises text embeddings only. The 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import comfy.model_management
@@ -199,7 +201,7 @@ def branch_denoiser(model: Any, extras: dict[Branch, dict[str, torch.Tensor]],
     return denoise
 
 
-def _interruptible(callback: Callable[..., None] | None) -> Callable[..., None]:
+def interruptible(callback: Callable[..., None] | None) -> Callable[..., None]:
     """Honour ComfyUI's Cancel button at every call, then run the caller's callback."""
 
     def call(*args: Any) -> None:
@@ -238,10 +240,10 @@ def optimise_inversion(
     clone = autograd_clone(model, dtype)
     try:
         inversion = ddim_invert(clone, latent, positive, steps=steps, scheduler=scheduler, guidance=1.0,
-                                convention=convention, callback=_interruptible(inversion_callback))
+                                convention=convention, callback=interruptible(inversion_callback))
         result, cond, uncond = _optimise_on(clone, inversion.trajectory, inversion.sigmas, latent.shape, positive,
                                             negative, branch, settings, inversion.sampling_sigmas,
-                                            _interruptible(callback))
+                                            interruptible(callback))
     finally:
         hand_back(model, clone)
     result = dataclasses.replace(result, embeddings=tuple(e.cpu() for e in result.embeddings),
@@ -256,16 +258,36 @@ def _optimise_on(clone: Any, trajectory: tuple[torch.Tensor, ...], sigmas: torch
                  ) -> tuple[EmbeddingOptimisation, torch.Tensor, torch.Tensor]:
     """Load the clone for backward passes and run the core loop on its load device; with the cond and uncond
     embeddings it started from."""
+    device = load_for_backward(clone, latent_shape)
+    denoise, cond, uncond = prompt_denoiser(clone, positive, negative, latent_shape, device, sample_sigmas)
+    with inference_tensor_errors():
+        result = optimise_embeddings(denoise, [t.to(device) for t in trajectory], sigmas, cond, uncond, branch,
+                                     settings, callback)
+    return result, cond, uncond
+
+
+def load_for_backward(clone: Any, latent_shape: torch.Size) -> torch.device:
+    """Load an :func:`autograd_clone` with room for backward passes; returns its device."""
     memory = clone.memory_required(list(latent_shape)) * BACKWARD_MEMORY_FACTOR
     # a deep copy made for dynamic VRAM loads whole, as ComfyUI's trainer loads it (module docstring, step 1)
     comfy.model_management.load_models_gpu([clone], memory_required=memory, force_full_load=is_deep_copy(clone))
-    device = clone.load_device
+    return clone.load_device
+
+
+def prompt_denoiser(clone: Any, positive: list, negative: list, latent_shape: torch.Size, device: torch.device,
+                    sample_sigmas: torch.Tensor) -> tuple[BranchDenoiser, torch.Tensor, torch.Tensor]:
+    """The clone's :func:`branch_denoiser` with both prompts' extra model conds, and the two text embeddings."""
     cond, cond_extras = embedding_and_extras(clone, positive, latent_shape, device, "positive")
     uncond, uncond_extras = embedding_and_extras(clone, negative, latent_shape, device, "negative")
     denoise = branch_denoiser(clone, {"cond": cond_extras, "uncond": uncond_extras}, sample_sigmas.to(device))
+    return denoise, cond, uncond
+
+
+@contextlib.contextmanager
+def inference_tensor_errors() -> Iterator[None]:
+    """Name the cause when autograd meets an inference-mode weight (a layer that is not a ComfyUI op)."""
     try:
-        result = optimise_embeddings(denoise, [t.to(device) for t in trajectory], sigmas, cond, uncond, branch,
-                                     settings, callback)
+        yield
     except RuntimeError as error:
         if "Inference tensors" not in str(error):
             raise
@@ -273,7 +295,6 @@ def _optimise_on(clone: Any, trajectory: tuple[torch.Tensor, ...], sigmas: torch
             "RealEdit: a layer of this MODEL is not a ComfyUI op, so its inference-mode weights cannot take part "
             "in backpropagation; embedding optimisation does not support this model."
         ) from error
-    return result, cond, uncond
 
 
 def ttis_invert(
