@@ -12,6 +12,7 @@ from .inversion import DDIMInvert, InvertSourceAndReference, ReferenceFeatures
 from .keep_pixels import KeepUneditedPixels
 from .probe import AttentionProbe, ProbeReport
 from .specref import ApplySRAttention, SpecRefEditSampler
+from .stylediffusion import StyleDiffusionEditSampler, ValueEmbeddingInversion
 from .zone import SAM_FOLDER, FFTEdgeSmooth, InstructionAction, IP2PEditMask, RegionIoURefine, SAMLoader
 
 
@@ -30,6 +31,7 @@ NODES: list[type[io.ComfyNode]] = [AttentionProbe, ProbeReport, DDIMInvert, Refe
                                    InstructionAction, SAMLoader, RegionIoURefine, FFTEdgeSmooth, SpecRefEditSampler,
                                    TargetTextInversion, NullTextInversion, BaretEditSampler, InvertSourceAndReference,
                                    ApplySRAttention, AttentionMapRecorder, WordAttentionMap, KeepUneditedPixels]
+NODES += [ValueEmbeddingInversion, StyleDiffusionEditSampler]
 
 
 class RealEditExtension(ComfyExtension):
