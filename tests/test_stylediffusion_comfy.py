@@ -266,3 +266,33 @@ def test_clip_vision_features_need_the_text_width_or_a_projection_to_it(setup, t
         image_features(_tiny_clip_vision(tmp_path, 48), image, 64)
     with pytest.raises(StyleDiffusionError, match="32 wide \\(projection: none\\).*64 wide"):
         image_features(_tiny_clip_vision(tmp_path, None), image, 64)
+
+
+def test_only_the_five_16x16_class_cross_attention_layers_count(setup):
+    """SD1.x's maps at latent / 4: input 7-8 and output 3-5 (sd:731-733), found by resolution."""
+    from realedit.attention.stylediffusion import CrossMapRecorder
+    from realedit.hosts.comfy import discover_layers, install_hook
+
+    model = setup[0]
+    recorder = CrossMapRecorder()
+    recorder.active = True
+    _sample(install_hook(model, recorder, self_attention=False))
+    maps = recorder.take()
+    keys = {layer.index: layer.host_key[:2] for layer in discover_layers(model)}
+    assert sorted(keys[i] for i in maps) == [("input", 7), ("input", 8), ("output", 3), ("output", 4), ("output", 5)]
+    assert all(m.shape == (1, 8, 4 * 4, 77) for m in maps.values())  # cond row, 8 heads, 4x4 at 16x16 latent
+
+
+def test_an_identity_inversion_edits_exactly_as_without_value_inputs(setup):
+    """A = 1, B = 0 at every step: the P2Plus edit with its value patch is the edit without it, bit for bit."""
+    import dataclasses
+
+    from realedit.hosts.comfy_stylediffusion import stylediffusion_edit
+
+    model, inversion, source, target, negative, _ = setup
+    identity = dataclasses.replace(inversion, scales=tuple(torch.ones_like(a) for a in inversion.scales),
+                                   shifts=tuple(torch.zeros_like(b) for b in inversion.shifts))
+    with_values = stylediffusion_edit(model, identity, source, target, negative, controls=P2PlusControls(tau_v=1.0))
+    without = stylediffusion_edit(model, identity, source, target, negative, controls=P2PlusControls(use_values=False))
+    assert torch.equal(with_values.latent, without.latent)
+    assert torch.equal(with_values.reconstruction, without.reconstruction)
