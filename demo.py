@@ -84,6 +84,7 @@ def run_diffusers(out: Path, size: int, steps: int) -> None:
     print("probe (hooked sampling):\n  " + probe.summary().replace("\n", "\n  "))
     _save_image((image[0].permute(1, 2, 0) + 1) / 2, out / "probe_sample.png")
     run_diffusers_baret(out, unet, vae, scheduler, size, steps, cond, uncond)
+    run_diffusers_stylediffusion(out, unet, vae, scheduler, size, steps, cond, uncond)
 
 
 def run_diffusers_baret(out: Path, unet, vae, scheduler, size: int, steps: int, target, uncond) -> None:
@@ -103,6 +104,27 @@ def run_diffusers_baret(out: Path, unet, vae, scheduler, size: int, steps: int, 
         with torch.no_grad():
             image = vae.decode(getattr(result, name) / vae.config.scaling_factor).sample
         _save_image((image[0].permute(1, 2, 0) + 1) / 2, out / f"baret_{name}.png")
+
+
+def run_diffusers_stylediffusion(out: Path, unet, vae, scheduler, size: int, steps: int, source, uncond) -> None:
+    """StyleDiffusion on the diffusers host: value-embedding inversion (direct; 10 iterations per step at most on
+    the random model), then the P2Plus edit towards a second random prompt."""
+    import torch
+
+    from .hosts.diffusers_stylediffusion import stylediffusion_edit, value_invert
+    from .testbed.images import source_scene
+
+    photo = source_scene(size, size).image.permute(0, 3, 1, 2) * 2 - 1  # (1, 3, H, W) in [-1, 1]
+    with torch.no_grad():
+        latent = vae.encode(photo).latent_dist.mode() * vae.config.scaling_factor
+    inversion = value_invert(unet, scheduler, latent, source, uncond, steps=steps, max_iterations=10)
+    print("StyleDiffusion value inversion:\n  " + inversion.report().replace("\n", "\n  "))
+    target = source + 0.5 * torch.randn(source.shape, generator=torch.Generator().manual_seed(1))
+    result = stylediffusion_edit(unet, scheduler, inversion, source, target, uncond)
+    for name, latent in (("edit", result.latent), ("source", result.reconstruction)):
+        with torch.no_grad():
+            image = vae.decode(latent / vae.config.scaling_factor).sample
+        _save_image((image[0].permute(1, 2, 0) + 1) / 2, out / f"stylediffusion_{name}.png")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -149,7 +149,8 @@ def _value_inversion(steps: int = 4, tokens: int = 77, width: int = 8, identity:
     scales = tuple(torch.ones(shape) if identity else torch.rand(shape, generator=g) + 0.5 for _ in range(steps))
     shifts = tuple(torch.zeros(shape) if identity else torch.randn(shape, generator=g) for _ in range(steps))
     return ValueInversion(trajectory=trajectory, sigmas=torch.linspace(0, 3, steps + 1), convention="next",
-                          fingerprint="toy", scales=scales, shifts=shifts, source_embedding=torch.randn(shape, generator=g),
+                          fingerprint="toy", scales=scales, shifts=shifts,
+                          source_embedding=torch.randn(shape, generator=g),
                           parameterisation="direct", cfg=7.5, losses=((0.0,),) * steps,
                           attention_losses=((0.0,),) * steps, final_losses=(0.0,) * steps,
                           thresholds=(0.0,) * steps, reconstruction=trajectory[0])
