@@ -335,6 +335,10 @@ def test_a_non_finite_loss_stops_the_step_with_a_message_naming_it(caplog):
         optimise_values(model, recorder, live, trajectory, sigmas, cond, uncond, targets, DirectValues(77, 8),
                         settings)
     assert live.value is None and not recorder.active
+    model.nan_at = float(sigmas[-2])  # the second step's level
+    with pytest.raises(ValueError, match="NaN/inf at step 1"):
+        optimise_values(model, recorder, live, trajectory, sigmas, cond, uncond, targets, DirectValues(77, 8),
+                        settings)
 
 
 def test_optimise_steps_takes_any_parameter_set_and_per_step_caps():

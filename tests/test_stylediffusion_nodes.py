@@ -117,3 +117,26 @@ def test_steps_other_than_the_inversions_and_long_prompts_are_refused_by_name(ru
     workflow["8"]["inputs"]["target_text"] = "a cat " * 60
     with pytest.raises(runner.WorkflowError, match="target prompt.*tokens"):
         runner.run_workflow(workflow, outputs=["8"], overrides=overrides, tiny_checkpoint=family, output_dir=tmp_path)
+
+
+def test_the_inversion_node_takes_a_clip_vision_of_the_text_width_and_refuses_others(runner, tmp_path):
+    import comfy_helpers
+    from realedit.nodes.stylediffusion import ValueEmbeddingInversion
+    from realedit.testbed.comfy_models import make_tiny_unet
+    from test_stylediffusion_comfy import _tiny_clip_vision
+
+    model = make_tiny_unet("sd1", output_scale=0.01)
+    source, negative = comfy_helpers.conditioning("sd1", 1), comfy_helpers.conditioning("sd1", 2)
+    latent = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))}
+    image = torch.rand(1, 32, 32, 3)
+    settings = dict(steps=2, cfg=7.5, max_iterations=1, learning_rate=1e-2, early_stop_eps=1e-5,
+                    early_stop_delta=2e-5, attention_weight=1.0, seed=0, scheduler="ddim_uniform", convention="next")
+    out = ValueEmbeddingInversion.execute(model, latent, source, negative, **settings,
+                                          clip_vision=_tiny_clip_vision(tmp_path, 64), image=image)
+    assert out.result[1].parameterisation == "clip"
+    with pytest.raises(ValueError, match="32 wide \\(projection: 48\\).*64 wide"):
+        ValueEmbeddingInversion.execute(model, latent, source, negative, **settings,
+                                        clip_vision=_tiny_clip_vision(tmp_path, 48), image=image)
+    with pytest.raises(ValueError, match="image is not"):
+        ValueEmbeddingInversion.execute(model, latent, source, negative, **settings,
+                                        clip_vision=_tiny_clip_vision(tmp_path, 64))
