@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,6 +32,7 @@ from .p2p import CrossEdit, P2PHook
 from .settings import CLIP_CHUNK, P2PSettings, SpecRefSettings, check_unit, in_window
 from .specref import SpecRefControls, SpecRefHook
 
+log = logging.getLogger("realedit")
 SOURCE_SLOT, TARGET_SLOT = 0, 1
 # layer index -> (rows, heads, q_tokens, k_tokens) maps of one UNet call
 LayerMaps = dict[int, torch.Tensor]
@@ -219,3 +221,17 @@ def check_edit_prompts(inversion: LearnedValues, prompts: Sequence[tuple[str, to
                 f"StyleDiffusion INVERSION learned A_s, B_s for {shape[0]} x {shape[1]} (its source prompt); keep "
                 "every prompt within one 77-token chunk and encode it with the same CLIP.")
 
+
+def edit_warnings(inversion: LearnedValues, source: torch.Tensor, cfg: float, inversion_cfg: float) -> list[str]:
+    """What makes the source row drift from the inversion's reconstruction (logged, not refused): another CFG
+    than the values were learned for, or another source prompt than the inversion's (its keys differ)."""
+    warnings = []
+    if cfg != inversion_cfg:
+        warnings.append(f"RealEdit: the value inputs were learned at CFG {inversion_cfg} but the edit uses {cfg}; the "
+                        "source row reconstructs the photo only at the same CFG.")
+    if not torch.allclose(source.detach().float().cpu(), inversion.source_embedding, atol=1e-5):
+        warnings.append("RealEdit: the source prompt differs from the one the INVERSION learned its values for; "
+                        "connect the same caption to both nodes.")
+    for warning in warnings:
+        log.warning(warning)
+    return warnings

@@ -32,6 +32,7 @@ from ..attention.stylediffusion import (
     StyleDiffusionError,
     check_edit_prompts,
     check_one_chunk,
+    edit_warnings,
 )
 from ..inversion.ddim import DEFAULT_CONVENTION, Convention
 from ..inversion.embedding_opt import IterationCallback
@@ -177,6 +178,7 @@ def stylediffusion_edit(
     check_edit_prompts(inversion, [("source CONDITIONING", source_cond[0][0]),
                                    ("target CONDITIONING", target_cond[0][0])])
     cfg = inversion.cfg if cfg is None else cfg
+    edit_warnings(inversion, source_cond[0][0], cfg, inversion.cfg)
     hook = P2PlusHook(controls)
     patched = install_hook(model, hook)
     if controls.use_values:

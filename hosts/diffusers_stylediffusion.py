@@ -33,6 +33,7 @@ from ..attention.stylediffusion import (
     StyleDiffusionError,
     check_edit_prompts,
     check_one_chunk,
+    edit_warnings,
 )
 from ..inversion.ddim import DEFAULT_CONVENTION, Convention
 from ..inversion.embedding_opt import IterationCallback
@@ -116,6 +117,7 @@ def stylediffusion_edit(unet: torch.nn.Module, scheduler, inversion: ValueInvers
     inversion.check_compatible(unet_fingerprint(unet), inversion.steps)
     check_edit_prompts(inversion, [("source prompt embedding", source_cond), ("target prompt embedding", target_cond)])
     cfg = inversion.cfg if cfg is None else cfg
+    edit_warnings(inversion, source_cond, cfg, inversion.cfg)
     if negative is None and cfg != 1.0:
         raise StyleDiffusionError("RealEdit: guidance above 1 needs a negative prompt embedding; give one or use "
                                   "cfg 1.")

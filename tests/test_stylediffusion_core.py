@@ -358,3 +358,12 @@ def test_optimise_steps_takes_any_parameter_set_and_per_step_caps():
     assert not any(p.requires_grad for r in results for p in r.params)
     with pytest.raises(ValueError, match="iterations per step.*at step 0"):
         OptimisationSettings(iterations=lambda s: 0, lr=0.1).validate(2, "cond")
+
+
+def test_another_cfg_or_source_prompt_in_the_edit_is_named_in_a_warning():
+    from realedit.attention.stylediffusion import edit_warnings
+
+    inversion = _value_inversion()
+    assert edit_warnings(inversion, inversion.source_embedding.clone(), 7.5, 7.5) == []
+    warnings = edit_warnings(inversion, inversion.source_embedding + 1, 5.0, 7.5)
+    assert "CFG 7.5" in warnings[0] and "source prompt differs" in warnings[1]
