@@ -27,7 +27,7 @@ class StyleDiffusionSettings:
     """Every StyleDiffusion default, with its origin in the field metadata."""
 
     # Inversion (official code; the paper gives no numbers).
-    steps: int = _d(30, "official code: 30 DDIM steps (sd:29); the paper's 50 is not what the code runs")
+    steps: int = _d(30, "official code: 30 DDIM steps (sd:29)")
     cfg: float = _d(7.5, "official code: CFG 7.5 in the inversion loss and the edit (sd:795-814, pu:87-100)")
     inversion_guidance: float = _d(1.0, "official code: DDIM inversion with the source prompt, guidance 1 "
                                    "(sd:712-727)")
@@ -51,7 +51,8 @@ class StyleDiffusionSettings:
                    "official step 0; sd:563-573) so a re-run repeats itself")
     # Editing (P2Plus); README values, not argparse's (R:111 vs sd:988-991).
     tau_v: float = _d(0.5, "official README (R:111): the target row takes c_tgt * A_s + B_s while s < tau_v N, "
-                      "then c_tgt (sd:466-476, 923-925); argparse has .6")
+                      "then c_tgt (sd:466-476, 923-925); the script's argparse defaults differ "
+                      "(.6/.6/.8/.5, sd:988-991)")
     tau_c: float = _d(0.6, "official README (R:111): P2P cross-attention replacement while s < int(tau_c N)")
     tau_s: float = _d(0.6, "official README (R:111): P2P self-attention map replacement while s < int(tau_s N), "
                       "in layers of at most 32x32 queries")
