@@ -20,7 +20,7 @@ from .hooks import AttentionContext, RowInfo, RowKind, host_attention
 from .maps import CrossAttentionStore
 from .math import DEFAULT_MAX_ELEMENTS, map_attention_chunks
 from .settings import P2PSettings, in_window
-from .tokens import Token, refine_alignment, replace_mapper
+from .tokens import Token, refine_alignment, replace_mapper, word_units
 
 
 class CrossEdit(Protocol):
@@ -105,6 +105,28 @@ class Reweight:
         blocks = _blocks(k, chunk)
         return mapped * _cached(self._cache, (src.device, src.dtype, k),
                                 lambda: self.scale.to(src.device, src.dtype).repeat(blocks))
+
+
+def resolve_mode(mode: str, src_tokens: list[Token], tgt_tokens: list[Token]) -> str:
+    """``auto``: Replace for prompts of equally many words, else Refine (P2P Sec. 3.2); any other mode as given."""
+    if mode != "auto":
+        return mode
+    return "replace" if len(word_units(src_tokens)) == len(word_units(tgt_tokens)) else "refine"
+
+
+def cross_edit(mode: str, src_tokens: list[Token], tgt_tokens: list[Token],
+               scale: torch.Tensor | None = None) -> Replace | Refine | Reweight | None:
+    """The P2P cross-attention control for ``mode`` (auto / none / replace / refine / reweight; ``reweight``
+    scales by ``scale`` on top of the ``auto`` base)."""
+    mode = resolve_mode(mode, src_tokens, tgt_tokens)
+    if mode == "none":
+        return None
+    if mode == "reweight":
+        base = resolve_mode("auto", src_tokens, tgt_tokens)
+        return Reweight(scale, cross_edit(base, src_tokens, tgt_tokens))
+    if mode == "replace":
+        return Replace.from_tokens(src_tokens, tgt_tokens)
+    return Refine.from_tokens(src_tokens, tgt_tokens)
 
 
 def row_pairs(rows: RowInfo, kinds: Collection[RowKind], src_slot: int, edit_slot: int) -> tuple[list[int], list[int]]:

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from ..attention.edit_loop import EditResult
 from ..attention.hooks import ChainHook
 from ..attention.local_blend import LocalBlend
-from ..attention.p2p import CrossEdit, Refine, Replace
+from ..attention.p2p import cross_edit
 from ..attention.specref import SpecRefControls
-from ..attention.tokens import Token, Tokenizer, TokenLookupError, check_prompt_length, word_positions, word_units
+from ..attention.tokens import Tokenizer, TokenLookupError, check_prompt_length, word_positions
 from ..inversion.embedding_opt import OptimisedInversion
 from ..masks import IP2PMaskRecorder, classify_action, local_edit
 from .diffusers import DiffusersHost
@@ -128,17 +128,6 @@ def image_size_mask(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.T
 
 
 # -- Prompt-to-Prompt controls from words ------------------------------------------------------------------------
-def cross_edit_for(mode: str, src_tokens: list[Token], tgt_tokens: list[Token]) -> CrossEdit | None:
-    """P2P's cross-attention control: ``auto`` is Replace for prompts of equally many words, else Refine
-    (as the SpecRef Edit Sampler node's ``edit_mode``)."""
-    if mode == "auto":
-        mode = "replace" if len(word_units(src_tokens)) == len(word_units(tgt_tokens)) else "refine"
-    if mode == "none":
-        return None
-    return Replace.from_tokens(src_tokens, tgt_tokens) if mode == "replace" else Refine.from_tokens(src_tokens,
-                                                                                                    tgt_tokens)
-
-
 def _positions(prompt: str, words: str, tokenize: Tokenizer, required: bool) -> list[int]:
     found: set[int] = set()
     for word in words.replace(",", " ").split():
@@ -163,7 +152,7 @@ def p2p_controls(run: Run, tokenize: Tokenizer, source: str, target: str, *, wor
                             _positions(target, blend_words, tokenize, True)],
                            threshold=run.settings.p2p.blend_threshold, start=run.settings.p2p.blend_start)
     positions = _positions(target, word, tokenize, True) if word else None
-    return SpecRefControls(settings=run.settings, cross_edit=cross_edit_for(run.edit_mode, src_tokens, tgt_tokens),
+    return SpecRefControls(settings=run.settings, cross_edit=cross_edit(run.edit_mode, src_tokens, tgt_tokens),
                            local_blend=blend, target_positions=positions, ref_mask=ref_mask,
                            sr_uncond_shared_kv=run.sr_uncond_shared_kv, self_replace_uncond=run.self_replace_uncond)
 

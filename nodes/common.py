@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from comfy_api.v0_0_2 import io
 
-from ..attention.p2p import Refine, Replace, Reweight
 from ..attention.specref import SpecRefError
-from ..attention.tokens import Token, Tokenizer, TokenLookupError, WordNotFoundError, word_positions, word_units
+from ..attention.tokens import Token, Tokenizer, TokenLookupError, WordNotFoundError, word_positions
 from ..hosts.comfy_sampling import INVERSION_SCHEDULERS
 from ..inversion.ddim import CONVENTIONS, DEFAULT_CONVENTION
 
@@ -135,24 +134,6 @@ def blend_positions(source: str, target: str, words: Sequence[str], tokenize: To
         found[0].update(in_source)
         found[1].update(in_target)
     return [sorted(found[0]), sorted(found[1])]
-
-
-def resolve_mode(mode: str, src_tokens: list[Token], tgt_tokens: list[Token]) -> str:
-    if mode != "auto":
-        return mode
-    return "replace" if len(word_units(src_tokens)) == len(word_units(tgt_tokens)) else "refine"
-
-
-def cross_edit(mode: str, src_tokens: list[Token], tgt_tokens: list[Token], scale: torch.Tensor | None):
-    """The P2P cross-attention control for ``mode`` (``reweight`` scales on top of the auto base)."""
-    if mode == "none":
-        return None
-    if mode == "reweight":
-        base = resolve_mode("auto", src_tokens, tgt_tokens)
-        return Reweight(scale, cross_edit(base, src_tokens, tgt_tokens, None))
-    if mode == "replace":
-        return Replace.from_tokens(src_tokens, tgt_tokens)
-    return Refine.from_tokens(src_tokens, tgt_tokens)
 
 
 def image_mask(mask: torch.Tensor | None, latent_hw: tuple[int, int]) -> torch.Tensor:

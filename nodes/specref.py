@@ -12,6 +12,7 @@ import logging
 from comfy_api.v0_0_2 import io, ui
 
 from ..attention.local_blend import LocalBlend
+from ..attention.p2p import cross_edit, resolve_mode
 from ..attention.settings import MASK_RESIZE_MODES, P2PSettings, SpecRefSettings, describe
 from ..attention.specref import SpecRefControls, SpecRefError, SRStats, parse_layers
 from ..attention.tokens import check_prompt_length, reweight_scale, word_token_indices
@@ -23,11 +24,9 @@ from .common import (
     RefFeatures,
     blend_positions,
     clip_tokenizer,
-    cross_edit,
     encode,
     image_mask,
     progress,
-    resolve_mode,
     split_words,
 )
 

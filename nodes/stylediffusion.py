@@ -13,6 +13,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io, ui
 
 from ..attention.local_blend import LocalBlend
+from ..attention.p2p import cross_edit, resolve_mode
 from ..attention.stylediffusion import P2PlusControls, StyleDiffusionError
 from ..attention.tokens import check_prompt_length, reweight_scale, word_token_indices
 from ..hosts.comfy_sampling import schedule_steps
@@ -25,13 +26,11 @@ from .common import (
     blend_positions,
     clip_tokenizer,
     convention_input,
-    cross_edit,
     encode,
     image_mask,
     latent_output,
     latent_samples,
     progress,
-    resolve_mode,
     scheduler_input,
     single_image,
     split_words,
