@@ -54,24 +54,25 @@ class WorldConfig:
     unet_heads: dict[str, Any] = field(default_factory=lambda: {"num_heads": -1, "num_head_channels": 32})
     seed: int = 0
     clip_seed: int = 1
-    # VAE: L1 + MSE on 128 px renders, KL weight tiny (SD's VAE: 1e-6), then the latents are rescaled
-    # exactly (folded into quant_conv / post_quant_conv) to unit variance after SD1.5's 0.18215.
-    vae_steps: int = 900
+    # VAE: L1 + MSE of the posterior mean's reconstruction on 64 px crops of 128 px renders (see
+    # train_vae), then the latents are rescaled exactly (folded into quant_conv / post_quant_conv) to
+    # unit variance after SD1.5's 0.18215.
+    vae_steps: int = 500
     vae_batch: int = 16
     vae_crop: int = 64  # training crops (pixels); the checks use whole 128 px images
     vae_lr: float = 1e-3
-    vae_kl: float = 1e-6
+    vae_kl: float = 1e-4  # weight of the latent mean's square (keeps its scale bounded)
     # Decoder fine-tuning at 128 px on the data's latents (encoder frozen), run beside the UNets.
     decoder_steps: int = 600
     decoder_batch: int = 8
     decoder_lr: float = 5e-4
     # UNets: eps objective on SD1.5's alphas_cumprod, AdamW, warm-up then cosine decay.
     dataset_scenes: int = 4000
-    unet_steps: int = 800
+    unet_steps: int = 600
     unet_batch: int = 16
     unet_lr: float = 2e-3
     caption_dropout: float = 0.1
-    ip2p_steps: int = 800
+    ip2p_steps: int = 600
     ip2p_dropout: float = 0.05  # text, image and both dropped with this probability each (the IP2P paper)
     data_version: int = 1
 
