@@ -58,3 +58,12 @@ def pytest_collection_modifyitems(config, items):
 def pytest_report_header(config):
     path = find_comfyui()
     return f"ComfyUI host: {path}" if path else f"ComfyUI host: none ({COMFY_SKIP_REASON})"
+
+
+@pytest.fixture(scope="session")
+def shapes_world(runner):
+    """The committed shapes world checkpoints loaded by CheckpointLoaderSimple in ComfyUI's executor
+    (``testbed.shapes_world.comfy_world.ComfyWorld``)."""
+    from realedit.testbed.shapes_world.comfy_world import load_world
+
+    return load_world()

@@ -1,0 +1,91 @@
+"""Everything that decides the shapes world's trained weights, in one hashed config (no ComfyUI import)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The committed checkpoints and their measured gates.
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "shapes_world_models"
+T2I_FILE = "shapes_world_t2i.safetensors"
+IP2P_FILE = "shapes_world_ip2p.safetensors"
+GATES_FILE = "gates.json"
+
+# ComfyUI AutoencoderKL (ldm layout), 8x downscale, 4 latent channels. 32 channels at every level
+# (ComfyUI's GroupNorm has 32 groups, so 32 is the narrowest width) and no residual block in the
+# encoder levels (the decoder still gets one per level, plus the middle block): 0.22 M parameters,
+# about 0.8 s per training batch of 8 at 128 px on one CPU thread.
+VAE_DDCONFIG: dict[str, Any] = {
+    "double_z": True, "z_channels": 4, "resolution": 128, "in_channels": 3, "out_ch": 3,
+    "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 0, "attn_resolutions": [], "dropout": 0.0,
+}
+
+# SD1-family UNet (conv proj_in/out, 8 heads, SD1.5's discrete eps schedule), narrow: 3 levels,
+# 32/64/64 channels, one res block per level, cross attention at every level, context 64.
+UNET_CONFIG: dict[str, Any] = {
+    "use_checkpoint": False, "image_size": 16, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "in_channels": 4, "model_channels": 32, "use_temporal_attention": False,
+    "use_temporal_resblock": False, "adm_in_channels": None, "num_res_blocks": [1, 1, 1],
+    "channel_mult": [1, 2, 2], "transformer_depth": [1, 1, 1], "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1], "use_linear_in_transformer": False, "context_dim": 64,
+}
+
+# ComfyUI's SD1 CLIP-L text model, overridden to 3 layers of width 64 (the real 49408-token vocabulary
+# and 77 positions so the bundled tokenizer's ids embed). Frozen random weights.
+CLIP_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 3,
+    "vocab_size": 49408, "max_position_embeddings": 77,
+}
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Architectures, data and training settings; :meth:`key` hashes all of it (the checkpoints carry it)."""
+
+    vae: dict[str, Any] = field(default_factory=lambda: dict(VAE_DDCONFIG))
+    unet: dict[str, Any] = field(default_factory=lambda: dict(UNET_CONFIG))
+    clip: dict[str, Any] = field(default_factory=lambda: dict(CLIP_TEXT_CONFIG))
+    # Heads of 32 channels (1 at the top level, 2 below) instead of SD1's 8 heads: 8 heads of 4 channels
+    # made CPU attention 5x slower for the same arithmetic.
+    unet_heads: dict[str, Any] = field(default_factory=lambda: {"num_heads": -1, "num_head_channels": 32})
+    seed: int = 0
+    clip_seed: int = 1
+    # VAE: L1 + MSE of the posterior mean's reconstruction on 64 px crops of 128 px renders (see
+    # train_vae), then the latents are rescaled exactly (folded into quant_conv / post_quant_conv) to
+    # unit variance after SD1.5's 0.18215.
+    vae_steps: int = 500
+    vae_batch: int = 16
+    vae_crop: int = 64  # training crops (pixels); the checks use whole 128 px images
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-4  # weight of the latent mean's square (keeps its scale bounded)
+    # Decoder fine-tuning at 128 px on the data's latents (encoder frozen), run beside the UNets.
+    decoder_steps: int = 600
+    decoder_batch: int = 8
+    decoder_lr: float = 5e-4
+    # UNets: eps objective on SD1.5's alphas_cumprod, AdamW, warm-up then cosine decay.
+    dataset_scenes: int = 4000
+    unet_steps: int = 600
+    unet_batch: int = 16
+    unet_lr: float = 2e-3
+    caption_dropout: float = 0.1
+    ip2p_steps: int = 600
+    ip2p_dropout: float = 0.05  # text, image and both dropped with this probability each (the IP2P paper)
+    data_version: int = 1
+
+    def key(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorldConfig:
+        return cls(**json.loads(text))
+
+
+DEFAULT_CONFIG = WorldConfig()

@@ -1,0 +1,174 @@
+"""The quality gates, measured on ComfyUI objects (MODEL, CLIP, VAE) as a loader returns them.
+
+* ``t2i``: held-out captions sampled at CFG 7.5 (euler, 20 steps, ``comfy.sample.sample`` as KSampler),
+  decoded, read back; the score is the fraction of (object, attribute) pairs right over shape,
+  colour and position (a missed or extra object counts all its attributes wrong); whole-scene
+  exactness is reported too. Target 90%.
+* ``vae``: VAEEncode -> VAEDecode PSNR on held-out scenes. Target 30 dB.
+* ``ip2p``: held-out (scene, instruction) pairs through IP2P's conditioning (the source latent in both
+  conditionings, as ComfyUI's InstructPixToPixConditioning); carried out when the output reads back
+  as the edited scene (every object's shape, colour, position and the background). Target 80%.
+* ``ddim``: a held-out photo DDIM-inverted with its caption and reconstructed (CFG 1, 50 steps).
+  Target 25 dB.
+Held-out sets use their own seed streams (30 000 and up), never drawn in training.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sample
+import comfy.samplers
+import comfy.sd
+import node_helpers
+import torch
+
+from .edits import IP2P_KINDS, GroundTruth, ground_truth, random_edit
+from .reader import attribute_accuracy, read, scene_matches
+from .scene import SIZE, Scene, random_scene, render_batch
+from .train_vae import psnr
+
+TARGETS = {"t2i": 0.90, "vae": 30.0, "ip2p": 0.80, "ddim": 25.0}
+
+
+def gate_scenes(n: int, seed: int = 30_000) -> list[Scene]:
+    """Held-out text-to-image scenes with named appearances (so every attribute has a word)."""
+    rng = random.Random(seed)
+    return [random_scene(rng, two_objects=0.4, unnamed=0.0, textured=0.25) for _ in range(n)]
+
+
+def gate_edits(n: int, seed: int = 31_000) -> list[GroundTruth]:
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        scene = random_scene(rng, two_objects=0.4, unnamed=0.0, textured=0.25)
+        cases.append(ground_truth(scene, random_edit(scene, rng, IP2P_KINDS)))
+    return cases
+
+
+def conditioning(clip: comfy.sd.CLIP, text: str) -> list:
+    """CLIPTextEncode's CONDITIONING."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def _latent(batch: int = 1) -> torch.Tensor:
+    return torch.zeros(batch, 4, SIZE // 8, SIZE // 8)
+
+
+@torch.inference_mode()
+def sample(model: comfy.model_patcher.ModelPatcher, positive: list, negative: list, *, cfg: float, seed: int,
+           steps: int = 20, latent: torch.Tensor | None = None) -> torch.Tensor:
+    """KSampler (euler, normal, denoise 1) on an empty latent; returns the user-space LATENT samples."""
+    latent = _latent() if latent is None else latent
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed,
+                               disable_pbar=True)
+
+
+@dataclass(frozen=True)
+class T2IGate:
+    attributes: float
+    scenes: float
+    samples: int
+
+
+@torch.inference_mode()
+def t2i_gate(model: comfy.model_patcher.ModelPatcher, clip: comfy.sd.CLIP, vae: comfy.sd.VAE, n: int = 32,
+             cfg: float = 7.5, steps: int = 20) -> T2IGate:
+    negative = conditioning(clip, "")
+    right = total = exact = 0
+    for i, scene in enumerate(gate_scenes(n)):
+        image = vae.decode(sample(model, conditioning(clip, scene.caption()), negative, cfg=cfg, seed=i, steps=steps))
+        reading = read(image[0])
+        r, t = attribute_accuracy(reading, scene)
+        right, total = right + r, total + t
+        exact += scene_matches(reading, scene, background=False)
+    return T2IGate(right / total, exact / n, n)
+
+
+@torch.inference_mode()
+def vae_gate(vae: comfy.sd.VAE, n: int = 16, seed: int = 32_000) -> float:
+    """Mean PSNR (dB) of VAEDecode(VAEEncode(x)) over held-out scenes (all appearances, textures)."""
+    from .train_vae import vae_training_scene
+
+    rng = random.Random(seed)
+    scenes = [vae_training_scene(rng) for _ in range(n)]
+    images = render_batch(scenes)
+    out = vae.decode(vae.encode(images))
+    return sum(psnr(out[i], images[i]) for i in range(n)) / n
+
+
+def ip2p_conditioning(clip: comfy.sd.CLIP, vae: comfy.sd.VAE, source: torch.Tensor,
+                      text: str) -> tuple[list, list, torch.Tensor]:
+    """As InstructPixToPixConditioning: the source latent in both conditionings; returns
+    (positive, negative, source LATENT)."""
+    latent = vae.encode(source[None])
+    values = {"concat_latent_image": latent}
+    return (node_helpers.conditioning_set_values(conditioning(clip, text), values),
+            node_helpers.conditioning_set_values(conditioning(clip, ""), values), latent)
+
+
+@torch.inference_mode()
+def ip2p_gate(model: comfy.model_patcher.ModelPatcher, clip: comfy.sd.CLIP, vae: comfy.sd.VAE, n: int = 24,
+              cfg: float = 5.0, steps: int = 20) -> float:
+    """Fraction of held-out instructions carried out (the output reads back as the edited scene)."""
+    done = 0
+    for i, case in enumerate(gate_edits(n)):
+        positive, negative, latent = ip2p_conditioning(clip, vae, case.source, case.instruction)
+        image = vae.decode(sample(model, positive, negative, cfg=cfg, seed=i, steps=steps,
+                                  latent=torch.zeros_like(latent)))
+        done += scene_matches(read(image[0]), case.edited)
+    return done / n
+
+
+@torch.inference_mode()
+def ddim_reconstruction(model: comfy.model_patcher.ModelPatcher, clip: comfy.sd.CLIP, vae: comfy.sd.VAE,
+                        scene: Scene, steps: int = 50) -> tuple[float, torch.Tensor]:
+    """DDIM inversion (Song et al. 2021, Eq. 13 run backwards; Euler on the probability-flow ODE in
+    ComfyUI's ``x = x0 + sigma eps`` form, which is DDIM) of the scene's photo with its caption at
+    CFG 1, then DDIM sampling back; (PSNR in dB, reconstructed IMAGE)."""
+    comfy.model_management.load_models_gpu([model])
+    base = model.model
+    device = comfy.model_management.get_torch_device()
+    sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, "ddim_uniform", steps).float().to(device)
+    context = conditioning(clip, scene.caption())[0][0].to(device)
+    photo = render_batch([scene])
+    x = base.process_latent_in(vae.encode(photo)).to(device)  # model space
+
+    def eps(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        denoised = base.apply_model(x, sigma.view(1), c_crossattn=context)
+        return (x - denoised) / sigma
+
+    up = sigmas.flip(0)  # 0, sigma_min, ..., sigma_max
+    for i in range(len(up) - 1):
+        x = x + (up[i + 1] - up[i]) * eps(x, up[max(i, 1)])
+    for i in range(len(sigmas) - 1):
+        x = x + (sigmas[i + 1] - sigmas[i]) * eps(x, sigmas[i])
+    image = vae.decode(base.process_latent_out(x).cpu())
+    return psnr(image[0], photo[0]), image[0]
+
+
+def ddim_gate(model: comfy.model_patcher.ModelPatcher, clip: comfy.sd.CLIP, vae: comfy.sd.VAE,
+              seed: int = 33_000) -> float:
+    return ddim_reconstruction(model, clip, vae, gate_scenes(1, seed)[0])[0]
+
+
+# Sample counts: the full measurement (training command, README) and the CI subset the tests repeat.
+FULL_SIZES = {"t2i": 48, "vae": 32, "ip2p": 40}
+CI_SIZES = {"t2i": 16, "vae": 8, "ip2p": 16}
+
+
+def measure(t2i: tuple, ip2p: tuple, sizes: dict[str, int]) -> dict[str, float]:
+    """Every gate on ``(MODEL, CLIP, VAE)`` of the t2i and IP2P checkpoints, with ``sizes`` samples."""
+    model, clip, vae = t2i
+    text = t2i_gate(model, clip, vae, n=sizes["t2i"])
+    return {
+        "vae_psnr_db": vae_gate(vae, n=sizes["vae"]),
+        "t2i_attributes": text.attributes,
+        "t2i_scenes": text.scenes,
+        "ip2p_success": ip2p_gate(ip2p[0], ip2p[1], ip2p[2], n=sizes["ip2p"]),
+        "ddim_psnr_db": ddim_gate(model, clip, vae),
+    }
