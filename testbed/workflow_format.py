@@ -3,7 +3,8 @@
 Only what this pack's workflows use: every input is a link or a widget value, one output slot per link.
 A widget fed by a link (e.g. a String primitive typed once feeding CLIP Text Encode's ``text`` and
 Instruction Action's ``instruction``) is a socket input with ``"widget": {"name": ...}``, as the front
-end saves it, and keeps a slot in ``widgets_values`` (its default), which the API side skips. Node
+end saves it, and keeps a slot in ``widgets_values`` (the primitive's text, which newer front ends show
+greyed out, else the widget's default), which the API side skips. Node
 classes are read the way the front end reads ``/object_info``: ``INPUT_TYPES()`` order gives the widget
 order, ``RETURN_TYPES`` the outputs.
 
@@ -127,6 +128,16 @@ def _absent_widget_value(node_id: str, class_type: str, name: str, options: dict
         raise ValueError(f"node {node_id} ({class_type}): widget input {name!r} has no value in the API workflow "
                          "and no default; add it to the workflow")
     return options["default"]
+
+
+def _linked_widget_value(workflow: Mapping[str, Mapping[str, Any]], link: list[Any], kind: str, options: dict) -> Any:
+    """What a widget fed by a link shows (greyed out; it is not queued): the text of the String primitive that
+    feeds it, so the node reads as it will run, else the widget's default."""
+    origin = workflow[str(link[0])]
+    value = origin["inputs"].get("value")
+    if origin["class_type"].startswith("Primitive") and kind == "STRING" and isinstance(value, str):
+        return value
+    return options.get("default", "" if kind == "STRING" else None)
 
 
 def _output_names(node_class: type) -> list[str]:
@@ -312,7 +323,7 @@ def api_to_ui(workflow: Mapping[str, Mapping[str, Any]], classes: Mapping[str, t
             linked = isinstance(value, list)
             if _is_widget(kind, options):
                 if linked:
-                    shown = options.get("default", "" if kind == "STRING" else None)
+                    shown = _linked_widget_value(workflow, value, kind, options)
                 elif name in node["inputs"]:
                     shown = value
                 else:
