@@ -289,7 +289,7 @@ def needs_text(workflow: Mapping[str, Mapping[str, Any]]) -> str:
                      if node["class_type"] == "LoadImage" and isinstance(node["inputs"].get("image"), str)})
     lines = ["Needs:"]
     if photos:
-        lines.append("- photos (Load Image, any size; upload your own): " + ", ".join(photos))
+        lines.append("- photos (Load Image: upload your own): " + ", ".join(photos))
     for name in sorted({m["name"] for models in model_metadata(workflow).values() for m in models}):
         directory, url = MODEL_FILES[name]
         lines.append(f"- models/{directory}/{name}\n  {url}")
