@@ -14,6 +14,9 @@ the photos and model files it needs. A twin without its ``.md`` gets the generat
 warning). ``--thumbnails`` also draws ``example_workflows/<name>.jpg`` (the template browser's thumbnail).
 
     .venv/bin/python scripts/build_ui_workflows.py [--thumbnails] [names...]
+
+Generate on the oldest supported ComfyUI (0.3.64): a newer one adds slots some core nodes gained (0.33 gave
+Save Image an IMAGE output), which the front end rebuilds from the server anyway.
 """
 
 from __future__ import annotations

@@ -97,7 +97,18 @@ def test_ui_file_is_what_the_generator_writes(runner, api_path):
 
     note = api_path.with_suffix(".md")
     expected = api_to_ui(_load(api_path), nodes.NODE_CLASS_MAPPINGS, note=note.read_text().strip())
-    assert _ui(api_path) == json.loads(json.dumps(expected)), "run scripts/build_ui_workflows.py"
+    assert _linked_outputs(_ui(api_path)) == _linked_outputs(json.loads(json.dumps(expected))), \
+        "run scripts/build_ui_workflows.py"
+
+
+def _linked_outputs(ui: dict) -> dict:
+    """The UI graph with unlinked output slots dropped: hosts differ there (ComfyUI 0.33 gave Save Image an
+    IMAGE output) and the front end rebuilds a node's slots from the server's definition anyway. The files are
+    generated on the oldest supported host, 0.3.64."""
+    ui = copy.deepcopy(ui)
+    for node in ui["nodes"]:
+        node["outputs"] = [slot for slot in node["outputs"] if slot["links"]]
+    return ui
 
 
 @pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
