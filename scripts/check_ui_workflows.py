@@ -321,10 +321,18 @@ def strip_meta(output: dict[str, Any]) -> dict[str, Any]:
     return {nid: {k: v for k, v in node.items() if k != "_meta"} for nid, node in output.items()}
 
 
-def prompt_differences(frontend: dict[str, Any], twin: dict[str, Any]) -> list[str]:
-    """Every way the front end's prompt differs from the API twin (titles, ``_meta``, are not compared)."""
+def declared_inputs(info: dict[str, Any], class_type: str) -> set[str]:
+    spec = info.get(class_type, {}).get("input", {})
+    return {name for section in ("required", "optional", "hidden") for name in spec.get(section, {})}
+
+
+def prompt_differences(frontend: dict[str, Any], twin: dict[str, Any], info: dict[str, Any] | None = None
+                       ) -> tuple[list[str], list[str]]:
+    """Every way the front end's prompt differs from the API twin (titles, ``_meta``, are not compared), and
+    apart the inputs a front end adds that the node does not declare (the server drops those: e.g. the
+    ``preview`` text 1.2x sends for Preview Any)."""
     frontend, twin = strip_meta(frontend), strip_meta(twin)
-    diffs = []
+    diffs, undeclared = [], []
     for nid in sorted(set(twin) - set(frontend), key=int):
         diffs.append(f"node {nid} ({twin[nid]['class_type']}) is in the twin but not queued by the front end")
     for nid in sorted(set(frontend) - set(twin), key=int):
@@ -338,10 +346,12 @@ def prompt_differences(frontend: dict[str, Any], twin: dict[str, Any]) -> list[s
             if name not in theirs["inputs"]:
                 diffs.append(f"{label}.{name}: twin {ours['inputs'][name]!r}, front end sends nothing")
             elif name not in ours["inputs"]:
-                diffs.append(f"{label}.{name}: front end sends {theirs['inputs'][name]!r}, twin has no such input")
+                extra = f"{label}.{name}: front end sends {theirs['inputs'][name]!r}, twin has no such input"
+                known = info is None or name in declared_inputs(info, ours["class_type"])
+                (diffs if known else undeclared).append(extra)
             elif not same_value(ours["inputs"][name], theirs["inputs"][name]):
                 diffs.append(f"{label}.{name}: twin {ours['inputs'][name]!r}, front end {theirs['inputs'][name]!r}")
-    return diffs
+    return diffs, undeclared
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -647,7 +657,9 @@ def report(name: str, loaded: dict[str, Any], twin: dict[str, Any], info: dict[s
     problems += model_problems
     ignored += model_notes
     problems += missing_slots(loaded["nodes"], info)
-    problems += prompt_differences(loaded["output"], twin)
+    diffs, undeclared = prompt_differences(loaded["output"], twin, info)
+    problems += diffs
+    ignored += [f"{extra} (not declared by the node: the server drops it)" for extra in undeclared]
     twin_errors = set(validation[f"{name}/twin"])
     problems += [f"validation (front end prompt only): {e}" for e in validation[f"{name}/frontend"]
                  if e not in twin_errors]
