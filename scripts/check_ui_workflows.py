@@ -122,6 +122,13 @@ const visibleText = (selectors) => Array.from(document.querySelectorAll(selector
 
 # Notification cards: PrimeVue toasts (all versions), the newer front end's error overlay ("N issues found").
 NOTIFICATIONS = ".p-toast-message, [data-testid*='toast'], [data-testid='error-overlay'], [role='alert']"
+# Missing models are shown: every name in the 1.2x dialog, or the 1.3x+ card (its panel lists them).
+MODELS_SHOWN_JS = """(names) => {
+    const text = Array.from(document.querySelectorAll(".p-dialog")).map((e) => e.innerText).join("\\n");
+    return names.every((n) => text.includes(n)) || !!document.querySelector("[data-testid='error-overlay']");
+}"""
+# No dialog left open from the previous workflow.
+DIALOGS_CLOSED_JS = "() => !document.querySelector('.p-dialog')"
 
 LOAD_JS = "async ({ui, output}) => {const NOTIFICATIONS = " + json.dumps(NOTIFICATIONS) + ";" + COMMON_JS + """
     const app = window.app;
@@ -469,6 +476,7 @@ async def open_page(pw: Any, url: str, chromium: str) -> tuple[Any, Any, list[st
 
 
 async def check_in_browser(url: str, names: list[str], chromium: str, shots: Path | None) -> dict[str, Any]:
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
     from playwright.async_api import async_playwright
 
     results = {}
@@ -481,6 +489,12 @@ async def check_in_browser(url: str, names: list[str], chromium: str, shots: Pat
             ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
             loaded = await page.evaluate(LOAD_JS, {"ui": ui, "output": STAND_IN_OUTPUT})
             await page.wait_for_timeout(1000)  # dialogs and notifications open after the load returns
+            if ui.get("models"):  # the missing-models dialog / card waits for the model folders: give it time
+                try:
+                    await page.wait_for_function(MODELS_SHOWN_JS, arg=[m["name"] for m in ui["models"]],
+                                                 timeout=20_000)
+                except PlaywrightTimeout:
+                    pass  # model_dialog_problems reports the models nobody listed
             later = await page.evaluate(
                 "() => Array.from(document.querySelectorAll('.p-dialog')).map((e) => e.innerText.trim())")
             loaded["dialogs"] = list(dict.fromkeys(loaded["dialogs"] + later))
@@ -499,6 +513,10 @@ async def check_in_browser(url: str, names: list[str], chromium: str, shots: Pat
             details = await page.evaluate(DETAILS_JS)
             loaded["panels"] = [details] if details else []
             await page.evaluate(CLOSE_DIALOGS_JS)
+            try:
+                await page.wait_for_function(DIALOGS_CLOSED_JS, timeout=5_000)
+            except PlaywrightTimeout:
+                pass
             results[name] = loaded
         await browser.close()
     return {"front_end": version, "startup_messages": startup, "workflows": results}
