@@ -80,3 +80,140 @@ def test_probe_changes_nothing_compared_with_the_unprobed_graph(runner, tmp_path
     del plain_graph["9"], plain_graph["2"]
     plain = runner.run_workflow(plain_graph, outputs=["6"], output_dir=tmp_path)["6"][0]["samples"]
     assert torch.equal(probed, plain)
+
+
+# -- what only the UI file has: layout, groups, note, titles, model metadata ------------------------------------
+def _ui(api_path: Path) -> dict:
+    return _load(ROOT / "example_workflows" / api_path.name)
+
+
+@pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
+def test_ui_file_is_what_the_generator_writes(runner, api_path):
+    """Layout, note, titles and metadata are generated from the twin, its .md and the measured size table:
+    a stale UI file (a twin, note or size changed without running scripts/build_ui_workflows.py) fails."""
+    from realedit.testbed.workflow_format import api_to_ui
+
+    import nodes
+
+    note = api_path.with_suffix(".md")
+    expected = api_to_ui(_load(api_path), nodes.NODE_CLASS_MAPPINGS, note=note.read_text().strip())
+    assert _linked_outputs(_ui(api_path)) == _linked_outputs(json.loads(json.dumps(expected))), \
+        "run scripts/build_ui_workflows.py"
+
+
+def _linked_outputs(ui: dict) -> dict:
+    """The UI graph with unlinked output slots dropped: hosts differ there (ComfyUI 0.33 gave Save Image an
+    IMAGE output) and the front end rebuilds a node's slots from the server's definition anyway. The files are
+    generated on the oldest supported host, 0.3.64."""
+    ui = copy.deepcopy(ui)
+    for node in ui["nodes"]:
+        node["outputs"] = [slot for slot in node["outputs"] if slot["links"]]
+    return ui
+
+
+@pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
+def test_each_text_is_typed_once(runner, api_path):
+    """No text value (prompt, words) is typed into two nodes: one String node feeds every consumer."""
+    import nodes
+
+    seen: dict[str, str] = {}
+    for node_id, node in _load(api_path).items():
+        spec = nodes.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()
+        kinds = {name: value[0] for section in spec.values() for name, value in section.items()}
+        for name, value in node["inputs"].items():
+            if kinds.get(name) == "STRING" and isinstance(value, str) and value.strip():
+                assert value not in seen, f"{value!r} is typed in node {seen[value]} and node {node_id}.{name}"
+                seen[value] = f"{node_id}.{name}"
+
+
+@pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
+def test_every_prompt_and_text_node_is_titled(api_path):
+    untitled = [node_id for node_id, node in _load(api_path).items()
+                if node["class_type"] in ("CLIPTextEncode", "PrimitiveString", "PrimitiveStringMultiline")
+                and not node.get("_meta", {}).get("title")]
+    assert not untitled
+
+
+def _box(node: dict) -> list[float]:
+    from realedit.testbed.workflow_format import TITLE_HEIGHT
+
+    return [node["pos"][0], node["pos"][1] - TITLE_HEIGHT, node["size"][0], node["size"][1] + TITLE_HEIGHT]
+
+
+@pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
+def test_ui_nodes_do_not_overlap_and_each_lies_in_one_stage_group(api_path):
+    """Node boxes (title bar included) at their generated size, which is at least the size the measured front
+    ends give them (with a preview on image nodes), never overlap; every node but the note is in one group."""
+    from realedit.testbed.workflow_format import STAGE_TITLES, boxes_overlap, load_sizes
+
+    ui, sizes = _ui(api_path), load_sizes()
+    for node in ui["nodes"]:
+        measured = sizes.get(node["type"], {})
+        floor = measured.get("with_image") or measured.get("size") or [0, 0]
+        assert node["size"][0] >= floor[0] and node["size"][1] >= floor[1], node["id"]
+    boxes = [(node["id"], _box(node)) for node in ui["nodes"]]
+    overlapping = [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:]
+                   if boxes_overlap(box_a, box_b)]
+    assert not overlapping
+    groups = ui["groups"]
+    assert [g["title"] for g in groups] == [t for t in STAGE_TITLES.values() if t in {g["title"] for g in groups}]
+    assert not any(boxes_overlap(a["bounding"], b["bounding"]) for i, a in enumerate(groups) for b in groups[i + 1:])
+    for node_id, (x, y, w, h) in boxes:
+        if node_id == ui["nodes"][-1]["id"]:
+            continue  # the note, left of the groups
+        holders = [g for g in groups if g["bounding"][0] <= x and x + w <= g["bounding"][0] + g["bounding"][2]
+                   and g["bounding"][1] <= y and y + h <= g["bounding"][1] + g["bounding"][3]]
+        assert len(holders) == 1, node_id
+
+
+@pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
+def test_note_says_what_to_connect_and_is_not_queued(runner, api_path):
+    from realedit.testbed.workflow_format import ui_to_api
+
+    import nodes
+
+    ui = _ui(api_path)
+    notes = [node for node in ui["nodes"] if node["type"] == "Note"]
+    assert len(notes) == 1
+    text = notes[0]["widgets_values"][0]
+    assert all(part in text for part in ("What it does:", "Connect", "Model:", "Change first:", "Needs:"))
+    assert str(notes[0]["id"]) not in ui_to_api(ui, nodes.NODE_CLASS_MAPPINGS)
+
+
+@pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
+def test_every_model_file_has_download_metadata(api_path):
+    """Each model file a loader names carries {name, url, directory} in properties.models (what the front end's
+    missing-models dialog reads), and the workflow's models list has each once."""
+    from realedit.testbed.workflow_format import MODEL_FILES, MODEL_SUFFIXES
+
+    twin, ui = _load(api_path), _ui(api_path)
+    by_id = {str(node["id"]): node for node in ui["nodes"]}
+    expected = set()
+    for node_id, node in twin.items():
+        for value in node["inputs"].values():
+            if isinstance(value, str) and value.endswith(MODEL_SUFFIXES):
+                directory, url = MODEL_FILES[value]
+                assert url.startswith("https://") and url.endswith(value)
+                entry = {"name": value, "url": url, "directory": directory}
+                assert entry in by_id[node_id]["properties"]["models"]
+                expected.add(json.dumps(entry, sort_keys=True))
+    assert {json.dumps(m, sort_keys=True) for m in ui.get("models", [])} == expected
+    assert len(ui.get("models", [])) == len(expected)
+
+
+@pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
+def test_each_workflow_has_a_thumbnail(api_path):
+    """The template browser shows example_workflows/<name>.jpg on each card."""
+    from PIL import Image
+
+    with Image.open(ROOT / "example_workflows" / f"{api_path.stem}.jpg") as image:
+        assert image.format == "JPEG" and image.size == (512, 384)
+
+
+def test_stage_fallback_places_unknown_classes_by_name_and_links():
+    from realedit.testbed.workflow_format import class_stage
+
+    assert [class_stage(name) for name in ("UNETLoader", "SomethingInversion", "FancyMaskRefiner",
+                                           "PreviewAny", "ModelSamplingAuraFlow")] == [
+        "inputs", "inversion", "masks", "outputs", "edit"]
+    assert class_stage("MyConstant", has_links=False) == "inputs"
