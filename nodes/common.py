@@ -10,6 +10,7 @@ them (prompt weighting syntax such as ``(cat:1.2)`` is parsed away by that token
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Callable
 
 import comfy.model_management
@@ -18,8 +19,18 @@ import torch
 import torch.nn.functional as F
 from comfy_api.v0_0_2 import io
 
+from ..attention.p2p import Refine, Replace, Reweight, cross_edit, resolve_mode
 from ..attention.specref import SpecRefError
-from ..attention.tokens import Token, Tokenizer, TokenLookupError, WordNotFoundError, word_positions
+from ..attention.tokens import (
+    Token,
+    Tokenizer,
+    TokenLookupError,
+    WordNotFoundError,
+    check_prompt_length,
+    reweight_scale,
+    word_positions,
+    word_token_indices,
+)
 from ..hosts.comfy_sampling import INVERSION_SCHEDULERS
 from ..inversion.ddim import CONVENTIONS, DEFAULT_CONVENTION
 
@@ -113,6 +124,33 @@ def clip_tokenizer(clip: object) -> Tokenizer:
 def split_words(text: str) -> list[str]:
     """Comma-separated word groups (a group may hold several words: 'red car, tiger')."""
     return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
+@dataclass(frozen=True)
+class PromptEdit:
+    """The two prompts of a P2P edit, tokenised, and the cross-attention control they call for."""
+
+    tokenize: Tokenizer
+    mode: str  # auto resolved: none / replace / refine / reweight
+    cross_edit: Replace | Refine | Reweight | None
+
+
+def prompt_edit(clip: object, source_text: str, target_text: str, edit_mode: str, reweight_words: str,
+                reweight_factor: float) -> PromptEdit:
+    """Tokenise both prompts (each at most 77 tokens) and build P2P's Replace / Refine / Reweight control (P2P
+    Sec. 3.2); the P2P samplers (SpecRef, StyleDiffusion) share it. ``reweight`` needs ``reweight_words``."""
+    tokenize = clip_tokenizer(clip)
+    src_tokens, tgt_tokens = tokenize(source_text), tokenize(target_text)
+    check_prompt_length(f"the source prompt {source_text!r}", src_tokens)
+    check_prompt_length(f"the target prompt {target_text!r}", tgt_tokens)
+    mode = resolve_mode(edit_mode, src_tokens, tgt_tokens)
+    scale = None
+    if mode == "reweight":
+        if not split_words(reweight_words):
+            raise ValueError("RealEdit: edit_mode 'reweight' needs reweight_words (words of the target prompt).")
+        scale = reweight_scale(word_token_indices(target_text, split_words(reweight_words), tokenize),
+                               reweight_factor)
+    return PromptEdit(tokenize, mode, cross_edit(mode, src_tokens, tgt_tokens, scale))
 
 
 def _positions_if_any(prompt: str, word: str, tokenize: Tokenizer) -> list[int]:

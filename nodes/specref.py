@@ -12,10 +12,9 @@ import logging
 from comfy_api.v0_0_2 import io, ui
 
 from ..attention.local_blend import LocalBlend
-from ..attention.p2p import cross_edit, resolve_mode
 from ..attention.settings import MASK_RESIZE_MODES, P2PSettings, SpecRefSettings, describe
 from ..attention.specref import SpecRefControls, SpecRefError, SRStats, parse_layers
-from ..attention.tokens import check_prompt_length, reweight_scale, word_token_indices
+from ..attention.tokens import word_token_indices
 from ..hosts.comfy_edit import specref_edit
 from ..hosts.comfy_sr import apply_sr_attention, check_stored_features
 from .common import (
@@ -27,6 +26,7 @@ from .common import (
     encode,
     image_mask,
     progress,
+    prompt_edit,
     split_words,
 )
 
@@ -108,19 +108,8 @@ class SpecRefEditSampler(io.ComfyNode):
                 reweight_factor=2.0, ref_features=None, reference_mask=None, target_words="", mt_threshold=0.5,
                 ms_threshold=0.5, blend_subtract_words="", blend_subtract_threshold=P2P_DEFAULTS.blend_threshold,
                 sr_layers="", mask_resize=SR_DEFAULTS.mask_resize) -> io.NodeOutput:
-        tokenize = clip_tokenizer(clip)
-        src_tokens, tgt_tokens = tokenize(source_text), tokenize(target_text)
-        check_prompt_length(f"the source prompt {source_text!r}", src_tokens)
-        check_prompt_length(f"the target prompt {target_text!r}", tgt_tokens)
-
-        mode = resolve_mode(edit_mode, src_tokens, tgt_tokens)
-        scale = None
-        if mode == "reweight":
-            if not split_words(reweight_words):
-                raise SpecRefError("RealEdit: edit_mode 'reweight' needs reweight_words (words of the target "
-                                   "prompt).")
-            scale = reweight_scale(word_token_indices(target_text, split_words(reweight_words), tokenize),
-                                   reweight_factor)
+        edit = prompt_edit(clip, source_text, target_text, edit_mode, reweight_words, reweight_factor)
+        tokenize = edit.tokenize
         settings = SpecRefSettings(
             p2p=P2PSettings(cross_replace=cross_replace, self_replace=self_replace, blend_threshold=blend_threshold),
             mt_threshold=mt_threshold, ms_threshold=ms_threshold, mask_resize=mask_resize,
@@ -139,7 +128,7 @@ class SpecRefEditSampler(io.ComfyNode):
             raise SpecRefError("RealEdit: SR-attention (ref_features connected) needs target_words: the word(s) "
                                f"of the target prompt {target_text!r} naming the object to copy.")
         controls = SpecRefControls(
-            settings=settings, cross_edit=cross_edit(mode, src_tokens, tgt_tokens, scale), local_blend=local_blend,
+            settings=settings, cross_edit=edit.cross_edit, local_blend=local_blend,
             target_positions=positions, ref_mask=reference_mask if ref_features is not None else None,
             sr_layers=parse_layers(sr_layers),
         )
@@ -149,7 +138,7 @@ class SpecRefEditSampler(io.ComfyNode):
                               cfg=cfg, controls=controls, ref_features=ref_features, steps=steps,
                               callback=lambda info: step(info.step))
         hw = tuple(result.latent.shape[-2:])
-        text = f"RealEdit SpecRef: edit mode {mode}; " + sr_report(result.stats)
+        text = f"RealEdit SpecRef: edit mode {edit.mode}; " + sr_report(result.stats)
         return io.NodeOutput({"samples": result.latent}, {"samples": result.reconstruction},
                              image_mask(result.mt_mask, hw), image_mask(result.blend_mask, hw),
                              ui=ui.PreviewText(text))

@@ -13,9 +13,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io, ui
 
 from ..attention.local_blend import LocalBlend
-from ..attention.p2p import cross_edit, resolve_mode
 from ..attention.stylediffusion import P2PlusControls, StyleDiffusionError
-from ..attention.tokens import check_prompt_length, reweight_scale, word_token_indices
 from ..hosts.comfy_sampling import schedule_steps
 from ..hosts.comfy_stylediffusion import image_features, stylediffusion_edit, value_invert
 from ..inversion.value_inversion import check_value_inversion, value_settings
@@ -24,13 +22,13 @@ from .common import (
     EDIT_MODES,
     Inversion,
     blend_positions,
-    clip_tokenizer,
     convention_input,
     encode,
     image_mask,
     latent_output,
     latent_samples,
     progress,
+    prompt_edit,
     scheduler_input,
     single_image,
     split_words,
@@ -198,24 +196,14 @@ class StyleDiffusionEditSampler(io.ComfyNode):
         if steps != inversion.steps:
             raise StyleDiffusionError(f"RealEdit: the INVERSION was made with {inversion.steps} steps but this node "
                                       f"uses {steps}; set the same steps on both nodes (or re-run the inversion).")
-        tokenize = clip_tokenizer(clip)
-        src_tokens, tgt_tokens = tokenize(source_text), tokenize(target_text)
-        check_prompt_length(f"the source prompt {source_text!r}", src_tokens)
-        check_prompt_length(f"the target prompt {target_text!r}", tgt_tokens)
-        mode = resolve_mode(edit_mode, src_tokens, tgt_tokens)
-        scale = None
-        if mode == "reweight":
-            if not split_words(reweight_words):
-                raise StyleDiffusionError("RealEdit: edit_mode 'reweight' needs reweight_words (words of the target "
-                                          "prompt).")
-            scale = reweight_scale(word_token_indices(target_text, split_words(reweight_words), tokenize),
-                                   reweight_factor)
+        edit = prompt_edit(clip, source_text, target_text, edit_mode, reweight_words, reweight_factor)
+        tokenize, mode = edit.tokenize, edit.mode
         blend = split_words(blend_words)
         local_blend = (LocalBlend(blend_positions(source_text, target_text, blend, tokenize),
                                   threshold=blend_threshold, start=SD_DEFAULTS.blend_start) if blend else None)
         controls = P2PlusControls(tau_v=tau_v, tau_c=tau_c, tau_s=tau_s, tau_u=tau_u,
                                   pin_source=source_row == "pinned",
-                                  cross_edit=cross_edit(mode, src_tokens, tgt_tokens, scale), local_blend=local_blend,
+                                  cross_edit=edit.cross_edit, local_blend=local_blend,
                                   blend_threshold=blend_threshold)
         step = progress(inversion.steps)
         result = stylediffusion_edit(model, inversion, encode(clip, source_text), encode(clip, target_text), negative,
