@@ -110,9 +110,19 @@ def _is_widget(kind: str, options: dict) -> bool:
     return kind in WIDGET_TYPES and not options.get("forceInput")
 
 
-def _widget_values(value: Any, options: dict) -> list[Any]:
+# INT widgets the front end gives a control_after_generate widget even when the node does not ask for one
+# (its INT widget constructor: ``control_after_generate ?? ["seed", "noise_seed"].includes(name)``).
+SEED_WIDGET_NAMES = ("seed", "noise_seed")
+
+
+def _has_generate_control(name: str, kind: str, options: dict) -> bool:
+    flag = options.get("control_after_generate")
+    return bool(flag) if flag is not None else kind == "INT" and name in SEED_WIDGET_NAMES
+
+
+def _widget_values(value: Any, name: str, kind: str, options: dict) -> list[Any]:
     """A widget's entries in ``widgets_values``: its value, then the extra control values the front end adds."""
-    extras = ["fixed"] if options.get("control_after_generate") else []
+    extras = ["fixed"] if _has_generate_control(name, kind, options) else []
     return [value, *extras, *(["image"] if options.get("image_upload") else [])]
 
 
@@ -328,7 +338,7 @@ def api_to_ui(workflow: Mapping[str, Mapping[str, Any]], classes: Mapping[str, t
                     shown = value
                 else:
                     shown = _absent_widget_value(node_id, node["class_type"], name, options)
-                widgets.extend(_widget_values(shown, options))
+                widgets.extend(_widget_values(shown, name, kind, options))
             if linked:
                 link_id = len(links) + 1
                 links.append([link_id, int(value[0]), int(value[1]), int(node_id), len(ui_inputs), kind])
@@ -389,7 +399,7 @@ def ui_to_api(ui: Mapping[str, Any], classes: Mapping[str, type]) -> dict[str, d
             has_value = _is_widget(kind, options) and bool(widgets)
             if has_value:  # a linked widget keeps its slot in widgets_values: consume it either way
                 value = widgets.pop(0)
-                del widgets[:len(_widget_values(value, options)) - 1]
+                del widgets[:len(_widget_values(value, name, kind, options)) - 1]
             if name in linked:
                 origin, slot = link_origin[linked[name]]
                 inputs[name] = [origin, slot]
