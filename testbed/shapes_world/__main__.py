@@ -1,23 +1,40 @@
-"""``python -m realedit.testbed.shapes_world train [--stage all|vae|data|t2i|ip2p|decoder|pack] [--threads 1]``.
+"""``python -m realedit.testbed.shapes_world train [--stage STAGE] [--threads 1] [--workers 1] [--seconds S]``.
 
-Seeded (``WorldConfig.seed``); uses CUDA when ComfyUI finds it. Stages run in order and each saves its
-result under ``$REALEDIT_CACHE/shapes_world-<config hash>/``; ``pack`` measures the quality gates and writes
-the fp16 single-file checkpoints to ``testbed/shapes_world_models/``.
+Seeded (``WorldConfig.seed``); trains on CUDA when ComfyUI finds it. Stages run in order and each saves its
+result under ``$REALEDIT_CACHE/shapes_world/``: ``vae``, ``decoder`` (needs ``vae``), ``data`` (needs
+``vae``), ``t2i`` and ``ip2p`` (need ``data``); ``measure`` prints the gates on those weights; ``pack``
+measures the gates on the fp16 single-file checkpoints it writes to ``testbed/shapes_world_models/``.
+``--seconds`` caps each stage's steps to what fits in that time (a GPU lease is short); ``--workers``
+renders the training sets in that many processes. ``scripts/train_shapes_world_gpu.sh`` runs the stages
+side by side on one GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
+
+STAGES = ("vae", "decoder", "data", "t2i", "ip2p", "pack")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m realedit.testbed.shapes_world")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the world's models and measure the gates")
-    train.add_argument("--stage", default="all", choices=("all", "vae", "data", "t2i", "ip2p", "decoder", "pack"))
+    train.add_argument("--stage", default="all", choices=("all",) + STAGES + ("measure", "none"))
     train.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared CPUs)")
+    train.add_argument("--workers", type=int, default=1, help="processes rendering the training sets")
+    train.add_argument("--seconds", type=float, default=None, help="cap each stage's steps to this many seconds")
+    train.add_argument("--unet-channels", type=int, default=None,
+                       help="the UNets' model_channels (default: the config's); a variant for comparison")
+    train.add_argument("--report", default=None, help="write the stage's numbers (JSON) to this file")
+    train.add_argument("--export", default=None,
+                       help="afterwards, copy the trained stage files (fp16) to this folder")
+    train.add_argument("--smoke", action="store_true",
+                       help="a check of the pipeline in about a minute of CPU: tiny data, few steps, tiny gates")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
@@ -25,11 +42,30 @@ def main(argv: list[str] | None = None) -> int:
 
     bootstrap_comfyui()
     from . import training
+    from .config import DEFAULT_CONFIG
 
     training.set_threads(args.threads)
-    stages = ("vae", "data", "t2i", "ip2p", "decoder", "pack") if args.stage == "all" else (args.stage,)
+    config = DEFAULT_CONFIG
+    if args.unet_channels:
+        config = dataclasses.replace(config, unet=dict(config.unet, model_channels=args.unet_channels))
+    if args.smoke:
+        from . import gates
+
+        config = dataclasses.replace(config, vae_pool=64, vae_steps=40, vae_batch=4, decoder_steps=40,
+                                     decoder_batch=4, dataset_scenes=450, unet_steps=45, unet_batch=8, ip2p_steps=45)
+        gates.FULL_SIZES.update({"t2i": 2, "vae": 2, "ip2p": 2})
+    stages = STAGES if args.stage == "all" else (args.stage,) if args.stage != "none" else ()
+    numbers = {}
     for stage in stages:
-        getattr(training, f"stage_{stage}")()
+        numbers[stage] = getattr(training, f"stage_{stage}")(config, workers=args.workers, seconds=args.seconds)
+    if args.export:
+        from pathlib import Path
+
+        for path in training.export_stages(config, Path(args.export), stages):
+            print(f"exported {path}")
+    if args.report:
+        with open(args.report, "w") as file:
+            json.dump(numbers, file, indent=2, default=str)
     return 0
 
 

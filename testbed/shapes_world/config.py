@@ -54,27 +54,31 @@ class WorldConfig:
     unet_heads: dict[str, Any] = field(default_factory=lambda: {"num_heads": -1, "num_head_channels": 32})
     seed: int = 0
     clip_seed: int = 1
-    # VAE: L1 + MSE of the posterior mean's reconstruction on 64 px crops of 128 px renders (see
-    # train_vae), then the latents are rescaled exactly (folded into quant_conv / post_quant_conv) to
-    # unit variance after SD1.5's 0.18215.
-    vae_steps: int = 500
-    vae_batch: int = 16
-    vae_crop: int = 64  # training crops (pixels); the checks use whole 128 px images
+    # VAE: L1 + MSE of the posterior mean's reconstruction on ``vae_crop`` px crops of a pool of
+    # ``vae_pool`` pre-rendered scenes (see train_vae), then the latents are rescaled exactly (folded into
+    # quant_conv / post_quant_conv) to unit variance after SD1.5's 0.18215.
+    vae_pool: int = 8000
+    vae_steps: int = 8000
+    vae_batch: int = 32
+    vae_crop: int = 128  # training crops (pixels); 128 = whole images
     vae_lr: float = 1e-3
     vae_kl: float = 1e-4  # weight of the latent mean's square (keeps its scale bounded)
-    # Decoder fine-tuning at 128 px on the data's latents (encoder frozen), run beside the UNets.
-    decoder_steps: int = 600
-    decoder_batch: int = 8
-    decoder_lr: float = 5e-4
-    # UNets: eps objective on SD1.5's alphas_cumprod, AdamW, warm-up then cosine decay.
-    dataset_scenes: int = 4000
-    unet_steps: int = 600
-    unet_batch: int = 16
-    unet_lr: float = 2e-3
+    # Decoder fine-tuning (encoder frozen) on noisy latents of the pool, so that decoding tolerates the
+    # UNets' residual error.
+    decoder_steps: int = 3000
+    decoder_batch: int = 32
+    decoder_lr: float = 3e-4
+    # UNets: eps objective on SD1.5's alphas_cumprod, AdamW, warm-up then cosine decay; the weights kept
+    # are an exponential moving average (``ema_decay``).
+    dataset_scenes: int = 20000
+    unet_steps: int = 10000
+    unet_batch: int = 128
+    unet_lr: float = 1e-3
+    ema_decay: float = 0.999
     caption_dropout: float = 0.1
-    ip2p_steps: int = 600
+    ip2p_steps: int = 10000
     ip2p_dropout: float = 0.05  # text, image and both dropped with this probability each (the IP2P paper)
-    data_version: int = 1
+    data_version: int = 2
 
     def key(self) -> str:
         text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)

@@ -25,6 +25,7 @@ from .scene import (
     Scene,
     random_object,
     render,
+    to_uint8,
 )
 
 EDIT_KINDS: tuple[str, ...] = ("recolour", "reshape", "remove", "add", "move", "resize", "background", "appearance")
@@ -185,3 +186,10 @@ def random_edit(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = EDIT_
 
         return Edit(kind, target, rng.choice([a for a in UNNAMED_APPEARANCES if a != obj.appearance]))
     return Edit(kind, target)
+
+
+def render_edit_pairs(pairs: list[tuple[Scene, Edit]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and expected renders, uint8 ``(B, H, W, 3)`` each, of ``(scene, edit)`` pairs (the IP2P
+    training set; a worker process runs this, so it stays free of ComfyUI)."""
+    truths = [ground_truth(scene, edit) for scene, edit in pairs]
+    return to_uint8(torch.stack([t.source for t in truths])), to_uint8(torch.stack([t.expected for t in truths]))

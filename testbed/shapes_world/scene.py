@@ -267,3 +267,35 @@ def render(scene: Scene) -> torch.Tensor:
 def render_batch(scenes: list[Scene]) -> torch.Tensor:
     """``(B, SIZE, SIZE, 3)``."""
     return torch.stack([render(s) for s in scenes])
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """IMAGEs in [0, 1] -> uint8 (training pools: 4x smaller, error below 1/510)."""
+    return (images * 255).round().to(torch.uint8)
+
+
+def _render_chunk(scenes: list[Scene]) -> torch.Tensor:
+    return to_uint8(render_batch(scenes))
+
+
+def render_pool(scenes: list[Scene], workers: int = 1, chunk: int = 200) -> torch.Tensor:
+    """``render_batch(scenes)`` as uint8 ``(B, SIZE, SIZE, 3)``, rendered in ``workers`` processes.
+
+    Rendering is about 10 ms a scene on one core, so a training set of 20 000 scenes wants every core.
+    The workers are spawned (never forked: the parent may hold CUDA and OpenMP state) and return
+    uint8 chunks; the pixels are the same whatever ``workers`` is."""
+    return torch.cat(map_chunks(_render_chunk, scenes, workers, chunk))
+
+
+def map_chunks(function, items: list, workers: int, chunk: int) -> list:
+    """``[function(items[i:i + chunk]) for i in ...]``, in ``workers`` spawned processes when > 1."""
+    parts = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    if workers <= 1 or len(parts) <= 1:
+        return [function(part) for part in parts]
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(parts)), mp_context=context,
+                                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(function, parts))

@@ -6,24 +6,26 @@ in SD1.5's model space (x 0.18215); captions and instructions encoded once by th
 ``alphas_cumprod`` (what ``BaseModel.apply_model`` feeds the UNet). Caption dropout (10%) to the empty
 prompt's embedding makes CFG work. IP2P (Brooks et al. 2023, Sec. 3.2): the source latent is
 concatenated to the noisy latent (8 input channels, ComfyUI's ``concat`` order); text, image and both
-are dropped with 5% each, for classifier-free guidance over either.
+are dropped with 5% each, for classifier-free guidance over either. The weights kept are an exponential
+moving average of the trained ones (``ema_decay``), as in SD's training.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from typing import Callable
 
+import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
 import torch
 import torch.nn.functional as F
 
 from .config import WorldConfig
-from .edits import IP2P_KINDS, ground_truth, random_edit
-from .scene import Scene, random_scene, render_batch
+from .edits import IP2P_KINDS, instruction, random_edit, render_edit_pairs
+from .scene import Scene, map_chunks, random_scene, render_pool
+from .schedule import StepPlan, cosine_lr
 from .train_vae import SD15_SCALE, to_vae_input
 
 
@@ -37,49 +39,63 @@ def ip2p_scene(rng: random.Random) -> Scene:
 
 
 @torch.no_grad()
-def encode_images(vae: comfy.sd.VAE, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """IMAGEs ``(B, H, W, 3)`` -> model-space latents ``(B, 4, H/8, W/8)`` (posterior mode x 0.18215)."""
+def encode_images(vae: comfy.sd.VAE, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """IMAGEs ``(B, H, W, 3)`` (float in [0, 1] or uint8) -> model-space latents ``(B, 4, H/8, W/8)`` on the CPU
+    (posterior mode x 0.18215), encoded where the VAE's weights are."""
     ae = vae.first_stage_model
+    weight = next(ae.parameters())
     out = []
     for i in range(0, len(images), batch):
-        x = to_vae_input(images[i:i + batch]).to(next(ae.parameters()).dtype)
-        mean, _ = ae.quant_conv(ae.encoder(x)).chunk(2, dim=1)
-        out.append(mean.float() * SD15_SCALE)
+        part = images[i:i + batch].to(weight.device)
+        part = part.float() / 255 if part.dtype == torch.uint8 else part
+        mean, _ = ae.quant_conv(ae.encoder(to_vae_input(part).to(weight.dtype))).chunk(2, dim=1)
+        out.append(mean.float().cpu() * SD15_SCALE)
     return torch.cat(out)
 
 
 @torch.no_grad()
-def encode_texts(clip: comfy.sd.CLIP, texts: list[str]) -> torch.Tensor:
-    """``(len(texts), 77, 64)``: CLIPTextEncode's cross-attention embedding of each text."""
-    return torch.cat([clip.encode_from_tokens_scheduled(clip.tokenize(t))[0][0] for t in texts])
+def encode_texts(clip: comfy.sd.CLIP, texts: list[str], batch: int = 256) -> torch.Tensor:
+    """``(len(texts), 77, 64)``: CLIPTextEncode's cross-attention embedding of each text.
+
+    ``batch`` texts go through the encoder at once, as the 77-token sections of one prompt: ComfyUI
+    encodes a prompt's sections side by side (a batch) and joins them along the sequence, so each
+    text's rows are what encoding it alone gives (all weights are 1)."""
+    out = []
+    for i in range(0, len(texts), batch):
+        tokens = [clip.tokenize(t) for t in texts[i:i + batch]]
+        if any(len(sections) != 1 for t in tokens for sections in t.values()):
+            raise ValueError("encode_texts: every text must fit in one 77-token section")
+        merged = {key: [t[key][0] for t in tokens] for key in tokens[0]}
+        cond = clip.encode_from_tokens(merged)  # (1, 77 * n, 64)
+        out.append(cond.view(len(tokens), -1, cond.shape[-1]).cpu())
+    return torch.cat(out)
 
 
-def build_dataset(vae: comfy.sd.VAE, clip: comfy.sd.CLIP, config: WorldConfig,
-                  log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
-    """The t2i and IP2P training tensors (see module doc); texts are indices into ``*_texts``."""
+def build_dataset(vae: comfy.sd.VAE, clip: comfy.sd.CLIP, config: WorldConfig, log: Callable[[str], None] = print,
+                  workers: int = 1) -> dict[str, torch.Tensor]:
+    """The t2i and IP2P training tensors (see module doc); texts are indices into ``*_texts``. Renders in
+    ``workers`` processes (same pixels whatever their number)."""
     start = time.perf_counter()
     rng = random.Random(config.seed + 1)
     scenes = [t2i_scene(rng) for _ in range(config.dataset_scenes)]
     captions = sorted({s.caption() for s in scenes} | {""})
     index = {c: i for i, c in enumerate(captions)}
-    data = {"t2i_latents": torch.cat([encode_images(vae, render_batch(scenes[i:i + 256]))
-                                      for i in range(0, len(scenes), 256)]),
+    data = {"t2i_latents": encode_images(vae, render_pool(scenes, workers)),
             "t2i_text": torch.tensor([index[s.caption()] for s in scenes]),
             "t2i_texts": encode_texts(clip, captions).half(),
             "t2i_empty": torch.tensor(index[""])}
     log(f"  t2i data: {len(scenes)} scenes, {len(captions)} captions ({time.perf_counter() - start:.0f} s)")
     rng = random.Random(config.seed + 2)
-    sources, targets, instructions = [], [], []
+    pairs = []
     for _ in range(config.dataset_scenes):
         scene = ip2p_scene(rng)
-        truth = ground_truth(scene, random_edit(scene, rng, IP2P_KINDS))
-        sources.append(truth.source)
-        targets.append(truth.expected)
-        instructions.append(truth.instruction)
+        pairs.append((scene, random_edit(scene, rng, IP2P_KINDS)))
+    instructions = [instruction(scene, edit) for scene, edit in pairs]
+    chunks = map_chunks(render_edit_pairs, pairs, workers, 200)
     texts = sorted(set(instructions) | {""})
     index = {c: i for i, c in enumerate(texts)}
-    data.update({"ip2p_source": encode_images(vae, torch.stack(sources)),
-                 "ip2p_target": encode_images(vae, torch.stack(targets)),
+    data.update({"ip2p_source": encode_images(vae, torch.cat([c[0] for c in chunks])),
+                 "ip2p_target": encode_images(vae, torch.cat([c[1] for c in chunks])),
                  "ip2p_text": torch.tensor([index[t] for t in instructions]),
                  "ip2p_texts": encode_texts(clip, texts).half(),
                  "ip2p_empty": torch.tensor(index[""])})
@@ -93,12 +109,6 @@ def alphas_cumprod(model: comfy.model_patcher.ModelPatcher) -> torch.Tensor:
     return 1.0 / (1.0 + sigmas**2)
 
 
-def _lr(step: int, steps: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def _drop(keep: torch.Tensor, rows: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
     """``rows`` where ``keep``, else ``replacement`` (broadcast)."""
     shape = (-1,) + (1,) * (rows.ndim - 1)
@@ -106,39 +116,48 @@ def _drop(keep: torch.Tensor, rows: torch.Tensor, replacement: torch.Tensor) -> 
 
 
 def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Tensor], config: WorldConfig,
-               kind: str, log: Callable[[str], None] = print, log_every: int = 100) -> float:
-    """Train ``model``'s UNet in place for ``kind`` ``"t2i"`` or ``"ip2p"``; returns seconds."""
+               kind: str, log: Callable[[str], None] = print, seconds: float | None = None,
+               log_every: int = 500) -> tuple[float, int]:
+    """Train ``model``'s UNet for ``kind`` ``"t2i"`` or ``"ip2p"`` on ComfyUI's torch device; the UNet is
+    left holding the EMA weights, on that device. Returns (seconds, steps run: the config's unless
+    ``seconds`` cut it short, see :class:`.schedule.StepPlan`)."""
     unet = model.model.diffusion_model
-    device = next(unet.parameters()).device
-    steps = config.unet_steps if kind == "t2i" else config.ip2p_steps
+    device = comfy.model_management.get_torch_device()
+    unet.to(device)
+    planned = config.unet_steps if kind == "t2i" else config.ip2p_steps
     schedule = alphas_cumprod(model).to(device)
     texts = data[f"{kind}_texts"].float().to(device)
     empty = texts[int(data[f"{kind}_empty"])]
+    text_rows = data[f"{kind}_text"].to(device)
+    if kind == "t2i":
+        targets, sources = data["t2i_latents"].to(device), None
+    else:
+        targets, sources = data["ip2p_target"].to(device), data["ip2p_source"].to(device)
     generator = torch.Generator().manual_seed(config.seed + (3 if kind == "t2i" else 4))
-    optimiser = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.01)
-    n = len(data[f"{kind}_text"])
-    start, window = time.perf_counter(), []
+    params = [p for p in unet.parameters()]
+    ema = [p.detach().clone() for p in params]
+    optimiser = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.01, fused=device.type == "cuda")
+    plan, batch, n = StepPlan(planned, seconds, probe=(60, 190)), config.unet_batch, len(text_rows)
+    synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start, window, step = time.perf_counter(), [], 0
     unet.train()
     with torch.inference_mode(False), torch.enable_grad():
-        for step in range(steps):
+        while step < plan.total:
             for group in optimiser.param_groups:
-                group["lr"] = _lr(step, steps, config.unet_lr)
-            rows = torch.randint(0, n, (config.unet_batch,), generator=generator)
-            context = texts[data[f"{kind}_text"][rows]]
-            u = torch.rand(config.unet_batch, generator=generator)
-            if kind == "t2i":
-                x0 = data["t2i_latents"][rows].to(device)
-                context = _drop((u >= config.caption_dropout).to(device), context, empty)
+                group["lr"] = cosine_lr(step, plan.total, config.unet_lr, warmup=200)
+            rows = torch.randint(0, n, (batch,), generator=generator).to(device)
+            u = torch.rand(batch, generator=generator).to(device)
+            t = torch.randint(0, len(schedule), (batch,), generator=generator).to(device)
+            noise = torch.randn(targets[:batch].shape, generator=generator).to(device)
+            context, x0 = texts[text_rows[rows]], targets[rows]
+            if sources is None:
+                context = _drop(u >= config.caption_dropout, context, empty)
                 concat = None
             else:
-                x0 = data["ip2p_target"][rows].to(device)
                 p = config.ip2p_dropout  # u in [0, p): text dropped; [p, 2p): both; [2p, 3p): image
                 drop_text, drop_image = u < 2 * p, (u >= p) & (u < 3 * p)
-                context = _drop((~drop_text).to(device), context, empty)
-                concat = _drop((~drop_image).to(device), data["ip2p_source"][rows].to(device),
-                               torch.zeros(1, device=device))
-            t = torch.randint(0, len(schedule), (config.unet_batch,), generator=generator).to(device)
-            noise = torch.randn(x0.shape, generator=generator).to(device)
+                context = _drop(~drop_text, context, empty)
+                concat = _drop(~drop_image, sources[rows], torch.zeros(1, device=device))
             a = schedule[t][:, None, None, None]
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
             if concat is not None:
@@ -147,12 +166,18 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            window.append(loss.item())
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                log(f"  {kind} step {step + 1:5d}  loss {sum(window) / len(window):.4f}  "
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, params, 1.0 - config.ema_decay)
+            window.append(loss.detach())
+            plan.after(step, synchronise)
+            step += 1
+            if step % log_every == 0 or step == plan.total:
+                log(f"  {kind} step {step:5d}/{plan.total}  loss {torch.stack(window).mean().item():.4f}  "
                     f"({time.perf_counter() - start:.0f} s)")
                 window = []
     unet.eval()
-    for param in unet.parameters():
-        param.requires_grad_(False)
-    return time.perf_counter() - start
+    with torch.no_grad():
+        for param, average in zip(params, ema):
+            param.copy_(average)
+            param.requires_grad_(False)
+    return time.perf_counter() - start, plan.total

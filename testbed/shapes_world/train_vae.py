@@ -1,7 +1,8 @@
 """Training the world's VAE (ComfyUI AutoencoderKL) on 128 px renders, and folding its latent scale.
 
 Loss: L1 + MSE on the reconstruction of the posterior *mean* (plus 0.01 noise), plus ``vae_kl`` x the
-mean's square. Not SD's sampled-KL recipe: a first run that sampled the posterior (log-variance
+mean's square, on batches drawn from a pool of pre-rendered scenes (``vae_pool``; rendering is the CPU's
+work, so it is done once, in parallel). Not SD's sampled-KL recipe: a first run that sampled the posterior (log-variance
 starting at 0, KL weight 1e-6) spent its short CPU budget decoding noise and gave colourless blobs
 (19.8 dB); ComfyUI encodes with the posterior mode anyway. No perceptual or adversarial terms:
 flat-coloured scenes need neither. Afterwards the
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import WorldConfig
-from .scene import SIZE, Scene, random_scene, render_batch
+from .scene import SIZE, Scene, random_scene, render_batch, render_pool
+from .schedule import StepPlan, cosine_lr
 
 SD15_SCALE = 0.18215
 
@@ -56,21 +58,24 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def round_trip_psnr(ae: torch.nn.Module, scenes: list[Scene]) -> float:
     """Mean over ``scenes`` of the PSNR of decode(mean latent) against the render."""
-    values = []
+    values, device = [], _device(ae)
     for scene in scenes:
-        x = to_vae_input(render_batch([scene]))
+        x = to_vae_input(render_batch([scene])).to(device)
         mean, _ = _posterior(ae, x)
         out = ((ae.decode(mean) + 1) / 2).clamp(0, 1)
         values.append(psnr(out, (x + 1) / 2))
     return sum(values) / len(values)
 
 
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def crops(x: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
     """A random ``size`` x ``size`` crop of each image ``(B, 3, H, W)``, on the 8-pixel latent grid.
 
-    Fully convolutional training on crops, as SD's VAE (trained at 256 px, used at 512 px and more):
-    4x cheaper per sample here; the group norms see crop statistics, which the held-out full-image
-    PSNR check covers."""
+    Fully convolutional training on crops, as SD's VAE (trained at 256 px, used at 512 px and more);
+    the group norms see crop statistics, which the held-out full-image PSNR check covers."""
     if size >= x.shape[-1]:
         return x
     cells = (x.shape[-1] - size) // 8 + 1
@@ -81,83 +86,96 @@ def crops(x: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _lr(step: int, steps: int, peak: float, warmup: int = 50) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+def vae_pool(config: WorldConfig, workers: int = 1) -> torch.Tensor:
+    """The VAE's training images: ``config.vae_pool`` scenes of the seed stream, uint8 ``(N, H, W, 3)``."""
+    rng = random.Random(config.seed)
+    return render_pool([vae_training_scene(rng) for _ in range(config.vae_pool)], workers)
 
 
-def train_vae(ae: torch.nn.Module, config: WorldConfig, log: Callable[[str], None] = print,
-              log_every: int = 50) -> float:
-    """Train ``ae`` (a ComfyUI ``AutoencoderKL``) in place; returns the seconds it took."""
+def _batch(pool: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """``batch`` random pool images as VAE input ``(B, 3, H, W)`` in [-1, 1], on the pool's device."""
+    rows = torch.randint(0, len(pool), (batch,), generator=generator).to(pool.device)
+    return to_vae_input(pool[rows].float() / 255)
+
+
+def _synchroniser(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def train_vae(ae: torch.nn.Module, config: WorldConfig, pool: torch.Tensor, log: Callable[[str], None] = print,
+              seconds: float | None = None, log_every: int = 500) -> tuple[float, int]:
+    """Train ``ae`` (a ComfyUI ``AutoencoderKL``, on its training device) in place on ``pool`` (uint8
+    renders on the same device); returns (seconds, steps run: ``config.vae_steps`` unless ``seconds``
+    cut it short, see :class:`.schedule.StepPlan`)."""
     rng, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
+    device = _device(ae)
     optimiser = torch.optim.Adam(ae.parameters(), lr=config.vae_lr)
-    check = held_out_scenes(8)
-    start, window = time.perf_counter(), []
+    plan, check = StepPlan(config.vae_steps, seconds), held_out_scenes(8)
+    start, window, step = time.perf_counter(), [], 0
     ae.train()
     with torch.inference_mode(False), torch.enable_grad():
-        for step in range(config.vae_steps):
+        while step < plan.total:
             for group in optimiser.param_groups:
-                group["lr"] = _lr(step, config.vae_steps, config.vae_lr)
-            x = crops(to_vae_input(render_batch([vae_training_scene(rng) for _ in range(config.vae_batch)])),
-                      config.vae_crop, rng)
+                group["lr"] = cosine_lr(step, plan.total, config.vae_lr, warmup=50, floor=0.05)
+            x = crops(_batch(pool, config.vae_batch, generator), config.vae_crop, rng)
             mean, _ = _posterior(ae, x)
-            out = ae.decode(mean + 0.01 * torch.randn(mean.shape, generator=generator))
+            out = ae.decode(mean + 0.01 * torch.randn(mean.shape, generator=generator).to(device))
             loss = F.l1_loss(out, x) + F.mse_loss(out, x) + config.vae_kl * mean.pow(2).mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            window.append(loss.item())
-            if (step + 1) % log_every == 0 or step + 1 == config.vae_steps:
+            window.append(loss.detach())
+            plan.after(step, _synchroniser(device))
+            step += 1
+            if step % log_every == 0 or step == plan.total:
                 ae.eval()
                 value = round_trip_psnr(ae, check)
                 ae.train()
-                log(f"  vae step {step + 1:5d}  loss {sum(window) / len(window):.4f}  held-out PSNR {value:.2f} dB "
-                    f"({time.perf_counter() - start:.0f} s)")
+                log(f"  vae step {step:5d}/{plan.total}  loss {torch.stack(window).mean().item():.4f}  "
+                    f"held-out PSNR {value:.2f} dB ({time.perf_counter() - start:.0f} s)")
                 window = []
     ae.eval()
     for param in ae.parameters():
         param.requires_grad_(False)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, plan.total
 
 
-def train_decoder(ae: torch.nn.Module, latents: torch.Tensor, config: WorldConfig,
-                  log: Callable[[str], None] = print, log_every: int = 100) -> float:
-    """Fine-tune ``post_quant_conv`` and the decoder on whole 128 px images: ``latents`` are the model-space
-    latents of the t2i training scenes (:func:`.train_unet.t2i_scene`, seed + 1 stream, in order), the
-    targets their renders. Small latent noise (0.05 in model space) makes it tolerant of the UNets'
-    residual error."""
-    from .train_unet import t2i_scene
-
-    rng = random.Random(config.seed + 1)
-    scenes = [t2i_scene(rng) for _ in range(len(latents))]
+def train_decoder(ae: torch.nn.Module, config: WorldConfig, pool: torch.Tensor, log: Callable[[str], None] = print,
+                  seconds: float | None = None, log_every: int = 500) -> tuple[float, int]:
+    """Fine-tune ``post_quant_conv`` and the decoder on whole images of ``pool``, decoding the frozen
+    encoder's model-space latents plus noise (0.05, in model space), so decoding tolerates the UNets'
+    residual error; returns (seconds, steps run)."""
     generator = torch.Generator().manual_seed(config.seed + 5)
+    device = _device(ae)
     parameters = list(ae.decoder.parameters()) + list(ae.post_quant_conv.parameters())
     for param in parameters:
         param.requires_grad_(True)
     optimiser = torch.optim.Adam(parameters, lr=config.decoder_lr)
-    check = held_out_scenes(8)
-    start, window = time.perf_counter(), []
+    plan, check = StepPlan(config.decoder_steps, seconds), held_out_scenes(8)
+    start, window, step = time.perf_counter(), [], 0
     with torch.inference_mode(False), torch.enable_grad():
-        for step in range(config.decoder_steps):
+        while step < plan.total:
             for group in optimiser.param_groups:
-                group["lr"] = _lr(step, config.decoder_steps, config.decoder_lr, warmup=20)
-            rows = torch.randint(0, len(latents), (config.decoder_batch,), generator=generator)
-            x = to_vae_input(render_batch([scenes[i] for i in rows.tolist()]))
-            z = latents[rows] + 0.05 * torch.randn(latents[rows].shape, generator=generator)
+                group["lr"] = cosine_lr(step, plan.total, config.decoder_lr, warmup=50, floor=0.05)
+            x = _batch(pool, config.decoder_batch, generator)
+            with torch.no_grad():
+                z = _posterior(ae, x)[0] * SD15_SCALE
+            z = z + 0.05 * torch.randn(z.shape, generator=generator).to(device)
             out = ae.decode(z / SD15_SCALE)
             loss = F.l1_loss(out, x) + F.mse_loss(out, x)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            window.append(loss.item())
-            if (step + 1) % log_every == 0 or step + 1 == config.decoder_steps:
-                log(f"  decoder step {step + 1:5d}  loss {sum(window) / len(window):.4f}  held-out PSNR "
-                    f"{round_trip_psnr(ae, check):.2f} dB ({time.perf_counter() - start:.0f} s)")
+            window.append(loss.detach())
+            plan.after(step, _synchroniser(device))
+            step += 1
+            if step % log_every == 0 or step == plan.total:
+                log(f"  decoder step {step:5d}/{plan.total}  loss {torch.stack(window).mean().item():.4f}  "
+                    f"held-out PSNR {round_trip_psnr(ae, check):.2f} dB ({time.perf_counter() - start:.0f} s)")
                 window = []
     for param in ae.parameters():
         param.requires_grad_(False)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, plan.total
 
 
 @torch.no_grad()
@@ -166,7 +184,7 @@ def standardise_latents(ae: torch.nn.Module, scenes: list[Scene]) -> tuple[list[
     latents of ``scenes`` have zero channel means and standard deviation 1 / 0.18215 (SD1.5's latent
     format then gives unit variance). Decoding is unchanged up to float rounding. Returns the old
     channel means and scale factor."""
-    x = to_vae_input(render_batch(scenes))
+    x = to_vae_input(render_batch(scenes)).to(_device(ae))
     mean, _ = _posterior(ae, x)
     shift = mean.mean((0, 2, 3))  # (4,)
     k = (1 / SD15_SCALE) / (mean - shift[None, :, None, None]).std().item()

@@ -2,8 +2,11 @@
 
 Each stage saves fp32 weights under ``$REALEDIT_CACHE/shapes_world/`` (else ``~/.cache/realedit``),
 in files named by a hash of the settings the stage depends on, so a stage reruns only when those
-change. ``pack`` measures the gates on the fp16 checkpoints as ``CheckpointLoaderSimple`` loads them and
-writes ``testbed/shapes_world_models/`` (checkpoints and ``gates.json``).
+change. Training runs on ComfyUI's torch device (CUDA when there is one). ``seconds`` caps a stage's
+steps to what fits in that time (:class:`.schedule.StepPlan`; the steps run are recorded in the file);
+``workers`` renders the training sets in that many processes (same pixels). ``pack`` measures the
+gates on the fp16 checkpoints as ``CheckpointLoaderSimple`` loads them and writes
+``testbed/shapes_world_models/`` (checkpoints and ``gates.json``).
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from .models import load_checkpoint, make_clip, make_unet, make_vae, save_checkp
 from .train_unet import build_dataset, train_unet
 from .train_vae import held_out_scenes, round_trip_psnr, standardise_latents, train_vae
 
-_VAE_FIELDS = ("vae", "seed", "vae_steps", "vae_batch", "vae_crop", "vae_lr", "vae_kl", "data_version")
+_VAE_FIELDS = ("vae", "seed", "vae_pool", "vae_steps", "vae_batch", "vae_crop", "vae_lr", "vae_kl", "data_version")
 _DATA_FIELDS = _VAE_FIELDS + ("clip", "clip_seed", "dataset_scenes")
-_DECODER_FIELDS = _DATA_FIELDS + ("decoder_steps", "decoder_batch", "decoder_lr")
-_UNET_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "unet_steps", "unet_batch", "unet_lr", "caption_dropout")
-_IP2P_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "ip2p_steps", "unet_batch", "unet_lr", "ip2p_dropout")
+_DECODER_FIELDS = _VAE_FIELDS + ("decoder_steps", "decoder_batch", "decoder_lr")
+_UNET_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "unet_steps", "unet_batch", "unet_lr", "ema_decay",
+                               "caption_dropout")
+_IP2P_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "ip2p_steps", "unet_batch", "unet_lr", "ema_decay",
+                               "ip2p_dropout")
 
 
 def stage_key(config: WorldConfig, fields: tuple[str, ...]) -> str:
@@ -44,7 +49,7 @@ def work_path(config: WorldConfig, name: str, fields: tuple[str, ...]) -> Path:
 
 def _save(path: Path, state: dict[str, torch.Tensor], numbers: dict[str, Any]) -> None:
     temporary = path.with_suffix(".tmp")
-    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(temporary),
+    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(temporary),
                                 metadata={k: json.dumps(v) for k, v in numbers.items()})
     temporary.replace(path)
 
@@ -54,22 +59,34 @@ def _numbers(path: Path) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in (file.metadata() or {}).items()}
 
 
-def stage_vae(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print) -> dict[str, Any]:
+def _torch_device() -> torch.device:
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device()
+
+
+def stage_vae(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print, *, workers: int = 1,
+              seconds: float | None = None) -> dict[str, Any]:
     """Train the VAE, standardise its latents, save it."""
+    from .train_vae import vae_pool
+
     path = work_path(config, "vae", _VAE_FIELDS)
     if path.is_file():
         log(f"VAE: done before ({path})")
         return _numbers(path)
-    vae = make_vae(config)
-    ae = vae.first_stage_model.float()
-    log(f"VAE: {sum(p.numel() for p in ae.parameters()) / 1e6:.3f} M parameters, {config.vae_steps} steps "
-        f"of batch {config.vae_batch} ({config.vae_crop} px crops)")
-    seconds = train_vae(ae, config, log=log)
+    device = _torch_device()
+    ae = make_vae(config).first_stage_model.float().to(device)
+    start = time.perf_counter()
+    pool = vae_pool(config, workers).to(device)
+    log(f"VAE: {sum(p.numel() for p in ae.parameters()) / 1e6:.3f} M parameters; {len(pool)} scenes rendered in "
+        f"{time.perf_counter() - start:.0f} s; {config.vae_steps} steps of batch {config.vae_batch} "
+        f"({config.vae_crop} px crops) on {device}")
+    seconds_run, steps = train_vae(ae, config, pool, log=log, seconds=seconds)
     shift, scale = standardise_latents(ae, held_out_scenes(64, seed=20_000))
     value = round_trip_psnr(ae, held_out_scenes(32))
-    log(f"VAE trained in {seconds:.0f} s; latent shift {[round(s, 3) for s in shift]}, scale x{scale:.3f}; "
-        f"held-out round trip {value:.2f} dB")
-    numbers = {"vae_seconds": seconds, "vae_psnr_training_check": value}
+    log(f"VAE trained in {seconds_run:.0f} s ({steps} steps); latent shift {[round(s, 3) for s in shift]}, "
+        f"scale x{scale:.3f}; held-out round trip {value:.2f} dB")
+    numbers = {"vae_seconds": seconds_run, "vae_steps_run": steps, "vae_psnr_training_check": value}
     _save(path, ae.state_dict(), numbers)
     return numbers
 
@@ -83,39 +100,44 @@ def trained_vae(config: WorldConfig = DEFAULT_CONFIG, decoder: bool = True):
     return make_vae(config, state)
 
 
-def stage_decoder(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune the VAE decoder alone at full resolution on the t2i data's latents (the encoder, hence
-    the latents the UNets learn, stay as they are)."""
-    from .train_vae import train_decoder
+def stage_decoder(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print, *, workers: int = 1,
+                  seconds: float | None = None) -> dict[str, Any]:
+    """Fine-tune the VAE decoder alone (the encoder, hence the latents the UNets learn, stay as they are);
+    independent of the data and UNet stages, so it may run beside them."""
+    from .train_vae import train_decoder, vae_pool
 
     path = work_path(config, "decoder", _DECODER_FIELDS)
     if path.is_file():
         log(f"decoder: done before ({path})")
         return _numbers(path)
-    vae = trained_vae(config, decoder=False)
-    ae = vae.first_stage_model.float()
-    data = safetensors.torch.load_file(str(work_path(config, "data", _DATA_FIELDS)))
-    log(f"decoder: {config.decoder_steps} steps of batch {config.decoder_batch} at full resolution")
-    seconds = train_decoder(ae, data["t2i_latents"], config, log=log)
+    device = _torch_device()
+    ae = trained_vae(config, decoder=False).first_stage_model.float().to(device)
+    pool = vae_pool(config, workers).to(device)
+    log(f"decoder: {config.decoder_steps} steps of batch {config.decoder_batch} at full resolution on {device}")
+    seconds_run, steps = train_decoder(ae, config, pool, log=log, seconds=seconds)
     state = {k: v for k, v in ae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
-    numbers = {"decoder_seconds": seconds}
+    numbers = {"decoder_seconds": seconds_run, "decoder_steps_run": steps}
     _save(path, state, numbers)
     return numbers
 
 
-def stage_data(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print) -> dict[str, Any]:
+def stage_data(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print, *, workers: int = 1,
+               seconds: float | None = None) -> dict[str, Any]:
+    """Render, encode and save the UNets' training sets (the encoder alone is used: no wait for the decoder)."""
     path = work_path(config, "data", _DATA_FIELDS)
     if path.is_file():
         log(f"data: done before ({path})")
         return _numbers(path)
     start = time.perf_counter()
-    data = build_dataset(trained_vae(config), make_clip(config), config, log=log)
+    vae = trained_vae(config, decoder=False)
+    vae.first_stage_model.to(_torch_device())
+    data = build_dataset(vae, make_clip(config), config, log=log, workers=workers)
     numbers = {"data_seconds": time.perf_counter() - start}
     _save(path, data, numbers)
     return numbers
 
 
-def _train(config: WorldConfig, kind: str, log: Callable[[str], None]) -> dict[str, Any]:
+def _train(config: WorldConfig, kind: str, log: Callable[[str], None], seconds: float | None) -> dict[str, Any]:
     fields, in_channels = (_UNET_FIELDS, 4) if kind == "t2i" else (_IP2P_FIELDS, 8)
     path = work_path(config, kind, fields)
     if path.is_file():
@@ -127,18 +149,20 @@ def _train(config: WorldConfig, kind: str, log: Callable[[str], None]) -> dict[s
     steps = config.unet_steps if kind == "t2i" else config.ip2p_steps
     log(f"{kind}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, {steps} steps of batch "
         f"{config.unet_batch}")
-    seconds = train_unet(model, data, config, kind, log=log)
-    numbers = {f"{kind}_seconds": seconds}
+    seconds_run, steps_run = train_unet(model, data, config, kind, log=log, seconds=seconds)
+    numbers = {f"{kind}_seconds": seconds_run, f"{kind}_steps_run": steps_run}
     _save(path, unet.state_dict(), numbers)
     return numbers
 
 
-def stage_t2i(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print) -> dict[str, Any]:
-    return _train(config, "t2i", log)
+def stage_t2i(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print, *, workers: int = 1,
+              seconds: float | None = None) -> dict[str, Any]:
+    return _train(config, "t2i", log, seconds)
 
 
-def stage_ip2p(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print) -> dict[str, Any]:
-    return _train(config, "ip2p", log)
+def stage_ip2p(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print, *, workers: int = 1,
+               seconds: float | None = None) -> dict[str, Any]:
+    return _train(config, "ip2p", log, seconds)
 
 
 def trained_unet(config: WorldConfig, kind: str):
@@ -148,26 +172,73 @@ def trained_unet(config: WorldConfig, kind: str):
     return model
 
 
+def training_record(config: WorldConfig) -> dict[str, Any]:
+    """Seconds and steps run of every stage whose file is here (the data stage's file may not be: it is
+    large and only training needs it)."""
+    record: dict[str, Any] = {}
+    for name, fields in (("vae", _VAE_FIELDS), ("data", _DATA_FIELDS), ("decoder", _DECODER_FIELDS),
+                         ("t2i", _UNET_FIELDS), ("ip2p", _IP2P_FIELDS)):
+        path = work_path(config, name, fields)
+        if path.is_file():
+            record.update({k: v for k, v in _numbers(path).items() if k.endswith(("seconds", "steps_run"))})
+    return record
+
+
+_STAGE_FIELDS = {"vae": _VAE_FIELDS, "decoder": _DECODER_FIELDS, "t2i": _UNET_FIELDS, "ip2p": _IP2P_FIELDS}
+
+
+def export_stages(config: WorldConfig, out: Path, names: tuple[str, ...]) -> list[Path]:
+    """Copy the trained stage files ``names`` (weights only: not the large data set) to ``out`` in fp16,
+    under their cache names: what comes back from a GPU lease. Dropped into another cache folder they
+    resume there (``pack`` packs fp16 anyway)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names:
+        if name not in _STAGE_FIELDS:
+            continue
+        path = work_path(config, name, _STAGE_FIELDS[name])
+        target = out / path.name
+        if path.is_file():
+            state = safetensors.torch.load_file(str(path))
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+            _save(target, state, _numbers(path))
+            written.append(target)
+    return written
+
+
+def stage_measure(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print, *, workers: int = 1,
+                  seconds: float | None = None) -> dict[str, Any]:
+    """The gates on the trained weights as they are (fp32, nothing packed): a quick check where training
+    ran (a GPU lease). ``pack`` measures the committed fp16 files."""
+    from . import gates
+
+    clip, vae = make_clip(config), trained_vae(config)
+    start = time.perf_counter()
+    measured = gates.measure((trained_unet(config, "t2i"), clip, vae), (trained_unet(config, "ip2p"), clip, vae),
+                             gates.FULL_SIZES)
+    for line in gate_lines(measured):
+        log(line)
+    return {"config_hash": config.key(), "measured": measured, "training": training_record(config),
+            "gate_seconds": time.perf_counter() - start}
+
+
 def stage_pack(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print,
-               out: Path = CHECKPOINT_DIR) -> dict[str, Any]:
+               out: Path = CHECKPOINT_DIR, **_: Any) -> dict[str, Any]:
     """Write the fp16 checkpoints, reload them as CheckpointLoaderSimple does, measure and print the gates."""
     from . import gates
 
-    seconds: dict[str, Any] = {}
-    for name, fields in (("vae", _VAE_FIELDS), ("data", _DATA_FIELDS), ("t2i", _UNET_FIELDS), ("ip2p", _IP2P_FIELDS),
-                         ("decoder", _DECODER_FIELDS)):
-        seconds.update({k: v for k, v in _numbers(work_path(config, name, fields)).items() if k.endswith("seconds")})
+    record = training_record(config)
     clip, vae = make_clip(config), trained_vae(config)
     out.mkdir(parents=True, exist_ok=True)
     for kind, file in (("t2i", T2I_FILE), ("ip2p", IP2P_FILE)):
-        save_checkpoint(out / file, trained_unet(config, kind), clip, vae, config, {"training_seconds": seconds})
+        save_checkpoint(out / file, trained_unet(config, kind), clip, vae, config, {"training": record})
     t2i, ip2p = load_checkpoint(out / T2I_FILE), load_checkpoint(out / IP2P_FILE)
     start = time.perf_counter()
     measured = gates.measure(t2i, ip2p, gates.FULL_SIZES)
     ci = gates.measure(t2i, ip2p, gates.CI_SIZES)
     report = {"config_hash": config.key(), "measured": measured, "sizes": gates.FULL_SIZES,
               "measured_ci": ci, "sizes_ci": gates.CI_SIZES, "targets": gates.TARGETS,
-              "training_seconds": seconds, "gate_seconds": time.perf_counter() - start,
+              "training": record, "gate_seconds": time.perf_counter() - start,
               "files": {f: (out / f).stat().st_size for f in (T2I_FILE, IP2P_FILE)}}
     (out / GATES_FILE).write_text(json.dumps(report, indent=2) + "\n")
     for line in gate_lines(measured):

@@ -1,0 +1,96 @@
+"""The shapes world's training pipeline (``python -m realedit.testbed.shapes_world train``): its parts are
+exact (parallel rendering, batched text encoding), its plans keep to their budget, and a miniature run
+goes through every stage, exports its weights and resumes from them in another cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from realedit.testbed.shapes_world.edits import IP2P_KINDS, ground_truth, random_edit, render_edit_pairs
+from realedit.testbed.shapes_world.schedule import StepPlan, cosine_lr
+from realedit.testbed.shapes_world.scene import random_scene, render_batch, render_pool, to_uint8
+
+
+def test_cosine_lr_warms_up_independently_of_the_total_then_decays_to_its_floor():
+    assert [cosine_lr(s, 100, 1.0, warmup=10) for s in range(10)] == [cosine_lr(s, 7, 1.0, warmup=10) for s in range(10)]
+    assert cosine_lr(9, 100, 2.0, warmup=10) == 2.0 and cosine_lr(10, 100, 2.0, warmup=10) == 2.0
+    assert cosine_lr(100, 100, 2.0, warmup=10, floor=0.05) == pytest.approx(0.1)
+    values = [cosine_lr(s, 100, 1.0, warmup=10) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def _run(plan: StepPlan, now: list[float], seconds_per_step) -> int:
+    step = 0
+    while step < plan.total:
+        now[0] += seconds_per_step(step)
+        plan.after(step)
+        step += 1
+    return step
+
+
+def test_step_plan_keeps_the_steps_without_a_budget_and_caps_them_with_one(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("realedit.testbed.shapes_world.schedule.time.perf_counter", lambda: now[0])
+    assert _run(StepPlan(500), now, lambda step: 1.0) == 500
+    assert _run(StepPlan(500, seconds=100.0), now, lambda step: 1.0) == 100  # timed over steps 5-35
+    assert _run(StepPlan(50, seconds=100.0), now, lambda step: 1.0) == 50  # never more than planned
+    # Slower after the probe (other processes joined): stopped at the first check past 1.25 x the budget.
+    assert _run(StepPlan(500, seconds=100.0), now, lambda step: 0.01 if step < 35 else 3.0) == 101
+
+
+def test_parallel_rendering_gives_the_same_pixels():
+    rng = random.Random(5)
+    scenes = [random_scene(rng, two_objects=0.5, unnamed=0.3, textured=0.3) for _ in range(6)]
+    expected = to_uint8(render_batch(scenes))
+    assert torch.equal(render_pool(scenes, workers=2, chunk=3), expected)
+    pairs = [(s, random_edit(s, rng, IP2P_KINDS)) for s in scenes]
+    sources, targets = render_edit_pairs(pairs)
+    truths = [ground_truth(s, e) for s, e in pairs]
+    assert torch.equal(sources, to_uint8(torch.stack([t.source for t in truths])))
+    assert torch.equal(targets, to_uint8(torch.stack([t.expected for t in truths])))
+
+
+def test_batched_text_encoding_equals_clip_text_encode_one_by_one(comfy):
+    from realedit.testbed.shapes_world.models import make_clip
+    from realedit.testbed.shapes_world.train_unet import encode_texts
+
+    clip = make_clip()
+    rng = random.Random(0)
+    texts = [random_scene(rng, two_objects=0.5).caption() for _ in range(9)] + [""]
+    alone = torch.cat([clip.encode_from_tokens_scheduled(clip.tokenize(t))[0][0] for t in texts])
+    assert torch.allclose(encode_texts(clip, texts, batch=4), alone, atol=1e-6, rtol=0)
+
+
+def test_a_miniature_run_trains_every_stage_exports_and_resumes_elsewhere(comfy, tmp_path, monkeypatch):
+    import safetensors.torch
+    from realedit.testbed.shapes_world import training
+    from realedit.testbed.shapes_world.config import DEFAULT_CONFIG
+
+    config = dataclasses.replace(DEFAULT_CONFIG, vae_pool=8, vae_steps=3, vae_batch=2, vae_crop=64, decoder_steps=2,
+                                 decoder_batch=2, dataset_scenes=12, unet_steps=2, unet_batch=4, ip2p_steps=2)
+    monkeypatch.setenv("REALEDIT_CACHE", str(tmp_path / "first"))
+    quiet = lambda line: None  # noqa: E731
+    planned = {"vae": 3, "decoder": 2, "data": None, "t2i": 2, "ip2p": 2}
+    for stage, steps in planned.items():
+        numbers = getattr(training, f"stage_{stage}")(config, log=quiet)
+        assert numbers.get(f"{stage}_steps_run") == steps, stage
+    record = training.training_record(config)
+    assert record["t2i_steps_run"] == 2 and "data_seconds" in record
+    exported = training.export_stages(config, tmp_path / "out", ("vae", "decoder", "data", "t2i", "ip2p"))
+    assert sorted(p.name.split("-")[0] for p in exported) == ["decoder", "ip2p", "t2i", "vae"]  # never the data
+    for path in exported:
+        assert {v.dtype for v in safetensors.torch.load_file(str(path)).values()} == {torch.float16}
+
+    # The exported files, dropped into another cache, are the trained stages there (fp16-rounded).
+    trained = training.trained_unet(config, "t2i").model.diffusion_model.state_dict()
+    monkeypatch.setenv("REALEDIT_CACHE", str(tmp_path / "second"))
+    (tmp_path / "second" / "shapes_world").mkdir(parents=True)
+    for path in exported:
+        path.rename(tmp_path / "second" / "shapes_world" / path.name)
+    assert training.stage_t2i(config, log=quiet)["t2i_steps_run"] == 2  # found, not retrained
+    resumed = training.trained_unet(config, "t2i").model.diffusion_model.state_dict()
+    assert all(torch.equal(resumed[k], trained[k].half().float()) for k in trained)
+    assert training.trained_vae(config) is not None
