@@ -10,12 +10,13 @@ import random
 import pytest
 import torch
 from realedit.testbed.shapes_world.edits import IP2P_KINDS, ground_truth, random_edit, render_edit_pairs
-from realedit.testbed.shapes_world.schedule import StepPlan, cosine_lr
 from realedit.testbed.shapes_world.scene import random_scene, render_batch, render_pool, to_uint8
+from realedit.testbed.shapes_world.schedule import StepPlan, cosine_lr
 
 
 def test_cosine_lr_warms_up_independently_of_the_total_then_decays_to_its_floor():
-    assert [cosine_lr(s, 100, 1.0, warmup=10) for s in range(10)] == [cosine_lr(s, 7, 1.0, warmup=10) for s in range(10)]
+    warm = range(10)
+    assert [cosine_lr(s, 100, 1.0, warmup=10) for s in warm] == [cosine_lr(s, 7, 1.0, warmup=10) for s in warm]
     assert cosine_lr(9, 100, 2.0, warmup=10) == 2.0 and cosine_lr(10, 100, 2.0, warmup=10) == 2.0
     assert cosine_lr(100, 100, 2.0, warmup=10, floor=0.05) == pytest.approx(0.1)
     values = [cosine_lr(s, 100, 1.0, warmup=10) for s in range(10, 101)]
