@@ -10,7 +10,7 @@ the edited region a lot. The change map separates the two:
    residual, so the edited region does not take part in the fit (Reinhard-style mean/std transfer is the
    diagonal special case; the full affine also absorbs hue and saturation drift). A fit that is not
    plausible drift (:func:`plausible_drift`: a near-singular map, as few-colour images allow) is dropped.
-3. **Perceptual difference**: CIE76 Delta E (Euclidean distance in CIE L*a*b*, kornia) between the
+3. **Perceptual difference**: CIE76 Delta E (Euclidean distance in CIE L*a*b*, kornia's formulas) between the
    original and the colour-matched edit, smoothed with a Gaussian (``blur_sigma``). Delta E is in the
    units users know (about 2.3 is a just-noticeable difference; a recoloured object is 20-80).
 4. M_b = (Delta E > threshold) inside the pixels the aligned edit covers, then a morphological clean-up:
@@ -27,13 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from kornia.color import rgb_to_lab
 from kornia.filters import gaussian_blur2d
-from kornia.morphology import dilation, erosion
 from scipy import ndimage
 
 from .align import TUKEY_C, _level_size
-from .fft_smooth import _square_op, close_and_fill
+from .fft_smooth import close_and_fill, square_dilation, square_erosion
 
 IDENTITY_COLOUR = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)  # (3, 4)
 RIDGE = 1e-4  # ridge towards the identity, per unit of weight
@@ -139,18 +137,37 @@ def working_planes(original: torch.Tensor, edited: torch.Tensor, valid: torch.Te
     # pixel centres sampled, then one eroded ring: the valid region of a similarity warp is convex, so a small
     # pixel whose centre and neighbours' centres are valid covers valid full-size pixels only
     centres = F.interpolate(valid.float()[None, None].cpu(), size=size, mode="nearest-exact")[0, 0] > 0.5
-    return small_o, small_e, _square_op(centres, 3, erosion)
+    return small_o, small_e, square_erosion(centres, 3)
+
+
+# CIE XYZ of linear sRGB (D65), each row divided by the D65 white point's component (kornia's constants).
+_SRGB_TO_XYZ_D65 = torch.tensor([[0.412453, 0.357580, 0.180423],
+                                 [0.212671, 0.715160, 0.072169],
+                                 [0.019334, 0.119193, 0.950227]]) / torch.tensor([[0.95047], [1.0], [1.08883]])
+_LAB_EPSILON = 0.008856
+
+
+def _lab_f(image: torch.Tensor) -> torch.Tensor:
+    """f(X/Xn), f(Y/Yn), f(Z/Zn) of CIE L*a*b* for (B, 3, h, w) sRGB in [0, 1] (L* = 116 f_Y - 16,
+    a* = 500 (f_X - f_Y), b* = 200 (f_Y - f_Z)); kornia's ``rgb_to_lab`` formulas and constants."""
+    linear = torch.where(image > 0.04045, ((image + 0.055).clamp(min=0.0) / 1.055).pow(2.4), image / 12.92)
+    xyz = torch.einsum("ck,bkhw->bchw", _SRGB_TO_XYZ_D65.to(image), linear)  # normalised by the white point
+    return torch.where(xyz > _LAB_EPSILON, xyz.clamp(min=_LAB_EPSILON).pow(1 / 3), 7.787 * xyz + 4.0 / 29.0)
 
 
 def delta_e(original: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
-    """CIE76 Delta E between two (1, 3, h, w) sRGB images in [0, 1] -> (h, w)."""
-    lab = rgb_to_lab(torch.cat([original, edited]))  # (2, 3, h, w)
-    return (lab[0] - lab[1]).square().sum(0).sqrt()
+    """CIE76 Delta E between two (1, 3, h, w) sRGB images in [0, 1] -> (h, w).
+
+    Computed from the differences of f (the L*a*b* transfer) without assembling L*a*b*: the same values
+    as kornia's ``rgb_to_lab`` then a Euclidean distance, up to float rounding, in half the time."""
+    f = _lab_f(torch.cat([original, edited]))  # (2, 3, h, w)
+    d = f[0] - f[1]  # (3, h, w): f_X, f_Y, f_Z differences
+    return torch.sqrt((116.0 * d[1]).square() + (500.0 * (d[0] - d[1])).square() + (200.0 * (d[1] - d[2])).square())
 
 
 def opening(mask: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Morphological opening of an (h, w) bool mask by a ``kernel`` x ``kernel`` square (kornia)."""
-    return _square_op(_square_op(mask, kernel, erosion), kernel, dilation)
+    """Morphological opening of an (h, w) bool mask by a ``kernel`` x ``kernel`` square."""
+    return square_dilation(square_erosion(mask, kernel), kernel)
 
 
 def drop_small_regions(mask: torch.Tensor, min_pixels: int) -> torch.Tensor:

@@ -74,6 +74,17 @@ def check_same_size(size: tuple[int, int], **masks: torch.Tensor) -> None:
         )
 
 
+def bounding_box(mask: torch.Tensor, margin: int) -> tuple[slice, slice] | None:
+    """The rows and columns of ``mask``'s true pixels, widened by ``margin`` (clipped to the image); None if empty."""
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    if rows.numel() == 0:
+        return None
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    height, width = mask.shape
+    return (slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, height)),
+            slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, width)))
+
+
 def blend_band(m_f: torch.Tensor, m_f_star: torch.Tensor) -> torch.Tensor:
     """The blend band M_f* minus M_f, (H, W) bool."""
     return m_f_star & ~m_f
@@ -105,8 +116,11 @@ def composite(
     final = as_mask_hw(m_f_star, "m_f_star").to(orig.device)
     check_same_size(tuple(orig.shape[:2]), m_f=inner, m_f_star=final)
     edit = edit.to(device=orig.device, dtype=orig.dtype)
-    band = blend_band(inner, final)
-    blended = alpha * edit + (1.0 - alpha) * orig
-    # (H, W) -> (H, W, 1) to broadcast over channels; torch.where copies, never recomputes, orig.
-    out = torch.where(inner[..., None], edit, torch.where(band[..., None], blended, orig))
+    out = orig.clone()
+    box = bounding_box(inner | final, margin=0)  # outside it every pixel is the original's: work on the box
+    if box is not None:
+        o, e, i, f = orig[box], edit[box], inner[box], final[box]
+        blended = alpha * e + (1.0 - alpha) * o
+        # (h, w) -> (h, w, 1) to broadcast over channels; torch.where copies, never recomputes, orig.
+        out[box] = torch.where(i[..., None], e, torch.where(blend_band(i, f)[..., None], blended, o))
     return out[None] if torch.as_tensor(original).ndim == 4 else out

@@ -25,26 +25,26 @@ keeps that cut-off on each axis: a frequency index (ky, kx) passes when
 D0 * N / 512 in index units; for other shapes it is the ellipse that treats both axes alike (neither
 the longer side nor sqrt(H*W) does that), so a crop or a pad does not change what counts as detail.
 
-Morphology runs as kornia dilations/erosions with separable flat kernels (a k x k square is a 1 x k
-then a k x 1 line; n iterations of 3x3 are one 9x9), which is exact and about 300x faster than
-kornia's 21x21 closing at 512x512. The closing and the hole filling run on the bounding box of what
+Morphology with flat square kernels is computed exactly on bool masks: a k x k square is a 1 x k then a
+k x 1 window OR, each by doubling shifts (about log2 k passes; n iterations of 3x3 are one 9x9; erosion is
+the complement's dilation), with the geodesic border of kornia's morphology and OpenCV's default
+(pixels outside the image never count). At 1024 px a 9x9 dilation takes a few milliseconds, where
+kornia's shift-and-reduce or max-pooling takes tens. The closing and the hole filling run on the bounding box of what
 they close (:func:`close_and_fill`, exact as well).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
-from kornia.morphology import dilation, erosion
 from scipy.ndimage import binary_fill_holes
 
-from .composite import TensorLike, as_image_hwc, as_mask_hw, check_same_size, image_pair
+from .composite import TensorLike, as_image_hwc, as_mask_hw, bounding_box, check_same_size, image_pair
 from .settings import ZONE_DEFAULTS
 
-MorphOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LUMA_BT601: tuple[float, float, float] = (0.299, 0.587, 0.114)
 
 
@@ -70,14 +70,37 @@ def _check_kernel(size: int, name: str) -> None:
         raise ValueError(f"{name} must be an odd positive kernel size, got {size}")
 
 
-def _square_op(mask: torch.Tensor, size: int, op: MorphOp) -> torch.Tensor:
-    """Apply a kornia dilation/erosion by a size x size square to an (H, W) bool mask."""
+def _dilate_axis(mask: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """An (H, W) bool mask dilated along ``dim`` by the segment [-radius, radius], geodesic border.
+
+    Dilation by {-s, 0, s} after dilation by [-c, c] is dilation by [-(c + s), c + s] when s <= c + 1, so
+    shifts of 1, 2, 4, ... (the last one cut to what is left) cover the segment in about log2(radius)
+    steps of two shifted ORs each; a shift never wraps, so pixels outside the image never count."""
+    out, covered, length = mask, 0, mask.shape[dim]
+    while covered < radius:
+        shift = min(covered + 1, radius - covered)
+        if shift >= length:
+            break
+        previous, out = out, out.clone()
+        out.narrow(dim, shift, length - shift).logical_or_(previous.narrow(dim, 0, length - shift))
+        out.narrow(dim, 0, length - shift).logical_or_(previous.narrow(dim, shift, length - shift))
+        covered += shift
+    return out
+
+
+def square_dilation(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """An (H, W) bool mask dilated by a ``size`` x ``size`` square (odd ``size``), geodesic border (pixels
+    outside the image never count, as in kornia and OpenCV). Exact: separable, and each axis is a
+    window OR computed by doubling shifts (:func:`_dilate_axis`), a few passes over bytes."""
     if size == 1:
         return mask
-    x = mask[None, None].float()  # (1, 1, H, W), kornia's layout
-    row = torch.ones(1, size, device=x.device)
-    col = torch.ones(size, 1, device=x.device)
-    return op(op(x, row), col)[0, 0] > 0.5
+    return _dilate_axis(_dilate_axis(mask.bool(), size // 2, 0), size // 2, 1)
+
+
+def square_erosion(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """An (H, W) bool mask eroded by a ``size`` x ``size`` square, geodesic border (outside pixels never
+    count): the complement of the complement's dilation."""
+    return mask if size == 1 else ~square_dilation(~mask, size)
 
 
 def dilate(mask: torch.Tensor, kernel: int = 3, iterations: int = 4) -> torch.Tensor:
@@ -85,30 +108,19 @@ def dilate(mask: torch.Tensor, kernel: int = 3, iterations: int = 4) -> torch.Te
     _check_kernel(kernel, "dilation kernel")
     if iterations < 0:
         raise ValueError(f"dilation iterations must be >= 0, got {iterations}")
-    return _square_op(mask, iterations * (kernel - 1) + 1, dilation)
+    return square_dilation(mask, iterations * (kernel - 1) + 1)
 
 
 def closing(mask: torch.Tensor, kernel: int = 21) -> torch.Tensor:
     """Morphological closing by a ``kernel`` x ``kernel`` square (part of g in Eq. 7), (H, W) bool."""
     _check_kernel(kernel, "closing kernel")
-    return _square_op(_square_op(mask, kernel, dilation), kernel, erosion)
+    return square_erosion(square_dilation(mask, kernel), kernel)
 
 
 def fill_holes(mask: torch.Tensor) -> torch.Tensor:
     """Fill enclosed background (scipy.ndimage.binary_fill_holes), (H, W) bool on mask's device."""
     filled = binary_fill_holes(mask.detach().cpu().numpy())
     return torch.from_numpy(np.ascontiguousarray(filled)).to(mask.device)
-
-
-def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[slice, slice] | None:
-    """The rows and columns of ``mask``'s true pixels, widened by ``margin`` (clipped to the image); None if empty."""
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
-    if rows.numel() == 0:
-        return None
-    cols = torch.nonzero(mask.any(dim=0)).flatten()
-    height, width = mask.shape
-    return (slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, height)),
-            slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, width)))
 
 
 def close_and_fill(mask: torch.Tensor, kernel: int = 21) -> torch.Tensor:
@@ -122,7 +134,7 @@ def close_and_fill(mask: torch.Tensor, kernel: int = 21) -> torch.Tensor:
     """
     _check_kernel(kernel, "closing kernel")
     out = torch.zeros_like(mask, dtype=torch.bool)
-    box = _bounding_box(mask, margin=kernel)
+    box = bounding_box(mask, margin=kernel)
     if box is not None:
         out[box] = fill_holes(closing(mask[box], kernel))
     return out
@@ -154,11 +166,21 @@ def difference_magnitude(
     d0: float = ZONE_DEFAULTS.fft_d0,
     reference_size: int = ZONE_DEFAULTS.fft_d0_reference_size,
 ) -> torch.Tensor:
-    """|M_dm| = |f^-1(H(f(I_L,d)) - H(f(I_G,d)))| (Eq. 7 inside g), (H, W) real."""
+    """|M_dm| = |f^-1(H(f(I_L,d)) - H(f(I_G,d)))| (Eq. 7 inside g), (H, W) real.
+
+    The input is real and H is symmetric (H(k) = H(-k)), so M_dm is real: it is computed with the real
+    transform pair (``rfft2``/``irfft2``, half the spectrum, about half the time of ``fft2``/``ifft2``).
+    The official code takes the modulus of the complex ``ifft2``; the two differ by rounding only."""
     diff = (luma(edited) - luma(original)) * dilated_mask  # I_L,d - I_G,d, (H, W)
-    keep = lowpass_mask(*diff.shape, d0=d0, reference_size=reference_size, device=diff.device)
-    spectrum = torch.fft.fft2(diff) * keep
-    return torch.fft.ifft2(spectrum).abs()
+    keep = _half_lowpass(*diff.shape, float(d0), int(reference_size), str(diff.device))  # (H, W // 2 + 1)
+    spectrum = torch.fft.rfft2(diff) * keep
+    return torch.fft.irfft2(spectrum, s=diff.shape).abs()
+
+
+@lru_cache(maxsize=8)
+def _half_lowpass(height: int, width: int, d0: float, reference_size: int, device: str) -> torch.Tensor:
+    """The columns of :func:`lowpass_mask` that ``rfft2`` keeps (kx = 0 .. W // 2), cached per size."""
+    return lowpass_mask(height, width, d0, reference_size, device)[:, : width // 2 + 1].contiguous()
 
 
 def fft_edge_smooth(

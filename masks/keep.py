@@ -38,7 +38,7 @@ from .change_map import (
     fit_colour_transform,
     working_planes,
 )
-from .composite import TensorLike, composite
+from .composite import TensorLike, bounding_box, composite
 from .fft_smooth import fft_edge_smooth
 from .region_iou import as_segments, region_iou
 from .settings import ZONE_DEFAULTS
@@ -220,36 +220,15 @@ def _align(original: torch.Tensor, edited: torch.Tensor,
     return alignment, aligned, valid.to(original.device)
 
 
-def _box(mask: torch.Tensor, margin: int = 0) -> tuple[slice, slice] | None:
-    """The rows and columns holding ``mask``'s true pixels, widened by ``margin``; None when it is empty."""
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
-    if rows.numel() == 0:
-        return None
-    cols = torch.nonzero(mask.any(dim=0)).flatten()
-    return (slice(max(int(rows[0]) - margin, 0), int(rows[-1]) + 1 + margin),
-            slice(max(int(cols[0]) - margin, 0), int(cols[-1]) + 1 + margin))
-
-
 def _colour_matched_near(aligned: torch.Tensor, colour: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
     """``aligned`` with the colour transform applied on the bounding box of M_f plus a margin that holds the
     smoother's dilation M_d (only pixels inside M_d reach the smoother or the composite): exact there, and a
     fraction of the cost of the whole image for a small edit."""
-    box = _box(refined, COLOUR_MARGIN)
+    box = bounding_box(refined, COLOUR_MARGIN)
     if box is None:
         return aligned
     out = aligned.clone()
     out[box] = apply_colour_transform(aligned[box], colour)
-    return out
-
-
-def _composite_in_box(original: torch.Tensor, edit: torch.Tensor, m_f: torch.Tensor, m_f_star: torch.Tensor,
-                      alpha: float) -> torch.Tensor:
-    """:func:`~.composite.composite` on the bounding box of M_f* (M_f lies inside it), the original's own
-    values elsewhere: the same image, without seven full-image passes for a small edit."""
-    out = original.clone()
-    box = _box(m_f_star)
-    if box is not None:
-        out[box] = composite(original[box], edit[box], m_f[box], m_f_star[box], alpha=alpha)
     return out
 
 
@@ -301,7 +280,7 @@ def keep_one(original: torch.Tensor, edited: torch.Tensor, rough_mask: torch.Ten
         lines.insert(1, _describe_colour(colour))
     smoothed = fft_edge_smooth(original, kept_edit, refined, d0=settings.d0, threshold=settings.smooth_threshold)
     final = smoothed.final_mask & valid
-    image = _composite_in_box(original, kept_edit, refined & final, final, settings.blend)
+    image = composite(original, kept_edit, refined & final, final, alpha=settings.blend)  # works on M_f*'s box
     lines.append(f"final mask covers {float(final.float().mean()):.1%}; the rest is the original, bit for bit")
     return KeptImage(image, final, refined, rough, aligned, alignment, colour, "local", index, iou,
                      "; ".join(lines))

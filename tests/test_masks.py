@@ -224,6 +224,21 @@ def test_region_iou_exact_counts_at_word_boundaries(size):
     assert segment_ious(rough, segs).tolist() == brute_force_region_iou(rough, segs)[2]
 
 
+def test_region_iou_counts_exactly_when_m_b_is_a_small_band_of_a_large_image():
+    """The intersections read only the lanes holding M_b: bands starting and ending on either side of a lane
+    boundary (1024 pixels), bool and float segments, against brute force."""
+    gen = torch.Generator().manual_seed(9)
+    segs = torch.rand(4, 96, 80, generator=gen) < 0.4
+    segs[3] = False
+    for top, bottom in ((0, 1), (12, 13), (12, 39), (50, 96), (95, 96)):
+        rough = torch.zeros(96, 80, dtype=torch.bool)
+        rough[top:bottom, 5:70] = torch.rand(bottom - top, 65, generator=gen) < 0.7
+        rough[top, 5] = True
+        expected = brute_force_region_iou(rough, segs)[2]
+        assert segment_ious(rough, segs).tolist() == expected
+        assert segment_ious(rough, segs.float()).tolist() == expected
+
+
 def test_region_iou_ties_lowest_index_and_empty_segments():
     rough = torch.zeros(8, 8, dtype=torch.bool)
     rough[:, :4] = True  # 32 pixels
@@ -414,6 +429,23 @@ def test_morphology_matches_kornia_reference():
         closing(mask, 20)
 
 
+def test_max_pool_morphology_equals_kornia_geodesic_at_every_size_and_border():
+    """Dilation and erosion by k x k squares (the separable max-pool form) against kornia's flat morphology
+    with its default geodesic border, on random masks whose true pixels touch every edge."""
+    from realedit.masks.fft_smooth import square_dilation, square_erosion
+
+    gen = torch.Generator().manual_seed(11)
+    for h, w, density in ((31, 45, 0.1), (16, 9, 0.5), (50, 50, 0.9)):
+        mask = torch.rand(h, w, generator=gen) < density
+        mask[0, :3] = mask[-1, -3:] = True
+        mask[:, 0] |= torch.rand(h, generator=gen) < 0.5
+        x = mask[None, None].float()
+        for size in (1, 3, 5, 9, 21):
+            kernel = torch.ones(size, size)
+            assert torch.equal(square_dilation(mask, size), kornia.morphology.dilation(x, kernel)[0, 0] > 0.5), size
+            assert torch.equal(square_erosion(mask, size), kornia.morphology.erosion(x, kernel)[0, 0] > 0.5), size
+
+
 def test_close_and_fill_on_the_bounding_box_equals_the_whole_image():
     from realedit.masks import fill_holes
 
@@ -524,3 +556,16 @@ def test_local_edit_end_to_end_on_plain_tensors():
     assert batched.image.shape == (1, 128, 128, 3) and torch.equal(batched.image[0], result.image)
     nothing = local_edit(orig, edited, torch.zeros(16, 16), segments, fallback="rough")
     assert nothing.index == -1 and torch.equal(nothing.image, orig)
+
+
+def test_delta_e_equals_kornia_lab_distance():
+    from realedit.masks.change_map import delta_e
+
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.rand(1, 3, 37, 29, generator=gen), torch.rand(1, 3, 37, 29, generator=gen)
+    a[..., :3, :3] = 0.0  # the linear branches: dark pixels, and f's linear part
+    b[..., :2, :2] = 0.01
+    lab = kornia.color.rgb_to_lab(torch.cat([a, b]))
+    expected = (lab[0] - lab[1]).square().sum(0).sqrt()
+    assert torch.allclose(delta_e(a, b), expected, atol=2e-4, rtol=1e-5)
+    assert float(delta_e(a, a).max()) < 1e-3  # the same image: nothing but rounding
