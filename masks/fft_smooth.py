@@ -171,10 +171,20 @@ def difference_magnitude(
     The input is real and H is symmetric (H(k) = H(-k)), so M_dm is real: it is computed with the real
     transform pair (``rfft2``/``irfft2``, half the spectrum, about half the time of ``fft2``/``ifft2``).
     The official code takes the modulus of the complex ``ifft2``; the two differ by rounding only."""
-    diff = (luma(edited) - luma(original)) * dilated_mask  # I_L,d - I_G,d, (H, W)
+    diff = _masked_luma_difference(original, edited, dilated_mask)  # I_L,d - I_G,d, (H, W)
     keep = _half_lowpass(*diff.shape, float(d0), int(reference_size), str(diff.device))  # (H, W // 2 + 1)
     spectrum = torch.fft.rfft2(diff) * keep
     return torch.fft.irfft2(spectrum, s=diff.shape).abs()
+
+
+def _masked_luma_difference(original: TensorLike, edited: TensorLike, dilated_mask: torch.Tensor) -> torch.Tensor:
+    """(luma(edited) - luma(original)) * M_d, (H, W): zero outside M_d, so only M_d's bounding box is computed."""
+    orig, edit = as_image_hwc(original, "original"), as_image_hwc(edited, "edited")
+    diff = torch.zeros(orig.shape[:2], dtype=torch.promote_types(orig.dtype, edit.dtype), device=orig.device)
+    box = bounding_box(dilated_mask, margin=0)
+    if box is not None:
+        diff[box] = (luma(edit[box]) - luma(orig[box])) * dilated_mask[box]
+    return diff
 
 
 @lru_cache(maxsize=8)

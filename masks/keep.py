@@ -254,7 +254,7 @@ def keep_one(original: torch.Tensor, edited: torch.Tensor, rough_mask: torch.Ten
             small_o, small_e, small_valid = working_planes(original, aligned, valid, settings.working_size)
             colour = fit_colour_transform(small_e, small_o, small_valid)
     lines = [alignment.describe()]
-    coverage = float(rough.float().mean())
+    coverage = int(rough.count_nonzero()) / rough.numel()
     source = "the given rough_mask" if rough_mask is not None else f"Delta E > {settings.threshold:g}"
     lines.append(f"M_b ({source}) covers {coverage:.1%}")
     empty = torch.zeros_like(rough)
@@ -281,7 +281,8 @@ def keep_one(original: torch.Tensor, edited: torch.Tensor, rough_mask: torch.Ten
     smoothed = fft_edge_smooth(original, kept_edit, refined, d0=settings.d0, threshold=settings.smooth_threshold)
     final = smoothed.final_mask & valid
     image = composite(original, kept_edit, refined & final, final, alpha=settings.blend)  # works on M_f*'s box
-    lines.append(f"final mask covers {float(final.float().mean()):.1%}; the rest is the original, bit for bit")
+    lines.append(f"final mask covers {int(final.count_nonzero()) / final.numel():.1%}; the rest is the original, "
+                 "bit for bit")
     return KeptImage(image, final, refined, rough, aligned, alignment, colour, "local", index, iou,
                      "; ".join(lines))
 
