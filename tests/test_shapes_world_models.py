@@ -167,3 +167,19 @@ def test_diffusers_loader_gives_the_same_unet_and_vae_as_comfyui(shapes_world, n
         comfy_decoded = vae.decode(latent)
     torch.testing.assert_close(theirs_latent, latent, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(decoded, comfy_decoded, atol=1e-4, rtol=0)
+
+
+def test_diffusers_loader_gives_the_same_text_encoder_as_comfyui(shapes_world):
+    """The transformers CLIPTextModel holds the checkpoint's text weights (whatever key layout the installed
+    transformers uses) and gives CLIPTextEncode's embedding for the same token ids."""
+    from realedit.testbed.shapes_world.diffusers_loader import load
+
+    world = load(CHECKPOINT_DIR / T2I_FILE)
+    _, clip, _ = shapes_world.t2i
+    tokens = clip.tokenize("a red circle on the left and a blue square on the right")
+    ids = torch.tensor([[token for token, _ in tokens["l"][0]]])  # (1, 77), ComfyUI's padding
+    with torch.inference_mode():
+        ours = clip.encode_from_tokens_scheduled(tokens)[0][0]
+        theirs = world.text_encoder(ids).last_hidden_state
+    assert ours.abs().max() > 1.0
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)

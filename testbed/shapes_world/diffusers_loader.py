@@ -81,6 +81,18 @@ def load_unet(path: Path) -> UNet2DConditionModel:
     return unet.float().eval()
 
 
+def _text_state(state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``cond_stage_model.transformer.text_model.*`` weights under the key names of the
+    installed transformers' ``CLIPTextModel`` (``model_state``): ``text_model.*`` in transformers 4, without
+    that level in 5. ``position_ids`` (a buffer, not saved in the checkpoint) keep the model's own values."""
+    prefix = "cond_stage_model.transformer."
+    text = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not any(k.startswith("text_model.") for k in model_state):
+        text = {k.removeprefix("text_model."): v for k, v in text.items()}
+    text.update({k: v for k, v in model_state.items() if k.endswith("position_ids") and k not in text})
+    return text
+
+
 def load(path: Path) -> DiffusersWorld:
     """UNet, VAE and text encoder of ``path`` (strict loads: every weight is used)."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -95,7 +107,5 @@ def load(path: Path) -> DiffusersWorld:
         num_attention_heads=clip["num_attention_heads"], num_hidden_layers=clip["num_hidden_layers"],
         vocab_size=clip["vocab_size"], max_position_embeddings=clip["max_position_embeddings"],
         hidden_act="quick_gelu"))
-    prefix = "cond_stage_model.transformer."
-    text_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    text.load_state_dict(text_state, strict=False)
+    text.load_state_dict(_text_state(state, text.state_dict()), strict=True)
     return DiffusersWorld(unet, vae.float().eval(), text.float().eval(), world)
