@@ -43,7 +43,7 @@ class ChangeSettings:
     """The change map's knobs (see the module docstring); sizes are pixels at ``working_size``."""
 
     threshold: float = 10.0  # Delta E (CIE76)
-    working_size: int = 384
+    working_size: int = 256
     blur_sigma: float = 1.0
     open_kernel: int = 3
     close_kernel: int = 7
