@@ -134,7 +134,7 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
     else:
         targets, sources = data["ip2p_target"].to(device), data["ip2p_source"].to(device)
     generator = torch.Generator().manual_seed(config.seed + (3 if kind == "t2i" else 4))
-    params = [p for p in unet.parameters()]
+    params = [p.requires_grad_(True) for p in unet.parameters()]  # ComfyUI 0.31+ builds it with grads off
     ema = [p.detach().clone() for p in params]
     optimiser = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.01, fused=device.type == "cuda")
     plan, batch, n = StepPlan(planned, seconds, probe=(60, 190)), config.unet_batch, len(text_rows)

@@ -109,7 +109,8 @@ def train_vae(ae: torch.nn.Module, config: WorldConfig, pool: torch.Tensor, log:
     cut it short, see :class:`.schedule.StepPlan`)."""
     rng, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
     device = _device(ae)
-    optimiser = torch.optim.Adam(ae.parameters(), lr=config.vae_lr)
+    parameters = [p.requires_grad_(True) for p in ae.parameters()]
+    optimiser = torch.optim.Adam(parameters, lr=config.vae_lr)
     plan, check = StepPlan(config.vae_steps, seconds), held_out_scenes(8)
     start, window, step = time.perf_counter(), [], 0
     ae.train()
