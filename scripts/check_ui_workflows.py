@@ -365,8 +365,10 @@ def declared_inputs(info: dict[str, Any], class_type: str) -> set[str]:
 def prompt_differences(frontend: dict[str, Any], twin: dict[str, Any], info: dict[str, Any] | None = None
                        ) -> tuple[list[str], list[str]]:
     """Every way the front end's prompt differs from the API twin (titles, ``_meta``, are not compared), and
-    apart the inputs a front end adds that the node does not declare (the server drops those: e.g. the
-    ``preview`` text 1.2x sends for Preview Any)."""
+    apart the inputs a front end adds that change nothing: those the node does not declare (the server drops
+    them: e.g. the ``preview`` text 1.2x sends for Preview Any) and optional ones at their declared default
+    (inputs a newer ComfyUI gave a core node, e.g. 0.33's CFGNorm ``pre_cfg``; the twins are written on the
+    oldest supported release)."""
     frontend, twin = strip_meta(frontend), strip_meta(twin)
     diffs, undeclared = [], []
     for nid in sorted(set(twin) - set(frontend), key=int):
@@ -384,10 +386,23 @@ def prompt_differences(frontend: dict[str, Any], twin: dict[str, Any], info: dic
             elif name not in ours["inputs"]:
                 extra = f"{label}.{name}: front end sends {theirs['inputs'][name]!r}, twin has no such input"
                 known = info is None or name in declared_inputs(info, ours["class_type"])
-                (diffs if known else undeclared).append(extra)
+                if not known:
+                    undeclared.append(f"{extra} (not declared by the node: the server drops it)")
+                elif at_optional_default(info, ours["class_type"], name, theirs["inputs"][name]):
+                    undeclared.append(f"{extra} (an optional input of this ComfyUI release, at its default: the "
+                                      "node runs as without it)")
+                else:
+                    diffs.append(extra)
             elif not same_value(ours["inputs"][name], theirs["inputs"][name]):
                 diffs.append(f"{label}.{name}: twin {ours['inputs'][name]!r}, front end {theirs['inputs'][name]!r}")
     return diffs, undeclared
+
+
+def at_optional_default(info: dict[str, Any] | None, class_type: str, name: str, value: Any) -> bool:
+    """Whether ``name`` is an optional input of the server's node and ``value`` its declared default."""
+    declared = (info or {}).get(class_type, {}).get("input", {}).get("optional", {}).get(name)
+    options = declared[1] if declared and len(declared) > 1 and isinstance(declared[1], dict) else {}
+    return "default" in options and same_value(options["default"], value)
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -698,7 +713,7 @@ def report(name: str, loaded: dict[str, Any], twin: dict[str, Any], info: dict[s
     problems += missing_slots(loaded["nodes"], info)
     diffs, undeclared = prompt_differences(loaded["output"], twin, info)
     problems += diffs
-    ignored += [f"{extra} (not declared by the node: the server drops it)" for extra in undeclared]
+    ignored += undeclared
     twin_errors = set(validation[f"{name}/twin"])
     problems += [f"validation (front end prompt only): {e}" for e in validation[f"{name}/frontend"]
                  if e not in twin_errors]
