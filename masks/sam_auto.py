@@ -194,7 +194,10 @@ def transformers_key_to_sam(key: str, middle_layers: dict[str, int]) -> str:
 
 def transformers_to_segment_anything(state: StateDict, name: str = "the checkpoint") -> StateDict:
     """A transformers ``SamModel`` state dict (facebook/sam-vit-* ``model.safetensors``) with segment-anything's
-    ``Sam`` keys; the tensors themselves are unchanged (same shapes: the conversion only renamed them).
+    ``Sam`` keys; the tensors themselves are unchanged (same shapes: the conversion only renamed them). The
+    mapping (``_RENAMES``, ``_HEAD``) inverts transformers' models/sam/convert_sam_to_hf.py, module by module
+    against transformers' modeling_sam.py and segment_anything.modeling (tests: a bijection onto the Sam keys of
+    vit_b / vit_l / vit_h, and equal outputs of a tiny SamModel and the Sam loaded from its file).
 
     The positional-encoding matrix may be stored under either or both of ``_PE_KEYS`` (save_pretrained keeps one
     of two tied tensors); two different ones cannot be one ``pe_layer`` and are refused."""
@@ -228,7 +231,8 @@ def load_sam(path: str, device: torch.device | str = "cpu") -> torch.nn.Module:
 
     A .pth/.pt file must name its kind (vit_h / vit_l / vit_b) as the official files do; a .safetensors file
     may be in transformers' SamModel layout (Meta's facebook/sam-vit-* ``model.safetensors``, any name: the kind
-    comes from its weights) or in segment-anything's (the kind from its name, else from its weights).
+    comes from its weights; renamed by :func:`transformers_to_segment_anything`, the inverse of transformers'
+    models/sam/convert_sam_to_hf.py) or in segment-anything's (the kind from its name, else from its weights).
     """
     from segment_anything import sam_model_registry
 
