@@ -20,7 +20,7 @@ from ..masks.fusion import AUTO_BETA, fusion_beta
 from ..masks.ip2p_mask import IP2PMaskRecorder, instruction_eot_position
 from ..masks.pipeline import smooth_and_composite
 from ..masks.region_iou import FALLBACKS, as_segments, region_iou
-from ..masks.sam_auto import SamSettings, load_sam, sam_segments
+from ..masks.sam_auto import HF_SAM_REPOS, SamSettings, load_sam, sam_segments
 from ..masks.settings import MASK_LAYER_CHOICES, PAPER_MASK_THRESHOLD, ZONE_DEFAULTS, origin
 from .common import progress
 
@@ -29,6 +29,7 @@ SAM_FOLDER = "sams"
 SamModel = io.Custom("REALEDIT_SAM")
 NO_SAM_FILE = "(no SAM checkpoint in models/sams)"
 EXPECTED_SAM_FILES = ("sam_vit_h_4b8939.pth", "sam_vit_l_0b3195.pth", "sam_vit_b_01ec64.pth")
+HF_SAM_FILES = ("sam_vit_h_hf.safetensors", "sam_vit_l_hf.safetensors", "sam_vit_b_hf.safetensors")
 log = logging.getLogger("realedit")
 
 
@@ -221,18 +222,23 @@ def _sam_files() -> list[str]:
 
 
 class SAMLoader(io.ComfyNode):
-    """Loads a segment-anything checkpoint from models/sams (vit_h / vit_l / vit_b by file name)."""
+    """Loads Meta's SAM from models/sams: an official .pth (kind by file name) or the Hugging Face
+    model.safetensors (transformers layout, converted; kind by its weights)."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return _schema(
             "RealEditSAMLoader", "RealEdit SAM Loader",
-            "Segment Anything for Region-IoU. Put the official checkpoints (" + ", ".join(EXPECTED_SAM_FILES)
-            + ") or .safetensors conversions with vit_h/vit_l/vit_b in the name into models/sams. "
-            "Loaded as plain tensors (weights_only / safetensors): no code in the file runs.",
+            "Segment Anything for Region-IoU. Meta's SAM in either form, into models/sams: the Hugging Face "
+            "model.safetensors of " + ", ".join(HF_SAM_REPOS.values()) + " (the workflows name it "
+            + ", ".join(HF_SAM_FILES) + "; the kind is read from the weights), or the official checkpoints ("
+            + ", ".join(EXPECTED_SAM_FILES) + "; vit_h/vit_l/vit_b in the name). Both load into segment-anything's "
+            "model, as plain tensors (weights_only / safetensors): no code in the file runs.",
             inputs=[
                 io.Combo.Input("sam_name", options=_sam_files() or [NO_SAM_FILE],
-                               tooltip="A file in models/sams (or an extra_model_paths.yaml 'sams' folder)."),
+                               tooltip="A file in models/sams (or an extra_model_paths.yaml 'sams' folder): "
+                                       "Meta's Hugging Face model.safetensors (e.g. saved as "
+                                       "sam_vit_h_hf.safetensors) or an official sam_vit_*.pth."),
                 io.Combo.Input("device", options=["auto", "cpu"], default="auto",
                                tooltip="auto: ComfyUI's compute device; cpu: keep SAM off the GPU."),
             ],
@@ -263,9 +269,10 @@ def _missing_sam_message(sam_name: str) -> str:
     folders = folder_paths.get_folder_paths(SAM_FOLDER) if registered else []
     return (
         f"RealEdit SAM Loader: no SAM checkpoint '{sam_name}' in {', '.join(folders) or 'models/sams'} "
-        f"(found: {', '.join(files) or 'nothing'}). Download one of {', '.join(EXPECTED_SAM_FILES)} from the "
-        "segment-anything repository into that folder (any file name containing vit_h, vit_l or vit_b, .pth or "
-        ".safetensors) and refresh."
+        f"(found: {', '.join(files) or 'nothing'}). Download Meta's model.safetensors from "
+        f"{', '.join('huggingface.co/' + repo for repo in HF_SAM_REPOS.values())} (saved as e.g. "
+        f"{HF_SAM_FILES[0]}), or one of {', '.join(EXPECTED_SAM_FILES)} from the segment-anything repository, "
+        "into that folder and refresh (a .pth name must contain vit_h, vit_l or vit_b)."
     )
 
 

@@ -9,7 +9,8 @@ A manual developer check (not CI: it needs a browser and a ComfyUI checkout). Fo
    errors/warnings and page errors raised meanwhile;
 2. checks the layout as loaded (photos and outputs shown): no two node boxes overlap, every node but the
    note lies inside one group, there is a note;
-3. checks the missing-models dialog lists each model file the workflow names with its folder and address;
+3. checks the missing-models dialog (1.2x) or issues panel (1.3x+) lists each model file the workflow names
+   with its folder and offers a download button for every one of them;
 4. checks every input the server's ``/object_info`` declares for each node (required and optional)
    is on the loaded node: a socket for a link-only input (e.g. ``ref_features``), a widget otherwise;
 5. calls ``app.graphToPrompt()`` and compares its ``output`` (what the front end POSTs to
@@ -22,6 +23,11 @@ A manual developer check (not CI: it needs a browser and a ComfyUI checkout). Fo
 It counts only what the pack causes: not the red mark on a loader whose model file is absent (the server
 has no models; the missing-models dialog is checked instead), not a request for a file the check removed,
 not the front end's own deprecation warnings (it prints those it ignored).
+
+The server it starts gets the testbed's torchaudio stand-in (``testbed/torchaudio_standin.py``, installed only
+where no torchaudio is importable) through a ``sitecustomize`` in a scratch ``PYTHONPATH`` folder: ComfyUI 0.33
+imports torchaudio at module level, and a venv without it can run the check all the same. The checkout and the
+venv are not touched.
 
 Exit status 0 when every workflow passes, 1 otherwise.
 
@@ -78,7 +84,7 @@ from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "testbed"))
-from workflow_format import MODEL_SUFFIXES, model_metadata  # noqa: E402, I001  (a plain module: no torch, no ComfyUI)
+from workflow_format import MODEL_SUFFIXES  # noqa: E402, I001  (a plain module: no torch, no ComfyUI)
 
 WORKFLOWS = ROOT / "example_workflows"
 TWINS = ROOT / "api_workflows"
@@ -268,6 +274,25 @@ def upload(url: str, name: str, data: bytes) -> None:
 # ---------------------------------------------------------------- server
 
 
+STANDIN = ROOT / "testbed" / "torchaudio_standin.py"
+# The server's sitecustomize: the torchaudio stand-in (loaded from its file under a private name, so the testbed
+# folder is not put on the server's path), then the interpreter's own sitecustomize, if any, that this one hides.
+SITECUSTOMIZE = """import importlib.machinery, importlib.util, os, sys
+
+_spec = importlib.util.spec_from_file_location("realedit_check_torchaudio_standin", STANDIN)
+_standin = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _standin
+_spec.loader.exec_module(_standin)
+_standin.install_if_missing()
+_here = os.path.dirname(os.path.abspath(__file__))
+_own = importlib.machinery.PathFinder.find_spec(
+    "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != _here])
+if _own is not None and _own.loader is not None:
+    _module = importlib.util.module_from_spec(_own)
+    _own.loader.exec_module(_module)
+"""
+
+
 @contextmanager
 def comfy_server(comfy: Path, python: str, port: int, front_end_root: Path | None) -> Iterator[str]:
     """ComfyUI on CPU with the pack loaded from a scratch custom_nodes folder (an extra-model-paths entry),
@@ -279,6 +304,10 @@ def comfy_server(comfy: Path, python: str, port: int, front_end_root: Path | Non
     (dirs["custom_nodes"] / PACK_MODULE).symlink_to(ROOT)
     extra = scratch / "extra_model_paths.yaml"
     extra.write_text(f"realedit_check:\n  custom_nodes: {dirs['custom_nodes']}\n")
+    site = scratch / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.replace("STANDIN", repr(str(STANDIN))))
+    python_path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
     log = open(scratch / "server.log", "w")
     cmd = [python, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--disable-auto-launch", "--user-directory", str(dirs["user"]), "--input-directory", str(dirs["input"]),
@@ -287,7 +316,7 @@ def comfy_server(comfy: Path, python: str, port: int, front_end_root: Path | Non
     if front_end_root is not None:
         cmd += ["--front-end-root", str(front_end_root)]
     server = subprocess.Popen(cmd, cwd=comfy, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_pack(url, server, scratch / "server.log")
@@ -336,8 +365,10 @@ def declared_inputs(info: dict[str, Any], class_type: str) -> set[str]:
 def prompt_differences(frontend: dict[str, Any], twin: dict[str, Any], info: dict[str, Any] | None = None
                        ) -> tuple[list[str], list[str]]:
     """Every way the front end's prompt differs from the API twin (titles, ``_meta``, are not compared), and
-    apart the inputs a front end adds that the node does not declare (the server drops those: e.g. the
-    ``preview`` text 1.2x sends for Preview Any)."""
+    apart the inputs a front end adds that change nothing: those the node does not declare (the server drops
+    them: e.g. the ``preview`` text 1.2x sends for Preview Any) and optional ones at their declared default
+    (inputs a newer ComfyUI gave a core node, e.g. 0.33's CFGNorm ``pre_cfg``; the twins are written on the
+    oldest supported release)."""
     frontend, twin = strip_meta(frontend), strip_meta(twin)
     diffs, undeclared = [], []
     for nid in sorted(set(twin) - set(frontend), key=int):
@@ -355,10 +386,23 @@ def prompt_differences(frontend: dict[str, Any], twin: dict[str, Any], info: dic
             elif name not in ours["inputs"]:
                 extra = f"{label}.{name}: front end sends {theirs['inputs'][name]!r}, twin has no such input"
                 known = info is None or name in declared_inputs(info, ours["class_type"])
-                (diffs if known else undeclared).append(extra)
+                if not known:
+                    undeclared.append(f"{extra} (not declared by the node: the server drops it)")
+                elif at_optional_default(info, ours["class_type"], name, theirs["inputs"][name]):
+                    undeclared.append(f"{extra} (an optional input of this ComfyUI release, at its default: the "
+                                      "node runs as without it)")
+                else:
+                    diffs.append(extra)
             elif not same_value(ours["inputs"][name], theirs["inputs"][name]):
                 diffs.append(f"{label}.{name}: twin {ours['inputs'][name]!r}, front end {theirs['inputs'][name]!r}")
     return diffs, undeclared
+
+
+def at_optional_default(info: dict[str, Any] | None, class_type: str, name: str, value: Any) -> bool:
+    """Whether ``name`` is an optional input of the server's node and ``value`` its declared default."""
+    declared = (info or {}).get(class_type, {}).get("input", {}).get("optional", {}).get(name)
+    options = declared[1] if declared and len(declared) > 1 and isinstance(declared[1], dict) else {}
+    return "default" in options and same_value(options["default"], value)
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -582,13 +626,6 @@ def is_front_end_noise(message: str) -> bool:
         key.lower() in message.lower() for key in FRONT_END_NOISE)
 
 
-def refused_host(text: str, twin: dict[str, Any]) -> bool:
-    """The front end's refusal to download a model from a host it does not allow (SAM's official host): the
-    dialog still shows the address; only a Hugging Face or Civitai address gets a button."""
-    urls = {m["url"] for models in model_metadata(twin).values() for m in models}
-    return text.startswith("Download not allowed from source") and any(f"'{url}'" in text for url in urls)
-
-
 DOWNLOAD_HOSTS = ("https://huggingface.co/", "https://civitai.com/")  # the hosts both front ends download from
 
 
@@ -605,14 +642,14 @@ def offers_download(text: str, name: str, directory: str) -> bool | None:
 
 
 def model_dialog_problems(loaded: dict[str, Any], twin: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Each model file a loader names has ``properties.models`` metadata, the front end lists it as missing,
-    and offers a download where the address is on a host it downloads from. (problems, notes)"""
+    """Each model file a loader names has ``properties.models`` metadata, the front end lists it as missing, and
+    offers a download button for it (issue 15's "a download button for each model it expects"). (problems, notes)"""
     from_ui = {n["id"]: n["models"] or [] for n in loaded["nodes"]}
     problems, notes = [], []
     text = "\n".join(loaded["dialogs"] + loaded["toasts"] + loaded.get("panels", []))
     for nid, node in twin.items():
         for value in node["inputs"].values():
-            if not (isinstance(value, str) and value.endswith((".safetensors", ".ckpt", ".pt", ".pth", ".sft"))):
+            if not (isinstance(value, str) and value.endswith(MODEL_SUFFIXES)):
                 continue
             label = f"node {nid} ({node['class_type']}): {value}"
             declared = [m for m in from_ui.get(nid, []) if m.get("name") == value]
@@ -623,12 +660,11 @@ def model_dialog_problems(loaded: dict[str, Any], twin: dict[str, Any]) -> tuple
             if button is None:
                 problems.append(f"{label}: not listed by the front end's missing-models dialog / panel")
             elif button:
-                notes.append(f"{label}: download button")
-            elif declared[0]["url"].startswith(DOWNLOAD_HOSTS):
-                problems.append(f"{label}: listed without a download button")
+                notes.append(f"{label}: download button ({declared[0]['url']})")
             else:
-                notes.append(f"{label}: listed, no button (the front end downloads from Hugging Face and Civitai "
-                             f"only; the note gives {declared[0]['url']})")
+                why = "" if declared[0]["url"].startswith(DOWNLOAD_HOSTS) else (
+                    " (the front ends download from Hugging Face and Civitai only)")
+                problems.append(f"{label}: listed without a download button{why}")
     return problems, notes
 
 
@@ -662,7 +698,7 @@ def report(name: str, loaded: dict[str, Any], twin: dict[str, Any], info: dict[s
     for text in loaded["dialogs"]:
         (ignored if is_expected_dialog(text) else problems).append(f"dialog: {text[:300]!r}")
     for text in loaded["toasts"]:
-        expected = is_expected_dialog(text) or refused_host(text, twin) or is_issues_card(text, absent)
+        expected = is_expected_dialog(text) or is_issues_card(text, absent)
         (ignored if expected else problems).append(f"notification: {text[:300]!r}")
     offline = [m for m in loaded["messages"] if any(key in m for key in OFFLINE)]
     if offline:
@@ -677,7 +713,7 @@ def report(name: str, loaded: dict[str, Any], twin: dict[str, Any], info: dict[s
     problems += missing_slots(loaded["nodes"], info)
     diffs, undeclared = prompt_differences(loaded["output"], twin, info)
     problems += diffs
-    ignored += [f"{extra} (not declared by the node: the server drops it)" for extra in undeclared]
+    ignored += undeclared
     twin_errors = set(validation[f"{name}/twin"])
     problems += [f"validation (front end prompt only): {e}" for e in validation[f"{name}/frontend"]
                  if e not in twin_errors]

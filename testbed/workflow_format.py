@@ -59,9 +59,11 @@ IMAGE_NODES = {"LoadImage", "SaveImage", "PreviewImage"}  # measured with an ima
 
 # ---------------------------------------------------------------- models the workflows expect
 
-# file name -> (models/ folder, official download address). Hugging Face addresses get a download button
-# in the front end's missing-models dialog; dl.fbaipublicfiles.com (SAM's only official host) is listed with
-# its address but no button (the front end allows civitai.com and huggingface.co only).
+# file name -> (models/ folder, download address). Both front ends offer a download button for an address on
+# huggingface.co or civitai.com, and 1.27 only for a file name ending .safetensors / .sft; every file here qualifies.
+# SAM: Meta's own Hugging Face copies (facebook/sam-vit-*, transformers' SamModel layout, which
+# masks/sam_auto.py converts on load) under a name that keeps the kind; the official .pth files
+# (dl.fbaipublicfiles.com: no button on either front end) load as well and the note names them (SAM_OFFICIAL).
 MODEL_FILES: dict[str, tuple[str, str]] = {
     "v1-5-pruned-emaonly.safetensors": ("checkpoints", "https://huggingface.co/stable-diffusion-v1-5/"
                                         "stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.safetensors"),
@@ -69,9 +71,9 @@ MODEL_FILES: dict[str, tuple[str, str]] = {
                                    "resolve/main/sd_xl_base_1.0.safetensors"),
     "instruct-pix2pix-00-22000.safetensors": ("checkpoints", "https://huggingface.co/timbrooks/instruct-pix2pix/"
                                               "resolve/main/instruct-pix2pix-00-22000.safetensors"),
-    "sam_vit_h_4b8939.pth": ("sams", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"),
-    "sam_vit_l_0b3195.pth": ("sams", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth"),
-    "sam_vit_b_01ec64.pth": ("sams", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"),
+    "sam_vit_h_hf.safetensors": ("sams", "https://huggingface.co/facebook/sam-vit-huge/resolve/main/model.safetensors"),
+    "sam_vit_l_hf.safetensors": ("sams", "https://huggingface.co/facebook/sam-vit-large/resolve/main/model.safetensors"),
+    "sam_vit_b_hf.safetensors": ("sams", "https://huggingface.co/facebook/sam-vit-base/resolve/main/model.safetensors"),
     "qwen_image_edit_fp8_e4m3fn.safetensors": (
         "diffusion_models", "https://huggingface.co/Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files/"
         "diffusion_models/qwen_image_edit_fp8_e4m3fn.safetensors"),
@@ -82,6 +84,11 @@ MODEL_FILES: dict[str, tuple[str, str]] = {
         "vae", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/"
         "qwen_image_vae.safetensors"),
 }
+# The official segment-anything file of each Hugging Face SAM above: (name, address), the note's alternative.
+SAM_OFFICIAL: dict[str, tuple[str, str]] = {
+    f"sam_{kind}_hf.safetensors": (official, f"https://dl.fbaipublicfiles.com/segment_anything/{official}")
+    for kind, official in (("vit_h", "sam_vit_h_4b8939.pth"), ("vit_l", "sam_vit_l_0b3195.pth"),
+                           ("vit_b", "sam_vit_b_01ec64.pth"))}
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 
 # ---------------------------------------------------------------- layout constants (canvas pixels)
@@ -303,6 +310,13 @@ def needs_text(workflow: Mapping[str, Mapping[str, Any]]) -> str:
     for name in sorted({m["name"] for models in model_metadata(workflow).values() for m in models}):
         directory, url = MODEL_FILES[name]
         lines.append(f"- models/{directory}/{name}\n  {url}")
+        saved_as = url.rsplit("/", 1)[-1]
+        if saved_as != name:
+            lines.append(f"  (a browser saves it as {saved_as}: rename it to {name})")
+        if name in SAM_OFFICIAL:
+            official, official_url = SAM_OFFICIAL[name]
+            lines.append(f"  or the official {official} (same folder, loads the same; pick it in the SAM Loader)\n"
+                         f"  {official_url}")
     lines += [f"- {name} (in the folder its loader reads)" for name in unknown_model_files(workflow)]
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ import torch
 pytestmark = pytest.mark.comfy
 ROOT = Path(__file__).resolve().parent.parent
 API_TWINS = sorted((ROOT / "api_workflows").glob("*.json"))
+DOWNLOAD_HOSTS = ("https://huggingface.co/", "https://civitai.com/")  # both front ends download from these
 
 
 def _load(path: Path) -> dict:
@@ -195,7 +196,8 @@ def test_note_says_what_to_connect_and_is_not_queued(runner, api_path):
 @pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
 def test_every_model_file_has_download_metadata(api_path):
     """Each model file a loader names carries {name, url, directory} in properties.models (what the front end's
-    missing-models dialog reads), and the workflow's models list has each once."""
+    missing-models dialog reads), on terms both front ends offer a download button for, and the workflow's models
+    list has each once."""
     from realedit.testbed.workflow_format import MODEL_FILES, MODEL_SUFFIXES
 
     twin, ui = _load(api_path), _ui(api_path)
@@ -205,12 +207,29 @@ def test_every_model_file_has_download_metadata(api_path):
         for value in node["inputs"].values():
             if isinstance(value, str) and value.endswith(MODEL_SUFFIXES):
                 directory, url = MODEL_FILES[value]
-                assert url.startswith("https://") and url.endswith(value)
+                # a download button on both front ends: an allowed host, and (1.27) a .safetensors / .sft name
+                assert url.startswith(DOWNLOAD_HOSTS) and value.endswith((".safetensors", ".sft")), value
                 entry = {"name": value, "url": url, "directory": directory}
                 assert entry in by_id[node_id]["properties"]["models"]
                 expected.add(json.dumps(entry, sort_keys=True))
     assert {json.dumps(m, sort_keys=True) for m in ui.get("models", [])} == expected
     assert len(ui.get("models", [])) == len(expected)
+
+
+def test_sam_files_point_at_metas_hugging_face_copies_and_name_the_official_file():
+    """The SAM entries are the addresses the loader converts (facebook/sam-vit-*), under names that keep the kind,
+    and the note offers each kind's official .pth as well."""
+    from realedit.masks.sam_auto import OFFICIAL_SAM_FILES, SAM_KINDS, hf_sam_url
+    from realedit.testbed.workflow_format import MODEL_FILES, SAM_OFFICIAL, needs_text
+
+    for kind, official in zip(SAM_KINDS, OFFICIAL_SAM_FILES):
+        name = f"sam_{kind}_hf.safetensors"
+        assert MODEL_FILES[name] == ("sams", hf_sam_url(kind))
+        assert SAM_OFFICIAL[name] == (official, f"https://dl.fbaipublicfiles.com/segment_anything/{official}")
+    text = needs_text({"1": {"class_type": "RealEditSAMLoader", "inputs": {"sam_name": "sam_vit_l_hf.safetensors"}}})
+    assert "models/sams/sam_vit_l_hf.safetensors\n  " + hf_sam_url("vit_l") in text
+    assert "saves it as model.safetensors: rename it to sam_vit_l_hf.safetensors" in text
+    assert "sam_vit_l_0b3195.pth" in text and "dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth" in text
 
 
 @pytest.mark.parametrize("api_path", API_TWINS, ids=lambda p: p.stem)
