@@ -429,8 +429,8 @@ def test_morphology_matches_kornia_reference():
         closing(mask, 20)
 
 
-def test_max_pool_morphology_equals_kornia_geodesic_at_every_size_and_border():
-    """Dilation and erosion by k x k squares (the separable max-pool form) against kornia's flat morphology
+def test_square_morphology_equals_kornia_geodesic_at_every_size_and_border():
+    """Dilation and erosion by k x k squares (separable shifted ORs) against kornia's flat morphology
     with its default geodesic border, on random masks whose true pixels touch every edge."""
     from realedit.masks.fft_smooth import square_dilation, square_erosion
 
