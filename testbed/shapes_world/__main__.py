@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m realedit.testbed.shapes_world")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the world's models and measure the gates")
-    train.add_argument("--stage", default="all", choices=("all",) + STAGES + ("measure", "none"))
+    train.add_argument("--stage", default="all", choices=("all",) + STAGES + ("measure",))
     train.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared CPUs)")
     train.add_argument("--workers", type=int, default=1, help="processes rendering the training sets")
     train.add_argument("--seconds", type=float, default=None, help="cap each stage's steps to this many seconds")
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="the UNets' model_channels (default: the config's); a variant for comparison")
     train.add_argument("--report", default=None, help="write the stage's numbers (JSON) to this file")
     train.add_argument("--export", default=None,
-                       help="afterwards, copy the trained stage files (fp16) to this folder")
+                       help="afterwards, copy the weights of the stages run (fp16) to this folder")
     train.add_argument("--smoke", action="store_true",
                        help="a check of the pipeline in a few CPU minutes: tiny data, few steps, tiny gates; "
                             "measures instead of packing")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, vae_pool=64, vae_steps=40, vae_batch=4, decoder_steps=40,
                                      decoder_batch=4, dataset_scenes=450, unet_steps=45, unet_batch=8, ip2p_steps=45)
         gates.FULL_SIZES.update({"t2i": 2, "vae": 2, "ip2p": 2})
-    stages = STAGES if args.stage == "all" else (args.stage,) if args.stage != "none" else ()
+    stages = STAGES if args.stage == "all" else (args.stage,)
     if args.smoke and "pack" in stages:  # never overwrite the committed checkpoints with miniature weights
         stages = tuple(s for s in stages if s != "pack") + ("measure",)
     numbers = {}
