@@ -756,6 +756,9 @@ def main() -> int:
     if args.validate_worker:
         validate_worker()
         return 0
+    if os.sep in args.python:  # a path relative to here; the server runs in the ComfyUI folder
+        args.python = os.path.abspath(args.python)
+    args.comfy = args.comfy.resolve()
     names = args.names or sorted(p.stem for p in TWINS.glob("*.json"))
     if args.screenshots:
         args.screenshots.mkdir(parents=True, exist_ok=True)
