@@ -83,11 +83,20 @@ def make_tiny_unet(family: Family = "sd1", seed: int = 0, weight_scale: float = 
     config = _model_config(family)
     config.unet_config["dtype"] = torch.float32
     model_type = comfy.model_base.ModelType.V_PREDICTION if prediction == "v" else comfy.model_base.ModelType.EPS
+    patcher = seeded_model(config, seed, weight_scale, output_scale)
+    patcher.model.model_type = model_type
+    patcher.model.model_sampling = comfy.model_base.model_sampling(config, model_type)
+    return patcher
+
+
+def seeded_model(model_config: Any, seed: int, weight_scale: float = 1.0,
+                 output_scale: float = 1.0) -> comfy.model_patcher.ModelPatcher:
+    """``model_config``'s MODEL on the CPU with seeded random UNet weights (:func:`~.weights.randomise` at
+    ``weight_scale``, the output layer scaled by ``output_scale``; 0 zeroes it, so training starts from
+    eps = 0), in eval mode, loading to ComfyUI's torch device."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = config.get_model({}, "", device=torch.device("cpu"))
-        model.model_type = model_type
-        model.model_sampling = comfy.model_base.model_sampling(config, model_type)
+        model = model_config.get_model({}, "", device=torch.device("cpu"))
         randomise(model.diffusion_model, weight_scale)
         scale_output(model.diffusion_model, output_scale)
     model.eval()

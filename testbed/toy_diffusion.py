@@ -46,8 +46,7 @@ import comfy.supported_models
 import torch
 import torch.nn.functional as F
 
-from .comfy_models import TINY_UNET_CONFIGS, make_tiny_clip
-from .weights import randomise, scale_output
+from .comfy_models import TINY_UNET_CONFIGS, make_tiny_clip, seeded_model
 
 LATENT_SIZE = 8
 # Colour codes in the 4 latent channels: rows of a Hadamard matrix, orthogonal to each other except
@@ -221,15 +220,8 @@ def caption_embeddings(clip: comfy.sd.CLIP) -> tuple[torch.Tensor, torch.Tensor]
 def make_toy_unet(config: ToyConfig = DEFAULT_CONFIG) -> comfy.model_patcher.ModelPatcher:
     """An untrained SD1.5-family ComfyUI MODEL of the toy's shape (fp32, CPU), output conv zeroed so
     training starts from eps = 0."""
-    model_config = comfy.supported_models.SD15(dict(config.unet, dtype=torch.float32))
-    with torch.random.fork_rng():
-        torch.manual_seed(config.seed)
-        model = model_config.get_model({}, "", device=torch.device("cpu"))
-        randomise(model.diffusion_model, 1.0)
-        scale_output(model.diffusion_model, 0.0)
-    model.eval()
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    return seeded_model(comfy.supported_models.SD15(dict(config.unet, dtype=torch.float32)), config.seed,
+                        output_scale=0.0)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ import comfy.supported_models
 import comfy.supported_models_base
 import torch
 
-from ..weights import randomise, scale_output
+from ..comfy_models import seeded_model
+from ..weights import randomise
 from .config import DEFAULT_CONFIG, WorldConfig
 
 VAE_METADATA_KEY = "realedit.shapes_world.vae"
@@ -158,14 +159,7 @@ def make_unet(config: WorldConfig = DEFAULT_CONFIG, in_channels: int = 4) -> com
     """An untrained MODEL of the world (fp32, CPU), output conv zeroed: training starts from eps = 0."""
     model_class = ShapesWorldIP2P if in_channels == 8 else ShapesWorldSD15
     model_config = model_class(dict(config.unet, in_channels=in_channels, dtype=torch.float32))
-    with torch.random.fork_rng():
-        torch.manual_seed(config.seed + in_channels)
-        model = model_config.get_model({}, "", device=torch.device("cpu"))
-        randomise(model.diffusion_model, 1.0)
-        scale_output(model.diffusion_model, 0.0)
-    model.eval()
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    return seeded_model(model_config, config.seed + in_channels, output_scale=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------
