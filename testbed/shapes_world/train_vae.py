@@ -102,6 +102,41 @@ def _synchroniser(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
+def _fit(ae: torch.nn.Module, parameters: list[torch.nn.Parameter], loss: Callable[[], torch.Tensor], *, name: str,
+         lr: float, steps: int, seconds: float | None, log: Callable[[str], None],
+         log_every: int) -> tuple[float, int]:
+    """Adam on ``parameters`` of ``ae`` with the warm-up + cosine schedule for ``steps`` (capped to ``seconds``,
+    :class:`.schedule.StepPlan`), minimising ``loss()`` (one batch each call); logs the mean loss and the
+    held-out round trip; leaves ``ae`` frozen in eval mode. Returns (seconds, steps run)."""
+    for param in parameters:
+        param.requires_grad_(True)
+    optimiser = torch.optim.Adam(parameters, lr=lr)
+    plan, check, synchronise = StepPlan(steps, seconds), held_out_scenes(8), _synchroniser(_device(ae))
+    start, window, step = time.perf_counter(), [], 0
+    ae.train()
+    with torch.inference_mode(False), torch.enable_grad():
+        while step < plan.total:
+            for group in optimiser.param_groups:
+                group["lr"] = cosine_lr(step, plan.total, lr, warmup=50, floor=0.05)
+            value = loss()
+            optimiser.zero_grad(set_to_none=True)
+            value.backward()
+            optimiser.step()
+            window.append(value.detach())
+            plan.after(step, synchronise)
+            step += 1
+            if step % log_every == 0 or step == plan.total:
+                ae.eval()
+                log(f"  {name} step {step:5d}/{plan.total}  loss {torch.stack(window).mean().item():.4f}  "
+                    f"held-out PSNR {round_trip_psnr(ae, check):.2f} dB ({time.perf_counter() - start:.0f} s)")
+                ae.train()
+                window = []
+    ae.eval()
+    for param in ae.parameters():
+        param.requires_grad_(False)
+    return time.perf_counter() - start, plan.total
+
+
 def train_vae(ae: torch.nn.Module, config: WorldConfig, pool: torch.Tensor, log: Callable[[str], None] = print,
               seconds: float | None = None, log_every: int = 500) -> tuple[float, int]:
     """Train ``ae`` (a ComfyUI ``AutoencoderKL``, on its training device) in place on ``pool`` (uint8
@@ -109,36 +144,15 @@ def train_vae(ae: torch.nn.Module, config: WorldConfig, pool: torch.Tensor, log:
     cut it short, see :class:`.schedule.StepPlan`)."""
     rng, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
     device = _device(ae)
-    parameters = [p.requires_grad_(True) for p in ae.parameters()]
-    optimiser = torch.optim.Adam(parameters, lr=config.vae_lr)
-    plan, check = StepPlan(config.vae_steps, seconds), held_out_scenes(8)
-    start, window, step = time.perf_counter(), [], 0
-    ae.train()
-    with torch.inference_mode(False), torch.enable_grad():
-        while step < plan.total:
-            for group in optimiser.param_groups:
-                group["lr"] = cosine_lr(step, plan.total, config.vae_lr, warmup=50, floor=0.05)
-            x = crops(_batch(pool, config.vae_batch, generator), config.vae_crop, rng)
-            mean, _ = _posterior(ae, x)
-            out = ae.decode(mean + 0.01 * torch.randn(mean.shape, generator=generator).to(device))
-            loss = F.l1_loss(out, x) + F.mse_loss(out, x) + config.vae_kl * mean.pow(2).mean()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            window.append(loss.detach())
-            plan.after(step, _synchroniser(device))
-            step += 1
-            if step % log_every == 0 or step == plan.total:
-                ae.eval()
-                value = round_trip_psnr(ae, check)
-                ae.train()
-                log(f"  vae step {step:5d}/{plan.total}  loss {torch.stack(window).mean().item():.4f}  "
-                    f"held-out PSNR {value:.2f} dB ({time.perf_counter() - start:.0f} s)")
-                window = []
-    ae.eval()
-    for param in ae.parameters():
-        param.requires_grad_(False)
-    return time.perf_counter() - start, plan.total
+
+    def loss() -> torch.Tensor:
+        x = crops(_batch(pool, config.vae_batch, generator), config.vae_crop, rng)
+        mean, _ = _posterior(ae, x)
+        out = ae.decode(mean + 0.01 * torch.randn(mean.shape, generator=generator).to(device))
+        return F.l1_loss(out, x) + F.mse_loss(out, x) + config.vae_kl * mean.pow(2).mean()
+
+    return _fit(ae, list(ae.parameters()), loss, name="vae", lr=config.vae_lr, steps=config.vae_steps,
+                seconds=seconds, log=log, log_every=log_every)
 
 
 def train_decoder(ae: torch.nn.Module, config: WorldConfig, pool: torch.Tensor, log: Callable[[str], None] = print,
@@ -148,35 +162,18 @@ def train_decoder(ae: torch.nn.Module, config: WorldConfig, pool: torch.Tensor, 
     residual error; returns (seconds, steps run)."""
     generator = torch.Generator().manual_seed(config.seed + 5)
     device = _device(ae)
+
+    def loss() -> torch.Tensor:
+        x = _batch(pool, config.decoder_batch, generator)
+        with torch.no_grad():
+            z = _posterior(ae, x)[0] * SD15_SCALE
+        z = z + 0.05 * torch.randn(z.shape, generator=generator).to(device)
+        out = ae.decode(z / SD15_SCALE)
+        return F.l1_loss(out, x) + F.mse_loss(out, x)
+
     parameters = list(ae.decoder.parameters()) + list(ae.post_quant_conv.parameters())
-    for param in parameters:
-        param.requires_grad_(True)
-    optimiser = torch.optim.Adam(parameters, lr=config.decoder_lr)
-    plan, check = StepPlan(config.decoder_steps, seconds), held_out_scenes(8)
-    start, window, step = time.perf_counter(), [], 0
-    with torch.inference_mode(False), torch.enable_grad():
-        while step < plan.total:
-            for group in optimiser.param_groups:
-                group["lr"] = cosine_lr(step, plan.total, config.decoder_lr, warmup=50, floor=0.05)
-            x = _batch(pool, config.decoder_batch, generator)
-            with torch.no_grad():
-                z = _posterior(ae, x)[0] * SD15_SCALE
-            z = z + 0.05 * torch.randn(z.shape, generator=generator).to(device)
-            out = ae.decode(z / SD15_SCALE)
-            loss = F.l1_loss(out, x) + F.mse_loss(out, x)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            window.append(loss.detach())
-            plan.after(step, _synchroniser(device))
-            step += 1
-            if step % log_every == 0 or step == plan.total:
-                log(f"  decoder step {step:5d}/{plan.total}  loss {torch.stack(window).mean().item():.4f}  "
-                    f"held-out PSNR {round_trip_psnr(ae, check):.2f} dB ({time.perf_counter() - start:.0f} s)")
-                window = []
-    for param in ae.parameters():
-        param.requires_grad_(False)
-    return time.perf_counter() - start, plan.total
+    return _fit(ae, parameters, loss, name="decoder", lr=config.decoder_lr, steps=config.decoder_steps,
+                seconds=seconds, log=log, log_every=log_every)
 
 
 @torch.no_grad()
