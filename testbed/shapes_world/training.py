@@ -34,6 +34,10 @@ _UNET_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "unet_steps", "unet_batch",
                                "caption_dropout")
 _IP2P_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "ip2p_steps", "unet_batch", "unet_lr", "ema_decay",
                                "ip2p_dropout")
+# The settings each stage's file depends on; the data stage's file is the only one that is not weights.
+_STAGE_FIELDS = {"vae": _VAE_FIELDS, "data": _DATA_FIELDS, "decoder": _DECODER_FIELDS, "t2i": _UNET_FIELDS,
+                 "ip2p": _IP2P_FIELDS}
+_IN_CHANNELS = {"t2i": 4, "ip2p": 8}
 
 
 def stage_key(config: WorldConfig, fields: tuple[str, ...]) -> str:
@@ -138,7 +142,7 @@ def stage_data(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] 
 
 
 def _train(config: WorldConfig, kind: str, log: Callable[[str], None], seconds: float | None) -> dict[str, Any]:
-    fields, in_channels = (_UNET_FIELDS, 4) if kind == "t2i" else (_IP2P_FIELDS, 8)
+    fields, in_channels = _STAGE_FIELDS[kind], _IN_CHANNELS[kind]
     path = work_path(config, kind, fields)
     if path.is_file():
         log(f"{kind}: done before ({path})")
@@ -166,7 +170,7 @@ def stage_ip2p(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] 
 
 
 def trained_unet(config: WorldConfig, kind: str):
-    fields, in_channels = (_UNET_FIELDS, 4) if kind == "t2i" else (_IP2P_FIELDS, 8)
+    fields, in_channels = _STAGE_FIELDS[kind], _IN_CHANNELS[kind]
     model = make_unet(config, in_channels)
     model.model.diffusion_model.load_state_dict(safetensors.torch.load_file(str(work_path(config, kind, fields))))
     return model
@@ -176,15 +180,11 @@ def training_record(config: WorldConfig) -> dict[str, Any]:
     """Seconds and steps run of every stage whose file is here (the data stage's file may not be: it is
     large and only training needs it)."""
     record: dict[str, Any] = {}
-    for name, fields in (("vae", _VAE_FIELDS), ("data", _DATA_FIELDS), ("decoder", _DECODER_FIELDS),
-                         ("t2i", _UNET_FIELDS), ("ip2p", _IP2P_FIELDS)):
+    for name, fields in _STAGE_FIELDS.items():
         path = work_path(config, name, fields)
         if path.is_file():
             record.update({k: v for k, v in _numbers(path).items() if k.endswith(("seconds", "steps_run"))})
     return record
-
-
-_STAGE_FIELDS = {"vae": _VAE_FIELDS, "decoder": _DECODER_FIELDS, "t2i": _UNET_FIELDS, "ip2p": _IP2P_FIELDS}
 
 
 def export_stages(config: WorldConfig, out: Path, names: tuple[str, ...]) -> list[Path]:
@@ -194,7 +194,7 @@ def export_stages(config: WorldConfig, out: Path, names: tuple[str, ...]) -> lis
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in names:
-        if name not in _STAGE_FIELDS:
+        if name not in _STAGE_FIELDS or name == "data":
             continue
         path = work_path(config, name, _STAGE_FIELDS[name])
         target = out / path.name
