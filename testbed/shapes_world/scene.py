@@ -18,6 +18,7 @@ import math
 import random
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from typing import Any, Callable
 
 import torch
 
@@ -287,7 +288,7 @@ def render_pool(scenes: list[Scene], workers: int = 1, chunk: int = 200) -> torc
     return torch.cat(map_chunks(_render_chunk, scenes, workers, chunk))
 
 
-def map_chunks(function, items: list, workers: int, chunk: int) -> list:
+def map_chunks(function: Callable[[list[Any]], Any], items: list[Any], workers: int, chunk: int) -> list[Any]:
     """``[function(items[i:i + chunk]) for i in ...]``, in ``workers`` spawned processes when > 1."""
     parts = [items[i:i + chunk] for i in range(0, len(items), chunk)]
     if workers <= 1 or len(parts) <= 1:
