@@ -5,6 +5,9 @@ the edited region a lot. The change map separates the two:
 
 1. Both images are reduced to at most ``working_size`` pixels on the long side (antialiased): M_b is a
    rough mask (ZONE's comes from a 64x64 attention grid), refined later by Region-IoU and the smoother.
+   ``keep_unedited`` reduces the edit before undoing its alignment, at the working size
+   (:func:`aligned_working_planes`): the two orders of resampling differ by interpolation only, and the
+   full-size warp is not needed for M_b.
 2. **Global colour matching**: a 3x4 affine colour transform edited -> original (gain, cross-talk and
    offset per channel) fitted by iteratively reweighted least squares with Tukey weights on the colour
    residual, so the edited region does not take part in the fit (Reinhard-style mean/std transfer is the
@@ -22,7 +25,7 @@ the edited region a lot. The change map separates the two:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -30,7 +33,8 @@ import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 from scipy import ndimage
 
-from .align import TUKEY_C, _level_size
+from .align import TUKEY_C, Alignment, _level_size, warp_reduced
+from .composite import all_true, any_true
 from .fft_smooth import close_and_fill, square_dilation, square_erosion
 
 IDENTITY_COLOUR = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)  # (3, 4)
@@ -130,14 +134,30 @@ def working_planes(original: torch.Tensor, edited: torch.Tensor, valid: torch.Te
     height, width = original.shape[:2]
     size = _level_size(height, width, working_size)
     small_o, small_e = _planes(original, size).cpu(), _planes(edited, size).cpu()
-    if valid is None:
-        return small_o, small_e, torch.ones(size, dtype=torch.bool)
-    if bool(valid.all()):
+    if valid is None or all_true(valid):
         return small_o, small_e, torch.ones(size, dtype=torch.bool)
     # pixel centres sampled, then one eroded ring: the valid region of a similarity warp is convex, so a small
     # pixel whose centre and neighbours' centres are valid covers valid full-size pixels only
     centres = F.interpolate(valid.float()[None, None].cpu(), size=size, mode="nearest-exact")[0, 0] > 0.5
     return small_o, small_e, square_erosion(centres, 3)
+
+
+def reduced_pair(original: torch.Tensor, edited: torch.Tensor,
+                 working_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both (H, W, 3) images as (1, 3, h, w) CPU planes at most ``working_size`` on the long side; the edit
+    not yet aligned (:func:`aligned_working_planes` warps it there)."""
+    size = _level_size(*original.shape[:2], working_size)
+    return _planes(original, size).cpu(), _planes(edited, size).cpu()
+
+
+def aligned_working_planes(reduced: tuple[torch.Tensor, torch.Tensor], alignment: Alignment,
+                           full_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`working_planes` of the original and the aligned edit from :func:`reduced_pair`: the edit is
+    reduced first and warped at the working size (:func:`~.align.warp_reduced`), so the full-size warp is
+    never needed for M_b. The valid mask is the reduced warp's, eroded by one ring as above."""
+    small_o, small_e = reduced
+    warped, inside = warp_reduced(small_e, alignment, full_size)
+    return small_o, warped, inside if all_true(inside) else square_erosion(inside, 3)
 
 
 # CIE XYZ of linear sRGB (D65), each row divided by the D65 white point's component (kornia's constants).
@@ -172,7 +192,7 @@ def opening(mask: torch.Tensor, kernel: int) -> torch.Tensor:
 
 def drop_small_regions(mask: torch.Tensor, min_pixels: int) -> torch.Tensor:
     """Remove 8-connected regions with fewer than ``min_pixels`` pixels (scipy.ndimage.label)."""
-    if min_pixels <= 1 or not bool(mask.any()):
+    if min_pixels <= 1 or not any_true(mask):
         return mask
     labels, count = ndimage.label(mask.cpu().numpy(), structure=np.ones((3, 3), dtype=bool))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
@@ -192,8 +212,18 @@ def change_mask(original: torch.Tensor, edited: torch.Tensor, valid: torch.Tenso
         match_colours: fit and undo the global colour transform first (off: compare the colours as they are).
     """
     settings = settings or ChangeSettings()
-    height, width = original.shape[:2]
-    small_o, small_e, small_valid = working_planes(original, edited, valid, settings.working_size)
+    planes = working_planes(original, edited, valid, settings.working_size)
+    change = change_map_of_planes(planes, tuple(original.shape[:2]), settings, match_colours)
+    if valid is not None and tuple(change.delta_e.shape) != tuple(valid.shape):
+        change = replace(change, mask=change.mask & valid.cpu())
+    return replace(change, mask=change.mask.to(original.device))
+
+
+def change_map_of_planes(planes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], full_size: tuple[int, int],
+                         settings: ChangeSettings, match_colours: bool = True) -> ChangeMap:
+    """Steps 2-4 of the module docstring on :func:`working_planes` (original, edit, valid at the working
+    size); the mask comes back at ``full_size`` (CPU), inside the valid pixels of the working size."""
+    small_o, small_e, small_valid = planes
     size = tuple(small_o.shape[-2:])
     transform = fit_colour_transform(small_e, small_o, small_valid) if match_colours else IDENTITY_COLOUR
     matched = torch.einsum("ck,kp->cp", transform[:, :3], small_e[0].reshape(3, -1)) + transform[:, 3:]
@@ -208,8 +238,6 @@ def change_mask(original: torch.Tensor, edited: torch.Tensor, valid: torch.Tenso
     mask = opening(mask, settings.open_kernel) if settings.open_kernel > 1 else mask
     mask = close_and_fill(mask, settings.close_kernel) & small_valid if settings.close_kernel > 1 else mask
     mask = drop_small_regions(mask, int(settings.min_region * size[0] * size[1]))
-    if size != (height, width):  # back to full size
-        mask = F.interpolate(mask.float()[None, None], size=(height, width), mode="nearest-exact")[0, 0] > 0.5
-        if valid is not None:
-            mask = mask & valid.cpu()
-    return ChangeMap(mask=mask.to(original.device), delta_e=difference, colour_transform=transform)
+    if size != tuple(full_size):  # back to full size
+        mask = F.interpolate(mask.float()[None, None], size=full_size, mode="nearest-exact")[0, 0] > 0.5
+    return ChangeMap(mask=mask, delta_e=difference, colour_transform=transform)

@@ -74,15 +74,33 @@ def check_same_size(size: tuple[int, int], **masks: torch.Tensor) -> None:
         )
 
 
+def any_true(mask: torch.Tensor) -> bool:
+    """Whether a bool mask has a true pixel: the max of its bytes (torch's bool ``any`` reduction is about
+    25x slower than a byte max on the CPU)."""
+    return mask.numel() > 0 and bool(mask.view(torch.uint8).amax())
+
+
+def all_true(mask: torch.Tensor) -> bool:
+    """Whether every pixel of a bool mask is true (the min of its bytes; see :func:`any_true`)."""
+    return mask.numel() == 0 or bool(mask.view(torch.uint8).amin())
+
+
 def bounding_box(mask: torch.Tensor, margin: int) -> tuple[slice, slice] | None:
-    """The rows and columns of ``mask``'s true pixels, widened by ``margin`` (clipped to the image); None if empty."""
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    """The rows and columns of an (H, W) mask's true pixels, widened by ``margin`` (clipped to the image); None
+    if empty. Byte maxima (see :func:`any_true`); the columns are read on the rows that hold the mask only."""
+    rows = torch.nonzero(_bytes(mask).amax(dim=1)).flatten()
     if rows.numel() == 0:
         return None
-    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    first_row, last_row = int(rows[0]), int(rows[-1])
+    cols = torch.nonzero(_bytes(mask[first_row:last_row + 1]).amax(dim=0)).flatten()
     height, width = mask.shape
-    return (slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, height)),
+    return (slice(max(first_row - margin, 0), min(last_row + 1 + margin, height)),
             slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, width)))
+
+
+def _bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask's bytes (a view); any other mask is compared with zero first."""
+    return (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
 
 
 def blend_band(m_f: torch.Tensor, m_f_star: torch.Tensor) -> torch.Tensor:

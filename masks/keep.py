@@ -3,7 +3,9 @@
 Any edit model (Qwen-Image-Edit, Flux Kontext, InstructPix2Pix, inpainting, SDEdit) redraws more than it
 should: the picture shifts or zooms, colours drift, textures away from the edit change. For each image:
 
-1. Alignment (:mod:`.align`): the similarity edited -> original is estimated and undone (optional).
+1. Alignment (:mod:`.align`): the similarity edited -> original is estimated and undone (optional), where
+   the pipeline reads the edit (:class:`~.align.AlignedEdit`): a reduced copy for M_b, the box of M_f plus
+   the smoother's reach for step 4; the whole aligned edit (``KeptImage.aligned``) on first use.
 2. Rough mask M_b: the mask given, or the change map of the aligned pair (:mod:`.change_map`).
 3. Region-IoU (ZONE Eq. 6, :func:`~.region_iou.region_iou`) over a segments batch, when one is given.
 4. The FFT edge smoother (ZONE Eq. 7-8, :func:`~.fft_smooth.fft_edge_smooth`) and the exact composite
@@ -29,14 +31,15 @@ import torch.nn.functional as F
 
 from ..attention.settings import field_origin
 from ..attention.settings import with_origin as _d
-from .align import NOT_ALIGNED, Alignment, AlignSettings, estimate_alignment, warp_to_original
+from .align import NOT_ALIGNED, AlignedEdit, Alignment, AlignSettings, estimate_alignment
 from .change_map import (
     IDENTITY_COLOUR,
     ChangeSettings,
+    aligned_working_planes,
     apply_colour_transform,
-    change_mask,
+    change_map_of_planes,
     fit_colour_transform,
-    working_planes,
+    reduced_pair,
 )
 from .composite import TensorLike, bounding_box, composite
 from .fft_smooth import fft_edge_smooth
@@ -103,13 +106,22 @@ class KeptImage:
     final_mask: torch.Tensor  # M_f*: outside it, image == original bit for bit
     refined_mask: torch.Tensor  # M_f (Region-IoU's segment, or M_b)
     rough_mask: torch.Tensor  # M_b
-    aligned: torch.Tensor  # the edit on the original's grid (before colour matching)
-    alignment: Alignment
+    warped: AlignedEdit  # the edit and the transform that undoes the alignment
     colour_transform: torch.Tensor  # (3, 4)
     status: Status
     segment: int  # Region-IoU's k; -1 without segments or when none overlapped M_b
     segment_iou: float
     report: str
+
+    @property
+    def alignment(self) -> Alignment:
+        return self.warped.alignment
+
+    @property
+    def aligned(self) -> torch.Tensor:
+        """The edit on the original's grid (before colour matching): the whole warp, computed on first use (the
+        pipeline itself reads only the boxes it needs; the node returns it)."""
+        return self.warped.full()[0]
 
 
 @dataclass(frozen=True)
@@ -212,24 +224,17 @@ def _broadcast(batch: torch.Tensor, count: int, name: str, other: str) -> torch.
 # ---------------------------------------------------------------- one image
 
 
-def _align(original: torch.Tensor, edited: torch.Tensor,
-           settings: KeepSettings) -> tuple[Alignment, torch.Tensor, torch.Tensor]:
-    if not settings.align:
-        return NOT_ALIGNED, edited, torch.ones(original.shape[:2], dtype=torch.bool, device=original.device)
-    alignment = estimate_alignment(original, edited, settings.align_settings())
-    aligned, valid = warp_to_original(edited, alignment)
-    return alignment, aligned, valid.to(original.device)
-
-
-def _colour_matched_near(aligned: torch.Tensor, colour: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
-    """``aligned`` with the colour transform applied on the bounding box of M_f plus a margin that holds the
-    smoother's dilation M_d (only pixels inside M_d reach the smoother or the composite): exact there, and a
-    fraction of the cost of the whole image for a small edit."""
+def _kept_edit(original: torch.Tensor, edit: AlignedEdit, colour: torch.Tensor | None,
+               refined: torch.Tensor) -> torch.Tensor:
+    """The layer the smoother and the composite read: the aligned (and colour-matched) edit on the bounding
+    box of M_f plus a margin that holds the smoother's dilation M_d, the original elsewhere. Only pixels
+    inside M_d reach the smoother or the composite (M_f* lies inside M_d), so this equals using the whole
+    aligned edit, at the cost of the box: the full-size warp and colour transform are never computed."""
+    out = original.clone()
     box = bounding_box(refined, COLOUR_MARGIN)
-    if box is None:
-        return aligned
-    out = aligned.clone()
-    out[box] = apply_colour_transform(aligned[box], colour)
+    if box is not None:
+        crop = edit.crop(box)
+        out[box] = crop if colour is None else apply_colour_transform(crop, colour)
     return out
 
 
@@ -244,17 +249,21 @@ def _describe_colour(colour: torch.Tensor) -> str:
 def keep_one(original: torch.Tensor, edited: torch.Tensor, rough_mask: torch.Tensor | None = None,
              segments: torch.Tensor | None = None, settings: KeepSettings = KEEP_DEFAULTS) -> KeptImage:
     """The pipeline of the module docstring on one (H, W, 3) pair of one size (checked by the caller)."""
-    alignment, aligned, valid = _align(original, edited, settings)
+    alignment = estimate_alignment(original, edited, settings.align_settings()) if settings.align else NOT_ALIGNED
+    edit = AlignedEdit(edited, alignment)
     colour = IDENTITY_COLOUR
+    full_size = tuple(original.shape[:2])
+    if rough_mask is None or settings.colour_drift:  # (original, aligned edit, valid) at the working size
+        planes = aligned_working_planes(reduced_pair(original, edited, settings.working_size), alignment, full_size)
     if rough_mask is None:
-        change = change_mask(original, aligned, valid, settings.change_settings(), match_colours=settings.colour_drift)
-        rough, colour = change.mask, change.colour_transform
+        change = change_map_of_planes(planes, full_size, settings.change_settings(),
+                                      match_colours=settings.colour_drift)
+        rough, colour = edit.restrict(change.mask.to(original.device)), change.colour_transform
     else:
-        rough = rough_mask.to(original.device) & valid
+        rough = edit.restrict(rough_mask.to(original.device))
         if settings.colour_drift:
-            small_o, small_e, small_valid = working_planes(original, aligned, valid, settings.working_size)
-            colour = fit_colour_transform(small_e, small_o, small_valid)
-    lines = [alignment.describe()]
+            colour = fit_colour_transform(planes[1], planes[0], planes[2])
+    lines = [edit.alignment.describe()]
     coverage = int(rough.count_nonzero()) / rough.numel()
     source = "the given rough_mask" if rough_mask is not None else f"Delta E > {settings.threshold:g}"
     lines.append(f"M_b ({source}) covers {coverage:.1%}")
@@ -262,30 +271,28 @@ def keep_one(original: torch.Tensor, edited: torch.Tensor, rough_mask: torch.Ten
     if coverage == 0.0:
         lines.append("no edit found: the output is the original, bit for bit (lower the threshold if the edit "
                      "is subtler)")
-        return KeptImage(original.clone(), empty, empty, rough, aligned, alignment, colour, "no_edit", -1, 0.0,
-                         "; ".join(lines))
+        return KeptImage(original.clone(), empty, empty, rough, edit, colour, "no_edit", -1, 0.0, "; ".join(lines))
     if coverage > settings.max_coverage:
         lines.append(f"the edit changes {coverage:.0%} of the image (> {settings.max_coverage:.0%}): a restyle, not a "
                      "local edit; the output is the aligned edit everywhere (raise max_coverage to force a mask)")
         full = torch.ones_like(rough)
-        return KeptImage(aligned.clone(), full, full, rough, aligned, alignment, colour, "global", -1, 0.0,
+        return KeptImage(edit.full()[0].clone(), full, full, rough, edit, colour, "global", -1, 0.0,
                          "; ".join(lines))
     refined, index, iou = rough, -1, 0.0
     if segments is not None:
         choice = region_iou(rough, segments, fallback="rough")
-        refined, index, iou = choice.mask.to(original.device) & valid, choice.index, choice.iou
+        refined, index, iou = edit.restrict(choice.mask.to(original.device)), choice.index, choice.iou
         lines.append(f"Region-IoU: segment {index} of {segments.shape[0]}, IoU {iou:.3f}" if index >= 0
                      else f"Region-IoU: none of {segments.shape[0]} segments overlaps M_b; M_b kept")
-    kept_edit = _colour_matched_near(aligned, colour, refined) if settings.colour_drift else aligned
+    kept_edit = _kept_edit(original, edit, colour if settings.colour_drift else None, refined)
     if settings.colour_drift:
         lines.insert(1, _describe_colour(colour))
     smoothed = fft_edge_smooth(original, kept_edit, refined, d0=settings.d0, threshold=settings.smooth_threshold)
-    final = smoothed.final_mask & valid
+    final = edit.restrict(smoothed.final_mask)
     image = composite(original, kept_edit, refined & final, final, alpha=settings.blend)  # works on M_f*'s box
     lines.append(f"final mask covers {int(final.count_nonzero()) / final.numel():.1%}; the rest is the original, "
                  "bit for bit")
-    return KeptImage(image, final, refined, rough, aligned, alignment, colour, "local", index, iou,
-                     "; ".join(lines))
+    return KeptImage(image, final, refined, rough, edit, colour, "local", index, iou, "; ".join(lines))
 
 
 # ---------------------------------------------------------------- the API

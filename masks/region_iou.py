@@ -18,6 +18,7 @@ a MASK batch from any segmenter); the refined mask is M_f = S^k with k = argmax_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .composite import TensorLike, as_mask_hw
+from .composite import TensorLike, any_true, as_mask_hw
 
 Fallback = Literal["error", "rough"]
 FALLBACKS: tuple[str, ...] = ("error", "rough")
@@ -110,35 +111,68 @@ def _match_size(rough: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _block_counts(segments: torch.Tensor, rough_words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(intersections with M_b, areas), (N,) int64 each, a block of segments at a time so every temporary
-    stays in the cache (at 100 x 1024 x 1024 a whole-batch ``words & rough_words`` writes 100 MB).
+    """(intersections with M_b, areas), (N,) int64 each, exact where the IoU needs them.
 
-    Bool segments are read as words in place; float segments (> 0.5) are binarised by numpy's comparison
-    into one reused, padded bool buffer: exact, and no (N, H, W) bool tensor is ever written.
+    The intersections are read on M_b's lanes only (:func:`_lane_range`); the areas only of the segments that
+    meet M_b: a segment that misses it has IoU 0 whatever its area (0 is recorded), so for a small edit most
+    of the batch is read on a band of rows, once. Bool segments are read as words in place; float segments
+    (> 0.5) are binarised by numpy's comparison into one reused, padded bool buffer, a block of segments at a
+    time: exact, every temporary stays in the cache, and no (N, H, W) bool tensor is ever written.
     """
     n = segments.shape[0]
-    padded = rough_words.shape[1] * 8
-    block = max(1, min(n, _BLOCK_BYTES // padded))
-    inter = torch.empty(n, dtype=torch.int64)
-    area = torch.empty(n, dtype=torch.int64)
-    if segments.dtype == torch.bool:
-        all_words = _as_words(segments)  # (N, P / 8), a view when no padding is needed
-        blocks = (all_words[start:start + block] for start in range(0, n, block))
-    else:
-        flat = segments.reshape(n, -1).numpy()  # (N, H*W)
-        buffer = np.zeros((block, padded), dtype=np.bool_)
-
-        def binarised(start: int) -> torch.Tensor:
-            rows = min(block, n - start)
-            np.greater(flat[start:start + rows], 0.5, out=buffer[:rows, :flat.shape[1]])
-            return torch.from_numpy(buffer[:rows]).view(torch.int64)  # (rows, P / 8), no copy
-
-        blocks = (binarised(start) for start in range(0, n, block))
+    all_words = _as_words(segments) if segments.dtype == torch.bool else None  # a view unless padded
     lanes = _lane_range(rough_words)
-    for start, words in zip(range(0, n, block), blocks):
-        inter[start:start + words.shape[0]] = _count_true(words[:, lanes] & rough_words[:, lanes])
-        area[start:start + words.shape[0]] = _count_true(words)
+    inter = _counts(segments, all_words, list(range(n)), lanes, rough_words[:, lanes])
+    area = torch.zeros(n, dtype=torch.int64)
+    touching = torch.nonzero(inter).flatten().tolist()
+    if touching:
+        area[touching] = _counts(segments, all_words, touching, slice(0, rough_words.shape[1]), None)
     return inter, area
+
+
+def _counts(segments: torch.Tensor, all_words: torch.Tensor | None, rows: list[int], span: slice,
+            rough: torch.Tensor | None) -> torch.Tensor:
+    """True pixels of the segments ``rows`` (ascending) on the words ``span`` of :func:`_as_words` (ANDed with
+    ``rough``, (1, span) words, when given), (len(rows),) int64. Bool segments are read from ``all_words``,
+    their :func:`_as_words`; float ones are binarised a block at a time."""
+    words = span.stop - span.start
+    out = torch.zeros(len(rows), dtype=torch.int64)
+    if words == 0:
+        return out
+    block = max(1, min(len(rows), _BLOCK_BYTES // (8 * words)))
+    if all_words is not None:
+        chunks = ((i, all_words[rows[i]:rows[j - 1] + 1, span]) for i, j in _runs(rows, block))  # views
+    else:
+        read = _float_words(segments, span, block)
+        chunks = ((i, read(rows[i:i + block])) for i in range(0, len(rows), block))
+    for i, chunk in chunks:  # (k, words) int64
+        out[i:i + chunk.shape[0]] = _count_true(chunk if rough is None else chunk & rough)
+    return out
+
+
+def _runs(rows: list[int], block: int) -> list[tuple[int, int]]:
+    """[i, j) index ranges of ``rows`` that hold consecutive values, at most ``block`` long."""
+    runs, start = [], 0
+    for k in range(1, len(rows) + 1):
+        if k == len(rows) or rows[k] != rows[k - 1] + 1 or k - start == block:
+            runs.append((start, k))
+            start = k
+    return runs
+
+
+def _float_words(segments: torch.Tensor, span: slice, block: int) -> Callable[[list[int]], torch.Tensor]:
+    """A reader that binarises the segments' pixels of the word ``span`` into one reused bool buffer."""
+    n = segments.shape[0]
+    flat = segments.reshape(n, -1).numpy()  # (N, H*W)
+    first, last = span.start * 8, min(span.stop * 8, flat.shape[1])  # pixels; the rest of the span is padding
+    buffer = np.zeros((block, (span.stop - span.start) * 8), dtype=np.bool_)
+
+    def read(rows: list[int]) -> torch.Tensor:
+        for i, row in enumerate(rows):
+            np.greater(flat[row, first:last], 0.5, out=buffer[i, :last - first])
+        return torch.from_numpy(buffer[:len(rows)]).view(torch.int64)  # (rows, words), no copy
+
+    return read
 
 
 def _lane_range(rough_words: torch.Tensor) -> slice:
@@ -198,7 +232,7 @@ def region_iou(
         reason = "Region-IoU: 'segments' is empty (no candidate masks). Run the segmenter on the edited image."
         return _fallback(rough, torch.zeros(0, dtype=torch.float64), fallback, reason)
     rough = _match_size(as_mask_hw(rough_mask, "rough_mask").to(segs.device), tuple(segs.shape[1:]))
-    if not bool(rough.any()):
+    if not any_true(rough):
         reason = (
             "Region-IoU: the rough mask M_b ('rough_mask') is empty, so the instruction was not localised. "
             "Raise the threshold T of the IP2P edit mask (M_b = A^1 - A^L < T), or rephrase the instruction."

@@ -99,7 +99,8 @@ class KeepUneditedPixels(io.ComfyNode):
                 log.info("%s: %s", NODE_NAME, item.report)
         image = result.image
         images = image if image.ndim == 4 else image[None]
-        aligned = result.aligned if result.aligned.ndim == 4 else result.aligned[None]
+        aligned = result.aligned  # the whole warp: computed here, once per image
+        aligned = aligned if aligned.ndim == 4 else aligned[None]
         final = result.final_mask.float()
         rough = result.rough_mask.float()
         final, rough = (final, rough) if final.ndim == 3 else (final[None], rough[None])

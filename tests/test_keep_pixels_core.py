@@ -10,12 +10,16 @@ import torch.nn.functional as F
 from realedit.masks import (
     AlignmentError,
     change_mask,
+    composite,
     estimate_alignment,
+    fft_edge_smooth,
     keep_unedited,
     region_iou,
     segment_ious,
     warp_to_original,
 )
+from realedit.masks.align import AlignedEdit
+from realedit.masks.change_map import apply_colour_transform
 
 RED = torch.tensor([0.9, 0.15, 0.1])
 
@@ -106,6 +110,65 @@ def test_identical_images_align_to_the_identity_without_resampling():
 def test_unrelated_images_are_refused_with_a_message():
     with pytest.raises(AlignmentError, match="^RealEdit: .*'edited'.*'original'.*turn alignment off"):
         estimate_alignment(texture(96, 128, seed=1), texture(96, 128, seed=7))
+
+
+def test_a_box_of_the_warp_and_the_validity_of_a_mask_equal_those_of_the_whole_warp():
+    """The pipeline warps only the boxes it reads (AlignedEdit): bit for bit the same pixels and validity."""
+    original, edited, _ = scene(height=96, width=136, shift=(-7.5, 5.25), scale=1.04, rotation=2.0)
+    found = estimate_alignment(original, edited)
+    whole, inside = warp_to_original(edited, found)
+    assert not bool(inside.all())  # the box below reaches pixels without data
+    box = (slice(0, 41), slice(90, 136))
+    crop, crop_inside = warp_to_original(edited, found, box=box)
+    assert torch.equal(crop, whole[box]) and torch.equal(crop_inside, inside[box])
+    edit = AlignedEdit(edited, found)
+    assert torch.equal(edit.crop(box), whole[box])
+    mask = torch.zeros(96, 136, dtype=torch.bool)
+    mask[2:30, 100:135] = True
+    mask[60:90, 3:9] = True
+    assert torch.equal(edit.restrict(mask), mask & inside)
+    assert torch.equal(edit.full()[0], whole) and edit.full() is edit.full()  # computed once
+
+
+def test_the_warp_one_channel_per_thread_equals_the_single_warp(monkeypatch):
+    """With several torch threads grid_sample runs one channel per batch item (its CPU kernel parallelises
+    over the batch only): bit for bit the one-thread result, on the whole image and on boxes."""
+    original, edited, _ = scene(height=301, width=260, shift=(-3.5, 2.25), scale=1.03, rotation=1.5)
+    found = estimate_alignment(original, edited)
+    whole, inside = warp_to_original(edited, found)  # conftest pins one thread: channels together
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert torch.equal(warp_to_original(edited, found)[0], whole)
+    box = (slice(17, 290), slice(3, 250))
+    crop, crop_inside = warp_to_original(edited, found, box=box)
+    assert torch.equal(crop, whole[box]) and torch.equal(crop_inside, inside[box])
+
+
+def test_the_composite_equals_the_one_made_from_the_whole_aligned_edit():
+    """keep_unedited reads the aligned, colour-matched edit only on M_f's box plus the smoother's reach: its
+    image and final mask equal ZONE's smoother and composite run on the whole aligned edit. The rough mask
+    given is 3 px inside the painted region, so M_f* reaches to the edge of the smoother's dilation."""
+    original, edited, region = scene(height=120, width=160, shift=(2.4, -1.7), scale=1.02, rotation=0.5)
+    inner = ~F.max_pool2d((~region)[None, None].float(), 7, 1, 3)[0, 0].bool()  # eroded by 3 px
+    item = keep_unedited(original, edited, rough_mask=inner).items[0]
+    assert item.status == "local" and not item.alignment.identity
+    aligned, inside = warp_to_original(edited, item.alignment)
+    matched = apply_colour_transform(aligned, item.colour_transform)
+    final = fft_edge_smooth(original, matched, item.refined_mask).final_mask & inside
+    band = final & ~F.max_pool2d(inner[None, None].float(), 5, 1, 2)[0, 0].bool()
+    assert bool(band.any())  # M_f* holds pixels more than 2 px beyond M_f
+    assert torch.equal(item.final_mask, final)
+    assert torch.equal(item.image, composite(original, matched, item.refined_mask & final, final))
+
+
+def test_change_map_of_the_reduced_warp_matches_the_full_warps():
+    """M_b is computed on the edit reduced then warped at the working size; the old order (warp at full size,
+    then reduce) gives nearly the same mask."""
+    original, edited, region = scene(height=300, width=420, shift=(3.6, -2.2), scale=1.015, rotation=0.3)
+    found = estimate_alignment(original, edited)
+    aligned, inside = warp_to_original(edited, found)
+    full_order = change_mask(original, aligned, inside).mask
+    reduced_order = keep_unedited(original, edited).rough_mask
+    assert iou(reduced_order, full_order) > 0.97 and iou(reduced_order, region) > 0.9
 
 
 # ---------------------------------------------------------------- change map and the pipeline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import kornia
@@ -237,6 +238,23 @@ def test_region_iou_counts_exactly_when_m_b_is_a_small_band_of_a_large_image():
         expected = brute_force_region_iou(rough, segs)[2]
         assert segment_ious(rough, segs).tolist() == expected
         assert segment_ious(rough, segs.float()).tolist() == expected
+
+
+@pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 21])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_region_iou_reads_areas_of_touching_segments_only_and_stays_exact(monkeypatch, block_bytes, dtype):
+    """Areas are counted only for segments that meet M_b (non-consecutive indices, runs cut by the block
+    size, one segment per block and everything in one): every IoU equals brute force."""
+    monkeypatch.setattr(importlib.import_module("realedit.masks.region_iou"), "_BLOCK_BYTES", block_bytes)
+    gen = torch.Generator().manual_seed(21)
+    segs = torch.rand(9, 40, 72, generator=gen) < 0.3
+    rough = torch.zeros(40, 72, dtype=torch.bool)
+    rough[14:30, 20:50] = True
+    for miss in (0, 3, 4, 8):  # these never meet M_b
+        segs[miss, 14:30, 20:50] = False
+    expected = brute_force_region_iou(rough, segs)[2]
+    assert [expected[i] for i in (0, 3, 4, 8)] == [0.0] * 4 and min(expected[i] for i in (1, 2, 5, 6, 7)) > 0
+    assert segment_ious(rough, segs.to(dtype)).tolist() == expected
 
 
 def test_region_iou_ties_lowest_index_and_empty_segments():
