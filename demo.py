@@ -1,12 +1,14 @@
-"""The README's demo: every RealEdit method end to end on the built-in tiny model.
+"""The README's demo: every RealEdit method end to end.
 
-    python -m realedit.demo --out out/demo                      # tiny random-weight model
+    python -m realedit.demo --out out/demo                      # the shapes world (ComfyUI), else tiny
+    python -m realedit.demo --out out/demo --model tiny         # the tiny random-weight model
     python -m realedit.demo --out out/demo --checkpoint sd15.safetensors   # a real SD checkpoint (ComfyUI)
 
-The built-in model has random weights: its images show that the pipeline runs and what it writes,
-not an edit. Where a ComfyUI checkout is found ($COMFYUI_PATH or /opt/ComfyUI) the demo runs the
-shipped workflows through ComfyUI's own executor; otherwise it runs the same steps on the diffusers
-host.
+Where a ComfyUI checkout is found ($COMFYUI_PATH or /opt/ComfyUI) the demo runs the shipped workflows
+through ComfyUI's own executor: by default on the shapes world (its committed checkpoints, rendered photos,
+one contact sheet per workflow scored against the renderer's ground truth, ``<out>/<workflow>.png``).
+Otherwise it runs on the diffusers host with the tiny random-weight model, whose images show that the
+pipeline runs and what it writes, not an edit (the world on the diffusers host is still to come).
 """
 
 from __future__ import annotations
@@ -59,6 +61,62 @@ def run_comfy(out: Path, checkpoint: Path | None, size: int, steps: int) -> None
                 print(f"  wrote {out / twin.stem / image.get('subfolder', '') / image['filename']}")
             for text in ui.get("text", []):
                 print("  " + str(text).replace("\n", "\n  "))
+
+
+def run_world_comfy(out: Path, steps: int) -> None:
+    """Every shipped workflow that runs on the shapes world, through ComfyUI's executor with the world's
+    checkpoints and photos; one labelled contact sheet per workflow, scored against the renderer's truth."""
+    from .testbed import comfy_runner
+    from .testbed.demo_inputs import world_run
+    from .testbed.shapes_world.comfy_world import add_checkpoint_folder
+    from .testbed.shapes_world.demo_tasks import world_tasks
+    from .testbed.shapes_world.models import register_comfy
+
+    print("ComfyUI found: the shipped workflows on the shapes world (its trained checkpoints), through "
+          "ComfyUI's executor")
+    register_comfy()
+    add_checkpoint_folder()
+    for task in world_tasks():
+        shipped = json.loads((WORKFLOWS / f"{task.stem}.json").read_text())
+        workflow, overrides = world_run(shipped, task, steps)
+        folder = out / task.stem
+        try:
+            result = comfy_runner.run_workflow(workflow, overrides=overrides, tiny_checkpoint=None,
+                                               output_dir=folder)
+        except Exception as exc:  # one failing workflow must not hide the others' sheets
+            print(f"{task.stem}: FAILED: {exc}")
+            _world_sheet(task, workflow, {}, [f"FAILED: {exc}"], out / f"{task.stem}.png")
+            continue
+        saved = {node_id: [folder / image.get("subfolder", "") / image["filename"] for image in ui.get("images", [])]
+                 for node_id, ui in result.ui.items()}
+        texts = [str(text) for ui in result.ui.values() for text in ui.get("text", [])]
+        _world_sheet(task, workflow, saved, texts, out / f"{task.stem}.png")
+
+
+def _world_sheet(task, workflow: dict, saved: dict[str, list[Path]], texts: list[str], path: Path) -> None:
+    """The contact sheet of one world task: its photos, every saved image (named by its SaveImage
+    prefix), the expected image and region, and the scores."""
+    from .testbed.shapes_world.contact_sheet import contact_sheet, load_png
+    from .testbed.shapes_world.demo_tasks import score
+
+    tiles = [] if task.generated else [("source", task.truth.source)]
+    if task.reference is not None:
+        tiles.append(("reference", task.reference))
+    edit = None
+    for node_id in sorted(saved, key=int):
+        prefix = str(workflow[node_id]["inputs"].get("filename_prefix", node_id)).split("/")[-1]
+        for file in saved[node_id]:
+            image = load_png(file)
+            tiles.append((("EDIT: " if node_id == task.edit_node else "") + prefix, image))
+            edit = image if node_id == task.edit_node and edit is None else edit
+    tiles += [("expected (renderer)", task.truth.expected)]
+    if not task.generated:
+        tiles.append(("region that should change", task.truth.region.float()))
+    lines = [task.summary]
+    lines.append("scores: " + (score(task, edit).line(task.generated) if edit is not None else "no edit saved"))
+    lines += [text.splitlines()[0][:160] for text in texts[:3]]
+    contact_sheet(f"{task.stem} (shapes world, {task.checkpoint})", tiles, lines).save(path)
+    print(f"{task.stem}: {lines[1]}\n  wrote {path}")
 
 
 def run_diffusers(out: Path, size: int, steps: int) -> None:
@@ -132,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for images and masks")
     parser.add_argument("--checkpoint", type=Path, help="a real SD1.x checkpoint (.safetensors); needs ComfyUI")
     parser.add_argument("--host", choices=["auto", "comfy", "diffusers"], default="auto")
+    parser.add_argument("--model", choices=["world", "tiny"], default="world",
+                        help="world: the shapes world's trained checkpoints, with contact sheets scored against "
+                             "the renderer (ComfyUI host); tiny: the random-weight tiny model")
     parser.add_argument("--size", type=int, default=128, help="image size in pixels (tiny model: 128)")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
@@ -146,7 +207,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("--checkpoint needs a ComfyUI checkout (set COMFYUI_PATH).")
     if use_comfy:
         bootstrap_comfyui()
-        run_comfy(args.out, args.checkpoint, args.size, args.steps)
+        if args.model == "world" and args.checkpoint is None:
+            run_world_comfy(args.out, args.steps)
+        else:
+            run_comfy(args.out, args.checkpoint, args.size, args.steps)
     else:
         run_diffusers(args.out, args.size, args.steps)
     print(f"done: outputs in {args.out}")

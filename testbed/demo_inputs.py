@@ -12,6 +12,8 @@ import copy
 from typing import Any
 
 from .images import reference_scene, source_scene
+from .shapes_world.demo_tasks import WorldTask
+from .shapes_world.scene import SIZE
 
 IP2P_NODES = {"RealEditIP2PEditMask", "InstructPixToPixConditioning"}
 # loaders of model files the tiny models do not stand in for (a workflow using one is not run on them)
@@ -26,9 +28,34 @@ def untiny_loaders(workflow: dict[str, Any]) -> list[str]:
 def tiny_run(workflow: dict[str, Any], size: int = 128, steps: int = 4,
              tiny_sam: bool = True) -> tuple[dict[str, Any], dict[str, tuple], str]:
     """(workflow at demo size, node overrides, tiny checkpoint family) for ``run_workflow``."""
+    photos = [(scene.image, scene.mask) for scene in (source_scene(size, size), reference_scene(size, size))]
+    workflow, overrides = _stand_ins(workflow, size, steps, photos, tiny_sam)
+    for node in workflow.values():
+        if node["class_type"] == "RealEditKeepUneditedPixels":
+            node["inputs"]["align"] = False  # a random model's output is no edit of the photo: alignment refuses it
+    family = "ip2p" if any(n["class_type"] in IP2P_NODES for n in workflow.values()) else "sd1"
+    return workflow, overrides, family
+
+
+def world_run(workflow: dict[str, Any], task: WorldTask, steps: int) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """(workflow, node overrides) for ``run_workflow(..., tiny_checkpoint=None)`` on the shapes world: the
+    task's checkpoint, photos and texts (``shapes_world.demo_tasks``), ``steps`` sampling steps."""
+    workflow, overrides = _stand_ins(workflow, SIZE, steps, list(task.photos))
+    for node_id, node in workflow.items():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = task.checkpoint
+        node["inputs"].update(task.inputs.get(node_id, {}))
+    return workflow, overrides
+
+
+def _stand_ins(workflow: dict[str, Any], size: int, steps: int, photos: list[tuple],
+               tiny_sam: bool = True) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """A copy of ``workflow`` at ``size`` px and ``steps`` steps, and overrides: the LoadImage nodes in id
+    order get ``photos`` (the last one repeats), the SAM loader a tiny random SAM (``tiny_sam``), with
+    Region-IoU's quality thresholds off so its segments reach the refinement."""
     workflow = copy.deepcopy(workflow)
     overrides: dict[str, tuple] = {}
-    scenes = [source_scene(size, size), reference_scene(size, size)]
+    loaded = 0
     for node_id in sorted(workflow, key=int):
         node = workflow[node_id]
         inputs = node["inputs"]
@@ -36,15 +63,12 @@ def tiny_run(workflow: dict[str, Any], size: int = 128, steps: int = 4,
             if key in inputs and not isinstance(inputs[key], list):
                 inputs[key] = value
         if node["class_type"] == "LoadImage":
-            scene = scenes[min(len(overrides), len(scenes) - 1)]
-            overrides[node_id] = (scene.image, scene.mask)
+            overrides[node_id] = tuple(photos[min(loaded, len(photos) - 1)])
+            loaded += 1
         elif node["class_type"] == "RealEditSAMLoader" and tiny_sam:
             from .sam import make_tiny_sam
 
             overrides[node_id] = (make_tiny_sam(),)
         elif node["class_type"] == "RealEditRegionIoURefine":
             inputs.update(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0, fallback="rough")
-        elif node["class_type"] == "RealEditKeepUneditedPixels":
-            inputs["align"] = False  # a random model's output is no edit of the photo: alignment would refuse it
-    family = "ip2p" if any(n["class_type"] in IP2P_NODES for n in workflow.values()) else "sd1"
-    return workflow, overrides, family
+    return workflow, overrides

@@ -1,0 +1,66 @@
+"""The demo on the shapes world: every task wired to its shipped workflow, the scores, and one task run
+through ComfyUI's executor into a contact sheet."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from realedit.testbed.shapes_world.demo_tasks import WorldTask, psnr, score, world_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "api_workflows"
+
+
+def _workflow(task: WorldTask) -> dict:
+    return json.loads((WORKFLOWS / f"{task.stem}.json").read_text())
+
+
+def test_every_world_task_is_wired_to_its_workflow():
+    """Each task names inputs its workflow's nodes have, one photo per LoadImage, and a SaveImage as its
+    edit; every shipped workflow but the Qwen-Image-Edit one (no weights) has a task."""
+    tasks = world_tasks()
+    shipped = {p.stem for p in WORKFLOWS.glob("*.json")}
+    assert {t.stem for t in tasks} == shipped - {"keep_unedited_edit_model"}
+    for task in tasks:
+        workflow = _workflow(task)
+        for node_id, inputs in task.inputs.items():
+            assert set(inputs) <= set(workflow[node_id]["inputs"]), (task.stem, node_id)
+        loads = [n for n in workflow.values() if n["class_type"] == "LoadImage"]
+        assert len(loads) == len(task.photos), task.stem
+        assert workflow[task.edit_node]["class_type"] == "SaveImage", task.stem
+        if not task.generated:  # a real edit: the truth differs from the source exactly on its region
+            diff = (task.truth.source != task.truth.expected).any(-1)
+            assert diff.any() and torch.equal(diff, task.truth.region), task.stem
+
+
+def test_scores_of_the_truth_itself_and_of_the_untouched_source():
+    task = next(t for t in world_tasks() if t.stem == "zone_instruction_edit")
+    perfect = score(task, task.truth.expected)
+    assert perfect.success and math.isinf(perfect.psnr_to_truth) and math.isinf(perfect.preservation_psnr)
+    unchanged = score(task, task.truth.source)
+    assert not unchanged.success and math.isinf(unchanged.preservation_psnr)
+    assert unchanged.psnr_to_truth == pytest.approx(psnr(task.truth.source, task.truth.expected))
+
+
+def test_a_world_task_runs_through_the_executor_into_a_contact_sheet(shapes_world, runner, tmp_path):
+    from realedit.demo import WORKFLOWS as DEMO_WORKFLOWS
+    from realedit.demo import _world_sheet
+    from realedit.testbed.demo_inputs import world_run
+    from realedit.testbed.shapes_world.contact_sheet import load_png
+
+    task = next(t for t in world_tasks() if t.stem == "zone_instruction_edit")
+    workflow, overrides = world_run(json.loads((DEMO_WORKFLOWS / f"{task.stem}.json").read_text()), task, 2)
+    assert {n["inputs"]["ckpt_name"] for n in workflow.values() if n["class_type"] == "CheckpointLoaderSimple"} \
+        == {task.checkpoint}
+    result = runner.run_workflow(workflow, overrides=overrides, tiny_checkpoint=None, output_dir=tmp_path)
+    saved = {node_id: [tmp_path / i.get("subfolder", "") / i["filename"] for i in ui.get("images", [])]
+             for node_id, ui in result.ui.items()}
+    edit = load_png(saved[task.edit_node][0])
+    assert edit.shape == task.truth.source.shape
+    _world_sheet(task, workflow, saved, [], tmp_path / "sheet.png")
+    sheet = load_png(tmp_path / "sheet.png")
+    assert sheet.shape[1] > 5 * 256 and sheet.shape[0] > 256  # source, saved images, truth, region
