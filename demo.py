@@ -77,8 +77,7 @@ def run_world_comfy(out: Path, steps: int) -> None:
     register_comfy()
     add_checkpoint_folder()
     for task in world_tasks():
-        shipped = json.loads((WORKFLOWS / f"{task.stem}.json").read_text())
-        workflow, overrides = world_run(shipped, task, steps)
+        workflow, overrides = world_run(task.api_workflow(), task, steps)
         folder = out / task.stem
         try:
             result = comfy_runner.run_workflow(workflow, overrides=overrides, tiny_checkpoint=None,

@@ -47,13 +47,12 @@ def test_scores_of_the_truth_itself_and_of_the_untouched_source():
 
 
 def test_a_world_task_runs_through_the_executor_into_a_contact_sheet(shapes_world, runner, tmp_path):
-    from realedit.demo import WORKFLOWS as DEMO_WORKFLOWS
     from realedit.demo import _world_sheet
     from realedit.testbed.demo_inputs import world_run
     from realedit.testbed.shapes_world.contact_sheet import load_png
 
     task = next(t for t in world_tasks() if t.stem == "zone_instruction_edit")
-    workflow, overrides = world_run(json.loads((DEMO_WORKFLOWS / f"{task.stem}.json").read_text()), task, 2)
+    workflow, overrides = world_run(task.api_workflow(), task, 2)
     assert {n["inputs"]["ckpt_name"] for n in workflow.values() if n["class_type"] == "CheckpointLoaderSimple"} \
         == {task.checkpoint}
     result = runner.run_workflow(workflow, overrides=overrides, tiny_checkpoint=None, output_dir=tmp_path)

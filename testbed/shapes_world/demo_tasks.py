@@ -10,8 +10,11 @@ against the source photo.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,7 +24,8 @@ from .reader import read, scene_matches
 from .scene import Appearance, Obj, Scene, coverage, render
 
 RED, BLUE, YELLOW = Appearance("colour", "red"), Appearance("colour", "blue"), Appearance("colour", "yellow")
-STRIPES = Appearance("pattern", "candy_stripes")  # no word for it: only the reference photo carries it
+STRIPES = Appearance("pattern", "candy_stripes")
+WORKFLOWS = Path(__file__).resolve().parents[2] / "api_workflows"  # no word for it: only the reference photo carries it
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,16 @@ class WorldTask:
     summary: str
     generated: bool = False
     reference: torch.Tensor | None = None  # (H, W, 3), shown on the sheet
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    workflow: dict | None = None  # an API workflow of its own (a baseline); else the shipped ``stem``.json
+
+    def api_workflow(self) -> dict:
+        """The workflow to run: its own, or the shipped one named by ``stem``."""
+        if self.workflow is not None:
+            return copy.deepcopy(self.workflow)
+        return json.loads((WORKFLOWS / f"{self.stem}.json").read_text())
 
 
-def _photo(scene: Scene, mask_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def photo(scene: Scene, mask_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """LoadImage's outputs for a rendered scene; the MASK is object ``mask_of``'s coverage (else empty)."""
     image = render(scene)
     mask = coverage(scene.objects[mask_of]) if mask_of is not None else torch.zeros(image.shape[:2])
@@ -71,70 +81,67 @@ def _generation_truth(scene: Scene) -> GroundTruth:
     return GroundTruth(image, image, torch.ones(image.shape[:2], dtype=torch.bool), "", caption, caption, scene)
 
 
-def _task(stem: str, scene: Scene, edit: Edit, **kwargs: object) -> WorldTask:
-    return WorldTask(stem=stem, truth=ground_truth(scene, edit), **kwargs)  # type: ignore[arg-type]
+def task_for(stem: str, scene: Scene, edit: Edit, reference: Scene | None = None) -> WorldTask:
+    """The task that runs shipped workflow ``stem`` on ``scene`` with ``edit``: its texts (captions, the
+    instruction, P2P's blend and reweight words) and photos. ``reference``: the SpecRef reference scene,
+    whose first object carries the appearance an ``appearance`` edit adopts."""
+    truth = ground_truth(scene, edit)
+    source, target = truth.source_caption, truth.target_caption
+    photos = (photo(scene, edit.target if scene.objects else None),)
+    if stem == "baret_text_edit":
+        return WorldTask(stem, T2I_FILE, truth, {"4": {"text": target}}, photos, "9",
+                         f"BARET: {source!r} -> {target!r}")
+    if stem == "nulltext_p2p_edit":
+        old, new = _words(scene, edit)
+        return WorldTask(stem, T2I_FILE, truth,
+                         {"4": {"value": source}, "8": {"target_text": target, "blend_words": f"{old}, {new}"}},
+                         photos, "10", f"null-text inversion + P2P: {old} -> {new}")
+    if stem in ("specref_object_replace", "specref_sr_ksampler"):
+        if reference is None or edit.kind != "appearance":
+            raise ValueError("SpecRef tasks adopt a reference object's appearance: give an appearance edit and "
+                             "a reference scene")
+        shape = scene.objects[edit.target].shape
+        photos += (photo(reference, 0),)
+        summary = f"SpecRef: the {shape} takes the reference object's appearance (no word for it)"
+        if stem == "specref_object_replace":
+            inputs = {"20": {"value": source},
+                      "11": {"target_text": target, "blend_words": f"{shape}, {shape}", "target_words": shape}}
+            return WorldTask(stem, T2I_FILE, truth, inputs, photos, "13", summary, reference=render(reference))
+        inputs = {"6": {"text": source}, "20": {"value": target}, "21": {"value": shape}}
+        return WorldTask(stem, T2I_FILE, truth, inputs, photos, "16", "SR attention in a plain KSampler; " + summary,
+                         reference=render(reference))
+    if stem == "stylediffusion_edit":
+        old, new = _words(scene, edit)
+        inputs = {"4": {"value": source},
+                  "8": {"target_text": target, "blend_words": f"{old}, {new}", "reweight_words": new}}
+        return WorldTask(stem, T2I_FILE, truth, inputs, photos, "10", f"StyleDiffusion: {source!r} -> {target!r}")
+    if stem == "zone_instruction_edit":
+        return WorldTask(stem, IP2P_FILE, truth, {"3": {"value": truth.instruction}}, photos, "12",
+                         f"ZONE: {truth.instruction!r}")
+    if stem == "keep_unedited_ip2p":
+        return WorldTask(stem, IP2P_FILE, truth, {"3": {"text": truth.instruction}}, photos, "9",
+                         f"IP2P + Keep Unedited Pixels: {truth.instruction!r}")
+    raise ValueError(f"no world task for workflow {stem!r}")
 
 
 def world_tasks() -> list[WorldTask]:
     """The demo's tasks, one per shipped workflow that runs on the world (not the Qwen-Image-Edit one)."""
     circle = Scene("grey", (Obj("circle", RED, "centre", "large"),))
     pair = Scene("white", (Obj("square", BLUE, "left", "large"), Obj("triangle", YELLOW, "right", "large")))
-    reshape = Edit("reshape", 0, "star")
-    tasks = []
-
-    probe_scene = Scene("grey", (Obj("square", BLUE, "left", "large"),))
-    tasks.append(WorldTask("attention_probe", T2I_FILE, _generation_truth(probe_scene),
-                           {"3": {"text": probe_scene.caption()}}, (), "8",
-                           f"text to image: {probe_scene.caption()!r}", generated=True))
-
-    truth = ground_truth(circle, reshape)
-    tasks.append(_task("baret_text_edit", circle, reshape, checkpoint=T2I_FILE,
-                       inputs={"4": {"text": truth.target_caption}}, photos=(_photo(circle),), edit_node="9",
-                       summary=f"BARET: {truth.source_caption!r} -> {truth.target_caption!r}"))
-
-    old, new = _words(circle, reshape)
-    tasks.append(_task("nulltext_p2p_edit", circle, reshape, checkpoint=T2I_FILE,
-                       inputs={"4": {"value": truth.source_caption},
-                               "8": {"target_text": truth.target_caption, "blend_words": f"{old}, {new}"}},
-                       photos=(_photo(circle),), edit_node="10",
-                       summary=f"null-text inversion + P2P: {old} -> {new}"))
-
     reference = Scene("black", (Obj("square", STRIPES, "centre", "large"),))
-    adopt = Edit("appearance", 0, STRIPES)
-    truth = ground_truth(circle, adopt)
-    shape = circle.objects[0].shape
-    tasks.append(_task("specref_object_replace", circle, adopt, checkpoint=T2I_FILE,
-                       inputs={"20": {"value": truth.source_caption},
-                               "11": {"target_text": truth.target_caption, "blend_words": f"{shape}, {shape}",
-                                      "target_words": shape}},
-                       photos=(_photo(circle, 0), _photo(reference, 0)), edit_node="13",
-                       reference=render(reference),
-                       summary="SpecRef: the circle takes the reference object's stripes (no word for them)"))
-    tasks.append(_task("specref_sr_ksampler", circle, adopt, checkpoint=T2I_FILE,
-                       inputs={"6": {"text": truth.source_caption}, "20": {"value": truth.target_caption},
-                               "21": {"value": shape}},
-                       photos=(_photo(circle, 0), _photo(reference, 0)), edit_node="16",
-                       reference=render(reference),
-                       summary="SR attention in a plain KSampler: the circle takes the reference's stripes"))
-
-    restyle = Edit("background", 0, "striped")
-    truth = ground_truth(circle, restyle)
-    tasks.append(_task("stylediffusion_edit", circle, restyle, checkpoint=T2I_FILE,
-                       inputs={"4": {"value": truth.source_caption},
-                               "8": {"target_text": truth.target_caption, "blend_words": shape,
-                                     "reweight_words": "striped"}},
-                       photos=(_photo(circle),), edit_node="10",
-                       summary=f"StyleDiffusion: {truth.source_caption!r} -> {truth.target_caption!r}"))
-
-    recolour = Edit("recolour", 0, "green")
-    truth = ground_truth(pair, recolour)
-    tasks.append(_task("zone_instruction_edit", pair, recolour, checkpoint=IP2P_FILE,
-                       inputs={"3": {"value": truth.instruction}}, photos=(_photo(pair),), edit_node="12",
-                       summary=f"ZONE: {truth.instruction!r} (the triangle must stay as it is)"))
-    tasks.append(_task("keep_unedited_ip2p", pair, recolour, checkpoint=IP2P_FILE,
-                       inputs={"3": {"text": truth.instruction}}, photos=(_photo(pair),), edit_node="9",
-                       summary=f"IP2P + Keep Unedited Pixels: {truth.instruction!r}"))
-
+    probe_scene = Scene("grey", (Obj("square", BLUE, "left", "large"),))
+    reshape, adopt = Edit("reshape", 0, "star"), Edit("appearance", 0, STRIPES)
+    restyle, recolour = Edit("background", 0, "striped"), Edit("recolour", 0, "green")
+    tasks = [WorldTask("attention_probe", T2I_FILE, _generation_truth(probe_scene),
+                       {"3": {"text": probe_scene.caption()}}, (), "8", f"text to image: {probe_scene.caption()!r}",
+                       generated=True),
+             task_for("baret_text_edit", circle, reshape),
+             task_for("nulltext_p2p_edit", circle, reshape),
+             task_for("specref_object_replace", circle, adopt, reference),
+             task_for("specref_sr_ksampler", circle, adopt, reference),
+             task_for("stylediffusion_edit", circle, restyle),
+             task_for("zone_instruction_edit", pair, recolour),
+             task_for("keep_unedited_ip2p", pair, recolour)]
     second = Edit("reshape", 1, "circle")
     first_truth = ground_truth(pair, recolour)
     both = ground_truth(apply(pair, recolour), second)
@@ -143,7 +150,7 @@ def world_tasks() -> list[WorldTask]:
                            both.target_caption, both.edited)
     tasks.append(WorldTask("zone_multi_turn", IP2P_FILE, combined,
                            {"5": {"value": first_truth.instruction}, "12": {"value": both.instruction}},
-                           (_photo(pair),), "19", f"ZONE, two turns: {combined.instruction!r}"))
+                           (photo(pair),), "19", f"ZONE, two turns: {combined.instruction!r}"))
     return tasks
 
 

@@ -1,0 +1,232 @@
+"""The fidelity benchmark's suite (``bench/bench_fidelity.py``): seeded edit tasks for each method on the
+shapes world, run through its shipped workflow in ComfyUI's executor beside the baselines a user would
+otherwise run, every output scored against the renderer's ground truth (:func:`.demo_tasks.score`).
+
+Each method is judged on the metric it exists for (:attr:`Method.metric`): ``success`` (the edited
+attribute read back as asked: BARET's non-rigid edits, SpecRef's reference appearance, which no word
+carries) or ``preservation`` (PSNR outside the region that should change, against the source: P2P and
+StyleDiffusion keep the photo's structure, ZONE and Keep Unedited Pixels keep it exactly).
+
+Baselines:
+
+* ``DDIM inversion + target prompt``: the photo DDIM-inverted with its caption, sampled back with the
+  target caption and no attention control.
+* ``SDEdit``: the photo's latent noised to 60% and denoised with the target caption (KSampler, denoise 0.6).
+* ``P2P without SR-attention``: SpecRef's workflow with the reference features unplugged (plain P2P).
+* ``P2P (null-text inversion)``: the shipped P2P workflow (StyleDiffusion's baseline).
+* ``InstructPix2Pix``: the raw IP2P output that Keep Unedited Pixels receives (ZONE's and its baseline).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import T2I_FILE
+from .demo_tasks import WorldTask, photo, score, task_for
+from .edits import Edit, ground_truth, random_edit
+from .scene import BACKGROUNDS, SHAPES, Obj, Scene, random_scene
+
+DDIM_TARGET = "DDIM inversion + target prompt"
+SDEDIT = "SDEdit"
+P2P_NO_SR = "P2P without SR-attention"
+P2P_NTI = "P2P (null-text inversion)"
+IP2P = "InstructPix2Pix"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    stem: str  # the shipped workflow
+    kinds: tuple[str, ...]  # edit kinds its tasks draw from
+    baselines: tuple[str, ...]
+    metric: str  # "success" or "preservation"
+
+
+METHODS: tuple[Method, ...] = (
+    Method(P2P_NTI, "nulltext_p2p_edit", ("reshape", "recolour", "background"), (DDIM_TARGET, SDEDIT), "preservation"),
+    Method("BARET", "baret_text_edit", ("reshape", "recolour", "move", "resize"), (DDIM_TARGET, SDEDIT), "success"),
+    Method("SpecRef", "specref_object_replace", ("appearance",), (P2P_NO_SR,), "success"),
+    Method("StyleDiffusion", "stylediffusion_edit", ("background",), (P2P_NTI, SDEDIT), "preservation"),
+    Method("ZONE", "zone_instruction_edit", ("recolour", "reshape", "remove", "background"), (IP2P,), "preservation"),
+    Method("Keep Unedited Pixels", "keep_unedited_ip2p", ("recolour", "reshape", "remove", "background"), (IP2P,),
+           "preservation"),
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One task of a method and the same task for each of its baselines."""
+
+    method: WorldTask
+    baselines: dict[str, WorldTask]
+
+
+def _reference_for(scene: Scene, edit: Edit, rng: random.Random) -> Scene:
+    """A reference photo: another shape on another background, wearing the appearance the edit adopts."""
+    background = rng.choice([b for b in BACKGROUNDS if b != scene.background])
+    return Scene(background, (Obj(rng.choice(SHAPES), edit.value, "centre", "large"),))  # type: ignore[arg-type]
+
+
+def cases(method: Method, count: int, seed: int = 50_000) -> list[Case]:
+    """``count`` seeded tasks of ``method`` (scenes with named appearances; held out from training's seeds)."""
+    rng = random.Random(seed + 1000 * METHODS.index(method))
+    out = []
+    while len(out) < count:
+        scene = random_scene(rng, two_objects=0.4, unnamed=0.0, textured=0.25)
+        try:
+            edit = random_edit(scene, rng, method.kinds)
+        except ValueError:  # no edit of these kinds applies to this scene
+            continue
+        reference = _reference_for(scene, edit, rng) if edit.kind == "appearance" else None
+        task = task_for(method.stem, scene, edit, reference)
+        out.append(Case(task, {name: baseline(name, scene, edit, reference) for name in method.baselines}))
+    return out
+
+
+def baseline(name: str, scene: Scene, edit: Edit, reference: Scene | None = None) -> WorldTask:
+    """The task of baseline ``name`` on ``scene`` with ``edit``."""
+    if name == P2P_NTI:
+        return task_for("nulltext_p2p_edit", scene, edit)
+    if name == IP2P:
+        task = task_for("keep_unedited_ip2p", scene, edit)
+        workflow = {node_id: node for node_id, node in task.api_workflow().items()
+                    if node_id not in ("8", "9", "10", "11", "13")}  # without Keep Unedited Pixels
+        return WorldTask(IP2P, task.checkpoint, task.truth, task.inputs, task.photos, "12", f"IP2P: {task.summary}",
+                         workflow=workflow)  # SaveImage 12: the raw edit that Keep Unedited Pixels receives
+    if name == P2P_NO_SR:
+        task = task_for("specref_object_replace", scene, edit, reference)
+        workflow = task.api_workflow()
+        for unplugged in ("ref_features", "reference_mask"):
+            workflow["11"]["inputs"].pop(unplugged)
+        return WorldTask(P2P_NO_SR, task.checkpoint, task.truth, task.inputs, task.photos[:1], task.edit_node,
+                         "P2P without SR-attention", workflow=_without_unused_loads(workflow))
+    truth = ground_truth(scene, edit)
+    source, target = truth.source_caption, truth.target_caption
+    photos = (photo(scene),)
+    if name == DDIM_TARGET:
+        return WorldTask(DDIM_TARGET, T2I_FILE, truth, {"4": {"text": source}, "5": {"text": target}}, photos, "10",
+                         f"DDIM inversion + {target!r}", workflow=_ddim_target_workflow())
+    if name == SDEDIT:
+        return WorldTask(SDEDIT, T2I_FILE, truth, {"4": {"text": target}}, photos, "8",
+                         f"SDEdit (denoise 0.6) to {target!r}", workflow=_sdedit_workflow())
+    raise ValueError(f"unknown baseline {name!r}")
+
+
+def _without_unused_loads(workflow: dict) -> dict:
+    """Drop the reference photo's nodes that nothing reads any more (LoadImage 3, its VAEEncode 5 and the
+    Reference Features 10): ComfyUI would not run them, but the photo stand-ins follow the LoadImage order."""
+    for node_id in ("3", "5", "10"):
+        workflow.pop(node_id)
+    return workflow
+
+
+def _loader_and_photo() -> dict:
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "model.safetensors"}},
+            "2": {"class_type": "LoadImage", "inputs": {"image": "source.png"}},
+            "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}}}
+
+
+def _ddim_target_workflow(steps: int = 50, cfg: float = 7.5) -> dict:
+    workflow = _loader_and_photo()
+    workflow.update({
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},  # the source caption
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},  # the target caption
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "7": {"class_type": "RealEditDDIMInvert", "inputs": {
+            "model": ["1", 0], "latent": ["3", 0], "positive": ["4", 0], "steps": steps, "guidance": 1.0,
+            "scheduler": "ddim_uniform", "convention": "next"}},
+        "8": {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ["1", 0], "add_noise": "disable", "noise_seed": 0, "steps": steps, "cfg": cfg,
+            "sampler_name": "euler", "scheduler": "ddim_uniform", "positive": ["5", 0], "negative": ["6", 0],
+            "latent_image": ["7", 0], "start_at_step": 0, "end_at_step": 10000,
+            "return_with_leftover_noise": "disable"}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "ddim_target"}},
+    })
+    return workflow
+
+
+def _sdedit_workflow(steps: int = 50, cfg: float = 7.5, denoise: float = 0.6) -> dict:
+    workflow = _loader_and_photo()
+    workflow.update({
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},  # the target caption
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": 0, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["3", 0], "denoise": denoise}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "sdedit"}},
+    })
+    return workflow
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running and scoring (ComfyUI).
+# ---------------------------------------------------------------------------------------------------
+
+def run_task(task: WorldTask, steps: int) -> torch.Tensor:
+    """The task's edit (H, W, 3): its workflow through ComfyUI's executor with the world's checkpoints."""
+    from .. import comfy_runner
+    from ..demo_inputs import world_run
+    from .contact_sheet import load_png
+
+    workflow, overrides = world_run(task.api_workflow(), task, steps)
+    with tempfile.TemporaryDirectory() as folder:
+        result = comfy_runner.run_workflow(workflow, overrides=overrides, tiny_checkpoint=None, output_dir=folder)
+        image = result.ui[task.edit_node]["images"][0]
+        return load_png(Path(folder) / image.get("subfolder", "") / image["filename"])
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One variant's scores over a method's tasks."""
+
+    success: float  # fraction read back as asked
+    preservation_db: float  # median PSNR outside the region that should change (inf: untouched)
+    exact: float  # fraction of tasks where nothing outside the region changed
+    psnr_to_truth_db: float  # median
+    failed: int  # runs that raised (scored as not read back, 0 dB)
+
+    def value(self, metric: str) -> float:
+        return self.success if metric == "success" else self.preservation_db
+
+
+def summarise(scores: list) -> Summary:
+    """``scores``: :class:`~.demo_tasks.Scores`, or None for a run that raised."""
+    done = [s for s in scores if s is not None]
+    failed = len(scores) - len(done)
+    preservation = [s.preservation_psnr for s in done] + [0.0] * failed
+    return Summary(success=sum(s.success for s in done) / max(len(scores), 1),
+                   preservation_db=statistics.median(preservation) if preservation else math.nan,
+                   exact=sum(math.isinf(s.preservation_psnr) for s in done) / max(len(scores), 1),
+                   psnr_to_truth_db=statistics.median([s.psnr_to_truth for s in done] + [0.0] * failed)
+                   if scores else math.nan,
+                   failed=failed)
+
+
+def evaluate(method: Method, count: int, steps: int, seed: int = 50_000,
+             log: Callable[[str], None] = print) -> dict[str, Summary]:
+    """Every variant (the method, then its baselines) on ``count`` seeded tasks: {variant: Summary}."""
+    results: dict[str, list] = {method.name: [], **{name: [] for name in method.baselines}}
+    for i, case in enumerate(cases(method, count, seed)):
+        for name, task in ((method.name, case.method), *case.baselines.items()):
+            try:
+                results[name].append(score(task, run_task(task, steps)))
+            except Exception as exc:  # a refused input (e.g. alignment) counts as a failed edit, and is shown
+                log(f"  {method.name} task {i}, {name}: FAILED: {exc}")
+                results[name].append(None)
+    return {name: summarise(scores) for name, scores in results.items()}
+
+
+def beats_baselines(method: Method, summaries: dict[str, Summary]) -> dict[str, bool]:
+    """{baseline: whether the method scores strictly better on its metric}."""
+    mine = summaries[method.name].value(method.metric)
+    return {name: mine > summaries[name].value(method.metric) for name in method.baselines}

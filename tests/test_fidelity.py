@@ -1,0 +1,70 @@
+"""The fidelity benchmark's suite on the shapes world: seeded cases, baselines wired to the same truth,
+and a deterministic subset run through ComfyUI's executor (bench/bench_fidelity.py runs the whole suite)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from realedit.testbed.shapes_world.demo_tasks import score
+from realedit.testbed.shapes_world.fidelity import METHODS, P2P_NO_SR, beats_baselines, cases, evaluate
+
+SUBSET_TASKS, SUBSET_STEPS = 1, 4
+
+
+def test_cases_are_seeded_and_every_baseline_scores_against_the_same_truth():
+    for method in METHODS:
+        first, again = cases(method, 3), cases(method, 3)
+        assert len(first) == 3
+        for case, same in zip(first, again):
+            assert torch.equal(case.method.truth.expected, same.method.truth.expected)
+            assert set(case.baselines) == set(method.baselines)
+            for task in case.baselines.values():
+                assert torch.equal(task.truth.expected, case.method.truth.expected)
+                assert torch.equal(task.truth.region, case.method.truth.region)
+            assert case.method.truth.region.any()
+
+
+def test_specref_cases_carry_the_appearance_only_the_reference_shows():
+    method = next(m for m in METHODS if m.name == "SpecRef")
+    for case in cases(method, 4):
+        task = case.method
+        assert task.reference is not None and len(task.photos) == 2
+        edited = task.truth.edited.objects
+        assert any(o.appearance.word is None for o in edited)  # no caption word names it
+        plain = case.baselines[P2P_NO_SR]
+        inputs = plain.api_workflow()["11"]["inputs"]
+        assert "ref_features" not in inputs and "reference_mask" not in inputs and len(plain.photos) == 1
+
+
+def test_the_truth_scores_perfectly_and_the_source_does_not():
+    task = cases(METHODS[0], 1)[0].method
+    perfect, unchanged = score(task, task.truth.expected), score(task, task.truth.source)
+    assert perfect.success and math.isinf(perfect.preservation_psnr) and math.isinf(perfect.psnr_to_truth)
+    assert not unchanged.success
+
+
+@pytest.fixture(scope="module")
+def subset(shapes_world):
+    """Every method and baseline on the CI subset, run once for this module."""
+    return {method.name: evaluate(method, SUBSET_TASKS, SUBSET_STEPS, log=lambda line: None) for method in METHODS}
+
+
+def test_the_subset_runs_every_method_and_baseline(subset):
+    for method in METHODS:
+        summaries = subset[method.name]
+        assert set(summaries) == {method.name, *method.baselines}
+        for name, summary in summaries.items():
+            if "Keep" not in name:  # Keep Unedited Pixels may refuse an edit it cannot align; others never fail
+                assert summary.failed == 0, (method.name, name)
+            assert 0.0 <= summary.success <= 1.0 and not math.isnan(summary.preservation_db)
+
+
+@pytest.mark.xfail(strict=True, reason="the committed shapes world checkpoints are undertrained (every quality gate "
+                                       "missed, testbed/shapes_world_models/README.md): measured on this subset, P2P "
+                                       "and StyleDiffusion beat their baselines, BARET, SpecRef, ZONE and Keep "
+                                       "Unedited Pixels do not; retrain (issue 12), then drop this mark")
+def test_each_method_beats_its_baselines_on_its_metric(subset):
+    verdicts = {method.name: beats_baselines(method, subset[method.name]) for method in METHODS}
+    assert all(all(v.values()) for v in verdicts.values()), verdicts
