@@ -18,6 +18,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .testbed.shapes_world.demo_tasks import WorldTask
 
 ROOT = Path(__file__).resolve().parent
 WORKFLOWS = ROOT / "api_workflows"
@@ -92,7 +96,7 @@ def run_world_comfy(out: Path, steps: int) -> None:
         _world_sheet(task, workflow, saved, texts, out / f"{task.stem}.png")
 
 
-def _world_sheet(task, workflow: dict, saved: dict[str, list[Path]], texts: list[str], path: Path) -> None:
+def _world_sheet(task: WorldTask, workflow: dict, saved: dict[str, list[Path]], texts: list[str], path: Path) -> None:
     """The contact sheet of one world task: its photos, every saved image (named by its SaveImage
     prefix), the expected image and region, and the scores."""
     from .testbed.shapes_world.contact_sheet import contact_sheet, load_png

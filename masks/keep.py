@@ -229,7 +229,7 @@ def _kept_edit(original: torch.Tensor, edit: AlignedEdit, colour: torch.Tensor |
     """The layer the smoother and the composite read: the aligned (and colour-matched) edit on the bounding
     box of M_f plus a margin that holds the smoother's dilation M_d, the original elsewhere. Only pixels
     inside M_d reach the smoother or the composite (M_f* lies inside M_d), so this equals using the whole
-    aligned edit, at the cost of the box: the full-size warp and colour transform are never computed."""
+    aligned edit, at the cost of the box (the whole warp is left to ``KeptImage.aligned``)."""
     out = original.clone()
     box = bounding_box(refined, COLOUR_MARGIN)
     if box is not None:

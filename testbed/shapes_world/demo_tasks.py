@@ -1,9 +1,9 @@
-"""The demo's edit for each shipped workflow, on the shapes world: the photo(s) it loads, the texts it is
-given, which saved image is the edit, and the renderer's ground truth to score it against (no ComfyUI
-import; ``demo.py`` runs the workflows and :mod:`.contact_sheet` draws the results).
-
-Every task is fixed (hand-picked scenes, no randomness), so the contact sheets of two runs on the same
-weights are the same. Scores (:func:`score`): the edit read back by the reader (did the edited attribute
+"""Shipped workflows as tasks on the shapes world: the photo(s) a workflow loads, the texts it is given,
+which saved image is the edit, and the renderer's ground truth to score it against (no ComfyUI import).
+:func:`task_for` makes the task of any scene and edit (the fidelity benchmark draws them seeded,
+:mod:`.fidelity`); :func:`world_tasks` are the demo's, one per workflow on hand-picked scenes, so the
+contact sheets of two runs on the same weights are the same (``demo.py`` runs them, :mod:`.contact_sheet`
+draws them). Scores (:func:`score`): the edit read back by the reader (did the edited attribute
 come out?), PSNR to the expected image, and preservation: PSNR outside the region that should change,
 against the source photo.
 """
@@ -24,8 +24,8 @@ from .reader import read, scene_matches
 from .scene import Appearance, Obj, Scene, coverage, render
 
 RED, BLUE, YELLOW = Appearance("colour", "red"), Appearance("colour", "blue"), Appearance("colour", "yellow")
-STRIPES = Appearance("pattern", "candy_stripes")
-WORKFLOWS = Path(__file__).resolve().parents[2] / "api_workflows"  # no word for it: only the reference photo carries it
+STRIPES = Appearance("pattern", "candy_stripes")  # no word for it: only the reference photo carries it
+WORKFLOWS = Path(__file__).resolve().parents[2] / "api_workflows"
 
 
 @dataclass(frozen=True)
