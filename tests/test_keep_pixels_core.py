@@ -130,19 +130,6 @@ def test_a_box_of_the_warp_and_the_validity_of_a_mask_equal_those_of_the_whole_w
     assert torch.equal(edit.full()[0], whole) and edit.full() is edit.full()  # computed once
 
 
-def test_the_warp_one_channel_per_thread_equals_the_single_warp(monkeypatch):
-    """With several torch threads grid_sample runs one channel per batch item (its CPU kernel parallelises
-    over the batch only): bit for bit the one-thread result, on the whole image and on boxes."""
-    original, edited, _ = scene(height=301, width=260, shift=(-3.5, 2.25), scale=1.03, rotation=1.5)
-    found = estimate_alignment(original, edited)
-    whole, inside = warp_to_original(edited, found)  # conftest pins one thread: channels together
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert torch.equal(warp_to_original(edited, found)[0], whole)
-    box = (slice(17, 290), slice(3, 250))
-    crop, crop_inside = warp_to_original(edited, found, box=box)
-    assert torch.equal(crop, whole[box]) and torch.equal(crop_inside, inside[box])
-
-
 def test_the_composite_equals_the_one_made_from_the_whole_aligned_edit():
     """keep_unedited reads the aligned, colour-matched edit only on M_f's box plus the smoother's reach: its
     image and final mask equal ZONE's smoother and composite run on the whole aligned edit. The rough mask
