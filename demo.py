@@ -7,8 +7,11 @@
 Where a ComfyUI checkout is found ($COMFYUI_PATH or /opt/ComfyUI) the demo runs the shipped workflows
 through ComfyUI's own executor: by default on the shapes world (its committed checkpoints, rendered photos,
 one contact sheet per workflow scored against the renderer's ground truth, ``<out>/<workflow>.png``).
-Otherwise it runs on the diffusers host with the tiny random-weight model, whose images show that the
-pipeline runs and what it writes, not an edit (the world on the diffusers host is still to come).
+Otherwise it runs every method on the diffusers host with the tiny random-weight model (the probe, BARET and
+StyleDiffusion directly; SpecRef, null-text P2P, BARET, ZONE and Keep Unedited Pixels through the batch
+runner, ``<out>/batch/contact_sheet.html``), whose images show that the pipeline runs and what it writes,
+not an edit. The world on the diffusers host is still to come: without ComfyUI there is no CLIP tokenizer
+here to encode its captions.
 """
 
 from __future__ import annotations
@@ -146,6 +149,21 @@ def run_diffusers(out: Path, size: int, steps: int) -> None:
     _save_image((image[0].permute(1, 2, 0) + 1) / 2, out / "probe_sample.png")
     run_diffusers_baret(out, unet, vae, scheduler, size, steps, cond, uncond)
     run_diffusers_stylediffusion(out, unet, vae, scheduler, size, steps, cond, uncond)
+    run_diffusers_batch(out, size, steps)
+
+
+def run_diffusers_batch(out: Path, size: int, steps: int) -> None:
+    """SpecRef, null-text P2P, BARET, ZONE (a given edit, and an IP2P edit) and Keep Unedited Pixels through
+    the batch runner's diffusers-host functions on the same synthetic photos (``batching.example``), with the
+    tiny model: every method's images and masks, and the runner's contact sheet."""
+    from .batching.driver import run_batch
+    from .batching.example import write_example
+    from .batching.outputs import CONTACT_SHEET
+
+    manifest = write_example(out / "batch_inputs", size=size, steps=steps)
+    summary = run_batch(manifest, "tiny", out / "batch")
+    print(f"batch runner on the diffusers host: {summary['ok']} rows ok, {summary['failed']} failed; contact sheet "
+          f"{out / 'batch' / CONTACT_SHEET}")
 
 
 def run_diffusers_baret(out: Path, unet, vae, scheduler, size: int, steps: int, target, uncond) -> None:

@@ -63,3 +63,17 @@ def test_a_world_task_runs_through_the_executor_into_a_contact_sheet(shapes_worl
     _world_sheet(task, workflow, saved, [], tmp_path / "sheet.png")
     sheet = load_png(tmp_path / "sheet.png")
     assert sheet.shape[1] > 5 * 256 and sheet.shape[0] > 256  # source, saved images, truth, region
+
+
+def test_the_demo_without_comfyui_runs_every_method_on_the_diffusers_host(tmp_path):
+    """The README's demo command on the diffusers host: the probe, BARET and StyleDiffusion images, and every
+    batch method's row (SpecRef, null-text P2P, BARET, ZONE twice, Keep Unedited Pixels) done."""
+    from realedit.demo import main
+
+    main(["--host", "diffusers", "--out", str(tmp_path), "--size", "64", "--steps", "2"])
+    for name in ("probe_sample", "baret_edit", "stylediffusion_edit"):
+        assert (tmp_path / f"{name}.png").is_file()
+    summary = json.loads((tmp_path / "batch" / "summary.json").read_text())
+    assert (summary["ok"], summary["failed"]) == (6, 0)
+    methods = {record["method"] for record in summary["rows"]}
+    assert methods == {"specref", "baret", "nulltext-p2p", "zone", "keep-pixels"}
