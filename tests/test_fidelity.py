@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 from realedit.testbed.shapes_world.demo_tasks import score
-from realedit.testbed.shapes_world.fidelity import METHODS, P2P_NO_SR, beats_baselines, cases, evaluate
+from realedit.testbed.shapes_world.fidelity import (
+    METHODS,
+    P2P_NO_SR,
+    beats_baselines,
+    cases,
+    evaluate,
+    mask_iou,
+    zone_threshold_sweep,
+)
 
 SUBSET_TASKS, SUBSET_STEPS = 1, 4
 
@@ -68,3 +76,16 @@ def test_the_subset_runs_every_method_and_baseline(subset):
 def test_each_method_beats_its_baselines_on_its_metric(subset):
     verdicts = {method.name: beats_baselines(method, subset[method.name]) for method in METHODS}
     assert all(all(v.values()) for v in verdicts.values()), verdicts
+
+
+def test_mask_iou():
+    a = torch.zeros(4, 4, dtype=torch.bool)
+    b = a.clone()
+    assert mask_iou(a, b) == 1.0  # both empty
+    a[:2], b[1:3] = True, True
+    assert mask_iou(a, b) == pytest.approx(4 / 12)
+
+
+def test_the_zone_threshold_sweep_scores_m_b_at_every_threshold(shapes_world):
+    sweep = zone_threshold_sweep(1, SUBSET_STEPS, thresholds=(0.1, 0.5))
+    assert set(sweep) == {0.1, 0.5} and all(0.0 <= v <= 1.0 for v in sweep.values())

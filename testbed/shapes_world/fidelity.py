@@ -19,6 +19,7 @@ Baselines:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import statistics
@@ -230,3 +231,32 @@ def beats_baselines(method: Method, summaries: dict[str, Summary]) -> dict[str, 
     """{baseline: whether the method scores strictly better on its metric}."""
     mine = summaries[method.name].value(method.metric)
     return {name: mine > summaries[name].value(method.metric) for name in method.baselines}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Defaults the papers leave open, chosen on the world.
+# ---------------------------------------------------------------------------------------------------
+
+ZONE_THRESHOLDS: tuple[float, ...] = (0.1, 0.15, 0.21, 0.3, 0.4, 0.5)
+ZONE_ROUGH_MASK_NODE = "14"  # zone_instruction_edit's SaveImage of M_b
+
+
+def mask_iou(mask: torch.Tensor, region: torch.Tensor) -> float:
+    """IoU of two (H, W) bool masks (1.0 when both are empty)."""
+    union = int((mask | region).sum())
+    return int((mask & region).sum()) / union if union else 1.0
+
+
+def zone_threshold_sweep(count: int, steps: int, thresholds: tuple[float, ...] = ZONE_THRESHOLDS,
+                         seed: int = 50_000) -> dict[float, float]:
+    """ZONE's M_b threshold T (``A^1 - A^L < T``; the paper's 128/255, the official code's ~0.21 of ours) on
+    the world: {T: median IoU of M_b with the region that should change} over ``count`` seeded ZONE tasks."""
+    method = next(m for m in METHODS if m.stem == "zone_instruction_edit")
+    ious: dict[float, list[float]] = {t: [] for t in thresholds}
+    for case in cases(method, count, seed):
+        task = case.method
+        for threshold in thresholds:
+            inputs = {**task.inputs, "7": {"threshold": threshold}}
+            rough = run_task(dataclasses.replace(task, inputs=inputs, edit_node=ZONE_ROUGH_MASK_NODE), steps)
+            ious[threshold].append(mask_iou(rough[..., 0] > 0.5, task.truth.region))
+    return {threshold: statistics.median(values) for threshold, values in ious.items()}
