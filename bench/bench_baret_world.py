@@ -105,8 +105,7 @@ def main() -> None:
     model, clip, vae = load_world().t2i
     empty = conditioning(clip, "")
     with torch.no_grad():  # as VAEEncode (the loaded weights are inference tensors)
-        latents = [vae.encode(photo[None]) for photo, _ in world_pairs(args.pairs)]
-    inputs = [(latent, conditioning(clip, target)) for latent, (_, target) in zip(latents, world_pairs(args.pairs))]
+        inputs = [(vae.encode(photo[None]), conditioning(clip, target)) for photo, target in world_pairs(args.pairs)]
     methods = {"TTIS": ttis_invert, "null-text": null_text_invert}
 
     def final_mse(method: str, lr: float | str, cap: int, pair: int) -> tuple[float, int]:
