@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .testbed.demo_inputs import WorldRun
     from .testbed.shapes_world.demo_tasks import WorldTask
 
 ROOT = Path(__file__).resolve().parent
@@ -73,8 +74,7 @@ def run_comfy(out: Path, checkpoint: Path | None, size: int, steps: int) -> None
 def run_world_comfy(out: Path, steps: int) -> None:
     """Every shipped workflow that runs on the shapes world, through ComfyUI's executor with the world's
     checkpoints and photos; one labelled contact sheet per workflow, scored against the renderer's truth."""
-    from .testbed import comfy_runner
-    from .testbed.demo_inputs import world_run
+    from .testbed.demo_inputs import WorldRun, run_world_task
     from .testbed.shapes_world.comfy_world import add_checkpoint_folder
     from .testbed.shapes_world.demo_tasks import world_tasks
     from .testbed.shapes_world.models import register_comfy
@@ -84,22 +84,15 @@ def run_world_comfy(out: Path, steps: int) -> None:
     register_comfy()
     add_checkpoint_folder()
     for task in world_tasks():
-        workflow, overrides = world_run(task.api_workflow(), task, steps)
-        folder = out / task.stem
         try:
-            result = comfy_runner.run_workflow(workflow, overrides=overrides, tiny_checkpoint=None,
-                                               output_dir=folder)
+            run = run_world_task(task, steps, out / task.stem)
         except Exception as exc:  # one failing workflow must not hide the others' sheets
             print(f"{task.stem}: FAILED: {exc}")
-            _world_sheet(task, workflow, {}, [f"FAILED: {exc}"], out / f"{task.stem}.png")
-            continue
-        saved = {node_id: [folder / image.get("subfolder", "") / image["filename"] for image in ui.get("images", [])]
-                 for node_id, ui in result.ui.items()}
-        texts = [str(text) for ui in result.ui.values() for text in ui.get("text", [])]
-        _world_sheet(task, workflow, saved, texts, out / f"{task.stem}.png")
+            run = WorldRun({}, [f"FAILED: {exc}"])
+        _world_sheet(task, run, out / f"{task.stem}.png")
 
 
-def _world_sheet(task: WorldTask, workflow: dict, saved: dict[str, list[Path]], texts: list[str], path: Path) -> None:
+def _world_sheet(task: WorldTask, run: WorldRun, path: Path) -> None:
     """The contact sheet of one world task: its photos, every saved image (named by its SaveImage
     prefix), the expected image and region, and the scores."""
     from .testbed.shapes_world.contact_sheet import contact_sheet, load_png
@@ -109,9 +102,9 @@ def _world_sheet(task: WorldTask, workflow: dict, saved: dict[str, list[Path]], 
     if task.reference is not None:
         tiles.append(("reference", task.reference))
     edit = None
-    for node_id in sorted(saved, key=int):
-        prefix = str(workflow[node_id]["inputs"].get("filename_prefix", node_id)).split("/")[-1]
-        for file in saved[node_id]:
+    for node_id in sorted(run.saved, key=int):
+        prefix, files = run.saved[node_id]
+        for file in files:
             image = load_png(file)
             tiles.append((("EDIT: " if node_id == task.edit_node else "") + prefix, image))
             edit = image if node_id == task.edit_node and edit is None else edit
@@ -120,7 +113,7 @@ def _world_sheet(task: WorldTask, workflow: dict, saved: dict[str, list[Path]], 
         tiles.append(("region that should change", task.truth.region.float()))
     lines = [task.summary]
     lines.append("scores: " + (score(task, edit).line(task.generated) if edit is not None else "no edit saved"))
-    lines += [text.splitlines()[0][:160] for text in texts[:3]]
+    lines += [text.splitlines()[0][:160] for text in run.texts[:3]]
     contact_sheet(f"{task.stem} (shapes world, {task.checkpoint})", tiles, lines).save(path)
     print(f"{task.stem}: {lines[1]}\n  wrote {path}")
 

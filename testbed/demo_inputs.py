@@ -9,6 +9,8 @@ that passes SAM's quality thresholds, so Region-IoU takes every segment and fall
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .images import reference_scene, source_scene
@@ -46,6 +48,32 @@ def world_run(workflow: dict[str, Any], task: WorldTask, steps: int) -> tuple[di
             node["inputs"]["ckpt_name"] = task.checkpoint
         node["inputs"].update(task.inputs.get(node_id, {}))
     return workflow, overrides
+
+
+@dataclass(frozen=True)
+class WorldRun:
+    """What a world task's workflow wrote: per SaveImage node, its filename prefix and files; the text outputs."""
+
+    saved: dict[str, tuple[str, list[Path]]]
+    texts: list[str]
+
+    def first_image(self, node_id: str) -> Path:
+        return self.saved[node_id][1][0]
+
+
+def run_world_task(task: WorldTask, steps: int, folder: Path) -> WorldRun:
+    """Run ``task`` (:func:`world_run`) through ComfyUI's executor with the world's checkpoints, its images
+    saved under ``folder``."""
+    from . import comfy_runner
+
+    workflow, overrides = world_run(task.api_workflow(), task, steps)
+    result = comfy_runner.run_workflow(workflow, overrides=overrides, tiny_checkpoint=None, output_dir=folder)
+    saved = {}
+    for node_id, ui in result.ui.items():
+        prefix = str(workflow[node_id]["inputs"].get("filename_prefix", node_id)).split("/")[-1]
+        saved[node_id] = (prefix, [folder / image.get("subfolder", "") / image["filename"]
+                                   for image in ui.get("images", [])])
+    return WorldRun(saved, [str(text) for ui in result.ui.values() for text in ui.get("text", [])])
 
 
 def _stand_ins(workflow: dict[str, Any], size: int, steps: int, photos: list[tuple],

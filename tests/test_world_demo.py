@@ -48,19 +48,17 @@ def test_scores_of_the_truth_itself_and_of_the_untouched_source():
 
 def test_a_world_task_runs_through_the_executor_into_a_contact_sheet(shapes_world, runner, tmp_path):
     from realedit.demo import _world_sheet
-    from realedit.testbed.demo_inputs import world_run
+    from realedit.testbed.demo_inputs import run_world_task, world_run
     from realedit.testbed.shapes_world.contact_sheet import load_png
 
     task = next(t for t in world_tasks() if t.stem == "zone_instruction_edit")
-    workflow, overrides = world_run(task.api_workflow(), task, 2)
+    workflow, _ = world_run(task.api_workflow(), task, 2)
     assert {n["inputs"]["ckpt_name"] for n in workflow.values() if n["class_type"] == "CheckpointLoaderSimple"} \
         == {task.checkpoint}
-    result = runner.run_workflow(workflow, overrides=overrides, tiny_checkpoint=None, output_dir=tmp_path)
-    saved = {node_id: [tmp_path / i.get("subfolder", "") / i["filename"] for i in ui.get("images", [])]
-             for node_id, ui in result.ui.items()}
-    edit = load_png(saved[task.edit_node][0])
+    run = run_world_task(task, 2, tmp_path)
+    edit = load_png(run.first_image(task.edit_node))
     assert edit.shape == task.truth.source.shape
-    _world_sheet(task, workflow, saved, [], tmp_path / "sheet.png")
+    _world_sheet(task, run, tmp_path / "sheet.png")
     sheet = load_png(tmp_path / "sheet.png")
     assert sheet.shape[1] > 5 * 256 and sheet.shape[0] > 256  # source, saved images, truth, region
 

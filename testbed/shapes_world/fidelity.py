@@ -175,15 +175,11 @@ def _sdedit_workflow(steps: int = 50, cfg: float = 7.5, denoise: float = 0.6) ->
 
 def run_task(task: WorldTask, steps: int) -> torch.Tensor:
     """The task's edit (H, W, 3): its workflow through ComfyUI's executor with the world's checkpoints."""
-    from .. import comfy_runner
-    from ..demo_inputs import world_run
+    from ..demo_inputs import run_world_task
     from .contact_sheet import load_png
 
-    workflow, overrides = world_run(task.api_workflow(), task, steps)
     with tempfile.TemporaryDirectory() as folder:
-        result = comfy_runner.run_workflow(workflow, overrides=overrides, tiny_checkpoint=None, output_dir=folder)
-        image = result.ui[task.edit_node]["images"][0]
-        return load_png(Path(folder) / image.get("subfolder", "") / image["filename"])
+        return load_png(run_world_task(task, steps, Path(folder)).first_image(task.edit_node))
 
 
 @dataclass(frozen=True)
