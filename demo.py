@@ -1,17 +1,22 @@
 """The README's demo: every RealEdit method end to end.
 
-    python -m realedit.demo --out out/demo                      # the shapes world (ComfyUI), else tiny
+    python -m realedit.demo --out out/demo                      # the shapes world, on whichever host is here
     python -m realedit.demo --out out/demo --model tiny         # the tiny random-weight model
     python -m realedit.demo --out out/demo --checkpoint sd15.safetensors   # a real SD checkpoint (ComfyUI)
 
-Where a ComfyUI checkout is found ($COMFYUI_PATH or /opt/ComfyUI) the demo runs the shipped workflows
-through ComfyUI's own executor: by default on the shapes world (its committed checkpoints, rendered photos,
-one contact sheet per workflow scored against the renderer's ground truth, ``<out>/<workflow>.png``).
-Otherwise it runs every method on the diffusers host with the tiny random-weight model (the probe, BARET and
-StyleDiffusion directly; SpecRef, null-text P2P, BARET, ZONE and Keep Unedited Pixels through the batch
-runner, ``<out>/batch/contact_sheet.html``), whose images show that the pipeline runs and what it writes,
-not an edit. The world on the diffusers host is still to come: without ComfyUI there is no CLIP tokenizer
-here to encode its captions.
+By default every method runs on the shapes world (its committed checkpoints and rendered photos), with one
+contact sheet per method scored against the renderer's ground truth, ``<out>/<workflow>.png``:
+
+* where a ComfyUI checkout is found ($COMFYUI_PATH or /opt/ComfyUI), the shipped workflows run through
+  ComfyUI's own executor;
+* otherwise on the diffusers host: the probe and StyleDiffusion through the Python API, SpecRef, null-text
+  P2P, BARET, ZONE and Keep Unedited Pixels through the batch runner (``--model shapes-world``), on the same
+  scenes and edits; the world's captions are tokenised with its committed token table
+  (``testbed/shapes_world/tokens.py``), as ComfyUI's tokenizer would.
+
+``--model tiny`` runs the random-weight tiny model instead (ComfyUI: the shipped workflows; diffusers: the
+probe, BARET and StyleDiffusion, then the batch runner's example), whose images show that the pipeline runs
+and what it writes, not an edit.
 """
 
 from __future__ import annotations
@@ -118,6 +123,91 @@ def _world_sheet(task: WorldTask, run: WorldRun, path: Path) -> None:
     print(f"{task.stem}: {lines[1]}\n  wrote {path}")
 
 
+def run_world_diffusers(out: Path, steps: int) -> None:
+    """Every method on the shapes world on the diffusers host (no ComfyUI): the probe and StyleDiffusion
+    directly, SpecRef, null-text P2P, BARET, ZONE and Keep Unedited Pixels through the batch runner
+    (``--model shapes-world``), on the ComfyUI demo's scenes and edits; one contact sheet per method, scored
+    against the renderer's truth, ``<out>/<method>.png``."""
+    import dataclasses
+
+    from .batching.driver import run_batch
+    from .batching.models import load_model
+    from .batching.outputs import read_record, row_dir
+    from .testbed.demo_inputs import WorldRun
+    from .testbed.shapes_world.demo_tasks import world_tasks
+    from .testbed.shapes_world.world_batch import WORKFLOW_OF, write_world_manifest
+
+    print("No ComfyUI found: every method on the shapes world (its trained checkpoints) on the diffusers host")
+    model = load_model("shapes-world", device="cpu")
+    tasks = {task.stem: task for task in world_tasks()}
+    for stem, run in (("attention_probe", _world_probe), ("stylediffusion_edit", _world_stylediffusion)):
+        task = tasks[stem]
+        image, text = run(model, task, steps)
+        _save_image(image, out / f"{stem}_edit.png")
+        _world_sheet(dataclasses.replace(task, edit_node="0"), WorldRun({"0": ("edit", [out / f"{stem}_edit.png"])},
+                                                                          [text]), out / f"{stem}.png")
+    manifest, row_tasks = write_world_manifest(out / "batch_inputs", steps)
+    summary = run_batch(manifest, "shapes-world", out / "batch")
+    print(f"batch runner: {summary['ok']} rows ok, {summary['failed']} failed")
+    for row_id, task in row_tasks.items():
+        record = read_record(out / "batch", row_id) or {}
+        files = sorted(record.get("files", []), key=lambda f: f != "edit.png")  # the edit first
+        saved = {str(i): (Path(f).stem, [row_dir(out / "batch", row_id) / f]) for i, f in enumerate(files)}
+        texts = [str(record.get("report") or record.get("error") or record.get("status", "no record"))]
+        _world_sheet(dataclasses.replace(task, edit_node="0"), WorldRun(saved, texts),
+                     out / f"{WORKFLOW_OF[row_id]}.png")
+
+
+def _world_probe(model, task: WorldTask, steps: int):
+    """Text to image of the probe's caption at CFG 7.5 with the attention probe hooked in."""
+    import torch
+
+    from .attention.probe import ProbeHook
+    from .hosts.diffusers import DiffusersHost
+    from .hosts.diffusers_sampling import cfg_denoiser, sample, sampling_sigmas, use_schedule
+
+    scheduler, probe = model.scheduler, ProbeHook()
+    _, sigmas = sampling_sigmas(scheduler, steps)
+    cond, uncond = model.encode(task.truth.target_caption), model.encode("")
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    with torch.no_grad(), DiffusersHost(model.unet, probe) as host:
+        use_schedule(host, sigmas, scheduler.alphas_cumprod)
+        denoise = cfg_denoiser(host, scheduler.alphas_cumprod, cond, uncond, cfg=7.5, total_steps=steps)
+        latent = sample(denoise, x, sigmas)
+        image = model.vae.decode(latent / model.vae.config.scaling_factor).sample
+    return (image[0].permute(1, 2, 0) + 1) / 2, probe.summary()
+
+
+def _world_stylediffusion(model, task: WorldTask, steps: int):
+    """StyleDiffusion's value inversion of the task's photo with its source caption, then the P2Plus edit to the
+    target caption (P2P's automatic Replace / Refine, LocalBlend on the two edited words)."""
+    import torch
+
+    from .attention.local_blend import LocalBlend
+    from .attention.p2p import cross_edit, resolve_mode
+    from .attention.stylediffusion import P2PlusControls
+    from .attention.tokens import word_positions
+    from .hosts.diffusers_stylediffusion import stylediffusion_edit, value_invert
+    from .settings.stylediffusion import SD_DEFAULTS
+
+    source, target = task.truth.source_caption, task.truth.target_caption
+    old, new = (w.strip() for w in task.inputs["8"]["blend_words"].split(","))
+    src, tgt = model.tokenize(source), model.tokenize(target)
+    blend = LocalBlend([word_positions(source, old, model.tokenize), word_positions(target, new, model.tokenize)],
+                       threshold=SD_DEFAULTS.blend_threshold, start=SD_DEFAULTS.blend_start)
+    controls = P2PlusControls(cross_edit=cross_edit(resolve_mode("auto", src, tgt), src, tgt), local_blend=blend)
+    photo = task.truth.source[None].permute(0, 3, 1, 2) * 2 - 1  # (1, 3, H, W) in [-1, 1]
+    with torch.no_grad():
+        latent = model.vae.encode(photo).latent_dist.mode() * model.vae.config.scaling_factor
+    cond, uncond = model.encode(source), model.encode("")
+    inversion = value_invert(model.unet, model.scheduler, latent, cond, uncond, steps=steps)
+    result = stylediffusion_edit(model.unet, model.scheduler, inversion, cond, model.encode(target), uncond,
+                                 controls=controls)
+    with torch.no_grad():
+        image = model.vae.decode(result.latent / model.vae.config.scaling_factor).sample
+    return (image[0].permute(1, 2, 0) + 1) / 2, inversion.report()
+
+
 def run_diffusers(out: Path, size: int, steps: int) -> None:
     import torch
 
@@ -206,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", choices=["auto", "comfy", "diffusers"], default="auto")
     parser.add_argument("--model", choices=["world", "tiny"], default="world",
                         help="world: the shapes world's trained checkpoints, with contact sheets scored against "
-                             "the renderer (ComfyUI host); tiny: the random-weight tiny model")
+                             "the renderer (either host); tiny: the random-weight tiny model")
     parser.add_argument("--size", type=int, default=128, help="image size in pixels (tiny model: 128)")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
@@ -225,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
             run_world_comfy(args.out, args.steps)
         else:
             run_comfy(args.out, args.checkpoint, args.size, args.steps)
+    elif args.model == "world":
+        run_world_diffusers(args.out, args.steps)
     else:
         run_diffusers(args.out, args.size, args.steps)
     print(f"done: outputs in {args.out}")

@@ -4,8 +4,9 @@
 positions and a prompt encoder). ``spec`` is
 
 * a registered name (:data:`LOADERS`; ``tiny`` is built in: random-weight tiny UNet, VAE and CLIP text
-  encoder with a word-level tokenizer, for dry runs and tests). :data:`DEFAULT_MODEL` is what
-  ``--model`` defaults to; a trained checkpoint shipped with the pack registers itself here;
+  encoder with a word-level tokenizer, for dry runs and tests; ``shapes-world`` and ``shapes-world-ip2p``
+  are the shapes world's trained checkpoints, for texts in the world's vocabulary). :data:`DEFAULT_MODEL`
+  is what ``--model`` defaults to;
 * a diffusers folder (``model_index.json``; Stable Diffusion or InstructPix2Pix):
   ``DiffusionPipeline.from_pretrained``, local files only;
 * a single-file checkpoint (``.safetensors`` / ``.ckpt``): ``from_single_file`` with ``local_files_only``.
@@ -56,7 +57,9 @@ class EditModel:
 
 Loader = Callable[[torch.device, torch.dtype], EditModel]
 LOADERS: dict[str, Loader] = {}
-DEFAULT_MODEL = "tiny"  # until the Shapes-world checkpoint lands; it will register itself and become the default
+# The default stays the tiny model: the shapes world's models (``shapes-world``, below) know only the world's
+# closed vocabulary, so they refuse the words of an arbitrary manifest.
+DEFAULT_MODEL = "tiny"
 
 
 def register_loader(name: str, loader: Loader) -> None:
@@ -115,7 +118,21 @@ def load_tiny(device: torch.device, dtype: torch.dtype, family: str = "sd1") -> 
 
 register_loader("tiny", load_tiny)
 register_loader("tiny-ip2p", lambda device, dtype: load_tiny(device, dtype, "ip2p"))
-DEFAULT_IP2P = {"tiny": "tiny-ip2p"}  # --ip2p-model when not given, per --model
+
+
+def _world_loader(file: str) -> Loader:
+    def load(device: torch.device, dtype: torch.dtype) -> EditModel:
+        from ..testbed.shapes_world.diffusers_loader import edit_model
+
+        return edit_model(file, device, dtype)
+
+    return load
+
+
+# The shapes world's committed checkpoints (testbed/shapes_world_models/), for world manifests.
+register_loader("shapes-world", _world_loader("shapes_world_t2i.safetensors"))
+register_loader("shapes-world-ip2p", _world_loader("shapes_world_ip2p.safetensors"))
+DEFAULT_IP2P = {"tiny": "tiny-ip2p", "shapes-world": "shapes-world-ip2p"}  # --ip2p-model when not given, per --model
 
 
 # -- diffusers pipelines -----------------------------------------------------------------------------------------

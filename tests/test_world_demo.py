@@ -68,10 +68,34 @@ def test_the_demo_without_comfyui_runs_every_method_on_the_diffusers_host(tmp_pa
     batch method's row (SpecRef, null-text P2P, BARET, ZONE twice, Keep Unedited Pixels) done."""
     from realedit.demo import main
 
-    main(["--host", "diffusers", "--out", str(tmp_path), "--size", "64", "--steps", "2"])
+    main(["--host", "diffusers", "--model", "tiny", "--out", str(tmp_path), "--size", "64", "--steps", "2"])
     for name in ("probe_sample", "baret_edit", "stylediffusion_edit"):
         assert (tmp_path / f"{name}.png").is_file()
     summary = json.loads((tmp_path / "batch" / "summary.json").read_text())
     assert (summary["ok"], summary["failed"]) == (6, 0)
     methods = {record["method"] for record in summary["rows"]}
     assert methods == {"specref", "baret", "nulltext-p2p", "zone", "keep-pixels"}
+
+
+def test_the_world_demo_on_the_diffusers_host_runs_every_method_against_the_truth(tmp_path):
+    """The README's demo without ComfyUI: every method on the shapes world (the committed checkpoints, the
+    world's token table), one contact sheet each; Keep Unedited Pixels, given the true edit shifted and
+    colour-drifted, returns the source exactly outside its final mask and the edit read back as asked."""
+    from realedit.batching.outputs import row_dir
+    from realedit.demo import main
+    from realedit.testbed.shapes_world.contact_sheet import load_png
+    from realedit.testbed.shapes_world.world_batch import WORKFLOW_OF
+
+    main(["--host", "diffusers", "--out", str(tmp_path), "--steps", "2"])
+    for stem in ("attention_probe", "stylediffusion_edit", *WORKFLOW_OF.values()):
+        assert load_png(tmp_path / f"{stem}.png").shape[1] >= 2 * 256, stem  # at least the edit and the truth
+    summary = json.loads((tmp_path / "batch" / "summary.json").read_text())
+    assert (summary["ok"], summary["failed"]) == (5, 0)
+    keep = row_dir(tmp_path / "batch", "keep-pixels")
+    task = next(t for t in world_tasks() if t.stem == "keep_unedited_ip2p")
+    edit, mask = load_png(keep / "edit.png"), load_png(keep / "mask_final.png")
+    outside = mask.reshape(mask.shape[0], mask.shape[1], -1)[..., 0] < 0.5
+    source = (task.truth.source * 255).round() / 255  # the photo as its PNG holds it
+    assert 0 < (~outside).sum() < outside.numel() / 4
+    assert torch.equal(edit[outside], source[outside])
+    assert score(task, edit).success

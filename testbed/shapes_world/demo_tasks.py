@@ -124,27 +124,30 @@ def task_for(stem: str, scene: Scene, edit: Edit, reference: Scene | None = None
     raise ValueError(f"no world task for workflow {stem!r}")
 
 
+# The demo's hand-picked scenes and edits (both hosts' demos run these).
+CIRCLE = Scene("grey", (Obj("circle", RED, "centre", "large"),))
+PAIR = Scene("white", (Obj("square", BLUE, "left", "large"), Obj("triangle", YELLOW, "right", "large")))
+REFERENCE = Scene("black", (Obj("square", STRIPES, "centre", "large"),))
+PROBE_SCENE = Scene("grey", (Obj("square", BLUE, "left", "large"),))
+RESHAPE, ADOPT = Edit("reshape", 0, "star"), Edit("appearance", 0, STRIPES)
+RESTYLE, RECOLOUR = Edit("background", 0, "striped"), Edit("recolour", 0, "green")
+
+
 def world_tasks() -> list[WorldTask]:
     """The demo's tasks, one per shipped workflow that runs on the world (not the Qwen-Image-Edit one)."""
-    circle = Scene("grey", (Obj("circle", RED, "centre", "large"),))
-    pair = Scene("white", (Obj("square", BLUE, "left", "large"), Obj("triangle", YELLOW, "right", "large")))
-    reference = Scene("black", (Obj("square", STRIPES, "centre", "large"),))
-    probe_scene = Scene("grey", (Obj("square", BLUE, "left", "large"),))
-    reshape, adopt = Edit("reshape", 0, "star"), Edit("appearance", 0, STRIPES)
-    restyle, recolour = Edit("background", 0, "striped"), Edit("recolour", 0, "green")
-    tasks = [WorldTask("attention_probe", T2I_FILE, _generation_truth(probe_scene),
-                       {"3": {"text": probe_scene.caption()}}, (), "8", f"text to image: {probe_scene.caption()!r}",
+    tasks = [WorldTask("attention_probe", T2I_FILE, _generation_truth(PROBE_SCENE),
+                       {"3": {"text": PROBE_SCENE.caption()}}, (), "8", f"text to image: {PROBE_SCENE.caption()!r}",
                        generated=True),
-             task_for("baret_text_edit", circle, reshape),
-             task_for("nulltext_p2p_edit", circle, reshape),
-             task_for("specref_object_replace", circle, adopt, reference),
-             task_for("specref_sr_ksampler", circle, adopt, reference),
-             task_for("stylediffusion_edit", circle, restyle),
-             task_for("zone_instruction_edit", pair, recolour),
-             task_for("keep_unedited_ip2p", pair, recolour)]
-    second = Edit("reshape", 1, "circle")
-    first_truth = ground_truth(pair, recolour)
-    both = ground_truth(apply(pair, recolour), second)
+             task_for("baret_text_edit", CIRCLE, RESHAPE),
+             task_for("nulltext_p2p_edit", CIRCLE, RESHAPE),
+             task_for("specref_object_replace", CIRCLE, ADOPT, REFERENCE),
+             task_for("specref_sr_ksampler", CIRCLE, ADOPT, REFERENCE),
+             task_for("stylediffusion_edit", CIRCLE, RESTYLE),
+             task_for("zone_instruction_edit", PAIR, RECOLOUR),
+             task_for("keep_unedited_ip2p", PAIR, RECOLOUR)]
+    second, pair = Edit("reshape", 1, "circle"), PAIR
+    first_truth = ground_truth(pair, RECOLOUR)
+    both = ground_truth(apply(pair, RECOLOUR), second)
     combined = GroundTruth(first_truth.source, both.expected, (first_truth.source != both.expected).any(-1),
                            f"{first_truth.instruction}; then {both.instruction}", first_truth.source_caption,
                            both.target_caption, both.edited)

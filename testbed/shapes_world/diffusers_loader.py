@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+if TYPE_CHECKING:
+    from ...batching.models import EditModel
 
 CONFIG_METADATA_KEY = "realedit.shapes_world.config"  # same key as models.py (which imports ComfyUI)
 
@@ -109,3 +112,25 @@ def load(path: Path) -> DiffusersWorld:
         hidden_act="quick_gelu"))
     text.load_state_dict(_text_state(state, text.state_dict()), strict=True)
     return DiffusersWorld(unet, vae.float().eval(), text.float().eval(), world)
+
+
+def edit_model(file: str, device: torch.device, dtype: torch.dtype) -> EditModel:
+    """The batch runner's model (``--model shapes-world`` / ``shapes-world-ip2p``) from the committed
+    checkpoint ``file``: its UNet and VAE, SD1.5's DDIM schedule, and its text encoder fed by the world's
+    token table (:mod:`.tokens`; CLIPTextEncode's embedding, without ComfyUI's tokenizer files)."""
+    from ...batching.models import EditModel
+    from ..diffusers_models import make_ddim_scheduler
+    from .config import CHECKPOINT_DIR, T2I_FILE
+    from .tokens import clip_ids, tokenize
+
+    world = load(CHECKPOINT_DIR / file)
+    for module in (world.unet, world.vae):  # loaded in fp32: cast only to another dtype (diffusers warns)
+        module.to(device=device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
+    text = world.text_encoder.to(device)
+
+    @torch.no_grad()
+    def encode(prompt: str) -> torch.Tensor:
+        return text(clip_ids(prompt).to(device)).last_hidden_state.to(dtype)  # (1, 77, 64)
+
+    name = "shapes-world" if file == T2I_FILE else "shapes-world-ip2p"
+    return EditModel(name, world.unet, world.vae, make_ddim_scheduler(), tokenize, encode)
