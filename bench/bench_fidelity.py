@@ -8,11 +8,14 @@ checkpoints. Printed as a table (edit success: read back as asked; preservation:
 region that should change, "exact" when no pixel there changed; PSNR to the expected image), with the
 verdict on each method's own metric, and written as JSON. ``--sweep-zone-threshold`` also chooses ZONE's
 M_b threshold T on the world (the median IoU of M_b with the region that should change, for each T; the
-paper leaves the value open). SpecRef's windows and BARET's lambda schedule are not swept yet.
+paper leaves the value open). ``--sweep NAME`` sweeps another open default on its method's tasks and
+metric (``fidelity.SWEEPS``: SpecRef's SR-attention step window, its layers, its M_t / M_s thresholds;
+BARET's transition lambda schedule) and prints the value it chooses (a tie keeps the shipped default).
 
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py                 # 30 tasks per method, 10 steps
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --tasks 3 --methods ZONE SpecRef
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --methods ZONE --sweep-zone-threshold
+    COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --sweep specref-window baret-lambda   # sweeps only
 
 The committed world checkpoints are still undertrained (their quality gates are missed): until they are
 retrained, this measures the pipeline, not the methods.
@@ -39,10 +42,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=30, help="tasks per method")
     parser.add_argument("--steps", type=int, default=10, help="sampling (and inversion) steps of every workflow")
-    parser.add_argument("--methods", nargs="*", help="method names (default: all)")
+    parser.add_argument("--methods", nargs="*", help="method names (default: all, or none with --sweep)")
     parser.add_argument("--json", type=Path, default=Path("out/bench_fidelity.json"))
     parser.add_argument("--sweep-zone-threshold", action="store_true",
                         help="also sweep ZONE's M_b threshold T against the true edit regions (--tasks tasks)")
+    parser.add_argument("--sweep", nargs="*", default=[], metavar="NAME",
+                        help="also sweep these open defaults on --tasks tasks (fidelity.SWEEPS: specref-window, "
+                             "specref-layers, specref-thresholds, baret-lambda)")
     args = parser.parse_args()
 
     from realedit.testbed.comfy_env import bootstrap_comfyui
@@ -57,7 +63,8 @@ def main() -> None:
     comfy_runner.load_pack()
     register_comfy()
     add_checkpoint_folder()
-    methods = [m for m in METHODS if not args.methods or m.name in args.methods]
+    # every method by default; none when only sweeps are asked for (unless --methods names some)
+    methods = [m for m in METHODS if (m.name in args.methods if args.methods is not None else not args.sweep)]
     report = {"tasks": args.tasks, "steps": args.steps, "methods": {}}
     print(f"fidelity on the shapes world: {args.tasks} tasks per method, {args.steps} steps")
     print(f"  {'method / variant':34s} {'success':>8s} {'preservation':>13s} {'exact':>6s} {'to truth':>9s} "
@@ -85,9 +92,29 @@ def main() -> None:
               + ", ".join(f"T {t:g}: {iou:.3f}" for t, iou in sweep.items())
               + f" -> best {chosen:g} (default {ZONE_DEFAULTS.mask_threshold:g})")
         report["zone_threshold_sweep"] = {"iou": sweep, "best": chosen}
+    for name in args.sweep:
+        report.setdefault("sweeps", {})[name] = _sweep(name, args.tasks, args.steps)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.json}")
+
+
+def _sweep(name: str, tasks: int, steps: int) -> dict:
+    """Run and print one of ``fidelity.SWEEPS``; its JSON record."""
+    from realedit.testbed.shapes_world.fidelity import METHODS, SWEEPS, chosen, setting_sweep
+
+    sweep = SWEEPS[name]
+    metric = next(m for m in METHODS if m.name == sweep.method).metric
+    summaries = setting_sweep(sweep, tasks, steps)
+    print(f"{sweep.method}: {sweep.setting}, over {tasks} tasks (judged on {metric})")
+    for label, summary in summaries.items():
+        mark = " (shipped default)" if label == sweep.default else ""
+        print(f"  {label:14s} success {summary.success:4.0%}  preservation {_db(summary.preservation_db):>9s}  "
+              f"to truth {_db(summary.psnr_to_truth_db):>8s}{mark}")
+    best = chosen(sweep, summaries)
+    print(f"  -> chosen: {best}")
+    return {"setting": sweep.setting, "default": sweep.default, "chosen": best,
+            "variants": {label: dataclasses.asdict(summary) for label, summary in summaries.items()}}
 
 
 if __name__ == "__main__":

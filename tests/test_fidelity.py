@@ -4,6 +4,7 @@ and a deterministic subset run through ComfyUI's executor (bench/bench_fidelity.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +12,20 @@ from realedit.testbed.shapes_world.demo_tasks import score
 from realedit.testbed.shapes_world.fidelity import (
     METHODS,
     P2P_NO_SR,
+    SWEEPS,
+    Summary,
+    Sweep,
     beats_baselines,
     cases,
+    chosen,
     evaluate,
     mask_iou,
+    setting_sweep,
     zone_threshold_sweep,
 )
 
 SUBSET_TASKS, SUBSET_STEPS = 1, 4
+WORKFLOWS = Path(__file__).resolve().parents[1] / "api_workflows"
 
 
 def test_cases_are_seeded_and_every_baseline_scores_against_the_same_truth():
@@ -89,3 +96,45 @@ def test_mask_iou():
 def test_the_zone_threshold_sweep_scores_m_b_at_every_threshold(shapes_world):
     sweep = zone_threshold_sweep(1, SUBSET_STEPS, thresholds=(0.1, 0.5))
     assert set(sweep) == {0.1, 0.5} and all(0.0 <= v <= 1.0 for v in sweep.values())
+
+
+def test_every_sweep_sets_inputs_its_node_has_and_lists_its_default():
+    import json
+
+    from realedit.testbed.shapes_world.fidelity import METHODS as ALL
+
+    for name, sweep in SWEEPS.items():
+        stem = next(m.stem for m in ALL if m.name == sweep.method)
+        inputs = json.loads((WORKFLOWS / f"{stem}.json").read_text())[sweep.node]["inputs"]
+        assert all(set(values) <= set(inputs) for values in sweep.values.values()), name
+        assert all(inputs[k] == v for k, v in sweep.values[sweep.default].items()), name  # the shipped values
+
+
+def test_a_sweep_chooses_the_best_value_and_a_tie_keeps_the_default():
+    sweep = Sweep("BARET", "lambda", "7", {"a": {}, "b": {}, "c": {}}, "b")
+
+    def summary(success: float) -> Summary:
+        return Summary(success, 20.0, 0.0, 20.0, 0)
+
+    assert chosen(sweep, {"a": summary(0.5), "b": summary(0.2), "c": summary(0.1)}) == "a"
+    assert chosen(sweep, {"a": summary(0.5), "b": summary(0.5), "c": summary(0.1)}) == "b"
+
+
+def test_a_setting_sweep_reaches_the_node(shapes_world, monkeypatch):
+    """Each value of a sweep reaches its node in the executor: BARET's edit differs between the paper's
+    lambda schedule and the rigid one (lambda 1 throughout), on the same task."""
+    from realedit.testbed.shapes_world import fidelity
+
+    edits = {}
+    real = fidelity.run_task
+
+    def recording(task, steps):
+        edits[(task.inputs["7"]["lambda_start"], task.inputs["7"]["lambda_end"])] = image = real(task, steps)
+        return image
+
+    monkeypatch.setattr(fidelity, "run_task", recording)
+    sweep = Sweep("BARET", "lambda", "7", {"paper": {"lambda_start": 0.8, "lambda_end": 0.1},
+                                           "rigid": {"lambda_start": 1.0, "lambda_end": 1.0}}, "paper")
+    summaries = setting_sweep(sweep, 1, SUBSET_STEPS, log=lambda line: None)
+    assert set(summaries) == {"paper", "rigid"} and all(s.failed == 0 for s in summaries.values())
+    assert not torch.equal(edits[(0.8, 0.1)], edits[(1.0, 1.0)])

@@ -256,3 +256,58 @@ def zone_threshold_sweep(count: int, steps: int, thresholds: tuple[float, ...] =
             rough = run_task(dataclasses.replace(task, inputs=inputs, edit_node=ZONE_ROUGH_MASK_NODE), steps)
             ious[threshold].append(mask_iou(rough[..., 0] > 0.5, task.truth.region))
     return {threshold: statistics.median(values) for threshold, values in ious.items()}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A default the papers leave open, swept on a method's tasks: each value sets ``node``'s inputs in the
+    method's shipped workflow; the value that scores best on the method's metric is the world's choice."""
+
+    method: str  # a METHODS name
+    setting: str
+    node: str
+    values: dict[str, dict[str, object]]  # label -> node inputs
+    default: str  # the label of the shipped default
+
+
+SWEEPS: dict[str, Sweep] = {
+    # SR-attention's step window (METHODS: steps 4-49 of 50); the layers window is finest_resolutions.
+    "specref-window": Sweep("SpecRef", "SR-attention steps from (Reference Features step_start)", "10", {
+        "0.0": {"step_start": 0.0}, "0.08": {"step_start": 0.08}, "0.2": {"step_start": 0.2},
+        "0.4": {"step_start": 0.4}}, "0.08"),
+    "specref-layers": Sweep("SpecRef", "SR-attention layers (finest_resolutions of the decoder)", "10", {
+        "1": {"finest_resolutions": 1}, "2": {"finest_resolutions": 2}, "3": {"finest_resolutions": 3}}, "2"),
+    # M_t (the target word's map) and M_s (the reference mask) thresholds; the official examples use 0.2-0.5.
+    "specref-thresholds": Sweep("SpecRef", "M_t and M_s thresholds", "11", {
+        f"{t:g}": {"mt_threshold": t, "ms_threshold": t} for t in (0.2, 0.35, 0.5, 0.65)}, "0.5"),
+    # BARET's progressive transition lambda (Eq. 3), linear from start to end; 1 -> 1 is the rigid setting.
+    "baret-lambda": Sweep("BARET", "transition lambda start -> end", "7", {
+        f"{a:g} -> {b:g}": {"lambda_start": a, "lambda_end": b}
+        for a, b in ((0.8, 0.1), (1.0, 0.4), (0.6, 0.0), (0.8, 0.4), (1.0, 1.0))}, "0.8 -> 0.1"),
+}
+
+
+def setting_sweep(sweep: Sweep, count: int, steps: int, seed: int = 50_000,
+                  log: Callable[[str], None] = print) -> dict[str, Summary]:
+    """{value label: Summary} of the method's workflow with each of ``sweep``'s values, on the same ``count``
+    seeded tasks as :func:`evaluate`."""
+    method = next(m for m in METHODS if m.name == sweep.method)
+    results: dict[str, list] = {label: [] for label in sweep.values}
+    for i, case in enumerate(cases(method, count, seed)):
+        task = case.method
+        for label, values in sweep.values.items():
+            inputs = {**task.inputs, sweep.node: {**task.inputs.get(sweep.node, {}), **values}}
+            try:
+                results[label].append(score(task, run_task(dataclasses.replace(task, inputs=inputs), steps)))
+            except Exception as exc:  # counted as a failed edit, and shown
+                log(f"  {sweep.method} task {i}, {sweep.setting} {label}: FAILED: {exc}")
+                results[label].append(None)
+    return {label: summarise(scores) for label, scores in results.items()}
+
+
+def chosen(sweep: Sweep, summaries: dict[str, Summary]) -> str:
+    """The best value on the method's metric; ties keep the shipped default (then the first listed)."""
+    metric = next(m for m in METHODS if m.name == sweep.method).metric
+    best = max(summary.value(metric) for summary in summaries.values())
+    ties = [label for label, summary in summaries.items() if summary.value(metric) == best]
+    return sweep.default if sweep.default in ties else ties[0]
