@@ -1,10 +1,10 @@
 """Benchmark: keep_unedited at 1024x1024 on the CPU, with and without alignment, and its stages.
 
-The whole post-process (alignment + change map M_b + Region-IoU over 100 candidate masks + FFT edge
-smoother + composite), with the aligned edit the node also returns (the pipeline itself warps only the boxes
-it reads; the node asks for the whole warp): target <= 150 ms, printed beside
-the same pipeline without alignment (the edit then is not shifted, so both runs do the same work after the
-alignment). It is timed twice: with torch on one thread (CPU time, the per-stage table), and with every
+The whole post-process the issue times (alignment + change map M_b + Region-IoU over 100 candidate masks +
+FFT edge smoother + composite): target <= 150 ms, printed beside the same pipeline without alignment (the
+edit then is not shifted, so both runs do the same work after the alignment), and beside what the node
+does, which also returns the whole aligned edit (one more full-size warp: the pipeline itself warps only
+the boxes it reads). It is timed twice: with torch on one thread (CPU time, the per-stage table), and with every
 core of the machine, as ComfyUI runs torch (wall time: what a user waits); the verdict is the latter, and
 the one-thread figure is printed beside it.
 Also Region-IoU on a float MASK batch beside the bool one (the float path was 45 ms against 8 ms at 512
@@ -121,8 +121,10 @@ def main() -> None:
     float_512 = segments_512.float()
 
     variants: dict[str, Callable[[], object]] = {
-        "keep_unedited, alignment on": lambda: keep_unedited(original, shifted, segments=segments).aligned,
-        "keep_unedited, alignment off": lambda: keep_unedited(original, still, segments=segments, align=False).aligned,
+        "keep_unedited, alignment on": lambda: keep_unedited(original, shifted, segments=segments).image,
+        "keep_unedited, alignment off": lambda: keep_unedited(original, still, segments=segments, align=False).image,
+        "the node (alignment on, + the aligned output)":
+            lambda: keep_unedited(original, shifted, segments=segments).aligned,
         "  estimate_alignment": lambda: estimate_alignment(original, shifted),
         "  warp_to_original": lambda: warp_to_original(shifted, alignment),
         "  change_mask": lambda: change_mask(original, aligned, valid),
@@ -136,7 +138,8 @@ def main() -> None:
         "  reading the float batch once (sum)": lambda: float_segments.sum(),
     }
     threads = {name: single for name in variants}
-    for name in ("keep_unedited, alignment on", "keep_unedited, alignment off"):
+    for name in ("keep_unedited, alignment on", "keep_unedited, alignment off",
+                 "the node (alignment on, + the aligned output)"):
         variants[f"{name}, {args.cores} threads"] = variants[name]
         threads[f"{name}, {args.cores} threads"] = args.cores
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -154,7 +157,7 @@ def main() -> None:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"keep_unedited, {args.size}x{args.size}, {args.masks} candidate masks, CPU, {single} thread(s) (and "
-          f"{args.cores} for the last two rows), median of {args.repeats}; load average {load:.2f} on "
+          f"{args.cores} for the last three rows), median of {args.repeats}; load average {load:.2f} on "
           f"{os.cpu_count()} cores (a shared machine: absolute times vary, ratios less)")
     print(f"  transform found: {alignment.describe()} (true: shift x +3.40, y -2.20, scale 1.0150)")
     print(f"  {'':44s} {'CPU ms':>9s} {'wall ms':>9s}")
@@ -163,8 +166,10 @@ def main() -> None:
     total = wall[f"keep_unedited, alignment on, {args.cores} threads"]
     plain = wall[f"keep_unedited, alignment off, {args.cores} threads"]
     verdict = "met" if total <= TARGET_MS else "MISSED"
+    node = wall[f"the node (alignment on, + the aligned output), {args.cores} threads"]
     print(f"whole post-process with alignment, {args.cores} threads (as ComfyUI runs it): {total:.1f} ms wall "
-          f"(target <= {TARGET_MS:.0f} ms: {verdict}); without alignment {plain:.1f} ms")
+          f"(target <= {TARGET_MS:.0f} ms: {verdict}); without alignment {plain:.1f} ms; the node, which also "
+          f"returns the aligned edit, {node:.1f} ms")
     print(f"on {single} thread: {ms['keep_unedited, alignment on']:.1f} ms CPU with alignment, "
           f"{ms['keep_unedited, alignment off']:.1f} ms without (CPU time: on a loaded machine wall time also "
           "counts other processes)")
