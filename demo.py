@@ -123,6 +123,40 @@ def _world_sheet(task: WorldTask, run: WorldRun, path: Path) -> None:
     print(f"{task.stem}: {lines[1]}\n  wrote {path}")
 
 
+def _encode(vae, image):
+    """A ComfyUI IMAGE (1, H, W, 3) in [0, 1] -> the diffusers VAE's scaled latent (posterior mode)."""
+    import torch
+
+    with torch.no_grad():
+        return vae.encode(image.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
+
+
+def _decode(vae, latent):
+    """A scaled latent (1, 4, h, w) -> (H, W, 3) in [0, 1] (unclamped)."""
+    import torch
+
+    with torch.no_grad():
+        return (vae.decode(latent / vae.config.scaling_factor).sample[0].permute(1, 2, 0) + 1) / 2
+
+
+def _probe_sample(unet, vae, scheduler, cond, uncond, noise, steps: int):
+    """Sampling at CFG 7.5 from unit ``noise`` (1, 4, h, w) with the attention probe hooked in: the decoded
+    image and the probe's summary."""
+    import torch
+
+    from .attention.probe import ProbeHook
+    from .hosts.diffusers import DiffusersHost
+    from .hosts.diffusers_sampling import cfg_denoiser, sample, sampling_sigmas, use_schedule
+
+    _, sigmas = sampling_sigmas(scheduler, steps)
+    probe = ProbeHook()
+    with torch.no_grad(), DiffusersHost(unet, probe) as host:
+        use_schedule(host, sigmas, scheduler.alphas_cumprod)
+        denoise = cfg_denoiser(host, scheduler.alphas_cumprod, cond, uncond, cfg=7.5, total_steps=steps)
+        latent = sample(denoise, noise * sigmas[0], sigmas)
+    return _decode(vae, latent), probe.summary()
+
+
 def run_world_diffusers(out: Path, steps: int) -> None:
     """Every method on the shapes world on the diffusers host (no ComfyUI): the probe and StyleDiffusion
     directly, SpecRef, null-text P2P, BARET, ZONE and Keep Unedited Pixels through the batch runner
@@ -162,26 +196,16 @@ def _world_probe(model, task: WorldTask, steps: int):
     """Text to image of the probe's caption at CFG 7.5 with the attention probe hooked in."""
     import torch
 
-    from .attention.probe import ProbeHook
-    from .hosts.diffusers import DiffusersHost
-    from .hosts.diffusers_sampling import cfg_denoiser, sample, sampling_sigmas, use_schedule
+    from .testbed.shapes_world.scene import SIZE
 
-    scheduler, probe = model.scheduler, ProbeHook()
-    _, sigmas = sampling_sigmas(scheduler, steps)
-    cond, uncond = model.encode(task.truth.target_caption), model.encode("")
-    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * sigmas[0]
-    with torch.no_grad(), DiffusersHost(model.unet, probe) as host:
-        use_schedule(host, sigmas, scheduler.alphas_cumprod)
-        denoise = cfg_denoiser(host, scheduler.alphas_cumprod, cond, uncond, cfg=7.5, total_steps=steps)
-        latent = sample(denoise, x, sigmas)
-        image = model.vae.decode(latent / model.vae.config.scaling_factor).sample
-    return (image[0].permute(1, 2, 0) + 1) / 2, probe.summary()
+    noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
+    return _probe_sample(model.unet, model.vae, model.scheduler, model.encode(task.truth.target_caption),
+                         model.encode(""), noise, steps)
 
 
 def _world_stylediffusion(model, task: WorldTask, steps: int):
     """StyleDiffusion's value inversion of the task's photo with its source caption, then the P2Plus edit to the
     target caption (P2P's automatic Replace / Refine, LocalBlend on the two edited words)."""
-    import torch
 
     from .attention.local_blend import LocalBlend
     from .attention.p2p import cross_edit, resolve_mode
@@ -196,40 +220,27 @@ def _world_stylediffusion(model, task: WorldTask, steps: int):
     blend = LocalBlend([word_positions(source, old, model.tokenize), word_positions(target, new, model.tokenize)],
                        threshold=SD_DEFAULTS.blend_threshold, start=SD_DEFAULTS.blend_start)
     controls = P2PlusControls(cross_edit=cross_edit(resolve_mode("auto", src, tgt), src, tgt), local_blend=blend)
-    photo = task.truth.source[None].permute(0, 3, 1, 2) * 2 - 1  # (1, 3, H, W) in [-1, 1]
-    with torch.no_grad():
-        latent = model.vae.encode(photo).latent_dist.mode() * model.vae.config.scaling_factor
+    latent = _encode(model.vae, task.truth.source[None])
     cond, uncond = model.encode(source), model.encode("")
     inversion = value_invert(model.unet, model.scheduler, latent, cond, uncond, steps=steps)
     result = stylediffusion_edit(model.unet, model.scheduler, inversion, cond, model.encode(target), uncond,
                                  controls=controls)
-    with torch.no_grad():
-        image = model.vae.decode(result.latent / model.vae.config.scaling_factor).sample
-    return (image[0].permute(1, 2, 0) + 1) / 2, inversion.report()
+    return _decode(model.vae, result.latent), inversion.report()
 
 
 def run_diffusers(out: Path, size: int, steps: int) -> None:
     import torch
 
-    from .attention.probe import ProbeHook
-    from .hosts.diffusers import DiffusersHost
-    from .hosts.diffusers_sampling import cfg_denoiser, sample, sampling_sigmas, use_schedule
     from .testbed.diffusers_models import make_ddim_scheduler, make_tiny_diffusers_unet, make_tiny_diffusers_vae
 
     print("No ComfyUI found: running on the diffusers host (tiny random-weight UNet and VAE)")
     unet, vae, scheduler = make_tiny_diffusers_unet("sd1"), make_tiny_diffusers_vae(), make_ddim_scheduler()
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
-    _, sigmas = sampling_sigmas(scheduler, steps)
-    probe = ProbeHook()
-    with torch.no_grad(), DiffusersHost(unet, probe) as host:
-        use_schedule(host, sigmas, scheduler.alphas_cumprod)
-        denoise = cfg_denoiser(host, scheduler.alphas_cumprod, cond, uncond, cfg=7.5, total_steps=steps)
-        x = torch.randn(1, 4, size // 8, size // 8, generator=g) * sigmas[0]
-        latent = sample(denoise, x, sigmas)
-        image = vae.decode(latent / vae.config.scaling_factor).sample
-    print("probe (hooked sampling):\n  " + probe.summary().replace("\n", "\n  "))
-    _save_image((image[0].permute(1, 2, 0) + 1) / 2, out / "probe_sample.png")
+    image, summary = _probe_sample(unet, vae, scheduler, cond, uncond,
+                                   torch.randn(1, 4, size // 8, size // 8, generator=g), steps)
+    print("probe (hooked sampling):\n  " + summary.replace("\n", "\n  "))
+    _save_image(image, out / "probe_sample.png")
     run_diffusers_baret(out, unet, vae, scheduler, size, steps, cond, uncond)
     run_diffusers_stylediffusion(out, unet, vae, scheduler, size, steps, cond, uncond)
     run_diffusers_batch(out, size, steps)
@@ -251,21 +262,16 @@ def run_diffusers_batch(out: Path, size: int, steps: int) -> None:
 
 def run_diffusers_baret(out: Path, unet, vae, scheduler, size: int, steps: int, target, uncond) -> None:
     """BARET on the diffusers host: TTIS on the synthetic source photo, then the three-process edit."""
-    import torch
 
     from .hosts.diffusers_baret import baret_edit, ttis_invert
     from .testbed.images import source_scene
 
-    photo = source_scene(size, size).image.permute(0, 3, 1, 2) * 2 - 1  # (1, 3, H, W) in [-1, 1]
-    with torch.no_grad():
-        latent = vae.encode(photo).latent_dist.mode() * vae.config.scaling_factor
+    latent = _encode(vae, source_scene(size, size).image)
     inversion = ttis_invert(unet, scheduler, latent, target, uncond, steps=steps)
     print("BARET TTIS:\n  " + inversion.optimisation.report().replace("\n", "\n  "))
     result = baret_edit(unet, scheduler, inversion, target, uncond)
     for name in ("edit", "transition", "reconstruction"):
-        with torch.no_grad():
-            image = vae.decode(getattr(result, name) / vae.config.scaling_factor).sample
-        _save_image((image[0].permute(1, 2, 0) + 1) / 2, out / f"baret_{name}.png")
+        _save_image(_decode(vae, getattr(result, name)), out / f"baret_{name}.png")
 
 
 def run_diffusers_stylediffusion(out: Path, unet, vae, scheduler, size: int, steps: int, source, uncond) -> None:
@@ -276,17 +282,13 @@ def run_diffusers_stylediffusion(out: Path, unet, vae, scheduler, size: int, ste
     from .hosts.diffusers_stylediffusion import stylediffusion_edit, value_invert
     from .testbed.images import source_scene
 
-    photo = source_scene(size, size).image.permute(0, 3, 1, 2) * 2 - 1  # (1, 3, H, W) in [-1, 1]
-    with torch.no_grad():
-        latent = vae.encode(photo).latent_dist.mode() * vae.config.scaling_factor
+    latent = _encode(vae, source_scene(size, size).image)
     inversion = value_invert(unet, scheduler, latent, source, uncond, steps=steps, max_iterations=10)
     print("StyleDiffusion value inversion:\n  " + inversion.report().replace("\n", "\n  "))
     target = source + 0.5 * torch.randn(source.shape, generator=torch.Generator().manual_seed(1))
     result = stylediffusion_edit(unet, scheduler, inversion, source, target, uncond)
     for name, latent in (("edit", result.latent), ("source", result.reconstruction)):
-        with torch.no_grad():
-            image = vae.decode(latent / vae.config.scaling_factor).sample
-        _save_image((image[0].permute(1, 2, 0) + 1) / 2, out / f"stylediffusion_{name}.png")
+        _save_image(_decode(vae, latent), out / f"stylediffusion_{name}.png")
 
 
 def main(argv: list[str] | None = None) -> None:
