@@ -3,7 +3,7 @@
 # `python -m realedit.testbed.shapes_world train` side by side (decoder beside data; the two UNets of
 # the default width beside those of a wider variant), then the gates on both widths. What comes back
 # (fp16 stage files under their cache names, report.json, log.txt) goes to $OUT; drop the stage files
-# into $REALEDIT_CACHE/shapes_world/ and run `train --stage pack` to write the committed checkpoints.
+# into $REALEDIT_CACHE/shapes_world/ and run `train --recipe gpu --stage pack` to write the committed checkpoints.
 #   PYTHON        a Python with CUDA torch and ComfyUI's requirements (default python3)
 #   COMFYUI_PATH  a ComfyUI checkout; the pack must be importable as `realedit`
 #   OUT           results (default ./shapes_world_gpu); REALEDIT_CACHE: stage files (default /tmp/realedit-cache)
@@ -20,7 +20,7 @@ log="$out/log.txt"
 
 train() {  # train NAME ARGS...: one stage process, its output prefixed with NAME in log.txt
   local name="$1"; shift
-  "$py" -m realedit.testbed.shapes_world train "${smoke[@]}" --threads 2 "$@" 2>&1 \
+  "$py" -m realedit.testbed.shapes_world train --recipe gpu "${smoke[@]}" --threads 2 "$@" 2>&1 \
     | grep --line-buffered -v -e '^Requested to load' -e '^loaded completely' -e '^Using ' \
     | sed -u "s/^/[$name] /" >>"$log"
   local rc="${PIPESTATUS[0]}"

@@ -95,3 +95,29 @@ def test_a_miniature_run_trains_every_stage_exports_and_resumes_elsewhere(comfy,
     resumed = training.trained_unet(config, "t2i").model.diffusion_model.state_dict()
     assert all(torch.equal(resumed[k], trained[k].half().float()) for k in trained)
     assert training.trained_vae(config) is not None
+
+
+def test_the_cpu_recipe_trains_the_same_models_on_fewer_samples():
+    """The two recipes differ in steps, batches and data size only: the checkpoints' architecture (VAE, CLIP,
+    UNets) and seeds are one, so a checkpoint of either loads the same way."""
+    from realedit.testbed.shapes_world.config import CPU_RECIPE, RECIPES
+
+    gpu, cpu = (dataclasses.asdict(RECIPES[name]) for name in ("gpu", "cpu"))
+    assert {k for k in gpu if gpu[k] != cpu[k]} == set(CPU_RECIPE)
+    assert all(k.endswith(("_steps", "_batch", "_crop", "_scenes")) for k in CPU_RECIPE)
+    assert RECIPES["cpu"].key() != RECIPES["gpu"].key()  # their stage files never mix
+
+
+def test_the_recipe_follows_the_training_device(comfy, monkeypatch):
+    """``--recipe auto`` (the default): the GPU recipe where ComfyUI trains on CUDA, else the CPU one."""
+    import comfy.model_management
+    from realedit.testbed.shapes_world import __main__ as cli
+    from realedit.testbed.shapes_world import training
+    from realedit.testbed.shapes_world.config import RECIPES
+
+    seen = []
+    monkeypatch.setattr(training, "stage_vae", lambda config, **kwargs: seen.append(config) or {})
+    for device, recipe in (("cpu", "cpu"), ("cuda", "gpu")):
+        monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda d=device: torch.device(d))
+        cli.main(["train", "--stage", "vae"])
+        assert seen[-1] == RECIPES[recipe]

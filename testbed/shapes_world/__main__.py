@@ -1,12 +1,15 @@
-"""``python -m realedit.testbed.shapes_world train [--stage STAGE] [--threads 1] [--workers 1] [--seconds S]``.
+"""``python -m realedit.testbed.shapes_world train [--stage STAGE] [--recipe auto|gpu|cpu] [--threads 1] [--workers 1]
+[--seconds S]``.
 
-Seeded (``WorldConfig.seed``); trains on CUDA when ComfyUI finds it. Stages run in order and each saves its
-result under ``$REALEDIT_CACHE/shapes_world/``: ``vae``, ``decoder`` (needs ``vae``), ``data`` (needs
-``vae``), ``t2i`` and ``ip2p`` (need ``data``); ``measure`` prints the gates on those weights; ``pack``
-measures the gates on the fp16 single-file checkpoints it writes to ``testbed/shapes_world_models/``.
-``--seconds`` caps each stage's steps to what fits in that time (a GPU lease is short); ``--workers``
-renders the training sets in that many processes. ``scripts/train_shapes_world_gpu.sh`` runs the stages
-side by side on one GPU.
+Seeded (``WorldConfig.seed``); trains on CUDA when ComfyUI finds it, with the GPU recipe (the config's
+defaults), else with the CPU recipe (``config.CPU_RECIPE``: fewer samples, sized for two cores). Stages
+run in order and each saves its result under ``$REALEDIT_CACHE/shapes_world/``: ``vae``, ``decoder``
+(needs ``vae``), ``data`` (needs ``vae``), ``t2i`` and ``ip2p`` (need ``data``); ``measure`` prints the
+gates on those weights; ``pack`` measures the gates on the fp16 single-file checkpoints it writes to
+``testbed/shapes_world_models/``. ``--seconds`` caps each stage's steps to what fits in that time (a GPU
+lease is short); ``--workers`` renders the training sets in that many processes.
+``scripts/train_shapes_world_gpu.sh`` runs the stages side by side on one GPU,
+``scripts/train_shapes_world_cpu.sh`` on two CPU cores.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the world's models and measure the gates")
     train.add_argument("--stage", default="all", choices=("all",) + STAGES + ("measure",))
+    train.add_argument("--recipe", default="auto", choices=("auto", "gpu", "cpu"),
+                       help="step counts and batches for a GPU or for two CPU cores (config.CPU_RECIPE); auto "
+                            "(default): gpu where ComfyUI trains on CUDA, else cpu")
     train.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared CPUs)")
     train.add_argument("--workers", type=int, default=1, help="processes rendering the training sets")
     train.add_argument("--seconds", type=float, default=None, help="cap each stage's steps to this many seconds")
@@ -43,10 +49,15 @@ def main(argv: list[str] | None = None) -> int:
 
     bootstrap_comfyui()
     from . import training
-    from .config import DEFAULT_CONFIG
+    from .config import RECIPES
 
     training.set_threads(args.threads)
-    config = DEFAULT_CONFIG
+    recipe = args.recipe
+    if recipe == "auto":
+        import comfy.model_management
+
+        recipe = "gpu" if comfy.model_management.get_torch_device().type == "cuda" else "cpu"
+    config = RECIPES[recipe]
     if args.unet_channels:
         config = dataclasses.replace(config, unet=dict(config.unet, model_channels=args.unet_channels))
     if args.smoke:

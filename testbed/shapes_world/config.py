@@ -15,13 +15,17 @@ T2I_FILE = "shapes_world_t2i.safetensors"
 IP2P_FILE = "shapes_world_ip2p.safetensors"
 GATES_FILE = "gates.json"
 
-# ComfyUI AutoencoderKL (ldm layout), 8x downscale, 4 latent channels. 32 channels at every level
-# (ComfyUI's GroupNorm has 32 groups, so 32 is the narrowest width) and no residual block in the
-# encoder levels (the decoder still gets one per level, plus the middle block): 0.22 M parameters,
-# about 0.8 s per training batch of 8 at 128 px on one CPU thread.
+# ComfyUI AutoencoderKL (ldm layout), 8x downscale, 4 latent channels. 64 channels at every level and no
+# residual block in the encoder levels (the decoder still gets one per level, plus the middle block):
+# 0.86 M parameters. Not 32: ComfyUI's GroupNorm has 32 groups, so at 32 channels every norm removes each
+# channel's mean over the image, and the absolute colour of a flat region passes the encoder's last norm and
+# the decoder's norm_out only through the zero padding's border effects. bench/bench_world_vae.py measured it
+# at 400 equal steps: 32 channels, 18.9 dB and flat images decoded 51 8-bit RGB units off; 64 channels
+# (2 per group), 24.1 dB and 8.6 units; the 32-channel VAE trained 7x longer still decoded flat images 40
+# units off (23.0 dB).
 VAE_DDCONFIG: dict[str, Any] = {
     "double_z": True, "z_channels": 4, "resolution": 128, "in_channels": 3, "out_ch": 3,
-    "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 0, "attn_resolutions": [], "dropout": 0.0,
+    "ch": 64, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 0, "attn_resolutions": [], "dropout": 0.0,
 }
 
 # SD1-family UNet (conv proj_in/out, 8 heads, SD1.5's discrete eps schedule), narrow: 3 levels,
@@ -93,3 +97,14 @@ class WorldConfig:
 
 
 DEFAULT_CONFIG = WorldConfig()
+
+# The recipe for two CPU cores (about 75 minutes in all, see shapes_world_models/README.md): the same
+# models and data streams, fewer samples. VAE on batches of 16 crops of 64 px (more steps for the same
+# pixels; SD's VAE too trains on crops smaller than it is used at), a short decoder fine-tuning, batches of
+# 32 for the UNets (4x the steps of the GPU's 128 for the same compute), 12 000 training scenes (rendering
+# and encoding 20 000 of them and their edit pairs would take a quarter of the budget).
+CPU_RECIPE: dict[str, Any] = {
+    "vae_crop": 64, "vae_batch": 16, "vae_steps": 1200, "decoder_batch": 4, "decoder_steps": 200,
+    "dataset_scenes": 12000, "unet_batch": 32, "unet_steps": 2400, "ip2p_steps": 2400,
+}
+RECIPES: dict[str, WorldConfig] = {"gpu": DEFAULT_CONFIG, "cpu": dataclasses.replace(DEFAULT_CONFIG, **CPU_RECIPE)}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Train the shapes world on two CPU cores with the CPU recipe (config.CPU_RECIPE), then pack the committed
+# checkpoints and measure their gates: the stages of `python -m realedit.testbed.shapes_world train` with
+# both cores busy throughout (the VAE on two threads; the decoder beside the data; the two UNets side by
+# side on one thread each). `train --recipe cpu --threads 2` runs the same stages one after the other in
+# about the same time. The log goes to $LOG (default ./shapes_world_cpu.log).
+#   PYTHON        a Python with torch and ComfyUI's requirements (default .venv/bin/python)
+#   COMFYUI_PATH  a ComfyUI checkout; the pack must be importable as `realedit`
+#   CAP           optional --seconds cap on every stage (a stage that would overrun plans fewer steps,
+#                 recorded in the stage file and gates.json); none by default: the recipe's step counts
+#                 are what it trains, whatever else the machine does (a cap plans from the rate of a few
+#                 early steps, which another process can slow)
+set -uo pipefail
+py="${PYTHON:-.venv/bin/python}"
+log="${LOG:-./shapes_world_cpu.log}"
+export PYTHONUNBUFFERED=1
+
+cap=(); [[ -n "${CAP:-}" ]] && cap=(--seconds "$CAP")
+
+train() {  # train NAME ARGS...: one stage process, its output prefixed with NAME in the log
+  local name="$1"; shift
+  "$py" -m realedit.testbed.shapes_world train --recipe cpu "${cap[@]}" "$@" 2>&1 \
+    | grep --line-buffered -v -e '^Requested to load' -e '^loaded completely' -e '^Using ' \
+    | sed -u "s/^/[$name] /" >>"$log"
+  local rc="${PIPESTATUS[0]}"
+  echo "[$name] exit $rc after ${SECONDS} s" >>"$log"
+  return "$rc"
+}
+
+echo "start $(date -u +%T)" >"$log"
+train vae --stage vae --threads 2 --workers 2 || exit 1
+train decoder --stage decoder --threads 1 &
+train data --stage data --threads 1 || exit 1
+wait
+train t2i --stage t2i --threads 1 &
+train ip2p --stage ip2p --threads 1 &
+wait
+train pack --stage pack --threads 2 || exit 1
+echo "done $(date -u +%T) after ${SECONDS} s" >>"$log"
