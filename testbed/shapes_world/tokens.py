@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
+from ...attention.settings import CLIP_CHUNK
 from .scene import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEXTURES
 
 TABLE_FILE = Path(__file__).resolve().parent / "world_tokens.json"
 BOS, EOS = 49406, 49407  # CLIP's <|startoftext|>, <|endoftext|> (SD1 pads with the latter, as ComfyUI does)
-CHUNK = 77
 # The templates' own words (scene.caption, scene.Obj.phrase, edits.instruction, edits._name).
 TEMPLATE_WORDS = ("a", "the", "and", "on", "in", "into", "to", "of", "background", "make", "turn", "remove",
                   "move", "add", "bigger", "smaller", "look", "like", "reference", ",")
@@ -70,6 +70,6 @@ def tokenize(text: str) -> list[tuple[int, str]]:
 def clip_ids(text: str) -> torch.Tensor:
     """``(1, 77)`` ids as ComfyUI's SD1 tokenizer pads them: BOS, the tokens, EOS, then EOS to 77."""
     ids = [BOS, *(i for i, _ in tokenize(text)), EOS]
-    if len(ids) > CHUNK:
+    if len(ids) > CLIP_CHUNK:
         raise ValueError(f"RealEdit: {text!r} is {len(ids) - 2} tokens; the world's texts fit one 75-token chunk")
-    return torch.tensor([ids + [EOS] * (CHUNK - len(ids))])
+    return torch.tensor([ids + [EOS] * (CLIP_CHUNK - len(ids))])
