@@ -11,16 +11,17 @@ pairs). Printed: the median MSE at each cap with its spread (25-75%), then, at p
 best learning rates, the passes each method needs to reach a common MSE (the larger of the two medians at
 the largest cap: both reach it), as medians over the pairs, and their ratio beside the paper's 3.5x.
 
-Measured here (``--steps 10``, the committed undertrained checkpoint, 10 pairs, 18 minutes on one core):
-at paper settings null-text reaches the common MSE (0.052) in 120 passes, TTIS in 420 (ratio 0.29x: TTIS's
-constant 1e-3 is far too small for this model); both do best at lr 0.1 (the sweep's largest), where they
-converge alike (1.0x; at cap 20, median MSE 2.5e-4 against 3.5e-4).
+Measured here (``--steps 10``, the committed checkpoint: 64-channel VAE, CPU-trained UNet that still misses
+its read-back gate, 10 pairs, 13 minutes on one core): at paper settings null-text reaches the common MSE
+(0.038) in 120 passes, TTIS in 420 (ratio 0.29x: TTIS's constant 1e-3 is far too small for this model);
+both do best at lr 0.1 (the sweep's largest), where both need the 20-iteration cap to reach 4.6e-4 (1.0x),
+TTIS's median MSE 10-30% below null-text's at every cap (3.6e-4 against 4.6e-4 at cap 20).
 
     COMFYUI_PATH=... .venv/bin/python bench/bench_baret_world.py                  # 10 pairs, 20 steps
     COMFYUI_PATH=... .venv/bin/python bench/bench_baret_world.py --pairs 2 --caps 1 2 --steps 5
 
-The committed world checkpoint is still undertrained (its read-back gate is missed): the measurement says
-how the two optimisations converge on this model, not yet on one that generates the world well.
+The committed world UNet still misses its read-back gate: the measurement says how the two optimisations
+converge on this model, not yet on one that generates the world well.
 """
 
 from __future__ import annotations

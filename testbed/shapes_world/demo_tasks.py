@@ -145,15 +145,14 @@ def world_tasks() -> list[WorldTask]:
              task_for("stylediffusion_edit", CIRCLE, RESTYLE),
              task_for("zone_instruction_edit", PAIR, RECOLOUR),
              task_for("keep_unedited_ip2p", PAIR, RECOLOUR)]
-    second, pair = Edit("reshape", 1, "circle"), PAIR
-    first_truth = ground_truth(pair, RECOLOUR)
-    both = ground_truth(apply(pair, RECOLOUR), second)
+    first_truth = ground_truth(PAIR, RECOLOUR)
+    both = ground_truth(apply(PAIR, RECOLOUR), Edit("reshape", 1, "circle"))
     combined = GroundTruth(first_truth.source, both.expected, (first_truth.source != both.expected).any(-1),
                            f"{first_truth.instruction}; then {both.instruction}", first_truth.source_caption,
                            both.target_caption, both.edited)
     tasks.append(WorldTask("zone_multi_turn", IP2P_FILE, combined,
                            {"5": {"value": first_truth.instruction}, "12": {"value": both.instruction}},
-                           (photo(pair),), "19", f"ZONE, two turns: {combined.instruction!r}"))
+                           (photo(PAIR),), "19", f"ZONE, two turns: {combined.instruction!r}"))
     return tasks
 
 

@@ -215,12 +215,18 @@ def evaluate(method: Method, count: int, steps: int, seed: int = 50_000,
     results: dict[str, list] = {method.name: [], **{name: [] for name in method.baselines}}
     for i, case in enumerate(cases(method, count, seed)):
         for name, task in ((method.name, case.method), *case.baselines.items()):
-            try:
-                results[name].append(score(task, run_task(task, steps)))
-            except Exception as exc:  # a refused input (e.g. alignment) counts as a failed edit, and is shown
-                log(f"  {method.name} task {i}, {name}: FAILED: {exc}")
-                results[name].append(None)
+            results[name].append(_scored(task, steps, log, f"{method.name} task {i}, {name}"))
     return {name: summarise(scores) for name, scores in results.items()}
+
+
+def _scored(task: WorldTask, steps: int, log: Callable[[str], None], what: str):
+    """The task's :class:`~.demo_tasks.Scores`, or None when its run raised: a refused input (e.g. an alignment)
+    counts as a failed edit, and is shown."""
+    try:
+        return score(task, run_task(task, steps))
+    except Exception as exc:
+        log(f"  {what}: FAILED: {exc}")
+        return None
 
 
 def beats_baselines(method: Method, summaries: dict[str, Summary]) -> dict[str, bool]:
@@ -297,11 +303,8 @@ def setting_sweep(sweep: Sweep, count: int, steps: int, seed: int = 50_000,
         task = case.method
         for label, values in sweep.values.items():
             inputs = {**task.inputs, sweep.node: {**task.inputs.get(sweep.node, {}), **values}}
-            try:
-                results[label].append(score(task, run_task(dataclasses.replace(task, inputs=inputs), steps)))
-            except Exception as exc:  # counted as a failed edit, and shown
-                log(f"  {sweep.method} task {i}, {sweep.setting} {label}: FAILED: {exc}")
-                results[label].append(None)
+            results[label].append(_scored(dataclasses.replace(task, inputs=inputs), steps, log,
+                                          f"{sweep.method} task {i}, {sweep.setting} {label}"))
     return {label: summarise(scores) for label, scores in results.items()}
 
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from ...batching.outputs import atomic_write, png_bytes
-from .demo_tasks import ADOPT, CIRCLE, PAIR, RECOLOUR, REFERENCE, RESHAPE, WorldTask, _words, task_for
-from .edits import ground_truth
+from .demo_tasks import CIRCLE, PAIR, REFERENCE, RESHAPE, WorldTask, _words, world_tasks
 from .scene import SIZE, Scene, coverage, render
 
 # batch method -> the shipped workflow whose task it runs
@@ -42,12 +41,10 @@ def segments(scene: Scene) -> list[torch.Tensor]:
 
 
 def _rows(steps: int) -> list[tuple[dict, WorldTask]]:
-    """(row with paths relative to the manifest's folder, the task it is scored as)."""
+    """(row with paths relative to the manifest's folder, the task it is scored as: the ComfyUI demo's)."""
     s = {"steps": steps}
-    scenes = {"baret": (CIRCLE, RESHAPE, None), "nulltext-p2p": (CIRCLE, RESHAPE, None),
-              "specref": (CIRCLE, ADOPT, REFERENCE), "zone": (PAIR, RECOLOUR, None),
-              "keep-pixels": (PAIR, RECOLOUR, None)}
-    reshape, nulltext, adopt, recolour, keep = (task_for(WORKFLOW_OF[m], *scenes[m])
+    tasks = {task.stem: task for task in world_tasks()}
+    reshape, nulltext, adopt, recolour, keep = (tasks[WORKFLOW_OF[m]]
                                                 for m in ("baret", "nulltext-p2p", "specref", "zone", "keep-pixels"))
     new = _words(CIRCLE, RESHAPE)[1]  # the batch runner's blend words are target words
     shape = CIRCLE.objects[0].shape
@@ -72,13 +69,14 @@ def _rows(steps: int) -> list[tuple[dict, WorldTask]]:
 def write_world_manifest(folder: Path, steps: int) -> tuple[Path, dict[str, WorldTask]]:
     """The photos, masks and ``manifest.jsonl`` in ``folder``; returns its path and each row's task."""
     folder.mkdir(parents=True, exist_ok=True)
+    rows = _rows(steps)
+    tasks = {row["id"]: task for row, task in rows}
     files = {"circle.png": render(CIRCLE), "pair.png": render(PAIR), "reference.png": render(REFERENCE),
              "reference_mask.png": coverage(REFERENCE.objects[0]),
-             "pair_edited_elsewhere.png": drifted(ground_truth(PAIR, RECOLOUR).expected)}
+             "pair_edited_elsewhere.png": drifted(tasks["keep-pixels"].truth.expected)}
     files.update({f"pair_segment_{i}.png": mask for i, mask in enumerate(segments(PAIR))})
     for name, tensor in files.items():
         atomic_write(folder / name, png_bytes(tensor))
-    rows = _rows(steps)
     path = folder / "manifest.jsonl"
     atomic_write(path, ("\n".join(json.dumps(row) for row, _ in rows) + "\n").encode())
-    return path, {row["id"]: task for row, task in rows}
+    return path, tasks
