@@ -72,6 +72,13 @@ TINY_VOCAB = 1000
 _BOS, _EOS = 0, 1
 
 
+def place(*modules: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move fp32 ``modules`` to ``device``, casting only to another dtype (diffusers warns on a cast to the
+    dtype a model already has)."""
+    for module in modules:
+        module.to(device=device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
+
+
 def word_tokenizer(text: str) -> list[Token]:
     """A word-level stand-in for CLIP's BPE: one token per word (lower-cased, punctuation split off),
     id from crc32 (stable across processes and machines), text marked with CLIP's ``</w>``."""
@@ -104,8 +111,7 @@ def load_tiny(device: torch.device, dtype: torch.dtype, family: str = "sd1") -> 
     from ..testbed.diffusers_models import make_ddim_scheduler, make_tiny_diffusers_unet, make_tiny_diffusers_vae
 
     unet, vae = make_tiny_diffusers_unet(family, weight_scale=0.5), make_tiny_diffusers_vae()
-    for module in (unet, vae):
-        module.to(device=device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
+    place(unet, vae, device=device, dtype=dtype)
     text = tiny_text_encoder(unet.config.cross_attention_dim).to(device)
 
     @torch.no_grad()
@@ -120,18 +126,19 @@ register_loader("tiny", load_tiny)
 register_loader("tiny-ip2p", lambda device, dtype: load_tiny(device, dtype, "ip2p"))
 
 
-def _world_loader(file: str) -> Loader:
+def _world_loader(name: str, file: str) -> Loader:
     def load(device: torch.device, dtype: torch.dtype) -> EditModel:
         from ..testbed.shapes_world.diffusers_loader import edit_model
 
-        return edit_model(file, device, dtype)
+        return edit_model(name, file, device, dtype)
 
     return load
 
 
 # The shapes world's committed checkpoints (testbed/shapes_world_models/), for world manifests.
-register_loader("shapes-world", _world_loader("shapes_world_t2i.safetensors"))
-register_loader("shapes-world-ip2p", _world_loader("shapes_world_ip2p.safetensors"))
+for _name, _file in (("shapes-world", "shapes_world_t2i.safetensors"),
+                     ("shapes-world-ip2p", "shapes_world_ip2p.safetensors")):
+    register_loader(_name, _world_loader(_name, _file))
 DEFAULT_IP2P = {"tiny": "tiny-ip2p", "shapes-world": "shapes-world-ip2p"}  # --ip2p-model when not given, per --model
 
 

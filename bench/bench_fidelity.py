@@ -101,10 +101,10 @@ def main() -> None:
 
 def _sweep(name: str, tasks: int, steps: int) -> dict:
     """Run and print one of ``fidelity.SWEEPS``; its JSON record."""
-    from realedit.testbed.shapes_world.fidelity import METHODS, SWEEPS, chosen, setting_sweep
+    from realedit.testbed.shapes_world.fidelity import SWEEPS, chosen, setting_sweep
 
     sweep = SWEEPS[name]
-    metric = next(m for m in METHODS if m.name == sweep.method).metric
+    metric = sweep.spec.metric
     summaries = setting_sweep(sweep, tasks, steps)
     print(f"{sweep.method}: {sweep.setting}, over {tasks} tasks (judged on {metric})")
     for label, summary in summaries.items():

@@ -102,11 +102,8 @@ def test_the_zone_threshold_sweep_scores_m_b_at_every_threshold(shapes_world):
 def test_every_sweep_sets_inputs_its_node_has_and_lists_its_default():
     import json
 
-    from realedit.testbed.shapes_world.fidelity import METHODS as ALL
-
     for name, sweep in SWEEPS.items():
-        stem = next(m.stem for m in ALL if m.name == sweep.method)
-        inputs = json.loads((WORKFLOWS / f"{stem}.json").read_text())[sweep.node]["inputs"]
+        inputs = json.loads((WORKFLOWS / f"{sweep.spec.stem}.json").read_text())[sweep.node]["inputs"]
         assert all(set(values) <= set(inputs) for values in sweep.values.values()), name
         assert all(inputs[k] == v for k, v in sweep.values[sweep.default].items()), name  # the shipped values
 

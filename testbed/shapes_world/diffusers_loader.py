@@ -114,23 +114,21 @@ def load(path: Path) -> DiffusersWorld:
     return DiffusersWorld(unet, vae.float().eval(), text.float().eval(), world)
 
 
-def edit_model(file: str, device: torch.device, dtype: torch.dtype) -> EditModel:
-    """The batch runner's model (``--model shapes-world`` / ``shapes-world-ip2p``) from the committed
+def edit_model(name: str, file: str, device: torch.device, dtype: torch.dtype) -> EditModel:
+    """The batch runner's model ``name`` (``--model shapes-world`` / ``shapes-world-ip2p``) from the committed
     checkpoint ``file``: its UNet and VAE, SD1.5's DDIM schedule, and its text encoder fed by the world's
     token table (:mod:`.tokens`; CLIPTextEncode's embedding, without ComfyUI's tokenizer files)."""
-    from ...batching.models import EditModel
+    from ...batching.models import EditModel, place
     from ..diffusers_models import make_ddim_scheduler
-    from .config import CHECKPOINT_DIR, T2I_FILE
+    from .config import CHECKPOINT_DIR
     from .tokens import clip_ids, tokenize
 
     world = load(CHECKPOINT_DIR / file)
-    for module in (world.unet, world.vae):  # loaded in fp32: cast only to another dtype (diffusers warns)
-        module.to(device=device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
+    place(world.unet, world.vae, device=device, dtype=dtype)
     text = world.text_encoder.to(device)
 
     @torch.no_grad()
     def encode(prompt: str) -> torch.Tensor:
         return text(clip_ids(prompt).to(device)).last_hidden_state.to(dtype)  # (1, 77, 64)
 
-    name = "shapes-world" if file == T2I_FILE else "shapes-world-ip2p"
     return EditModel(name, world.unet, world.vae, make_ddim_scheduler(), tokenize, encode)

@@ -275,6 +275,11 @@ class Sweep:
     values: dict[str, dict[str, object]]  # label -> node inputs
     default: str  # the label of the shipped default
 
+    @property
+    def spec(self) -> Method:
+        """The swept method."""
+        return next(m for m in METHODS if m.name == self.method)
+
 
 SWEEPS: dict[str, Sweep] = {
     # SR-attention's step window (METHODS: steps 4-49 of 50); the layers window is finest_resolutions.
@@ -297,9 +302,8 @@ def setting_sweep(sweep: Sweep, count: int, steps: int, seed: int = 50_000,
                   log: Callable[[str], None] = print) -> dict[str, Summary]:
     """{value label: Summary} of the method's workflow with each of ``sweep``'s values, on the same ``count``
     seeded tasks as :func:`evaluate`."""
-    method = next(m for m in METHODS if m.name == sweep.method)
     results: dict[str, list] = {label: [] for label in sweep.values}
-    for i, case in enumerate(cases(method, count, seed)):
+    for i, case in enumerate(cases(sweep.spec, count, seed)):
         task = case.method
         for label, values in sweep.values.items():
             inputs = {**task.inputs, sweep.node: {**task.inputs.get(sweep.node, {}), **values}}
@@ -310,7 +314,7 @@ def setting_sweep(sweep: Sweep, count: int, steps: int, seed: int = 50_000,
 
 def chosen(sweep: Sweep, summaries: dict[str, Summary]) -> str:
     """The best value on the method's metric; ties keep the shipped default (then the first listed)."""
-    metric = next(m for m in METHODS if m.name == sweep.method).metric
+    metric = sweep.spec.metric
     best = max(summary.value(metric) for summary in summaries.values())
     ties = [label for label, summary in summaries.items() if summary.value(metric) == best]
     return sweep.default if sweep.default in ties else ties[0]
