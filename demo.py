@@ -100,7 +100,8 @@ def run_world_comfy(out: Path, steps: int) -> None:
 def _world_sheet(task: WorldTask, run: WorldRun, path: Path) -> None:
     """The contact sheet of one world task: its photos, every saved image (named by its SaveImage
     prefix), the expected image and region, and the scores."""
-    from .testbed.shapes_world.contact_sheet import contact_sheet, load_png
+    from .hosts.image_files import load_image
+    from .testbed.shapes_world.contact_sheet import contact_sheet
     from .testbed.shapes_world.demo_tasks import score
 
     tiles = [] if task.generated else [("source", task.truth.source)]
@@ -110,7 +111,7 @@ def _world_sheet(task: WorldTask, run: WorldRun, path: Path) -> None:
     for node_id in sorted(run.saved, key=int):
         prefix, files = run.saved[node_id]
         for file in files:
-            image = load_png(file)
+            image = load_image(file)
             tiles.append((("EDIT: " if node_id == task.edit_node else "") + prefix, image))
             edit = image if node_id == task.edit_node and edit is None else edit
     tiles += [("expected (renderer)", task.truth.expected)]

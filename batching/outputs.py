@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..hosts.diffusers_batch import quantise
+from ..hosts.image_files import quantise
 
 RECORD = "record.json"
 SUMMARY = "summary.json"

@@ -11,7 +11,7 @@ pairs). Printed: the median MSE at each cap with its spread (25-75%), then, at p
 best learning rates, the passes each method needs to reach a common MSE (the larger of the two medians at
 the largest cap: both reach it), as medians over the pairs, and their ratio beside the paper's 3.5x.
 
-Measured here (``--steps 10``, the committed checkpoint: 64-channel VAE, CPU-trained UNet that still misses
+Measured here (``--steps 10``, session 7's checkpoint: 64-channel VAE, UNet of 2 400 CPU steps that still missed
 its read-back gate, 10 pairs, 13 minutes on one core): at paper settings null-text reaches the common MSE
 (0.038) in 120 passes, TTIS in 420 (ratio 0.29x: TTIS's constant 1e-3 is far too small for this model);
 both do best at lr 0.1 (the sweep's largest), where both need the 20-iteration cap to reach 4.6e-4 (1.0x),

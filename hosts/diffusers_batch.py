@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +42,7 @@ from .diffusers_baret import baret_edit, null_text_invert, ttis_invert
 from .diffusers_edit import specref_edit
 from .diffusers_ip2p import ip2p_edit
 from .diffusers_sampling import ddim_invert
+from .image_files import load_image, load_mask, quantise
 
 
 class BatchModel(Protocol):
@@ -90,22 +90,6 @@ class _Timer:
 
 
 # -- pixels <-> latents ---------------------------------------------------------------------------------------
-def load_image(path: str) -> torch.Tensor:
-    """An image file as (H, W, 3) float in [0, 1] (alpha dropped, greyscale expanded)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
-
-
-def load_mask(path: str) -> torch.Tensor:
-    """A mask file as (H, W) float in [0, 1] (its luminance; alpha ignored)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255.0)
-
-
 @torch.no_grad()
 def encode_image(model: BatchModel, image: torch.Tensor) -> torch.Tensor:
     """(H, W, 3) in [0, 1] -> the UNet's scaled latent (1, 4, H/8, W/8), the VAE's posterior mode."""
@@ -293,11 +277,6 @@ def scores(edit: torch.Tensor, truth: torch.Tensor, original: torch.Tensor | Non
         same = (quantise(edit) == quantise(original)).all(-1)
         out["unchanged_outside_mask"] = float(same[outside].float().mean()) if bool(outside.any()) else 1.0
     return out
-
-
-def quantise(image: torch.Tensor) -> torch.Tensor:
-    """[0, 1] floats -> uint8, rounded as the PNG writer does."""
-    return (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _plain(value: Any) -> Any:

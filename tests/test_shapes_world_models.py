@@ -26,7 +26,7 @@ def _gate(key: str, target: str, unit: str) -> pytest.MarkDecorator:
         return pytest.mark.usefixtures()
     return pytest.mark.xfail(strict=True, reason=(
         f"committed weights measure {value:.3g}{unit} on this subset (full set: {REPORT['measured'][key]:.3g}{unit}), "
-        f"target {TARGETS[target]:g}{unit}: train longer (see testbed/shapes_world_models/README.md)"))
+        f"target {TARGETS[target]:g}{unit}: retrain (testbed/shapes_world_models/README.md says what limits it)"))
 
 
 def test_checkpoints_are_fp16_sd15_layout_and_record_their_training_config():
@@ -139,6 +139,20 @@ def test_gate_measurements_are_reproducible(shapes_world):
     assert gates.vae_gate(shapes_world.t2i[2], n=REPORT["sizes_ci"]["vae"]) == pytest.approx(CI["vae_psnr_db"],
                                                                                              abs=0.05)
     assert gates.ddim_gate(*shapes_world.t2i) == pytest.approx(CI["ddim_psnr_db"], abs=0.05)
+
+
+def test_renders_read_back_exactly_and_the_vae_ceiling_is_the_committed_one(shapes_world):
+    """The t2i gate's scorer gives every attribute and scene of the renders themselves; through the VAE
+    (no UNet) it gives the committed ceiling of that gate (seeded, as the gates)."""
+    from realedit.testbed.shapes_world import gates
+    from realedit.testbed.shapes_world.scene import render_batch
+
+    n = REPORT["sizes_ci"]["t2i"]
+    scenes = gates.gate_scenes(n)
+    assert gates.read_back(render_batch(scenes), scenes) == gates.T2IGate(1.0, 1.0, n)
+    ceiling = gates.vae_read_back(shapes_world.t2i[2], n=n)
+    committed = (CI["vae_read_back_attributes"], CI["vae_read_back_scenes"])
+    assert (ceiling.attributes, ceiling.scenes) == pytest.approx(committed, abs=0.05)
 
 
 @pytest.mark.parametrize("name", [T2I_FILE, IP2P_FILE])

@@ -48,18 +48,18 @@ def test_scores_of_the_truth_itself_and_of_the_untouched_source():
 
 def test_a_world_task_runs_through_the_executor_into_a_contact_sheet(shapes_world, runner, tmp_path):
     from realedit.demo import _world_sheet
+    from realedit.hosts.image_files import load_image
     from realedit.testbed.demo_inputs import run_world_task, world_run
-    from realedit.testbed.shapes_world.contact_sheet import load_png
 
     task = next(t for t in world_tasks() if t.stem == "zone_instruction_edit")
     workflow, _ = world_run(task.api_workflow(), task, 2)
     assert {n["inputs"]["ckpt_name"] for n in workflow.values() if n["class_type"] == "CheckpointLoaderSimple"} \
         == {task.checkpoint}
     run = run_world_task(task, 2, tmp_path)
-    edit = load_png(run.first_image(task.edit_node))
+    edit = load_image(run.first_image(task.edit_node))
     assert edit.shape == task.truth.source.shape
     _world_sheet(task, run, tmp_path / "sheet.png")
-    sheet = load_png(tmp_path / "sheet.png")
+    sheet = load_image(tmp_path / "sheet.png")
     assert sheet.shape[1] > 5 * 256 and sheet.shape[0] > 256  # source, saved images, truth, region
 
 
@@ -83,17 +83,17 @@ def test_the_world_demo_on_the_diffusers_host_runs_every_method_against_the_trut
     colour-drifted, returns the source exactly outside its final mask and the edit read back as asked."""
     from realedit.batching.outputs import row_dir
     from realedit.demo import main
-    from realedit.testbed.shapes_world.contact_sheet import load_png
+    from realedit.hosts.image_files import load_image
     from realedit.testbed.shapes_world.world_batch import WORKFLOW_OF
 
     main(["--host", "diffusers", "--out", str(tmp_path), "--steps", "2"])
     for stem in ("attention_probe", "stylediffusion_edit", *WORKFLOW_OF.values()):
-        assert load_png(tmp_path / f"{stem}.png").shape[1] >= 2 * 256, stem  # at least the edit and the truth
+        assert load_image(tmp_path / f"{stem}.png").shape[1] >= 2 * 256, stem  # at least the edit and the truth
     summary = json.loads((tmp_path / "batch" / "summary.json").read_text())
     assert (summary["ok"], summary["failed"]) == (5, 0)
     keep = row_dir(tmp_path / "batch", "keep-pixels")
     task = next(t for t in world_tasks() if t.stem == "keep_unedited_ip2p")
-    edit, mask = load_png(keep / "edit.png"), load_png(keep / "mask_final.png")
+    edit, mask = load_image(keep / "edit.png"), load_image(keep / "mask_final.png")
     outside = mask[..., 0] < 0.5  # (H, W): the PNG holds the mask in every channel
     source = (task.truth.source * 255).round() / 255  # the photo as its PNG holds it
     assert 0 < (~outside).sum() < outside.numel() / 4

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -42,8 +40,3 @@ def contact_sheet(title: str, tiles: list[tuple[str, torch.Tensor]], lines: list
     for j, line in enumerate(lines):
         draw.text((GAP, top + TILE + LABEL + GAP + j * LINE), line, fill="black")
     return sheet
-
-
-def load_png(path: Path) -> torch.Tensor:
-    """A saved PNG as (H, W, 3) float in [0, 1]."""
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)

@@ -175,11 +175,11 @@ def _sdedit_workflow(steps: int = 50, cfg: float = 7.5, denoise: float = 0.6) ->
 
 def run_task(task: WorldTask, steps: int) -> torch.Tensor:
     """The task's edit (H, W, 3): its workflow through ComfyUI's executor with the world's checkpoints."""
+    from ...hosts.image_files import load_image
     from ..demo_inputs import run_world_task
-    from .contact_sheet import load_png
 
     with tempfile.TemporaryDirectory() as folder:
-        return load_png(run_world_task(task, steps, Path(folder)).first_image(task.edit_node))
+        return load_image(run_world_task(task, steps, Path(folder)).first_image(task.edit_node))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .config import WorldConfig
 from .edits import IP2P_KINDS, instruction, random_edit, render_edit_pairs
 from .scene import Scene, map_chunks, random_scene, render_pool
-from .schedule import StepPlan, cosine_lr
+from .schedule import StepPlan, cosine_lr, ema_decay_at
 from .train_vae import SD15_SCALE, to_vae_input
 
 
@@ -167,7 +167,7 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
             loss.backward()
             optimiser.step()
             with torch.no_grad():
-                torch._foreach_lerp_(ema, params, 1.0 - config.ema_decay)
+                torch._foreach_lerp_(ema, params, 1.0 - ema_decay_at(step, config.ema_decay, config.ema_warmup))
             window.append(loss.detach())
             plan.after(step, synchronise)
             step += 1

@@ -31,9 +31,9 @@ _VAE_FIELDS = ("vae", "seed", "vae_pool", "vae_steps", "vae_batch", "vae_crop", 
 _DATA_FIELDS = _VAE_FIELDS + ("clip", "clip_seed", "dataset_scenes")
 _DECODER_FIELDS = _VAE_FIELDS + ("decoder_steps", "decoder_batch", "decoder_lr")
 _UNET_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "unet_steps", "unet_batch", "unet_lr", "ema_decay",
-                               "caption_dropout")
+                               "ema_warmup", "caption_dropout")
 _IP2P_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "ip2p_steps", "unet_batch", "unet_lr", "ema_decay",
-                               "ip2p_dropout")
+                               "ema_warmup", "ip2p_dropout")
 # The settings each stage's file depends on; the data stage's file is the only one that is not weights.
 _STAGE_FIELDS = {"vae": _VAE_FIELDS, "data": _DATA_FIELDS, "decoder": _DECODER_FIELDS, "t2i": _UNET_FIELDS,
                  "ip2p": _IP2P_FIELDS}
@@ -258,6 +258,8 @@ def gate_lines(measured: dict[str, float]) -> list[str]:
         f"gate text-to-image read-back at CFG 7.5: {measured['t2i_attributes']:.1%} of attributes, "
         f"{measured['t2i_scenes']:.1%} of scenes exact (target >= {TARGETS['t2i']:.0%}) "
         f"{mark(measured['t2i_attributes'] >= TARGETS['t2i'])}",
+        f"  (its ceiling through the VAE: the same scenes' photos round-tripped read back "
+        f"{measured['vae_read_back_attributes']:.1%} of attributes, {measured['vae_read_back_scenes']:.1%} of scenes)",
         f"gate IP2P instructions carried out: {measured['ip2p_success']:.1%} (target >= {TARGETS['ip2p']:.0%}) "
         f"{mark(measured['ip2p_success'] >= TARGETS['ip2p'])}",
         f"gate DDIM inversion + reconstruction: {measured['ddim_psnr_db']:.2f} dB (target >= {TARGETS['ddim']:.0f}) "
