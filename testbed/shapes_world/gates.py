@@ -100,7 +100,8 @@ def t2i_gate(model: comfy.model_patcher.ModelPatcher, clip: comfy.sd.CLIP, vae: 
 @torch.inference_mode()
 def vae_read_back(vae: comfy.sd.VAE, n: int = 32) -> T2IGate:
     """The t2i gate's scenes as photos through VAEEncode -> VAEDecode, read back as that gate reads its
-    samples: the best score any UNet can reach through this VAE (no target of its own)."""
+    samples: what a UNet that reproduced the encoder's latents exactly would score (the gate's ceiling unless
+    a UNet finds latents that decode sharper than the encoder's; no target of its own)."""
     scenes = gate_scenes(n)
     return read_back(vae.decode(vae.encode(render_batch(scenes))), scenes)
 
