@@ -1,7 +1,7 @@
 """Benchmark: the shapes world's VAE width against its colour fidelity, at equal training steps.
 
-ComfyUI's AutoencoderKL normalises with 32 groups. At 32 channels (the committed VAE) each group is one
-channel, so every GroupNorm removes each channel's mean over the image: the absolute colour of a flat
+ComfyUI's AutoencoderKL normalises with 32 groups. At 32 channels (the world's first VAE; the committed one has 64)
+each group is one channel, so every GroupNorm removes each channel's mean over the image: the absolute colour of a flat
 region can only pass through the encoder's last norm and the decoder's ``norm_out`` by way of the zero
 padding's border effects. At 128 channels (SD's VAE at full resolution) a group holds 4 channels, whose
 ratios carry the colour. This trains each width with the world's own VAE recipe (``train_vae``: the same
