@@ -37,6 +37,34 @@ def test_the_warmed_up_ema_forgets_the_initial_weights():
     assert start_share(True) < 1e-4
 
 
+def test_offset_noise_adds_one_constant_per_image_and_channel(comfy):
+    from realedit.testbed.shapes_world.train_unet import training_noise
+
+    shape = torch.Size((4000, 4, 16, 16))
+    plain = training_noise(shape, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    offset = training_noise(shape, 0.4, torch.Generator().manual_seed(0))
+    shift = offset - plain
+    torch.testing.assert_close(shift, shift[..., :1, :1].expand(shape), atol=1e-6, rtol=0)  # constant over (h, w)
+    # The spatial mean's spread: 1/16 from the plain noise alone, sqrt(0.4^2 + 1/16^2) with the offset.
+    assert plain.mean((2, 3)).std().item() == pytest.approx(1 / 16, rel=0.05)
+    assert offset.mean((2, 3)).std().item() == pytest.approx((0.4**2 + 1 / 256) ** 0.5, rel=0.05)
+
+
+def test_the_ip2p_unet_learns_the_image_conditioning_comfyui_gives_it(comfy):
+    """IP2P's c_I in training is what ComfyUI's SD1.5 IP2P model concatenates at sampling time from
+    InstructPixToPixConditioning's latent (VAEEncode's, unscaled), not the model-space latent."""
+    from realedit.testbed.shapes_world.models import make_unet, make_vae
+    from realedit.testbed.shapes_world.train_unet import encode_images, ip2p_concat
+
+    vae, model = make_vae(), make_unet(in_channels=8).model
+    photo = render_batch([random_scene(random.Random(3))])
+    noise = torch.zeros(1, 4, 16, 16)
+    sampled = model.concat_cond(concat_latent_image=vae.encode(photo), noise=noise, device=torch.device("cpu"))
+    torch.testing.assert_close(ip2p_concat(encode_images(vae, photo)), sampled, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(encode_images(vae, photo), sampled, atol=1e-2)
+
+
 def _run(plan: StepPlan, now: list[float], seconds_per_step) -> int:
     step = 0
     while step < plan.total:

@@ -81,6 +81,7 @@ class WorldConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True  # min(ema_decay, (1 + step) / (10 + step)): see schedule.ema_decay_at
     caption_dropout: float = 0.1
+    offset_noise: float = 0.4  # std of a per-(image, channel) constant added to the training noise: see train_unet
     ip2p_steps: int = 10000
     ip2p_dropout: float = 0.05  # text, image and both dropped with this probability each (the IP2P paper)
     data_version: int = 2
@@ -99,13 +100,13 @@ class WorldConfig:
 
 DEFAULT_CONFIG = WorldConfig()
 
-# The recipe for two CPU cores (2 h 45 min in all here, see shapes_world_models/README.md): the same
+# The recipe for two CPU cores (about 1 h 40 min in all here, see shapes_world_models/README.md): the same
 # models and data streams, fewer samples. VAE on batches of 16 crops of 64 px (more steps for the same
 # pixels; SD's VAE too trains on crops smaller than it is used at), a short decoder fine-tuning, batches of
 # 32 for the UNets (4x the steps of the GPU's 128 for the same compute), 12 000 training scenes (rendering
 # and encoding 20 000 of them and their edit pairs would take a quarter of the budget).
 CPU_RECIPE: dict[str, Any] = {
-    "vae_crop": 64, "vae_batch": 16, "vae_steps": 1200, "decoder_batch": 4, "decoder_steps": 200,
-    "dataset_scenes": 12000, "unet_batch": 32, "unet_steps": 12000, "ip2p_steps": 12000,
+    "vae_crop": 64, "vae_batch": 16, "vae_steps": 1200, "decoder_batch": 8, "decoder_steps": 600,
+    "dataset_scenes": 12000, "unet_batch": 32, "unet_steps": 6000, "ip2p_steps": 6000,
 }
 RECIPES: dict[str, WorldConfig] = {"gpu": DEFAULT_CONFIG, "cpu": dataclasses.replace(DEFAULT_CONFIG, **CPU_RECIPE)}

@@ -31,9 +31,9 @@ _VAE_FIELDS = ("vae", "seed", "vae_pool", "vae_steps", "vae_batch", "vae_crop", 
 _DATA_FIELDS = _VAE_FIELDS + ("clip", "clip_seed", "dataset_scenes")
 _DECODER_FIELDS = _VAE_FIELDS + ("decoder_steps", "decoder_batch", "decoder_lr")
 _UNET_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "unet_steps", "unet_batch", "unet_lr", "ema_decay",
-                               "ema_warmup", "caption_dropout")
+                               "ema_warmup", "caption_dropout", "offset_noise")
 _IP2P_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "ip2p_steps", "unet_batch", "unet_lr", "ema_decay",
-                               "ema_warmup", "ip2p_dropout")
+                               "ema_warmup", "ip2p_dropout", "offset_noise")
 # The settings each stage's file depends on; the data stage's file is the only one that is not weights.
 _STAGE_FIELDS = {"vae": _VAE_FIELDS, "data": _DATA_FIELDS, "decoder": _DECODER_FIELDS, "t2i": _UNET_FIELDS,
                  "ip2p": _IP2P_FIELDS}
