@@ -38,11 +38,11 @@ WORKFLOWS = ROOT / "api_workflows"
 
 def _save_image(image, path: Path) -> None:
     """Save a (H, W, 3) float image in [0, 1] (or a (H, W) mask) as PNG."""
-    import numpy as np
     from PIL import Image
 
-    array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(array).save(path)
+    from .hosts.image_files import quantise
+
+    Image.fromarray(quantise(image).numpy()).save(path)
     print(f"  wrote {path}")
 
 
