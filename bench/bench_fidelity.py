@@ -9,8 +9,8 @@ region that should change, "exact" when no pixel there changed; PSNR to the expe
 verdict on each method's own metric, and written as JSON. ``--sweep-zone-threshold`` also chooses ZONE's
 M_b threshold T on the world (the median IoU of M_b with the region that should change, for each T; the
 paper leaves the value open). ``--sweep NAME`` sweeps another open default on its method's tasks and
-metric (``fidelity.SWEEPS``: SpecRef's SR-attention step window, its layers, its M_t / M_s thresholds;
-BARET's transition lambda schedule) and prints the value it chooses (a tie keeps the shipped default).
+metric (``fidelity.SWEEPS``: SpecRef's SR-attention step window, its layers, its M_t / M_s thresholds, its
+rows under CFG; BARET's transition lambda schedule) and prints the value it chooses (a tie keeps the shipped default).
 
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py                 # 30 tasks per method, 10 steps
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --tasks 3 --methods ZONE SpecRef
@@ -48,7 +48,7 @@ def main() -> None:
                         help="also sweep ZONE's M_b threshold T against the true edit regions (--tasks tasks)")
     parser.add_argument("--sweep", nargs="*", default=[], metavar="NAME",
                         help="also sweep these open defaults on --tasks tasks (fidelity.SWEEPS: specref-window, "
-                             "specref-layers, specref-thresholds, baret-lambda)")
+                             "specref-layers, specref-thresholds, specref-uncond, baret-lambda)")
     args = parser.parse_args()
 
     from realedit.testbed.comfy_env import bootstrap_comfyui

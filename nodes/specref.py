@@ -93,6 +93,7 @@ class SpecRefEditSampler(io.ComfyNode):
                                tooltip="Threshold of the subtracted words' max-normalised map (official P2P code: "
                                        "0.3, as the blend words')."),
                 *_sr_option_inputs(),
+                _uncond_shared_kv_input(optional=True),
             ],
             outputs=[
                 io.Latent.Output(display_name="edited"),
@@ -107,7 +108,7 @@ class SpecRefEditSampler(io.ComfyNode):
                 cross_replace, self_replace, blend_words="", blend_threshold=0.3, reweight_words="",
                 reweight_factor=2.0, ref_features=None, reference_mask=None, target_words="", mt_threshold=0.5,
                 ms_threshold=0.5, blend_subtract_words="", blend_subtract_threshold=P2P_DEFAULTS.blend_threshold,
-                sr_layers="", mask_resize=SR_DEFAULTS.mask_resize) -> io.NodeOutput:
+                sr_layers="", mask_resize=SR_DEFAULTS.mask_resize, uncond_shared_kv=False) -> io.NodeOutput:
         edit = prompt_edit(clip, source_text, target_text, edit_mode, reweight_words, reweight_factor)
         tokenize = edit.tokenize
         settings = SpecRefSettings(
@@ -130,7 +131,7 @@ class SpecRefEditSampler(io.ComfyNode):
         controls = SpecRefControls(
             settings=settings, cross_edit=edit.cross_edit, local_blend=local_blend,
             target_positions=positions, ref_mask=reference_mask if ref_features is not None else None,
-            sr_layers=parse_layers(sr_layers),
+            sr_layers=parse_layers(sr_layers), sr_uncond_shared_kv=uncond_shared_kv,
         )
 
         step = progress(inversion.steps)
@@ -142,6 +143,19 @@ class SpecRefEditSampler(io.ComfyNode):
         return io.NodeOutput({"samples": result.latent}, {"samples": result.reconstruction},
                              image_mask(result.mt_mask, hw), image_mask(result.blend_mask, hw),
                              ui=ui.PreviewText(text))
+
+
+UNCOND_SHARED_KV_TOOLTIP = (
+    "Also apply SR-attention to the unconditional rows, with the same reference K/V as the conditional rows (the "
+    "reference is inverted once, without guidance); their M_t is the conditional row's. Not the official code's "
+    "unconditional option, which pairs those rows with K/V from a CFG inversion of the reference. Default off (as "
+    "there). Switch it on when the edit turns into coloured noise: with SR-attention on the conditional rows only, "
+    "CFG multiplies the difference it makes by the cfg scale (on the shapes world at cfg 7.5 the whole image "
+    "broke up; with this on it kept its background, README 'SpecRef under CFG').")
+
+
+def _uncond_shared_kv_input(optional: bool = False) -> io.Boolean.Input:
+    return io.Boolean.Input("uncond_shared_kv", default=False, optional=optional, tooltip=UNCOND_SHARED_KV_TOOLTIP)
 
 
 def _sr_option_inputs() -> list:
@@ -200,12 +214,7 @@ class ApplySRAttention(io.ComfyNode):
                                tooltip=describe(SpecRefSettings, "mt_threshold")),
                 io.Float.Input("ms_threshold", default=defaults.ms_threshold, min=0.0, max=1.0, step=0.01,
                                tooltip=describe(SpecRefSettings, "ms_threshold")),
-                io.Boolean.Input("uncond_shared_kv", default=False,
-                                 tooltip="Also apply SR-attention to the unconditional rows, with the same reference "
-                                         "K/V as the conditional rows (the reference is inverted once, without "
-                                         "guidance); their M_t is the conditional row's. Not the official code's "
-                                         "unconditional option, which pairs those rows with K/V from a CFG inversion "
-                                         "of the reference. Default off (as there)."),
+                _uncond_shared_kv_input(),
                 io.Mask.Input("reference_mask", optional=True,
                               tooltip="M_s: the reference object in the reference photo (none = all of it)."),
                 io.Mask.Input("target_mask", optional=True,

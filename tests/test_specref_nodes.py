@@ -61,6 +61,20 @@ def _sr_calls(result) -> int:
     return int(re.search(r"SR-attention applied in (\d+) calls", text).group(1))
 
 
+def test_the_edit_sampler_can_apply_sr_attention_to_the_unconditional_rows_too(runner, overrides, workflow,
+                                                                               tmp_path):
+    """uncond_shared_kv reaches the sampler's SR-attention: the edit changes, the reconstruction path (which
+    SR-attention never touches) stays bit-identical."""
+    runs = {}
+    for shared in (False, True):
+        changed = copy.deepcopy(workflow)
+        changed[SAMPLER]["inputs"]["uncond_shared_kv"] = shared
+        result = runner.run_workflow(changed, outputs=[SAMPLER], overrides=overrides, output_dir=tmp_path)
+        runs[shared] = result[SAMPLER]
+    assert torch.equal(runs[False][1]["samples"], runs[True][1]["samples"])
+    assert not torch.equal(runs[False][0]["samples"], runs[True][0]["samples"])
+
+
 def test_live_reference_with_reweight(runner, overrides, workflow, tmp_path):
     live = copy.deepcopy(workflow)
     live["10"]["inputs"]["mode"] = "live"
@@ -277,9 +291,10 @@ def test_edit_sampler_p2p_defaults_come_from_the_settings_and_name_their_origin(
 def test_the_unconditional_sr_option_is_named_for_what_it_does(comfy):
     """It reuses the conditional reference K/V; it must not claim to be the official option (which pairs the
     unconditional rows with K/V from a CFG inversion of the reference)."""
-    from realedit.nodes.specref import ApplySRAttention
+    from realedit.nodes.specref import ApplySRAttention, SpecRefEditSampler
 
-    inputs = _schema_inputs(ApplySRAttention)
-    assert "include_uncond" not in inputs and inputs["uncond_shared_kv"].default is False
-    tooltip = inputs["uncond_shared_kv"].tooltip
-    assert "same reference K/V" in tooltip and "Not the official code's" in tooltip
+    for node in (ApplySRAttention, SpecRefEditSampler):
+        inputs = _schema_inputs(node)
+        assert "include_uncond" not in inputs and inputs["uncond_shared_kv"].default is False
+        tooltip = inputs["uncond_shared_kv"].tooltip
+        assert "same reference K/V" in tooltip and "Not the official code's" in tooltip and "cfg" in tooltip

@@ -291,6 +291,10 @@ SWEEPS: dict[str, Sweep] = {
     # M_t (the target word's map) and M_s (the reference mask) thresholds; the official examples use 0.2-0.5.
     "specref-thresholds": Sweep("SpecRef", "M_t and M_s thresholds", "11", {
         f"{t:g}": {"mt_threshold": t, "ms_threshold": t} for t in (0.2, 0.35, 0.5, 0.65)}, "0.5"),
+    # SR-attention on the conditional rows only (the official code's default) or on both with the same K/V:
+    # under CFG the former's change is multiplied by the cfg scale (see the Apply SR-Attention tooltip).
+    "specref-uncond": Sweep("SpecRef", "SR-attention rows (uncond_shared_kv)", "11", {
+        "cond only": {"uncond_shared_kv": False}, "cond + uncond": {"uncond_shared_kv": True}}, "cond only"),
     # BARET's progressive transition lambda (Eq. 3), linear from start to end; 1 -> 1 is the rigid setting.
     "baret-lambda": Sweep("BARET", "transition lambda start -> end", "7", {
         f"{a:g} -> {b:g}": {"lambda_start": a, "lambda_end": b}
