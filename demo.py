@@ -99,29 +99,47 @@ def run_world_comfy(out: Path, steps: int) -> None:
 
 def _world_sheet(task: WorldTask, run: WorldRun, path: Path) -> None:
     """The contact sheet of one world task: its photos, every saved image (named by its SaveImage
-    prefix), the expected image and region, and the scores."""
+    prefix), the expected image and region, and the scores; and the workflow's template-browser card from
+    the same tiles, ``<folder>/thumbnails/<workflow>.jpg`` (``scripts/build_ui_workflows.py
+    --thumbnails-from`` ships it)."""
     from .hosts.image_files import load_image
     from .testbed.shapes_world.contact_sheet import contact_sheet
     from .testbed.shapes_world.demo_tasks import score
 
-    tiles = [] if task.generated else [("source", task.truth.source)]
+    photos = [] if task.generated else [("source", task.truth.source)]
     if task.reference is not None:
-        tiles.append(("reference", task.reference))
-    edit = None
+        photos.append(("reference", task.reference))
+    saved, edit = [], None
     for node_id in sorted(run.saved, key=int):
         prefix, files = run.saved[node_id]
         for file in files:
             image = load_image(file)
-            tiles.append((("EDIT: " if node_id == task.edit_node else "") + prefix, image))
+            saved.append((node_id == task.edit_node, prefix, image))
             edit = image if node_id == task.edit_node and edit is None else edit
-    tiles += [("expected (renderer)", task.truth.expected)]
-    if not task.generated:
-        tiles.append(("region that should change", task.truth.region.float()))
+    expected = [("expected (renderer)", task.truth.expected)]
+    region = [] if task.generated else [("region that should change", task.truth.region.float())]
+    tiles = photos + [(("EDIT: " if is_edit else "") + prefix, image) for is_edit, prefix, image in saved]
     lines = [task.summary]
     lines.append("scores: " + (score(task, edit).line(task.generated) if edit is not None else "no edit saved"))
     lines += [text.splitlines()[0][:160] for text in run.texts[:3]]
-    contact_sheet(f"{task.stem} (shapes world, {task.checkpoint})", tiles, lines).save(path)
+    contact_sheet(f"{task.stem} (shapes world, {task.checkpoint})", tiles + expected + region, lines).save(path)
     print(f"{task.stem}: {lines[1]}\n  wrote {path}")
+    _world_card(task, photos, saved, region, path.parent / "thumbnails" / f"{task.stem}.jpg")
+
+
+def _world_card(task: WorldTask, photos: list, saved: list, region: list, path: Path) -> None:
+    """The workflow's template-browser card (JPEG): the photos, the edit, the truth, then the other saved
+    images (masks) and the region; ``saved`` holds (is the edit, SaveImage prefix, image)."""
+    from .testbed.shapes_world.contact_sheet import workflow_card
+
+    edits = [("generated" if task.generated else "edit", image) for is_edit, _, image in saved if is_edit]
+    others = [(prefix.removeprefix("realedit_").replace("_", " "), image) for is_edit, prefix, image in saved
+              if not is_edit]
+    tiles = photos + edits + [("expected", task.truth.expected)] + others
+    tiles += [("region to change", image) for _, image in region]
+    heading = (WORKFLOWS / f"{task.stem}.md").read_text().splitlines()[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    workflow_card(f"{heading}, on the shapes world", tiles).save(path, quality=90)
 
 
 def _encode(vae, image):

@@ -11,9 +11,12 @@ per stage, node sizes from ``testbed/ui_node_sizes.json``), node titles (the twi
 metadata for the front end's download dialog, and a Note: ``api_workflows/<name>.md`` (what the workflow
 does, what to connect, which model family, the settings worth changing first) above a generated list of
 the photos and model files it needs. A twin without its ``.md`` gets the generated list only (and a
-warning). ``--thumbnails`` also draws ``example_workflows/<name>.jpg`` (the template browser's thumbnail).
+warning). ``--thumbnails`` also draws ``example_workflows/<name>.jpg`` (the template browser's thumbnail) as
+a diagram of the workflow's stages; ``--thumbnails-from DIR`` takes the cards the demo made from its real
+outputs on the shapes world (``DIR/<name>.jpg``, e.g. ``out/demo/thumbnails`` after ``python -m
+realedit.demo`` with ComfyUI) and draws the diagram only for a workflow the demo has no card for.
 
-    .venv/bin/python scripts/build_ui_workflows.py [--thumbnails] [names...]
+    .venv/bin/python scripts/build_ui_workflows.py [--thumbnails | --thumbnails-from DIR] [names...]
 
 Generate on the oldest supported ComfyUI (0.3.64): a newer one adds slots some core nodes gained (0.33 gave
 Save Image an IMAGE output), which the front end rebuilds from the server anyway.
@@ -34,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT.parent))
 
 
-THUMB_SIZE = (512, 384)  # the template browser shows <name>.jpg from example_workflows/ (4:3 cards)
+from realedit.testbed.shapes_world.contact_sheet import CARD_SIZE as THUMB_SIZE  # noqa: E402  (after the path)
 
 
 def _label(node: dict, display_names: dict[str, str]) -> str:
@@ -43,7 +46,8 @@ def _label(node: dict, display_names: dict[str, str]) -> str:
 
 def draw_thumbnail(name: str, ui: dict, note: str | None, display_names: dict[str, str]) -> Image.Image:
     """A labelled diagram of the workflow: its stages left to right (the group colours), the nodes of each
-    by title, and the model family from the note's first line. A stand-in until real demo outputs exist."""
+    by title, and the model family from the note's first line. For workflows without a demo card (one that
+    needs weights the shapes world has no stand-in for)."""
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = THUMB_SIZE
@@ -90,6 +94,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help="workflow names (default: every api_workflows/*.json)")
     parser.add_argument("--thumbnails", action="store_true", help="also draw example_workflows/<name>.jpg")
+    parser.add_argument("--thumbnails-from", type=Path, metavar="DIR",
+                        help="take example_workflows/<name>.jpg from the demo's cards DIR/<name>.jpg (a diagram "
+                             "where there is none)")
     args = parser.parse_args()
 
     from realedit.testbed.comfy_runner import load_comfy_nodes, load_pack
@@ -114,10 +121,28 @@ def main() -> None:
         target = ROOT / "example_workflows" / api_path.name
         target.write_text(json.dumps(ui, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {target.relative_to(ROOT)}")
-        if args.thumbnails:
+        if args.thumbnails or args.thumbnails_from:
             thumb = target.with_suffix(".jpg")
-            draw_thumbnail(api_path.stem, ui, note, nodes.NODE_DISPLAY_NAME_MAPPINGS).save(thumb, quality=88)
-            print(f"wrote {thumb.relative_to(ROOT)}")
+            card = args.thumbnails_from / thumb.name if args.thumbnails_from else None
+            if card is not None and card.is_file():
+                copy_card(card, thumb)
+            else:
+                draw_thumbnail(api_path.stem, ui, note, nodes.NODE_DISPLAY_NAME_MAPPINGS).save(thumb, quality=88)
+            print(f"wrote {thumb.relative_to(ROOT)}" + (f" (from {card})" if card is not None and card.is_file()
+                                                         else " (diagram)"))
+
+
+def copy_card(card: Path, thumb: Path) -> None:
+    """Copy a demo card to ``thumb``, refusing one that is not a THUMB_SIZE JPEG."""
+    import shutil
+
+    from PIL import Image
+
+    with Image.open(card) as image:
+        if image.format != "JPEG" or image.size != THUMB_SIZE:
+            raise SystemExit(f"{card}: a card must be a {THUMB_SIZE[0]}x{THUMB_SIZE[1]} JPEG, got {image.format} "
+                             f"{image.size[0]}x{image.size[1]}")
+    shutil.copyfile(card, thumb)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from realedit.testbed.shapes_world.demo_tasks import WorldTask, psnr, score, world_tasks
@@ -61,6 +62,24 @@ def test_a_world_task_runs_through_the_executor_into_a_contact_sheet(shapes_worl
     _world_sheet(task, run, tmp_path / "sheet.png")
     sheet = load_image(tmp_path / "sheet.png")
     assert sheet.shape[1] > 5 * 256 and sheet.shape[0] > 256  # source, saved images, truth, region
+    _assert_card_shows(tmp_path / "thumbnails" / f"{task.stem}.jpg", [task.truth.source, edit, task.truth.expected])
+
+
+def _assert_card_shows(path: Path, images: list[torch.Tensor]) -> None:
+    """The template browser's card: a 512x384 JPEG whose first tiles (two rows of three 160 px tiles from
+    (8, 30)) are ``images`` in order, up to JPEG's loss."""
+    from PIL import Image
+    from realedit.testbed.shapes_world.contact_sheet import CARD_TILE
+
+    with Image.open(path) as card:
+        assert card.format == "JPEG" and card.size == (512, 384)
+        pixels = torch.from_numpy(np.array(card.convert("RGB"))).float() / 255
+    for i, image in enumerate(images):
+        left = 8 + i * (CARD_TILE + 8)
+        tile = pixels[30:30 + CARD_TILE, left:left + CARD_TILE]  # (160, 160, 3)
+        shown = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=(CARD_TILE, CARD_TILE),
+                                                mode="nearest-exact")[0].permute(1, 2, 0)
+        assert (tile - shown).abs().mean() < 0.03, i
 
 
 def test_the_demo_without_comfyui_runs_every_method_on_the_diffusers_host(tmp_path):
