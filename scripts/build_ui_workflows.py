@@ -126,10 +126,11 @@ def main() -> None:
             card = args.thumbnails_from / thumb.name if args.thumbnails_from else None
             if card is not None and card.is_file():
                 copy_card(card, thumb)
+                made = f"the demo's {card}"
             else:
                 draw_thumbnail(api_path.stem, ui, note, nodes.NODE_DISPLAY_NAME_MAPPINGS).save(thumb, quality=88)
-            print(f"wrote {thumb.relative_to(ROOT)}" + (f" (from {card})" if card is not None and card.is_file()
-                                                         else " (diagram)"))
+                made = "a diagram"
+            print(f"wrote {thumb.relative_to(ROOT)} ({made})")
 
 
 def copy_card(card: Path, thumb: Path) -> None:
