@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 
 from realedit.testbed.shapes_world.contact_sheet import CARD_SIZE as THUMB_SIZE  # noqa: E402  (after the path)
+from realedit.testbed.shapes_world.contact_sheet import fit_text  # noqa: E402
 
 
 def _label(node: dict, display_names: dict[str, str]) -> str:
@@ -74,9 +75,7 @@ def draw_thumbnail(name: str, ui: dict, note: str | None, display_names: dict[st
         draw.text((x0 + 7, top + 6), stage, font=stage_font, fill="#ffffff")
         y = top + 30
         for node in members:
-            label = _label(node, display_names)
-            while draw.textlength(label, font=node_font) > column - 16 and len(label) > 4:
-                label = label[:-2].rstrip() + "…" if not label.endswith("…") else label[:-2] + "…"
+            label = fit_text(draw, _label(node, display_names), node_font, column - 16)
             if y + 18 > bottom - 4:
                 draw.text((x0 + 8, y), "…", font=node_font, fill="#ffffff")
                 break

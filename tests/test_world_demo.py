@@ -66,17 +66,17 @@ def test_a_world_task_runs_through_the_executor_into_a_contact_sheet(shapes_worl
 
 
 def _assert_card_shows(path: Path, images: list[torch.Tensor]) -> None:
-    """The template browser's card: a 512x384 JPEG whose first tiles (two rows of three 160 px tiles from
-    (8, 30)) are ``images`` in order, up to JPEG's loss."""
+    """The template browser's card: a 512x384 JPEG whose first tiles (two rows of three 160 px tiles, 8 px
+    apart, below the title) are ``images`` in order, up to JPEG's loss."""
     from PIL import Image
-    from realedit.testbed.shapes_world.contact_sheet import CARD_TILE
+    from realedit.testbed.shapes_world.contact_sheet import CARD_TILE, CARD_TOP
 
     with Image.open(path) as card:
         assert card.format == "JPEG" and card.size == (512, 384)
         pixels = torch.from_numpy(np.array(card.convert("RGB"))).float() / 255
     for i, image in enumerate(images):
         left = 8 + i * (CARD_TILE + 8)
-        tile = pixels[30:30 + CARD_TILE, left:left + CARD_TILE]  # (160, 160, 3)
+        tile = pixels[CARD_TOP:CARD_TOP + CARD_TILE, left:left + CARD_TILE]  # (160, 160, 3)
         shown = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=(CARD_TILE, CARD_TILE),
                                                 mode="nearest-exact")[0].permute(1, 2, 0)
         assert (tile - shown).abs().mean() < 0.03, i

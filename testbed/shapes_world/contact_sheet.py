@@ -3,9 +3,10 @@ the template browser's card for a workflow made from the same tiles."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from ...hosts.image_files import quantise
 
 TILE = 256  # pixels per tile (the world's 128 px images shown at 2x, nearest neighbour)
 GAP = 8
@@ -13,13 +14,14 @@ LABEL = 18  # pixels of text under a tile
 LINE = 16  # pixels per text line
 CARD_SIZE = (512, 384)  # ComfyUI's template browser shows example_workflows/<name>.jpg on a 4:3 card
 CARD_TILE, CARD_COLUMNS, CARD_LABEL = 160, 3, 14  # two rows of three 160 px tiles, a label under each
+CARD_TOP = 30  # pixels above the first row (the title)
 
 
 def _tile(image: torch.Tensor, size: int = TILE, pad: str = "white") -> Image.Image:
     """(H, W, 3) or (H, W) in [0, 1] -> a ``size`` x ``size`` RGB tile (aspect kept, padded with ``pad``)."""
-    x = image.detach().float().cpu().clamp(0, 1)
+    x = quantise(image)
     x = x[..., None].expand(*x.shape, 3) if x.ndim == 2 else x[..., :3]
-    picture = Image.fromarray((x.numpy() * 255).round().astype(np.uint8))
+    picture = Image.fromarray(x.contiguous().numpy())
     factor = size / max(picture.size)
     picture = picture.resize((max(1, round(picture.width * factor)), max(1, round(picture.height * factor))),
                              Image.NEAREST)
@@ -52,13 +54,18 @@ def workflow_card(title: str, tiles: list[tuple[str, torch.Tensor]]) -> Image.Im
     card = Image.new("RGB", CARD_SIZE, "#1e1e22")
     draw = ImageDraw.Draw(card)
     title_font, label_font = ImageFont.load_default(size=16), ImageFont.load_default(size=12)
-    while draw.textlength(title, font=title_font) > CARD_SIZE[0] - 2 * GAP and len(title) > 4:
-        title = title[:-2].rstrip() + "…" if not title.endswith("…") else title[:-2] + "…"
-    draw.text((GAP, 6), title, font=title_font, fill="#f0f0f0")
+    draw.text((GAP, 6), fit_text(draw, title, title_font, CARD_SIZE[0] - 2 * GAP), font=title_font, fill="#f0f0f0")
     gap = (CARD_SIZE[0] - CARD_COLUMNS * CARD_TILE) // (CARD_COLUMNS + 1)  # 8
     for i, (label, image) in enumerate(tiles[:2 * CARD_COLUMNS]):
         row, column = divmod(i, CARD_COLUMNS)
-        left, top = gap + column * (CARD_TILE + gap), 30 + row * (CARD_TILE + CARD_LABEL + 4)
+        left, top = gap + column * (CARD_TILE + gap), CARD_TOP + row * (CARD_TILE + CARD_LABEL + 4)
         card.paste(_tile(image, CARD_TILE, "#1e1e22"), (left, top))
         draw.text((left, top + CARD_TILE + 1), label, font=label_font, fill="#e8e8e8")
     return card
+
+
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: float) -> str:
+    """``text``, shortened with an ellipsis until it fits ``width`` pixels in ``font`` (at least 4 characters)."""
+    while draw.textlength(text, font=font) > width and len(text) > 4:
+        text = text[:-2].rstrip() + "…" if not text.endswith("…") else text[:-2] + "…"
+    return text
