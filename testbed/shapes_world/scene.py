@@ -229,12 +229,17 @@ def signed_distance(shape: str, centre: tuple[float, float], radius: float) -> t
     return _polygon_distance(x, y, _polygon(shape) * half + torch.tensor(centre, dtype=torch.float64))
 
 
+def shape_coverage(shape: str, centre: tuple[float, float], radius: float) -> torch.Tensor:
+    """Anti-aliased coverage in [0, 1] ``(SIZE, SIZE)`` of ``shape`` (one pixel wide edge)."""
+    return (0.5 - signed_distance(shape, centre, radius)).clamp(0, 1)
+
+
 def coverage(obj: Obj) -> torch.Tensor:
-    """Anti-aliased coverage in [0, 1] ``(SIZE, SIZE)`` of ``obj`` (one pixel wide edge)."""
-    return (0.5 - signed_distance(obj.shape, obj.centre, obj.radius)).clamp(0, 1)
+    """:func:`shape_coverage` of ``obj``."""
+    return shape_coverage(obj.shape, obj.centre, obj.radius)
 
 
-def _fill(appearance: Appearance) -> torch.Tensor:
+def fill(appearance: Appearance) -> torch.Tensor:
     """The object's fill ``(SIZE, SIZE, 3)``: flat, or soft horizontal stripes in absolute coordinates."""
     a, b = (torch.tensor(c, dtype=torch.float64) for c in appearance.colours())
     if appearance.kind != "pattern":
@@ -261,7 +266,7 @@ def render(scene: Scene) -> torch.Tensor:
     image = background_image(scene.background).clone()
     for obj in scene.objects:
         alpha = coverage(obj)[..., None]
-        image = image * (1 - alpha) + _fill(obj.appearance) * alpha
+        image = image * (1 - alpha) + fill(obj.appearance) * alpha
     return image.float()
 
 
