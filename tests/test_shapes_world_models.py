@@ -155,6 +155,17 @@ def test_renders_read_back_exactly_and_the_vae_ceiling_is_the_committed_one(shap
     assert (ceiling.attributes, ceiling.scenes) == pytest.approx(committed, abs=0.05)
 
 
+def test_ip2p_gate_reads_its_expected_images_exactly_and_its_vae_ceiling_is_the_committed_one(shapes_world):
+    """The IP2P gate's scorer accepts every expected image itself; through the VAE alone it gives the
+    committed ceiling of that gate (the share an IP2P UNet reproducing the encoder's latents would score)."""
+    from realedit.testbed.shapes_world import gates
+    from realedit.testbed.shapes_world.reader import read, scene_matches
+
+    n = REPORT["sizes_ci"]["ip2p"]
+    assert all(scene_matches(read(case.expected), case.edited) for case in gates.gate_edits(n))
+    assert gates.ip2p_read_back(shapes_world.t2i[2], n=n) == pytest.approx(CI["vae_read_back_ip2p"], abs=1e-9)
+
+
 @pytest.mark.parametrize("name", [T2I_FILE, IP2P_FILE])
 def test_diffusers_loader_gives_the_same_unet_and_vae_as_comfyui(shapes_world, name):
     """Same weights, same inputs: ComfyUI's UNetModel and diffusers' UNet2DConditionModel agree to 1e-4

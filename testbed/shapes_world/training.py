@@ -262,6 +262,8 @@ def gate_lines(measured: dict[str, float]) -> list[str]:
         f"{measured['vae_read_back_attributes']:.1%} of attributes, {measured['vae_read_back_scenes']:.1%} of scenes)",
         f"gate IP2P instructions carried out: {measured['ip2p_success']:.1%} (target >= {TARGETS['ip2p']:.0%}) "
         f"{mark(measured['ip2p_success'] >= TARGETS['ip2p'])}",
+        f"  (its ceiling through the VAE: the expected images round-tripped read back as the edited scene "
+        f"{measured['vae_read_back_ip2p']:.1%})",
         f"gate DDIM inversion + reconstruction: {measured['ddim_psnr_db']:.2f} dB (target >= {TARGETS['ddim']:.0f}) "
         f"{mark(measured['ddim_psnr_db'] >= TARGETS['ddim'])}",
     ]
