@@ -142,22 +142,6 @@ def _world_card(task: WorldTask, photos: list, saved: list, region: list, path: 
     workflow_card(f"{heading}, on the shapes world", tiles).save(path, quality=90)
 
 
-def _encode(vae, image):
-    """A ComfyUI IMAGE (1, H, W, 3) in [0, 1] -> the diffusers VAE's scaled latent (posterior mode)."""
-    import torch
-
-    with torch.no_grad():
-        return vae.encode(image.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
-
-
-def _decode(vae, latent):
-    """A scaled latent (1, 4, h, w) -> (H, W, 3) in [0, 1] (unclamped)."""
-    import torch
-
-    with torch.no_grad():
-        return (vae.decode(latent / vae.config.scaling_factor).sample[0].permute(1, 2, 0) + 1) / 2
-
-
 def _probe_sample(unet, vae, scheduler, cond, uncond, noise, steps: int):
     """Sampling at CFG 7.5 from unit ``noise`` (1, 4, h, w) with the attention probe hooked in: the decoded
     image and the probe's summary."""
@@ -165,6 +149,7 @@ def _probe_sample(unet, vae, scheduler, cond, uncond, noise, steps: int):
 
     from .attention.probe import ProbeHook
     from .hosts.diffusers import DiffusersHost
+    from .hosts.diffusers_batch import vae_decode
     from .hosts.diffusers_sampling import cfg_denoiser, sample, sampling_sigmas, use_schedule
 
     _, sigmas = sampling_sigmas(scheduler, steps)
@@ -173,7 +158,7 @@ def _probe_sample(unet, vae, scheduler, cond, uncond, noise, steps: int):
         use_schedule(host, sigmas, scheduler.alphas_cumprod)
         denoise = cfg_denoiser(host, scheduler.alphas_cumprod, cond, uncond, cfg=7.5, total_steps=steps)
         latent = sample(denoise, noise * sigmas[0], sigmas)
-    return _decode(vae, latent), probe.summary()
+    return vae_decode(vae, latent)[0], probe.summary()
 
 
 def run_world_diffusers(out: Path, steps: int) -> None:
@@ -230,6 +215,7 @@ def _world_stylediffusion(model, task: WorldTask, steps: int):
     from .attention.p2p import cross_edit, resolve_mode
     from .attention.stylediffusion import P2PlusControls
     from .attention.tokens import word_positions
+    from .hosts.diffusers_batch import vae_decode, vae_encode
     from .hosts.diffusers_stylediffusion import stylediffusion_edit, value_invert
     from .settings.stylediffusion import SD_DEFAULTS
 
@@ -239,12 +225,12 @@ def _world_stylediffusion(model, task: WorldTask, steps: int):
     blend = LocalBlend([word_positions(source, old, model.tokenize), word_positions(target, new, model.tokenize)],
                        threshold=SD_DEFAULTS.blend_threshold, start=SD_DEFAULTS.blend_start)
     controls = P2PlusControls(cross_edit=cross_edit(resolve_mode("auto", src, tgt), src, tgt), local_blend=blend)
-    latent = _encode(model.vae, task.truth.source[None])
+    latent = vae_encode(model.vae, task.truth.source[None])
     cond, uncond = model.encode(source), model.encode("")
     inversion = value_invert(model.unet, model.scheduler, latent, cond, uncond, steps=steps)
     result = stylediffusion_edit(model.unet, model.scheduler, inversion, cond, model.encode(target), uncond,
                                  controls=controls)
-    return _decode(model.vae, result.latent), inversion.report()
+    return vae_decode(model.vae, result.latent)[0], inversion.report()
 
 
 def run_diffusers(out: Path, size: int, steps: int) -> None:
@@ -283,14 +269,15 @@ def run_diffusers_baret(out: Path, unet, vae, scheduler, size: int, steps: int, 
     """BARET on the diffusers host: TTIS on the synthetic source photo, then the three-process edit."""
 
     from .hosts.diffusers_baret import baret_edit, ttis_invert
+    from .hosts.diffusers_batch import vae_decode, vae_encode
     from .testbed.images import source_scene
 
-    latent = _encode(vae, source_scene(size, size).image)
+    latent = vae_encode(vae, source_scene(size, size).image)
     inversion = ttis_invert(unet, scheduler, latent, target, uncond, steps=steps)
     print("BARET TTIS:\n  " + inversion.optimisation.report().replace("\n", "\n  "))
     result = baret_edit(unet, scheduler, inversion, target, uncond)
     for name in ("edit", "transition", "reconstruction"):
-        _save_image(_decode(vae, getattr(result, name)), out / f"baret_{name}.png")
+        _save_image(vae_decode(vae, getattr(result, name))[0], out / f"baret_{name}.png")
 
 
 def run_diffusers_stylediffusion(out: Path, unet, vae, scheduler, size: int, steps: int, source, uncond) -> None:
@@ -298,16 +285,17 @@ def run_diffusers_stylediffusion(out: Path, unet, vae, scheduler, size: int, ste
     the random model), then the P2Plus edit towards a second random prompt."""
     import torch
 
+    from .hosts.diffusers_batch import vae_decode, vae_encode
     from .hosts.diffusers_stylediffusion import stylediffusion_edit, value_invert
     from .testbed.images import source_scene
 
-    latent = _encode(vae, source_scene(size, size).image)
+    latent = vae_encode(vae, source_scene(size, size).image)
     inversion = value_invert(unet, scheduler, latent, source, uncond, steps=steps, max_iterations=10)
     print("StyleDiffusion value inversion:\n  " + inversion.report().replace("\n", "\n  "))
     target = source + 0.5 * torch.randn(source.shape, generator=torch.Generator().manual_seed(1))
     result = stylediffusion_edit(unet, scheduler, inversion, source, target, uncond)
     for name, latent in (("edit", result.latent), ("source", result.reconstruction)):
-        _save_image(_decode(vae, latent), out / f"stylediffusion_{name}.png")
+        _save_image(vae_decode(vae, latent)[0], out / f"stylediffusion_{name}.png")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,17 +91,30 @@ class _Timer:
 
 # -- pixels <-> latents ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_image(model: BatchModel, image: torch.Tensor) -> torch.Tensor:
-    """(H, W, 3) in [0, 1] -> the UNet's scaled latent (1, 4, H/8, W/8), the VAE's posterior mode."""
-    pixels = (image.permute(2, 0, 1)[None] * 2 - 1).to(model.device, model.dtype)  # (1, 3, H, W) in [-1, 1]
-    return model.vae.encode(pixels).latent_dist.mode() * model.vae.config.scaling_factor
+def vae_encode(vae: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """IMAGEs ``(B, H, W, 3)`` in [0, 1] -> a diffusers VAE's scaled latents ``(B, 4, H/8, W/8)``, the posterior
+    mode, on the VAE's device, computed in ``dtype`` (else the VAE's)."""
+    weight = next(vae.parameters())
+    pixels = (images.permute(0, 3, 1, 2) * 2 - 1).to(weight.device, dtype or weight.dtype)  # (B, 3, H, W) in [-1, 1]
+    return vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
 
 
 @torch.no_grad()
+def vae_decode(vae: torch.nn.Module, latents: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Scaled latents ``(B, 4, h, w)`` -> IMAGEs ``(B, H, W, 3)`` float on the CPU, unclamped."""
+    weight = next(vae.parameters())
+    pixels = vae.decode(latents.to(weight.device, dtype or weight.dtype) / vae.config.scaling_factor).sample
+    return (pixels.permute(0, 2, 3, 1).float().cpu() + 1) / 2
+
+
+def encode_image(model: BatchModel, image: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) in [0, 1] -> the UNet's scaled latent (1, 4, H/8, W/8), the VAE's posterior mode."""
+    return vae_encode(model.vae, image[None], model.dtype)
+
+
 def decode_latent(model: BatchModel, latent: torch.Tensor) -> torch.Tensor:
     """A scaled latent (1, 4, h, w) -> (H, W, 3) float in [0, 1] on the CPU."""
-    pixels = model.vae.decode(latent.to(model.device, model.dtype) / model.vae.config.scaling_factor).sample
-    return ((pixels[0].permute(1, 2, 0).float().cpu() + 1) / 2).clamp(0, 1)
+    return vae_decode(model.vae, latent, model.dtype)[0].clamp(0, 1)
 
 
 def image_size_mask(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor | None:
