@@ -17,7 +17,11 @@ from realedit.testbed.shapes_world.edits import (
 )
 from realedit.testbed.shapes_world.reader import read, scene_matches
 from realedit.testbed.shapes_world.scene import (
+    BACKGROUNDS,
+    SHAPES,
     SIZE,
+    SIZES,
+    TEXTURES,
     Appearance,
     Obj,
     Scene,
@@ -132,9 +136,9 @@ def _blurred(scene: Scene, sigma: float) -> torch.Tensor:
 def test_reader_reads_every_shape_through_blur(sigma: float):
     """Shapes are read from the soft coverage, so a blur that rounds a star's points or a small square's
     corners still reads as that shape (the thresholded mask's IoU read such round trips as circles)."""
-    for shape in ("circle", "square", "triangle", "star"):
-        for size in ("small", "large"):
-            for background in ("grey", "white", "black", "striped"):
+    for shape in SHAPES:
+        for size in SIZES:
+            for background in (*BACKGROUNDS, *TEXTURES):
                 scene = Scene(background, (Obj(shape, RED, "centre", size),))
                 got = read(_blurred(scene, sigma)).objects
                 assert [(o.shape, o.size) for o in got] == [(shape, size)], (scene.caption(), sigma)
