@@ -166,6 +166,18 @@ def test_ip2p_gate_reads_its_expected_images_exactly_and_its_vae_ceiling_is_the_
     assert gates.ip2p_read_back(shapes_world.t2i[2], n=n) == pytest.approx(CI["vae_read_back_ip2p"], abs=1e-9)
 
 
+def test_the_ip2p_unet_uses_its_image_conditioning_where_the_edit_keeps_the_image(shapes_world):
+    """Over the latent cells an edit leaves untouched, the IP2P UNet's x0 at high noise is at least twice as near
+    the edited latent with c_I (as the hosts feed it) as with c_I zero (training's dropped image). Copying c_I
+    would be nearer still on these weights: bench/bench_world_ip2p_copy.py, what limits the IP2P gate."""
+    from realedit.testbed.shapes_world import gates
+
+    errors = gates.ip2p_kept_x0_errors(shapes_world.ip2p, shapes_world.t2i[0], (700, 900), n=REPORT["sizes_ci"]["ip2p"])
+    assert errors[700]["copy"] == errors[900]["copy"]  # c_I does not depend on t
+    for row in errors.values():
+        assert row["ip2p"] < row["ip2p_no_image"] / 2
+
+
 @pytest.mark.parametrize("name", [T2I_FILE, IP2P_FILE])
 def test_diffusers_loader_gives_the_same_unet_and_vae_as_comfyui(shapes_world, name):
     """Same weights, same inputs: ComfyUI's UNetModel and diffusers' UNet2DConditionModel agree to 1e-4

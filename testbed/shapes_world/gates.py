@@ -28,6 +28,7 @@ import comfy.samplers
 import comfy.sd
 import node_helpers
 import torch
+import torch.nn.functional as F
 
 from .edits import IP2P_KINDS, GroundTruth, ground_truth, random_edit
 from .reader import attribute_accuracy, read, scene_matches
@@ -151,6 +152,50 @@ def ip2p_read_back(vae: comfy.sd.VAE, n: int = 24) -> float:
     cases = gate_edits(n)
     images = vae.decode(vae.encode(torch.stack([case.expected for case in cases])))
     return sum(scene_matches(read(image), case.edited) for image, case in zip(images, cases)) / n
+
+
+@torch.inference_mode()
+def ip2p_kept_x0_errors(ip2p: tuple, t2i_model: comfy.model_patcher.ModelPatcher, timesteps: tuple[int, ...],
+                        n: int = 40) -> dict[int, dict[str, float]]:
+    """Whether the IP2P UNet reproduces c_I where the instruction keeps the image. For each timestep t: the one-step
+    x0 prediction's squared error (model space, per latent element) over the latent cells with no changed pixel,
+    averaged over the IP2P gate's first ``n`` edits less the background changes (their kept cells are the objects'
+    own, whose latents the new background around them changes). Predictions, from the same noise:
+
+    * ``"ip2p"``: ``ip2p`` = (MODEL, CLIP, VAE) given c_I and the instruction;
+    * ``"ip2p_no_image"``: the same with c_I zero (training's dropped image);
+    * ``"t2i"``: ``t2i_model`` given the edited scene's caption, no image;
+    * ``"copy"``: c_I itself."""
+    model, clip, vae = ip2p
+    base = model.model
+    cases = [case for case in gate_edits(n) if "background" not in case.instruction]
+    sources = torch.cat([vae.encode(case.source[None]) for case in cases])  # (N, 4, h, w): c_I as the hosts feed it
+    clean = base.process_latent_in(torch.cat([vae.encode(case.expected[None]) for case in cases]))
+    cell = SIZE // clean.shape[-1]
+    kept = [F.max_pool2d(case.region[None, None].float(), cell)[0] == 0 for case in cases]  # each (1, h, w)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+
+    def predictions(i: int, noisy: torch.Tensor, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+        source, case = sources[i:i + 1], cases[i]
+        instruction = conditioning(clip, case.instruction)[0][0]
+        return {"ip2p": base.apply_model(noisy, sigma, c_concat=source, c_crossattn=instruction),
+                "ip2p_no_image": base.apply_model(noisy, sigma, c_concat=torch.zeros_like(source),
+                                                  c_crossattn=instruction),
+                "t2i": t2i_model.model.apply_model(noisy, sigma,
+                                                   c_crossattn=conditioning(clip, case.target_caption)[0][0]),
+                "copy": base.process_latent_in(source)}
+
+    errors: dict[int, dict[str, float]] = {}
+    for t in timesteps:
+        sigma = base.model_sampling.sigma(torch.tensor(float(t))).view(1)
+        sums: dict[str, float] = {}
+        for i in range(len(cases)):
+            target = clean[i:i + 1]
+            for name, prediction in predictions(i, target + sigma * noise[i:i + 1], sigma).items():
+                squared = (prediction - target) ** 2 * kept[i]
+                sums[name] = sums.get(name, 0.0) + squared.sum().item() / (kept[i].sum().item() * squared.shape[1])
+        errors[t] = {name: total / len(cases) for name, total in sums.items()}
+    return errors
 
 
 @torch.inference_mode()
