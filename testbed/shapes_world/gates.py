@@ -174,16 +174,17 @@ def ip2p_kept_x0_errors(ip2p: tuple, t2i_model: comfy.model_patcher.ModelPatcher
     cell = SIZE // clean.shape[-1]
     kept = [F.max_pool2d(case.region[None, None].float(), cell)[0] == 0 for case in cases]  # each (1, h, w)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    copied = base.process_latent_in(sources)
+    instructions = [conditioning(clip, case.instruction)[0][0] for case in cases]  # encoded once, used at every t
+    captions = [conditioning(clip, case.target_caption)[0][0] for case in cases]
 
     def predictions(i: int, noisy: torch.Tensor, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
-        source, case = sources[i:i + 1], cases[i]
-        instruction = conditioning(clip, case.instruction)[0][0]
-        return {"ip2p": base.apply_model(noisy, sigma, c_concat=source, c_crossattn=instruction),
+        source = sources[i:i + 1]
+        return {"ip2p": base.apply_model(noisy, sigma, c_concat=source, c_crossattn=instructions[i]),
                 "ip2p_no_image": base.apply_model(noisy, sigma, c_concat=torch.zeros_like(source),
-                                                  c_crossattn=instruction),
-                "t2i": t2i_model.model.apply_model(noisy, sigma,
-                                                   c_crossattn=conditioning(clip, case.target_caption)[0][0]),
-                "copy": base.process_latent_in(source)}
+                                                  c_crossattn=instructions[i]),
+                "t2i": t2i_model.model.apply_model(noisy, sigma, c_crossattn=captions[i]),
+                "copy": copied[i:i + 1]}
 
     errors: dict[int, dict[str, float]] = {}
     for t in timesteps:
