@@ -89,14 +89,15 @@ def make_tiny_unet(family: Family = "sd1", seed: int = 0, weight_scale: float = 
     return patcher
 
 
-def seeded_model(model_config: Any, seed: int, weight_scale: float = 1.0,
-                 output_scale: float = 1.0) -> comfy.model_patcher.ModelPatcher:
+def seeded_model(model_config: Any, seed: int, weight_scale: float = 1.0, output_scale: float = 1.0,
+                 markers: dict[str, torch.Tensor] | None = None) -> comfy.model_patcher.ModelPatcher:
     """``model_config``'s MODEL on the CPU with seeded random UNet weights (:func:`~.weights.randomise` at
     ``weight_scale``, the output layer scaled by ``output_scale``; 0 zeroes it, so training starts from
-    eps = 0), in eval mode, loading to ComfyUI's torch device."""
+    eps = 0), in eval mode, loading to ComfyUI's torch device. ``markers``: the state dict keys the model
+    class reads its model type from (e.g. ``v_pred``), as a checkpoint would carry them."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = model_config.get_model({}, "", device=torch.device("cpu"))
+        model = model_config.get_model(dict(markers or {}), "", device=torch.device("cpu"))
         randomise(model.diffusion_model, weight_scale)
         scale_output(model.diffusion_model, output_scale)
     model.eval()

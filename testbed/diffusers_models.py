@@ -89,8 +89,9 @@ def sdxl_added_cond(batch: int, height: int = 128, width: int = 128, *, seed: in
     return {"text_embeds": text_embeds, "time_ids": time_ids}
 
 
-def make_ddim_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
-    """Stable Diffusion's DDIM schedule (scaled-linear betas), built locally: no download."""
+def make_ddim_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon") -> DDIMScheduler:
+    """Stable Diffusion's DDIM schedule (scaled-linear betas), built locally: no download; ``prediction_type``
+    "epsilon" (SD1) or "v_prediction" (SD2)."""
     return DDIMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_start=0.00085,
@@ -99,6 +100,7 @@ def make_ddim_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 

@@ -36,7 +36,7 @@ def test_checkpoints_are_fp16_sd15_layout_and_record_their_training_config():
     import hashlib
 
     import safetensors
-    from realedit.testbed.shapes_world.config import DEFAULT_CONFIG
+    from realedit.testbed.shapes_world.config import DEFAULT_CONFIG, WorldConfig
 
     for name in (T2I_FILE, IP2P_FILE):
         with safetensors.safe_open(str(CHECKPOINT_DIR / name), framework="pt") as file:
@@ -46,11 +46,13 @@ def test_checkpoints_are_fp16_sd15_layout_and_record_their_training_config():
         text = metadata["realedit.shapes_world.config"]  # WorldConfig.to_json() of the training run
         assert metadata["realedit.shapes_world.config_hash"] == hashlib.sha256(text.encode()).hexdigest()[:16]
         assert metadata["realedit.shapes_world.config_hash"] == REPORT["config_hash"]
+        assert WorldConfig.from_json(text).key() == REPORT["config_hash"]  # the config class still hashes it so
         trained = json.loads(text)
         for part in ("vae", "unet", "clip", "unet_heads"):
             assert trained[part] == getattr(DEFAULT_CONFIG, part), part
         prefixes = {k.split(".")[0] for k in keys}
-        assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
+        v_pred = {"v_pred"} if WorldConfig.from_json(text).prediction == "v" else set()  # ComfyUI's marker
+        assert prefixes == {"model", "first_stage_model", "cond_stage_model"} | v_pred
 
 
 def test_checkpoint_loader_builds_the_world_model_classes(shapes_world):

@@ -66,6 +66,66 @@ def test_the_ip2p_unet_learns_the_image_conditioning_comfyui_gives_it(comfy):
     assert not torch.allclose(model_space, sampled, atol=1e-2)
 
 
+def test_each_training_target_is_what_both_hosts_sample_that_prediction_with(comfy):
+    """The UNet's target for ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``: the world MODEL of each prediction (ComfyUI's
+    EPS or V_PREDICTION sampling) recovers x0 from it, and the v target is diffusers' ``get_velocity``."""
+    from realedit.testbed.diffusers_models import make_ddim_scheduler
+    from realedit.testbed.shapes_world.config import DEFAULT_CONFIG
+    from realedit.testbed.shapes_world.models import make_unet
+    from realedit.testbed.shapes_world.train_unet import alphas_cumprod, training_target
+
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 16, 16, generator=generator), torch.randn(3, 4, 16, 16, generator=generator)
+    t = torch.tensor([10, 500, 999])
+    a = alphas_cumprod(make_unet())[t].view(-1, 1, 1, 1)
+    sigma = ((1 - a) / a).sqrt()  # ComfyUI's x = x0 + sigma eps is x_t / sqrt(a)
+    for prediction in ("eps", "v"):
+        sampling = make_unet(dataclasses.replace(DEFAULT_CONFIG, prediction=prediction)).model.model_sampling
+        denoised = sampling.calculate_denoised(sigma.flatten(), training_target(prediction, x0, noise, a),
+                                               x0 + sigma * noise)
+        torch.testing.assert_close(denoised, x0, atol=2e-5, rtol=1e-5)
+    scheduler = make_ddim_scheduler(prediction_type="v_prediction")
+    torch.testing.assert_close(training_target("v", x0, noise, a), scheduler.get_velocity(x0, noise, t))
+    with pytest.raises(ValueError, match="prediction 'x0'"):
+        training_target("x0", x0, noise, a)
+
+
+def test_a_v_prediction_world_loads_as_v_prediction_in_both_hosts(comfy, tmp_path):
+    """``WorldConfig.prediction = "v"``: the untrained MODELs sample as V_PREDICTION, their checkpoints carry
+    ComfyUI's ``v_pred`` marker and load as V_PREDICTION (t2i and IP2P), and the diffusers loader gives the
+    schedulers ``v_prediction``; an eps world's files have no marker and load as EPS. Either way the file
+    holds the UNet it was given (ComfyUI 0.33.0 changed ``BaseModel.state_dict_for_saving``'s arguments)."""
+    import comfy.model_base
+    import safetensors
+    from realedit.testbed.shapes_world import diffusers_loader
+    from realedit.testbed.shapes_world.config import DEFAULT_CONFIG
+    from realedit.testbed.shapes_world.models import (
+        V_PRED_KEY,
+        load_checkpoint,
+        make_clip,
+        make_unet,
+        make_vae,
+        save_checkpoint,
+    )
+
+    clip, vae = make_clip(), make_vae()
+    for prediction, model_type, scheduler_type in (("v", comfy.model_base.ModelType.V_PREDICTION, "v_prediction"),
+                                                   ("eps", comfy.model_base.ModelType.EPS, "epsilon")):
+        config = dataclasses.replace(DEFAULT_CONFIG, prediction=prediction)
+        for in_channels in (4, 8):
+            model = make_unet(config, in_channels)
+            assert model.model.model_type == model_type
+            path = tmp_path / f"{prediction}-{in_channels}.safetensors"
+            save_checkpoint(path, model, clip, vae, config, {})
+            with safetensors.safe_open(str(path), framework="pt") as file:
+                assert (V_PRED_KEY in file.keys()) == (prediction == "v")
+            loaded, _, _ = load_checkpoint(path)
+            assert loaded.model.model_type == model_type and loaded.model.diffusion_model.in_channels == in_channels
+            saved, back = model.model.diffusion_model.state_dict(), loaded.model.diffusion_model.state_dict()
+            assert all(torch.equal(back[k].float(), saved[k].half().float()) for k in saved)  # the UNet it packed
+            assert diffusers_loader.load(path).prediction_type == scheduler_type
+
+
 def _run(plan: StepPlan, now: list[float], seconds_per_step) -> int:
     step = 0
     while step < plan.total:
@@ -149,6 +209,25 @@ def test_the_cpu_recipe_trains_the_same_models_on_fewer_samples():
     assert {k for k in gpu if gpu[k] != cpu[k]} == set(CPU_RECIPE)
     assert all(k.endswith(("_steps", "_batch", "_crop", "_scenes")) for k in CPU_RECIPE)
     assert RECIPES["cpu"].key() != RECIPES["gpu"].key()  # their stage files never mix
+
+
+def test_a_setting_added_later_changes_the_hash_only_away_from_the_value_older_files_have(comfy):
+    """``prediction`` came after the first files (eps): at "eps" it is left out of the hash and the recorded JSON
+    (so sessions 5-12's files and stage caches keep their hash and names), at "v" it is in both, and it names
+    the UNet stages' files, not those of the stages before them."""
+    from realedit.testbed.shapes_world.config import DEFAULT_CONFIG, LATER_SETTINGS, RECIPES, WorldConfig
+    from realedit.testbed.shapes_world.training import _STAGE_FIELDS, stage_key
+
+    assert LATER_SETTINGS == {"prediction": "eps"} and DEFAULT_CONFIG.prediction == "v"
+    eps, v = (dataclasses.replace(DEFAULT_CONFIG, prediction=p) for p in ("eps", "v"))
+    assert "prediction" not in eps.to_json() and '"prediction": "v"' in v.to_json()
+    assert WorldConfig.from_json(eps.to_json()) == eps and WorldConfig.from_json(v.to_json()) == v
+    assert v.key() != eps.key()
+    assert dataclasses.replace(RECIPES["cpu"], prediction="eps").key() == "6586959c0c5f7490"  # sessions 9-12's files
+    with pytest.raises(ValueError, match="prediction 'x0'"):
+        dataclasses.replace(DEFAULT_CONFIG, prediction="x0")
+    for stage, fields in _STAGE_FIELDS.items():
+        assert (stage_key(v, fields) != stage_key(eps, fields)) == (stage in ("t2i", "ip2p")), stage
 
 
 def test_the_recipe_follows_the_training_device(comfy, monkeypatch):

@@ -1,5 +1,5 @@
 """``python -m realedit.testbed.shapes_world train [--stage STAGE] [--recipe auto|gpu|cpu] [--threads 1] [--workers 1]
-[--seconds S]``.
+[--seconds S] [--prediction eps|v]``.
 
 Seeded (``WorldConfig.seed``); trains on CUDA when ComfyUI finds it, with the GPU recipe (the config's
 defaults), else with the CPU recipe (``config.CPU_RECIPE``: fewer samples, sized for two cores). Stages
@@ -20,6 +20,8 @@ import json
 import os
 import sys
 
+from .config import PREDICTIONS
+
 STAGES = ("vae", "decoder", "data", "t2i", "ip2p", "pack")
 
 
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--seconds", type=float, default=None, help="cap each stage's steps to this many seconds")
     train.add_argument("--unet-channels", type=int, default=None,
                        help="the UNets' model_channels (default: the config's); a variant for comparison")
+    train.add_argument("--prediction", default=None, choices=PREDICTIONS,
+                       help="what the UNets predict (default: the config's, v: v-prediction, as SD2); eps: as SD1.5")
     train.add_argument("--report", default=None, help="write the stage's numbers (JSON) to this file")
     train.add_argument("--export", default=None,
                        help="afterwards, copy the weights of the stages run (fp16) to this folder")
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     config = RECIPES[recipe]
     if args.unet_channels:
         config = dataclasses.replace(config, unet=dict(config.unet, model_channels=args.unet_channels))
+    if args.prediction:
+        config = dataclasses.replace(config, prediction=args.prediction)
     if args.smoke:
         from . import gates
 

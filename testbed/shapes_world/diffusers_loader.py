@@ -33,6 +33,11 @@ class DiffusersWorld:
     text_encoder: Any  # transformers.CLIPTextModel
     config: dict[str, Any]
 
+    @property
+    def prediction_type(self) -> str:
+        """The schedulers' ``prediction_type`` for this UNet (files that record no ``prediction`` predate it: eps)."""
+        return {"eps": "epsilon", "v": "v_prediction"}[self.config.get("prediction", "eps")]
+
 
 def unet_config(world: dict[str, Any], in_channels: int) -> dict[str, Any]:
     """``UNet2DConditionModel`` kwargs for the world's ComfyUI UNet config (SD1 layout)."""
@@ -131,4 +136,5 @@ def edit_model(name: str, file: str, device: torch.device, dtype: torch.dtype) -
     def encode(prompt: str) -> torch.Tensor:
         return text(clip_ids(prompt).to(device)).last_hidden_state.to(dtype)  # (1, 77, 64)
 
-    return EditModel(name, world.unet, world.vae, make_ddim_scheduler(), tokenize, encode)
+    scheduler = make_ddim_scheduler(prediction_type=world.prediction_type)
+    return EditModel(name, world.unet, world.vae, scheduler, tokenize, encode)

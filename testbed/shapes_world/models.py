@@ -11,7 +11,7 @@ the tests' fixture, the demo and the training command; never by product code):
 * :class:`ShapesWorldSD15` and :class:`ShapesWorldIP2P`: subclasses of ComfyUI's ``SD15`` and
   ``SD15_instructpix2pix`` whose ``unet_config`` is the tiny UNet's (so detection picks them, and only
   for these files: no real checkpoint has ``context_dim`` 64) and whose ``clip_target`` builds SD1's
-  CLIP with the tiny text config (the real SD1 tokenizer). Everything else (latent format, eps schedule,
+  CLIP with the tiny text config (the real SD1 tokenizer). Everything else (latent format, schedule,
   key layout, IP2P concat conditioning) is inherited unchanged, so the MODEL is an SD1.5 MODEL.
 * The VAE: ``comfy.sd.VAE`` is swapped, in ComfyUI's ``comfy.sd`` module only, for a subclass that
   reads the ddconfig from the checkpoint's metadata key ``realedit.shapes_world.vae`` when it is there
@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
@@ -41,6 +42,9 @@ VAE_METADATA_KEY = "realedit.shapes_world.vae"
 CONFIG_METADATA_KEY = "realedit.shapes_world.config"
 HASH_METADATA_KEY = "realedit.shapes_world.config_hash"
 GATES_METADATA_KEY = "realedit.shapes_world.gates"
+
+V_PRED_KEY = "v_pred"  # present (empty) in v-prediction checkpoints: ComfyUI's marker (supported_models.SDXL)
+_V_PRED_MARKER = torch.zeros(0, dtype=torch.float16)
 
 _DETECTED_KEYS = ("context_dim", "model_channels", "channel_mult", "num_res_blocks", "use_linear_in_transformer",
                   "adm_in_channels", "use_temporal_attention", "in_channels")
@@ -68,6 +72,11 @@ def _clip_target() -> comfy.supported_models_base.ClipTarget:
     return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, ShapesWorldClipModel)
 
 
+def _model_type(state_dict: dict[str, Any]) -> comfy.model_base.ModelType:
+    """V_PREDICTION for a file with :data:`V_PRED_KEY`, else SD1.5's EPS."""
+    return comfy.model_base.ModelType.V_PREDICTION if V_PRED_KEY in state_dict else comfy.model_base.ModelType.EPS
+
+
 class ShapesWorldSD15(comfy.supported_models.SD15):
     """SD1.5 with the tiny text-to-image UNet and text encoder of the shapes world."""
 
@@ -76,6 +85,9 @@ class ShapesWorldSD15(comfy.supported_models.SD15):
 
     def clip_target(self, state_dict: dict[str, Any] | None = None) -> comfy.supported_models_base.ClipTarget:
         return _clip_target()
+
+    def model_type(self, state_dict: dict[str, Any], prefix: str = "") -> comfy.model_base.ModelType:
+        return _model_type(state_dict)
 
 
 class ShapesWorldIP2P(comfy.supported_models.SD15_instructpix2pix):
@@ -86,6 +98,10 @@ class ShapesWorldIP2P(comfy.supported_models.SD15_instructpix2pix):
 
     def clip_target(self, state_dict: dict[str, Any] | None = None) -> comfy.supported_models_base.ClipTarget:
         return _clip_target()
+
+    def get_model(self, state_dict: dict[str, Any], prefix: str = "", device: Any = None) -> Any:
+        """As ``SD15_instructpix2pix.get_model``, which always builds EPS, with the file's model type."""
+        return comfy.model_base.SD15_instructpix2pix(self, model_type=_model_type(state_dict), device=device)
 
 
 _ORIGINAL_VAE: list[type] = []
@@ -156,10 +172,12 @@ def make_clip(config: WorldConfig = DEFAULT_CONFIG) -> comfy.sd.CLIP:
 
 
 def make_unet(config: WorldConfig = DEFAULT_CONFIG, in_channels: int = 4) -> comfy.model_patcher.ModelPatcher:
-    """An untrained MODEL of the world (fp32, CPU), output conv zeroed: training starts from eps = 0."""
+    """An untrained MODEL of the world (fp32, CPU), output conv zeroed: training starts from an output of 0;
+    it samples as ``config.prediction`` says."""
     model_class = ShapesWorldIP2P if in_channels == 8 else ShapesWorldSD15
     model_config = model_class(dict(config.unet, in_channels=in_channels, dtype=torch.float32))
-    return seeded_model(model_config, config.seed + in_channels, output_scale=0.0)
+    markers = {V_PRED_KEY: _V_PRED_MARKER} if config.prediction == "v" else {}
+    return seeded_model(model_config, config.seed + in_channels, output_scale=0.0, markers=markers)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,9 +187,13 @@ def make_unet(config: WorldConfig = DEFAULT_CONFIG, in_channels: int = 4) -> com
 def checkpoint_state_dict(model: comfy.model_patcher.ModelPatcher, clip: comfy.sd.CLIP,
                           vae: comfy.sd.VAE) -> dict[str, torch.Tensor]:
     """``model.diffusion_model.*``, ``cond_stage_model.transformer.text_model.*``, ``first_stage_model.*``
-    (ComfyUI's own ``state_dict_for_saving``, as ``comfy.sd.save_checkpoint``), fp16."""
+    (ComfyUI's own ``state_dict_for_saving``, as ``comfy.sd.save_checkpoint``; it adds :data:`V_PRED_KEY` for a
+    v-prediction MODEL), fp16. ComfyUI 0.3.64 saves through ``BaseModel.state_dict_for_saving(clip, vae)``;
+    later releases through ``ModelPatcher.state_dict_for_saving(clip, vae)``, whose ``BaseModel`` method
+    takes the UNet's state dict first."""
     clip_sd = {k: v for k, v in clip.get_sd().items() if not k.endswith("position_ids")}
-    state = model.model.state_dict_for_saving(clip_sd, vae.get_sd())
+    saver = model if hasattr(model, "state_dict_for_saving") else model.model
+    state = saver.state_dict_for_saving(clip_sd, vae.get_sd())
     return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
 
 

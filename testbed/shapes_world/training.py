@@ -11,7 +11,6 @@ gates on the fp16 checkpoints as ``CheckpointLoaderSimple`` loads them and write
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -31,9 +30,9 @@ _VAE_FIELDS = ("vae", "seed", "vae_pool", "vae_steps", "vae_batch", "vae_crop", 
 _DATA_FIELDS = _VAE_FIELDS + ("clip", "clip_seed", "dataset_scenes")
 _DECODER_FIELDS = _VAE_FIELDS + ("decoder_steps", "decoder_batch", "decoder_lr")
 _UNET_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "unet_steps", "unet_batch", "unet_lr", "ema_decay",
-                               "ema_warmup", "caption_dropout", "offset_noise")
+                               "ema_warmup", "caption_dropout", "offset_noise", "prediction")
 _IP2P_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "ip2p_steps", "unet_batch", "unet_lr", "ema_decay",
-                               "ema_warmup", "ip2p_dropout", "offset_noise")
+                               "ema_warmup", "ip2p_dropout", "offset_noise", "prediction")
 # The settings each stage's file depends on; the data stage's file is the only one that is not weights.
 _STAGE_FIELDS = {"vae": _VAE_FIELDS, "data": _DATA_FIELDS, "decoder": _DECODER_FIELDS, "t2i": _UNET_FIELDS,
                  "ip2p": _IP2P_FIELDS}
@@ -41,7 +40,7 @@ _IN_CHANNELS = {"t2i": 4, "ip2p": 8}
 
 
 def stage_key(config: WorldConfig, fields: tuple[str, ...]) -> str:
-    values = {k: v for k, v in dataclasses.asdict(config).items() if k in fields}
+    values = {k: v for k, v in config.hashed_settings().items() if k in fields}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
