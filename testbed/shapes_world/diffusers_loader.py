@@ -18,6 +18,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
+from .config import LATER_SETTINGS
+
 if TYPE_CHECKING:
     from ...batching.models import EditModel
 
@@ -35,8 +37,9 @@ class DiffusersWorld:
 
     @property
     def prediction_type(self) -> str:
-        """The schedulers' ``prediction_type`` for this UNet (files that record no ``prediction`` predate it: eps)."""
-        return {"eps": "epsilon", "v": "v_prediction"}[self.config.get("prediction", "eps")]
+        """The schedulers' ``prediction_type`` for this UNet (a file that records no ``prediction`` predates it)."""
+        recorded = self.config.get("prediction", LATER_SETTINGS["prediction"])
+        return {"eps": "epsilon", "v": "v_prediction"}[recorded]
 
 
 def unet_config(world: dict[str, Any], in_channels: int) -> dict[str, Any]:

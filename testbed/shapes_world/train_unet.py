@@ -2,7 +2,7 @@
 
 Data (:func:`build_dataset`): seeded scenes encoded once by the VAE (posterior mode, as ``VAEEncode``),
 in SD1.5's model space (x 0.18215); captions and instructions encoded once by the frozen CLIP, as
-``CLIPTextEncode`` does. Objective: DDPM's eps loss (or v-prediction's, ``WorldConfig.prediction``:
+``CLIPTextEncode`` does. Objective: v-prediction's loss (or DDPM's eps loss; ``WorldConfig.prediction``,
 :func:`training_target`) at uniform integer timesteps on SD1.5's ``alphas_cumprod`` (what
 ``BaseModel.apply_model`` feeds the UNet), with offset noise (:func:`training_noise`). Caption dropout
 (10%) to the empty prompt's embedding makes CFG work. IP2P (Brooks et al. 2023, Sec. 3.2): the source
