@@ -7,6 +7,8 @@
 #   PYTHON        a Python with torch and ComfyUI's requirements (default .venv/bin/python)
 #   COMFYUI_PATH  a ComfyUI checkout; the pack must be importable as `realedit`
 #   PREDICTION    what the UNets predict (default: the config's, v: v-prediction); eps: SD1.5's objective
+#   ROUNDS        rounds of UNet training (default: the recipe's; config.WorldConfig.unet_rounds): round r
+#                 restarts from round r - 1's weights, and the rounds already in the cache are not rerun
 #   CAP           optional --seconds cap on every stage (a stage that would overrun plans fewer steps,
 #                 recorded in the stage file and gates.json); none by default: the recipe's step counts
 #                 are what it trains, whatever else the machine does (a cap plans from the rate of a few
@@ -17,7 +19,9 @@ log="${LOG:-./shapes_world_cpu.log}"
 export PYTHONUNBUFFERED=1
 
 cap=(); [[ -n "${CAP:-}" ]] && cap=(--seconds "$CAP")
-pred=(); [[ -n "${PREDICTION:-}" ]] && pred=(--prediction "$PREDICTION")
+unet=()  # the UNet stages' settings, also given to pack (it names their files by them)
+[[ -n "${PREDICTION:-}" ]] && unet+=(--prediction "$PREDICTION")
+[[ -n "${ROUNDS:-}" ]] && unet+=(--rounds "$ROUNDS")
 
 train() {  # train NAME ARGS...: one stage process, its output prefixed with NAME in the log
   local name="$1"; shift
@@ -34,8 +38,8 @@ train vae --stage vae --threads 2 --workers 2 || exit 1
 train decoder --stage decoder --threads 1 &
 train data --stage data --threads 1 || exit 1
 wait
-train t2i --stage t2i --threads 1 "${pred[@]}" &
-train ip2p --stage ip2p --threads 1 "${pred[@]}" &
+train t2i --stage t2i --threads 1 "${unet[@]}" &
+train ip2p --stage ip2p --threads 1 "${unet[@]}" &
 wait
-train pack --stage pack --threads 2 "${pred[@]}" || exit 1
+train pack --stage pack --threads 2 "${unet[@]}" || exit 1
 echo "done $(date -u +%T) after ${SECONDS} s" >>"$log"

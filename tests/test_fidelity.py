@@ -76,9 +76,9 @@ def test_the_subset_runs_every_method_and_baseline(subset):
             assert 0.0 <= summary.success <= 1.0 and not math.isnan(summary.preservation_db)
 
 
-@pytest.mark.xfail(strict=True, reason="the committed shapes world UNets miss their gates (the VAE and DDIM ones are "
-                                       "met; testbed/shapes_world_models/README.md), so not every method's edit "
-                                       "reads back; retrain the UNets (issue 12), then drop this mark")
+@pytest.mark.xfail(strict=True, reason="not every method beats its baselines on the committed shapes world weights "
+                                       "(the IP2P UNet misses its gate; README.md's fidelity table says which do); "
+                                       "drop this mark when they all do (issue 12)")
 def test_each_method_beats_its_baselines_on_its_metric(subset):
     verdicts = {method.name: beats_baselines(method, subset[method.name]) for method in METHODS}
     assert all(all(v.values()) for v in verdicts.values()), verdicts

@@ -15,7 +15,7 @@ from realedit.testbed.shapes_world.edits import (
     instruction,
     random_edit,
 )
-from realedit.testbed.shapes_world.reader import read, scene_matches
+from realedit.testbed.shapes_world.reader import attribute_accuracy, attributes_right, read, scene_matches
 from realedit.testbed.shapes_world.scene import (
     BACKGROUNDS,
     SHAPES,
@@ -116,6 +116,20 @@ def test_reader_reads_edits_as_the_edited_scene():
     for scene in _scenes(8, seed=21):
         truth = ground_truth(scene, random_edit(scene, rng))
         assert scene_matches(read(truth.expected), truth.edited, size=True), truth.instruction
+
+
+def test_attributes_are_counted_per_object_and_a_misplaced_object_has_none_right():
+    """What the gates report per attribute: each object paired by position, its colour and shape judged apart;
+    the score counts an extra object's attributes wrong."""
+    scene = Scene("white", (Obj("square", RED, "left", "large"), Obj("star", BLUE, "right", "large")))
+    drawn = Scene("white", (Obj("square", BLUE, "left", "large"), Obj("circle", BLUE, "right", "large")))
+    assert attributes_right(read(render(drawn)), scene) == {"position": 2, "colour": 1, "shape": 1}
+    assert attribute_accuracy(read(render(drawn)), scene) == (4, 6)
+    moved = Scene("white", (Obj("square", RED, "centre", "large"),))
+    assert attributes_right(read(render(moved)), Scene("white", scene.objects[:1])) == dict.fromkeys(
+        ("position", "colour", "shape"), 0)
+    extra = Scene("white", scene.objects[:1] + (Obj("circle", RED, "right", "large"),))
+    assert attribute_accuracy(read(render(extra)), Scene("white", scene.objects[:1])) == (3, 6)
 
 
 def test_reader_finds_no_object_on_a_bare_background_and_tolerates_noise():

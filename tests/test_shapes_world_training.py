@@ -5,6 +5,7 @@ goes through every stage, exports its weights and resumes from them in another c
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import pytest
@@ -201,33 +202,71 @@ def test_a_miniature_run_trains_every_stage_exports_and_resumes_elsewhere(comfy,
 
 
 def test_the_cpu_recipe_trains_the_same_models_on_fewer_samples():
-    """The two recipes differ in steps, batches and data size only: the checkpoints' architecture (VAE, CLIP,
-    UNets) and seeds are one, so a checkpoint of either loads the same way."""
+    """The two recipes differ in steps, rounds, batches and data size only: the checkpoints' architecture (VAE,
+    CLIP, UNets) and seeds are one, so a checkpoint of either loads the same way."""
     from realedit.testbed.shapes_world.config import CPU_RECIPE, RECIPES
 
     gpu, cpu = (dataclasses.asdict(RECIPES[name]) for name in ("gpu", "cpu"))
     assert {k for k in gpu if gpu[k] != cpu[k]} == set(CPU_RECIPE)
-    assert all(k.endswith(("_steps", "_batch", "_crop", "_scenes")) for k in CPU_RECIPE)
+    assert all(k.endswith(("_steps", "_rounds", "_batch", "_crop", "_scenes")) for k in CPU_RECIPE)
     assert RECIPES["cpu"].key() != RECIPES["gpu"].key()  # their stage files never mix
 
 
 def test_a_setting_added_later_changes_the_hash_only_away_from_the_value_older_files_have(comfy):
-    """``prediction`` came after the first files (eps): at "eps" it is left out of the hash and the recorded JSON
-    (so sessions 5-12's files and stage caches keep their hash and names), at "v" it is in both, and it names
-    the UNet stages' files, not those of the stages before them."""
+    """``prediction`` (eps before session 13) and ``unet_rounds`` (1 before session 14) came after the first files:
+    at those values they are left out of the hash and the recorded JSON (so older files and stage caches keep
+    their hash and names), away from them they are in both, and they name the UNet stages' files, not those of the
+    stages before them."""
     from realedit.testbed.shapes_world.config import DEFAULT_CONFIG, LATER_SETTINGS, RECIPES, WorldConfig
     from realedit.testbed.shapes_world.training import _STAGE_FIELDS, stage_key
 
-    assert LATER_SETTINGS == {"prediction": "eps"} and DEFAULT_CONFIG.prediction == "v"
-    eps, v = (dataclasses.replace(DEFAULT_CONFIG, prediction=p) for p in ("eps", "v"))
-    assert "prediction" not in eps.to_json() and '"prediction": "v"' in v.to_json()
-    assert WorldConfig.from_json(eps.to_json()) == eps and WorldConfig.from_json(v.to_json()) == v
-    assert v.key() != eps.key()
-    assert dataclasses.replace(RECIPES["cpu"], prediction="eps").key() == "6586959c0c5f7490"  # sessions 9-12's files
+    assert LATER_SETTINGS == {"prediction": "eps", "unet_rounds": 1} and DEFAULT_CONFIG.prediction == "v"
+    older = dataclasses.replace(DEFAULT_CONFIG, **LATER_SETTINGS)
+    for name, later in (("prediction", "v"), ("unet_rounds", 2)):
+        newer = dataclasses.replace(older, **{name: later})
+        assert f'"{name}"' not in older.to_json() and f'"{name}": {json.dumps(later)}' in newer.to_json()
+        assert WorldConfig.from_json(older.to_json()) == older and WorldConfig.from_json(newer.to_json()) == newer
+        assert newer.key() != older.key()
+        for stage, fields in _STAGE_FIELDS.items():
+            assert (stage_key(newer, fields) != stage_key(older, fields)) == (stage in ("t2i", "ip2p")), (name, stage)
+    assert dataclasses.replace(RECIPES["cpu"], prediction="eps", unet_rounds=1).key() == "6586959c0c5f7490"  # 9-12
+    assert dataclasses.replace(RECIPES["cpu"], unet_rounds=1).key() == "523bac92ee6df241"  # session 13's files
     with pytest.raises(ValueError, match="prediction 'x0'"):
         dataclasses.replace(DEFAULT_CONFIG, prediction="x0")
-    for stage, fields in _STAGE_FIELDS.items():
-        assert (stage_key(v, fields) != stage_key(eps, fields)) == (stage in ("t2i", "ip2p")), stage
+    with pytest.raises(ValueError, match="unet_rounds must be a whole number >= 1, not 0"):
+        dataclasses.replace(DEFAULT_CONFIG, unet_rounds=0)
+
+
+def test_a_second_round_restarts_from_the_first_rounds_weights_with_its_own_seed(comfy, tmp_path, monkeypatch):
+    """``unet_rounds = 2``: round 1 is the one-round config's stage file (trained, or found in the cache), round 2
+    starts from exactly those weights, draws another seed, and the file records both rounds' steps."""
+    from realedit.testbed.shapes_world import train_unet, training
+    from realedit.testbed.shapes_world.config import DEFAULT_CONFIG
+
+    one = dataclasses.replace(DEFAULT_CONFIG, vae_pool=8, vae_steps=2, vae_batch=2, vae_crop=64, dataset_scenes=12,
+                              unet_steps=3, unet_batch=4, ip2p_steps=2)
+    two = dataclasses.replace(one, unet_rounds=2)
+    monkeypatch.setenv("REALEDIT_CACHE", str(tmp_path))
+    quiet = lambda line: None  # noqa: E731
+    training.stage_vae(one, log=quiet)
+    training.stage_data(one, log=quiet)
+    starts, seeds = [], []
+
+    def recording(model, data, config, kind, **kwargs):
+        starts.append({k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()})
+        seeds.append(train_unet.unet_seed(config, kind))
+        return train_unet.train_unet(model, data, config, kind, **kwargs)
+
+    monkeypatch.setattr(training, "train_unet", recording)
+    assert training.stage_t2i(two, log=quiet)["t2i_steps_run"] == 6  # both rounds, 3 steps each
+    first = training.trained_unet(one, "t2i").model.diffusion_model.state_dict()
+    assert len(starts) == 2 and all(torch.equal(starts[1][k], first[k]) for k in first)
+    assert not all(torch.equal(starts[0][k], first[k]) for k in first)  # round 1 trained from random weights
+    assert seeds == [one.seed + 3, one.seed + 103]
+    second = training.trained_unet(two, "t2i").model.diffusion_model.state_dict()
+    assert not all(torch.equal(second[k], first[k]) for k in first)
+    assert training.stage_ip2p(two, log=quiet)["ip2p_steps_run"] == 4 and seeds[2:] == [one.seed + 4, one.seed + 104]
+    assert training.stage_t2i(two, log=quiet)["t2i_steps_run"] == 6 and len(starts) == 4  # found: no round reran
 
 
 def test_the_recipe_follows_the_training_device(comfy, monkeypatch):

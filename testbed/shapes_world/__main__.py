@@ -1,5 +1,5 @@
 """``python -m realedit.testbed.shapes_world train [--stage STAGE] [--recipe auto|gpu|cpu] [--threads 1] [--workers 1]
-[--seconds S] [--prediction eps|v]``.
+[--seconds S] [--prediction eps|v] [--rounds N]``.
 
 Seeded (``WorldConfig.seed``); trains on CUDA when ComfyUI finds it, with the GPU recipe (the config's
 defaults), else with the CPU recipe (``config.CPU_RECIPE``: fewer samples, sized for two cores). Stages
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="the UNets' model_channels (default: the config's); a variant for comparison")
     train.add_argument("--prediction", default=None, choices=PREDICTIONS,
                        help="what the UNets predict (default: the config's, v: v-prediction, as SD2); eps: as SD1.5")
+    train.add_argument("--rounds", type=int, default=None,
+                       help="rounds of UNet training (default: the recipe's); each round after the first restarts "
+                            "from the previous round's weights (config.WorldConfig.unet_rounds)")
     train.add_argument("--report", default=None, help="write the stage's numbers (JSON) to this file")
     train.add_argument("--export", default=None,
                        help="afterwards, copy the weights of the stages run (fp16) to this folder")
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, unet=dict(config.unet, model_channels=args.unet_channels))
     if args.prediction:
         config = dataclasses.replace(config, prediction=args.prediction)
+    if args.rounds:
+        config = dataclasses.replace(config, unet_rounds=args.rounds)
     if args.smoke:
         from . import gates
 

@@ -19,7 +19,9 @@ Held-out sets use their own seed streams (30 000 and up), never drawn in trainin
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 import comfy.model_management
 import comfy.model_patcher
@@ -30,8 +32,8 @@ import node_helpers
 import torch
 import torch.nn.functional as F
 
-from .edits import IP2P_KINDS, GroundTruth, ground_truth, random_edit
-from .reader import attribute_accuracy, read, scene_matches
+from .edits import IP2P_KINDS, Edit, GroundTruth, ground_truth, random_edit
+from .reader import ATTRIBUTES, attribute_accuracy, attributes_right, read, scene_matches
 from .scene import SIZE, Scene, random_scene, render_batch
 from .train_vae import psnr
 
@@ -44,13 +46,18 @@ def gate_scenes(n: int, seed: int = 30_000) -> list[Scene]:
     return [random_scene(rng, two_objects=0.4, unnamed=0.0, textured=0.25) for _ in range(n)]
 
 
-def gate_edits(n: int, seed: int = 31_000) -> list[GroundTruth]:
+def gate_pairs(n: int, seed: int = 31_000) -> list[tuple[Scene, Edit]]:
+    """Held-out IP2P (scene, edit) pairs: every kind the IP2P UNet trains on."""
     rng = random.Random(seed)
-    cases = []
+    pairs = []
     for _ in range(n):
         scene = random_scene(rng, two_objects=0.4, unnamed=0.0, textured=0.25)
-        cases.append(ground_truth(scene, random_edit(scene, rng, IP2P_KINDS)))
-    return cases
+        pairs.append((scene, random_edit(scene, rng, IP2P_KINDS)))
+    return pairs
+
+
+def gate_edits(n: int, seed: int = 31_000) -> list[GroundTruth]:
+    return [ground_truth(scene, edit) for scene, edit in gate_pairs(n, seed)]
 
 
 def conditioning(clip: comfy.sd.CLIP, text: str) -> list:
@@ -77,17 +84,23 @@ class T2IGate:
     attributes: float
     scenes: float
     samples: int
+    objects: int = 0  # the scenes' objects
+    # Of those objects, how many read back with the right position, colour and shape (reader.ATTRIBUTES).
+    objects_right: dict[str, int] = field(default_factory=dict)
 
 
 def read_back(images: torch.Tensor, scenes: list[Scene]) -> T2IGate:
     """The t2i gate's score of IMAGEs ``(B, H, W, 3)`` against the scenes they should show."""
     right = total = exact = 0
+    per_attribute: Counter[str] = Counter(dict.fromkeys(ATTRIBUTES, 0))
     for image, scene in zip(images, scenes):
         reading = read(image)
         r, t = attribute_accuracy(reading, scene)
         right, total = right + r, total + t
+        per_attribute.update(attributes_right(reading, scene))
         exact += scene_matches(reading, scene, background=False)
-    return T2IGate(right / total, exact / len(scenes), len(scenes))
+    return T2IGate(right / total, exact / len(scenes), len(scenes), sum(len(s.objects) for s in scenes),
+                   dict(per_attribute))
 
 
 @torch.inference_mode()
@@ -132,16 +145,37 @@ def ip2p_conditioning(clip: comfy.sd.CLIP, vae: comfy.sd.VAE, source: torch.Tens
 
 
 @torch.inference_mode()
-def ip2p_gate(model: comfy.model_patcher.ModelPatcher, clip: comfy.sd.CLIP, vae: comfy.sd.VAE, n: int = 24,
-              cfg: float = 5.0, steps: int = 20) -> float:
-    """Fraction of held-out instructions carried out (the output reads back as the edited scene)."""
-    done = 0
-    for i, case in enumerate(gate_edits(n)):
+def ip2p_outcomes(model: comfy.model_patcher.ModelPatcher, clip: comfy.sd.CLIP, vae: comfy.sd.VAE, n: int = 24,
+                  cfg: float = 5.0, steps: int = 20) -> list[tuple[str, bool]]:
+    """For each held-out instruction: (its edit's kind, whether it was carried out: the output reads back as the
+    edited scene)."""
+    outcomes = []
+    for i, (scene, edit) in enumerate(gate_pairs(n)):
+        case = ground_truth(scene, edit)
         positive, negative, latent = ip2p_conditioning(clip, vae, case.source, case.instruction)
         image = vae.decode(sample(model, positive, negative, cfg=cfg, seed=i, steps=steps,
                                   latent=torch.zeros_like(latent)))
-        done += scene_matches(read(image[0]), case.edited)
-    return done / n
+        outcomes.append((edit.kind, scene_matches(read(image[0]), case.edited)))
+    return outcomes
+
+
+def ip2p_gate(model: comfy.model_patcher.ModelPatcher, clip: comfy.sd.CLIP, vae: comfy.sd.VAE, n: int = 24,
+              cfg: float = 5.0, steps: int = 20) -> float:
+    """Fraction of held-out instructions carried out (the output reads back as the edited scene)."""
+    return _success(ip2p_outcomes(model, clip, vae, n, cfg, steps))
+
+
+def _success(outcomes: list[tuple[str, bool]]) -> float:
+    return sum(done for _, done in outcomes) / len(outcomes)
+
+
+def by_kind(outcomes: list[tuple[str, bool]]) -> dict[str, list[int]]:
+    """``{kind: [carried out, instructions]}`` in :data:`.edits.IP2P_KINDS`' order."""
+    counts = {kind: [0, 0] for kind in IP2P_KINDS}
+    for kind, done in outcomes:
+        counts[kind][0] += done
+        counts[kind][1] += 1
+    return counts
 
 
 @torch.inference_mode()
@@ -236,18 +270,22 @@ FULL_SIZES = {"t2i": 48, "vae": 32, "ip2p": 40}
 CI_SIZES = {"t2i": 16, "vae": 8, "ip2p": 16}
 
 
-def measure(t2i: tuple, ip2p: tuple, sizes: dict[str, int]) -> dict[str, float]:
-    """Every gate on ``(MODEL, CLIP, VAE)`` of the t2i and IP2P checkpoints, with ``sizes`` samples."""
+def measure(t2i: tuple, ip2p: tuple, sizes: dict[str, int]) -> dict[str, Any]:
+    """Every gate on ``(MODEL, CLIP, VAE)`` of the t2i and IP2P checkpoints, with ``sizes`` samples, and what each
+    UNet gate misses: the t2i gate's objects right per attribute, the IP2P gate's instructions by kind."""
     model, clip, vae = t2i
     text = t2i_gate(model, clip, vae, n=sizes["t2i"])
     ceiling = vae_read_back(vae, n=sizes["t2i"])
+    edits = ip2p_outcomes(ip2p[0], ip2p[1], ip2p[2], n=sizes["ip2p"])
     return {
         "vae_psnr_db": vae_gate(vae, n=sizes["vae"]),
         "t2i_attributes": text.attributes,
         "t2i_scenes": text.scenes,
+        "t2i_objects_right": {"objects": text.objects, **text.objects_right},  # diagnosis, no target
         "vae_read_back_attributes": ceiling.attributes,
         "vae_read_back_scenes": ceiling.scenes,
-        "ip2p_success": ip2p_gate(ip2p[0], ip2p[1], ip2p[2], n=sizes["ip2p"]),
+        "ip2p_success": _success(edits),
+        "ip2p_by_kind": by_kind(edits),  # diagnosis, no target
         "vae_read_back_ip2p": ip2p_read_back(vae, n=sizes["ip2p"]),
         "ddim_psnr_db": ddim_gate(model, clip, vae),
     }

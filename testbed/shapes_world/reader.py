@@ -37,6 +37,7 @@ from .scene import (
 THRESHOLD = 0.18  # colour distance (RGB, [0, 1]) from the background that counts as foreground
 MIN_AREA = 40  # pixels
 BORDER = 4
+ATTRIBUTES = ("position", "colour", "shape")  # what the gates and benchmarks read back of each object
 
 
 @dataclass(frozen=True)
@@ -207,15 +208,22 @@ def scene_matches(reading: Reading, scene: Scene, *, background: bool = True, si
     return True
 
 
-def attribute_accuracy(reading: Reading, scene: Scene) -> tuple[int, int]:
-    """(right, total) over each object's shape, appearance and position (a missing or extra object
-    counts all its attributes wrong); objects paired by position."""
-    total = 3 * len(scene.objects)
-    right = 0
+def attributes_right(reading: Reading, scene: Scene) -> dict[str, int]:
+    """How many of ``scene``'s objects the reading gets right, per attribute (``position``, ``colour``: the
+    appearance, ``shape``); objects paired by position, so an object found elsewhere has none right."""
+    right = dict.fromkeys(ATTRIBUTES, 0)
     by_position = {o.position: o for o in reading.objects}
     for want in scene.objects:
         got = by_position.get(want.position)
         if got is not None:
-            right += 1 + (got.shape == want.shape) + (got.appearance == want.appearance)
+            right["position"] += 1
+            right["colour"] += got.appearance == want.appearance
+            right["shape"] += got.shape == want.shape
+    return right
+
+
+def attribute_accuracy(reading: Reading, scene: Scene) -> tuple[int, int]:
+    """(right, total) over each object's shape, appearance and position (a missing or extra object
+    counts all its attributes wrong); objects paired by position."""
     extra = max(0, len(reading.objects) - len(scene.objects))
-    return right, total + 3 * extra
+    return sum(attributes_right(reading, scene).values()), 3 * (len(scene.objects) + extra)

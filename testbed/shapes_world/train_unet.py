@@ -155,6 +155,12 @@ def alphas_cumprod(model: comfy.model_patcher.ModelPatcher) -> torch.Tensor:
     return 1.0 / (1.0 + sigmas**2)
 
 
+def unet_seed(config: WorldConfig, kind: str) -> int:
+    """The seed of ``kind``'s batches, noise and timesteps in round ``config.unet_rounds`` (round 1's is the
+    files' before rounds existed)."""
+    return config.seed + (3 if kind == "t2i" else 4) + 100 * (config.unet_rounds - 1)
+
+
 def _drop(keep: torch.Tensor, rows: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
     """``rows`` where ``keep``, else ``replacement`` (broadcast)."""
     shape = (-1,) + (1,) * (rows.ndim - 1)
@@ -164,8 +170,9 @@ def _drop(keep: torch.Tensor, rows: torch.Tensor, replacement: torch.Tensor) -> 
 def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Tensor], config: WorldConfig,
                kind: str, log: Callable[[str], None] = print, seconds: float | None = None,
                log_every: int = 500) -> tuple[float, int]:
-    """Train ``model``'s UNet for ``kind`` ``"t2i"`` or ``"ip2p"`` on ComfyUI's torch device; the UNet is
-    left holding the EMA weights, on that device. Returns (seconds, steps run: the config's unless
+    """Train ``model``'s UNet for ``kind`` ``"t2i"`` or ``"ip2p"`` on ComfyUI's torch device, from the weights it
+    holds (random, or a previous round's: ``WorldConfig.unet_rounds``); the UNet is left holding the EMA weights,
+    on that device. Returns (seconds, steps run: the config's unless
     ``seconds`` cut it short, see :class:`.schedule.StepPlan`)."""
     unet = model.model.diffusion_model
     device = comfy.model_management.get_torch_device()
@@ -179,7 +186,7 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
         targets, sources = data["t2i_latents"].to(device), None
     else:
         targets, sources = data["ip2p_target"].to(device), data["ip2p_source"].to(device)
-    generator = torch.Generator().manual_seed(config.seed + (3 if kind == "t2i" else 4))
+    generator = torch.Generator().manual_seed(unet_seed(config, kind))
     params = [p.requires_grad_(True) for p in unet.parameters()]  # ComfyUI 0.31+ builds it with grads off
     ema = [p.detach().clone() for p in params]
     optimiser = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.01, fused=device.type == "cuda")

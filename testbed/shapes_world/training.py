@@ -2,15 +2,18 @@
 
 Each stage saves fp32 weights under ``$REALEDIT_CACHE/shapes_world/`` (else ``~/.cache/realedit``),
 in files named by a hash of the settings the stage depends on, so a stage reruns only when those
-change. Training runs on ComfyUI's torch device (CUDA when there is one). ``seconds`` caps a stage's
-steps to what fits in that time (:class:`.schedule.StepPlan`; the steps run are recorded in the file);
-``workers`` renders the training sets in that many processes (same pixels). ``pack`` measures the
-gates on the fp16 checkpoints as ``CheckpointLoaderSimple`` loads them and writes
-``testbed/shapes_world_models/`` (checkpoints and ``gates.json``).
+change. The UNet stages train in rounds (``WorldConfig.unet_rounds``), each in a file of its own: a config
+with more rounds than the cache holds trains only the rounds it lacks. Training runs on ComfyUI's torch
+device (CUDA when there is one). ``seconds`` caps each stage's (each round's) steps to what fits in that
+time (:class:`.schedule.StepPlan`; the steps run are recorded in the file); ``workers`` renders the
+training sets in that many processes (same pixels). ``pack`` measures the gates on the fp16 checkpoints
+as ``CheckpointLoaderSimple`` loads them and writes ``testbed/shapes_world_models/`` (checkpoints and
+``gates.json``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,9 +33,9 @@ _VAE_FIELDS = ("vae", "seed", "vae_pool", "vae_steps", "vae_batch", "vae_crop", 
 _DATA_FIELDS = _VAE_FIELDS + ("clip", "clip_seed", "dataset_scenes")
 _DECODER_FIELDS = _VAE_FIELDS + ("decoder_steps", "decoder_batch", "decoder_lr")
 _UNET_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "unet_steps", "unet_batch", "unet_lr", "ema_decay",
-                               "ema_warmup", "caption_dropout", "offset_noise", "prediction")
+                               "ema_warmup", "caption_dropout", "offset_noise", "prediction", "unet_rounds")
 _IP2P_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "ip2p_steps", "unet_batch", "unet_lr", "ema_decay",
-                               "ema_warmup", "ip2p_dropout", "offset_noise", "prediction")
+                               "ema_warmup", "ip2p_dropout", "offset_noise", "prediction", "unet_rounds")
 # The settings each stage's file depends on; the data stage's file is the only one that is not weights.
 _STAGE_FIELDS = {"vae": _VAE_FIELDS, "data": _DATA_FIELDS, "decoder": _DECODER_FIELDS, "t2i": _UNET_FIELDS,
                  "ip2p": _IP2P_FIELDS}
@@ -141,19 +144,27 @@ def stage_data(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] 
 
 
 def _train(config: WorldConfig, kind: str, log: Callable[[str], None], seconds: float | None) -> dict[str, Any]:
+    """Train (or find in the cache) ``kind``'s UNet: round ``config.unet_rounds``, after the rounds before it."""
     fields, in_channels = _STAGE_FIELDS[kind], _IN_CHANNELS[kind]
     path = work_path(config, kind, fields)
     if path.is_file():
         log(f"{kind}: done before ({path})")
         return _numbers(path)
-    data = safetensors.torch.load_file(str(work_path(config, "data", _DATA_FIELDS)))
+    earlier: dict[str, Any] = {}  # the rounds before this one
     model = make_unet(config, in_channels)
     unet = model.model.diffusion_model
+    if config.unet_rounds > 1:
+        previous = dataclasses.replace(config, unet_rounds=config.unet_rounds - 1)
+        earlier = _train(previous, kind, log, seconds)
+        unet.load_state_dict(safetensors.torch.load_file(str(work_path(previous, kind, fields))))
+    data = safetensors.torch.load_file(str(work_path(config, "data", _DATA_FIELDS)))
     steps = config.unet_steps if kind == "t2i" else config.ip2p_steps
-    log(f"{kind}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, {steps} steps of batch "
-        f"{config.unet_batch}")
+    log(f"{kind}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, round {config.unet_rounds}: "
+        f"{steps} steps of batch {config.unet_batch}")
     seconds_run, steps_run = train_unet(model, data, config, kind, log=log, seconds=seconds)
-    numbers = {f"{kind}_seconds": seconds_run, f"{kind}_steps_run": steps_run}
+    # Totals over the rounds: what the files record as the stage's seconds and steps.
+    numbers = {f"{kind}_seconds": seconds_run + earlier.get(f"{kind}_seconds", 0.0),
+               f"{kind}_steps_run": steps_run + earlier.get(f"{kind}_steps_run", 0)}
     _save(path, unet.state_dict(), numbers)
     return numbers
 
@@ -245,7 +256,7 @@ def stage_pack(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] 
     return report
 
 
-def gate_lines(measured: dict[str, float]) -> list[str]:
+def gate_lines(measured: dict[str, Any]) -> list[str]:
     from .gates import TARGETS
 
     def mark(ok: bool) -> str:
@@ -257,10 +268,14 @@ def gate_lines(measured: dict[str, float]) -> list[str]:
         f"gate text-to-image read-back at CFG 7.5: {measured['t2i_attributes']:.1%} of attributes, "
         f"{measured['t2i_scenes']:.1%} of scenes exact (target >= {TARGETS['t2i']:.0%}) "
         f"{mark(measured['t2i_attributes'] >= TARGETS['t2i'])}",
+        "  (objects read back right, of {objects}: position {position}, colour {colour}, shape {shape})".format(
+            **measured["t2i_objects_right"]),
         f"  (its ceiling through the VAE: the same scenes' photos round-tripped read back "
         f"{measured['vae_read_back_attributes']:.1%} of attributes, {measured['vae_read_back_scenes']:.1%} of scenes)",
         f"gate IP2P instructions carried out: {measured['ip2p_success']:.1%} (target >= {TARGETS['ip2p']:.0%}) "
         f"{mark(measured['ip2p_success'] >= TARGETS['ip2p'])}",
+        "  (carried out by kind: " + ", ".join(f"{kind} {done}/{total}" for kind, (done, total)
+                                               in measured["ip2p_by_kind"].items()) + ")",
         f"  (its ceiling through the VAE: the expected images round-tripped read back as the edited scene "
         f"{measured['vae_read_back_ip2p']:.1%})",
         f"gate DDIM inversion + reconstruction: {measured['ddim_psnr_db']:.2f} dB (target >= {TARGETS['ddim']:.0f}) "
