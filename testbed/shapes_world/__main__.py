@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, unet=dict(config.unet, model_channels=args.unet_channels))
     if args.prediction:
         config = dataclasses.replace(config, prediction=args.prediction)
-    if args.rounds:
+    if args.rounds is not None:  # WorldConfig refuses a count below 1
         config = dataclasses.replace(config, unet_rounds=args.rounds)
     if args.smoke:
         from . import gates

@@ -129,7 +129,7 @@ PREDICTIONS = ("eps", "v")
 
 DEFAULT_CONFIG = WorldConfig()
 
-# The recipe for two CPU cores (about 2 h 50 min in all here, see shapes_world_models/README.md): the same
+# The recipe for two CPU cores (about 2 h 45 min in all here, see shapes_world_models/README.md): the same
 # models and data streams, fewer samples. VAE on batches of 16 crops of 64 px (more steps for the same
 # pixels; SD's VAE too trains on crops smaller than it is used at), a short decoder fine-tuning, batches of
 # 32 for the UNets (4x the steps of the GPU's 128 for the same compute), 12 000 training scenes (rendering
