@@ -258,7 +258,11 @@ def test_a_second_round_restarts_from_the_first_rounds_weights_with_its_own_seed
         return train_unet.train_unet(model, data, config, kind, **kwargs)
 
     monkeypatch.setattr(training, "train_unet", recording)
+    loaded = []
+    load_file = training.safetensors.torch.load_file
+    monkeypatch.setattr(training.safetensors.torch, "load_file", lambda path: loaded.append(path) or load_file(path))
     assert training.stage_t2i(two, log=quiet)["t2i_steps_run"] == 6  # both rounds, 3 steps each
+    assert len(loaded) == 1  # the data set, once for both rounds
     first = training.trained_unet(one, "t2i").model.diffusion_model.state_dict()
     assert len(starts) == 2 and all(torch.equal(starts[1][k], first[k]) for k in first)
     assert not all(torch.equal(starts[0][k], first[k]) for k in first)  # round 1 trained from random weights
@@ -267,6 +271,9 @@ def test_a_second_round_restarts_from_the_first_rounds_weights_with_its_own_seed
     assert not all(torch.equal(second[k], first[k]) for k in first)
     assert training.stage_ip2p(two, log=quiet)["ip2p_steps_run"] == 4 and seeds[2:] == [one.seed + 4, one.seed + 104]
     assert training.stage_t2i(two, log=quiet)["t2i_steps_run"] == 6 and len(starts) == 4  # found: no round reran
+    three = dataclasses.replace(one, unet_rounds=3)  # rounds 1 and 2 in the cache: only round 3 trains, from 2
+    assert training.stage_t2i(three, log=quiet)["t2i_steps_run"] == 9 and len(starts) == 5
+    assert all(torch.equal(starts[4][k], second[k]) for k in second) and seeds[4] == one.seed + 203
 
 
 def test_the_recipe_follows_the_training_device(comfy, monkeypatch):

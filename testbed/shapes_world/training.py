@@ -144,28 +144,33 @@ def stage_data(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] 
 
 
 def _train(config: WorldConfig, kind: str, log: Callable[[str], None], seconds: float | None) -> dict[str, Any]:
-    """Train (or find in the cache) ``kind``'s UNet: round ``config.unet_rounds``, after the rounds before it."""
+    """Train (or find in the cache) ``kind``'s UNet: rounds 1 to ``config.unet_rounds``, each saved as its own
+    stage file (the config with ``unet_rounds = r``), so only the rounds the cache lacks are trained. Round r
+    starts from round r - 1's (EMA) weights; the data set is loaded once for all of them."""
     fields, in_channels = _STAGE_FIELDS[kind], _IN_CHANNELS[kind]
-    path = work_path(config, kind, fields)
-    if path.is_file():
-        log(f"{kind}: done before ({path})")
-        return _numbers(path)
-    earlier: dict[str, Any] = {}  # the rounds before this one
+    rounds = [dataclasses.replace(config, unet_rounds=r) for r in range(1, config.unet_rounds + 1)]
+    done = [work_path(each, kind, fields).is_file() for each in rounds]
+    if done[-1]:
+        log(f"{kind}: done before ({work_path(config, kind, fields)})")
+        return _numbers(work_path(config, kind, fields))
+    first = max((r for r, found in enumerate(done) if found), default=-1) + 1  # the first round to train
     model = make_unet(config, in_channels)
     unet = model.model.diffusion_model
-    if config.unet_rounds > 1:
-        previous = dataclasses.replace(config, unet_rounds=config.unet_rounds - 1)
-        earlier = _train(previous, kind, log, seconds)
-        unet.load_state_dict(safetensors.torch.load_file(str(work_path(previous, kind, fields))))
+    numbers: dict[str, Any] = {f"{kind}_seconds": 0.0, f"{kind}_steps_run": 0}  # totals over the rounds
+    if first > 0:
+        found = work_path(rounds[first - 1], kind, fields)
+        log(f"{kind}: rounds up to {first} done before ({found})")
+        unet.load_state_dict(safetensors.torch.load_file(str(found)))
+        numbers.update({k: _numbers(found)[k] for k in numbers})
     data = safetensors.torch.load_file(str(work_path(config, "data", _DATA_FIELDS)))
     steps = config.unet_steps if kind == "t2i" else config.ip2p_steps
-    log(f"{kind}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, round {config.unet_rounds}: "
-        f"{steps} steps of batch {config.unet_batch}")
-    seconds_run, steps_run = train_unet(model, data, config, kind, log=log, seconds=seconds)
-    # Totals over the rounds: what the files record as the stage's seconds and steps.
-    numbers = {f"{kind}_seconds": seconds_run + earlier.get(f"{kind}_seconds", 0.0),
-               f"{kind}_steps_run": steps_run + earlier.get(f"{kind}_steps_run", 0)}
-    _save(path, unet.state_dict(), numbers)
+    for this in rounds[first:]:
+        log(f"{kind}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, round {this.unet_rounds}: "
+            f"{steps} steps of batch {config.unet_batch}")
+        seconds_run, steps_run = train_unet(model, data, this, kind, log=log, seconds=seconds)
+        numbers = {f"{kind}_seconds": numbers[f"{kind}_seconds"] + seconds_run,
+                   f"{kind}_steps_run": numbers[f"{kind}_steps_run"] + steps_run}
+        _save(work_path(this, kind, fields), unet.state_dict(), numbers)
     return numbers
 
 
