@@ -11,18 +11,16 @@ pairs). Printed: the median MSE at each cap with its spread (25-75%), then, at p
 best learning rates, the passes each method needs to reach a common MSE (the larger of the two medians at
 the largest cap: both reach it), as medians over the pairs, and their ratio beside the paper's 3.5x.
 
-Measured here (``--steps 10``, session 9's checkpoint: UNet of 6 000 CPU steps with
-offset noise, 48% of its read-back gate's attributes; 10 pairs, 25 minutes on one core shared with other jobs):
-at paper settings null-text reaches the common MSE (0.018) in 120 passes, TTIS in 420 (ratio 0.29x: TTIS's
-constant 1e-3 is far too small for this model); both do best at lr 0.1 (0.3 is worse for both), where both
-need the 20-iteration cap to reach 4.6e-4 (1.00x; median MSE at cap 20: TTIS 4.5e-4, null-text 4.6e-4;
-null-text lower at caps 1-2). Session 7's checkpoint (2 400 steps, no offset noise) gave the same ratios.
+Measured here (``--steps 10``, 10 pairs, 15 minutes on one core beside other jobs), session 15's checkpoint
+(v-prediction UNet, four rounds, 93.0% of its read-back gate's attributes): at paper settings null-text reaches
+the common MSE (0.0205) in 220 passes, TTIS in 420 (ratio 0.52x: TTIS's constant 1e-3 is too small for this
+model); both do best at lr 0.1 (0.3 is worse for both), where both need the 20-iteration cap to reach 1.5e-3
+(1.00x; median MSE at cap 20: TTIS 1.51e-3, null-text 1.40e-3; TTIS lower at cap 5, 7.8e-3 against 9.2e-3).
+Session 9's checkpoint (eps UNet of 6 000 steps, 48% of the gate) gave 0.29x and 1.00x, session 7's the same.
 
     COMFYUI_PATH=... .venv/bin/python bench/bench_baret_world.py                  # 10 pairs, 20 steps
     COMFYUI_PATH=... .venv/bin/python bench/bench_baret_world.py --pairs 2 --caps 1 2 --steps 5
 
-The committed world UNet still misses its read-back gate: the measurement says how the two optimisations
-converge on this model, not yet on one that generates the world as well as its gate asks.
 """
 
 from __future__ import annotations

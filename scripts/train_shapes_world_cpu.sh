@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Train the shapes world on two CPU cores with the CPU recipe (config.CPU_RECIPE), then pack the committed
 # checkpoints and measure their gates: the stages of `python -m realedit.testbed.shapes_world train` with
-# both cores busy throughout (the VAE on two threads; the decoder beside the data; the two UNets side by
-# side on one thread each). `train --recipe cpu --threads 2` runs the same stages one after the other in
-# about the same time. The log goes to $LOG (default ./shapes_world_cpu.log).
+# both cores busy throughout (the VAE and the data on two threads; then the two UNets and the decoder side
+# by side on one thread each: three processes on two cores, as the UNets do not need the decoder).
+# `train --recipe cpu --threads 2` runs the same stages one after the other in about the same time. The log
+# goes to $LOG (default ./shapes_world_cpu.log).
 #   PYTHON        a Python with torch and ComfyUI's requirements (default .venv/bin/python)
 #   COMFYUI_PATH  a ComfyUI checkout; the pack must be importable as `realedit`
 #   PREDICTION    what the UNets predict (default: the config's, v: v-prediction); eps: SD1.5's objective
@@ -35,9 +36,8 @@ train() {  # train NAME ARGS...: one stage process, its output prefixed with NAM
 
 echo "start $(date -u +%T)" >"$log"
 train vae --stage vae --threads 2 --workers 2 || exit 1
+train data --stage data --threads 2 --workers 2 || exit 1
 train decoder --stage decoder --threads 1 &
-train data --stage data --threads 1 || exit 1
-wait
 train t2i --stage t2i --threads 1 "${unet[@]}" &
 train ip2p --stage ip2p --threads 1 "${unet[@]}" &
 wait

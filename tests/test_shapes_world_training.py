@@ -229,8 +229,10 @@ def test_a_setting_added_later_changes_the_hash_only_away_from_the_value_older_f
         assert newer.key() != older.key()
         for stage, fields in _STAGE_FIELDS.items():
             assert (stage_key(newer, fields) != stage_key(older, fields)) == (stage in ("t2i", "ip2p")), (name, stage)
-    assert dataclasses.replace(RECIPES["cpu"], prediction="eps", unet_rounds=1).key() == "6586959c0c5f7490"  # 9-12
-    assert dataclasses.replace(RECIPES["cpu"], unet_rounds=1).key() == "523bac92ee6df241"  # session 13's files
+    earlier = dataclasses.replace(RECIPES["cpu"], decoder_steps=600)  # the decoder of sessions 7-14
+    assert dataclasses.replace(earlier, prediction="eps", unet_rounds=1).key() == "6586959c0c5f7490"  # 9-12
+    assert dataclasses.replace(earlier, unet_rounds=1).key() == "523bac92ee6df241"  # session 13's files
+    assert dataclasses.replace(earlier, unet_rounds=3).key() == "c7d594277fef5deb"  # session 14's files
     with pytest.raises(ValueError, match="prediction 'x0'"):
         dataclasses.replace(DEFAULT_CONFIG, prediction="x0")
     with pytest.raises(ValueError, match="unet_rounds must be a whole number >= 1, not 0"):
