@@ -151,8 +151,9 @@ def _train(config: WorldConfig, kind: str, log: Callable[[str], None], seconds: 
     rounds = [dataclasses.replace(config, unet_rounds=r) for r in range(1, config.unet_rounds + 1)]
     done = [work_path(each, kind, fields).is_file() for each in rounds]
     if done[-1]:
-        log(f"{kind}: done before ({work_path(config, kind, fields)})")
-        return _numbers(work_path(config, kind, fields))
+        path = work_path(config, kind, fields)
+        log(f"{kind}: done before ({path})")
+        return _numbers(path)
     first = max((r for r, found in enumerate(done) if found), default=-1) + 1  # the first round to train
     model = make_unet(config, in_channels)
     unet = model.model.diffusion_model
@@ -168,8 +169,8 @@ def _train(config: WorldConfig, kind: str, log: Callable[[str], None], seconds: 
         log(f"{kind}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, round {this.unet_rounds}: "
             f"{steps} steps of batch {config.unet_batch}")
         seconds_run, steps_run = train_unet(model, data, this, kind, log=log, seconds=seconds)
-        numbers = {f"{kind}_seconds": numbers[f"{kind}_seconds"] + seconds_run,
-                   f"{kind}_steps_run": numbers[f"{kind}_steps_run"] + steps_run}
+        numbers[f"{kind}_seconds"] += seconds_run
+        numbers[f"{kind}_steps_run"] += steps_run
         _save(work_path(this, kind, fields), unet.state_dict(), numbers)
     return numbers
 
