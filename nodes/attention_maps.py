@@ -15,8 +15,8 @@ from comfy_api.v0_0_2 import io, ui
 from ..attention.maps import CrossAttentionStore, MapRecorder, MapStoreError, word_mask
 from ..attention.settings import P2PSettings
 from ..attention.tokens import word_token_indices
-from ..hosts.comfy import discover_layers, install_hook
-from .common import LATENT_SCALE, clip_tokenizer, latent_samples, split_words
+from ..hosts.comfy import install_hook
+from .common import LATENT_SCALE, check_map_downscale, clip_tokenizer, latent_samples, split_words
 
 CATEGORY = "RealEdit/attention"
 AttentionMaps = io.Custom("REALEDIT_ATTENTION_MAPS")
@@ -53,10 +53,7 @@ class AttentionMapRecorder(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, map_downscale, step_start, step_end) -> io.NodeOutput:
-        levels = sorted({layer.downscale for layer in discover_layers(model)})
-        if map_downscale not in levels:
-            raise ValueError(f"RealEdit: this model has no attention layers at map_downscale {map_downscale}; its "
-                             f"attention layers sit at downscales {levels}.")
+        check_map_downscale(model, map_downscale)
         if step_end <= step_start:
             raise ValueError(f"RealEdit: step_end ({step_end}) must be above step_start ({step_start}).")
         store = CrossAttentionStore(downscales=(map_downscale,), kinds=("cond",), slots=None,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from comfy_api.v0_0_2 import io
 
 from ..attention.p2p import Refine, Replace, Reweight, cross_edit, resolve_mode
+from ..attention.settings import SpecRefSettings
 from ..attention.specref import SpecRefError
 from ..attention.tokens import (
     Token,
@@ -31,6 +32,7 @@ from ..attention.tokens import (
     word_positions,
     word_token_indices,
 )
+from ..hosts.comfy import discover_layers
 from ..hosts.comfy_sampling import INVERSION_SCHEDULERS
 from ..inversion.ddim import CONVENTIONS, DEFAULT_CONVENTION
 
@@ -46,6 +48,25 @@ CONVENTION_TOOLTIP = (
     "edit step then has a matching reference entry. 'current': at the current latent and its own timestep, "
     "SpecRef Eq. 1 as written (ComfyUI's FlipSigmas + euler)."
 )
+
+
+MAP_DOWNSCALE_TOOLTIP = (
+    "Cross-attention maps (LocalBlend's, M_t) are read from the layers whose token grid is the latent divided by "
+    "this. 4 (default): P2P's 16x16 maps at 512 px on SD1.x (32x32 at 1024 px on SDXL). Smaller images need a "
+    "smaller value for maps fine enough to mark an object (the shapes world's 128 px images: 1, its 16x16 layers).")
+
+
+def map_downscale_input() -> io.Int.Input:
+    return io.Int.Input("map_downscale", default=SpecRefSettings().map_downscale, min=1, max=64, optional=True,
+                        tooltip=MAP_DOWNSCALE_TOOLTIP)
+
+
+def check_map_downscale(model: object, map_downscale: int) -> None:
+    """Raise a ValueError naming the model's attention downscales unless ``map_downscale`` is one of them."""
+    levels = sorted({layer.downscale for layer in discover_layers(model)})
+    if map_downscale not in levels:
+        raise ValueError(f"RealEdit: this model has no attention layers at map_downscale {map_downscale}; its "
+                         f"attention layers sit at downscales {levels}.")
 
 
 def scheduler_input() -> io.Combo.Input:

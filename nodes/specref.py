@@ -22,9 +22,11 @@ from .common import (
     Inversion,
     RefFeatures,
     blend_positions,
+    check_map_downscale,
     clip_tokenizer,
     encode,
     image_mask,
+    map_downscale_input,
     progress,
     prompt_edit,
     split_words,
@@ -94,6 +96,7 @@ class SpecRefEditSampler(io.ComfyNode):
                                        "0.3, as the blend words')."),
                 *_sr_option_inputs(),
                 _uncond_shared_kv_input(optional=True),
+                map_downscale_input(),
             ],
             outputs=[
                 io.Latent.Output(display_name="edited"),
@@ -108,12 +111,14 @@ class SpecRefEditSampler(io.ComfyNode):
                 cross_replace, self_replace, blend_words="", blend_threshold=0.3, reweight_words="",
                 reweight_factor=2.0, ref_features=None, reference_mask=None, target_words="", mt_threshold=0.5,
                 ms_threshold=0.5, blend_subtract_words="", blend_subtract_threshold=P2P_DEFAULTS.blend_threshold,
-                sr_layers="", mask_resize=SR_DEFAULTS.mask_resize, uncond_shared_kv=False) -> io.NodeOutput:
+                sr_layers="", mask_resize=SR_DEFAULTS.mask_resize, uncond_shared_kv=False,
+                map_downscale=SR_DEFAULTS.map_downscale) -> io.NodeOutput:
+        check_map_downscale(model, map_downscale)
         edit = prompt_edit(clip, source_text, target_text, edit_mode, reweight_words, reweight_factor)
         tokenize = edit.tokenize
         settings = SpecRefSettings(
             p2p=P2PSettings(cross_replace=cross_replace, self_replace=self_replace, blend_threshold=blend_threshold),
-            mt_threshold=mt_threshold, ms_threshold=ms_threshold, mask_resize=mask_resize,
+            mt_threshold=mt_threshold, ms_threshold=ms_threshold, mask_resize=mask_resize, map_downscale=map_downscale,
         )
         blend, subtract = split_words(blend_words), split_words(blend_subtract_words)
         if subtract and not blend:
@@ -220,6 +225,7 @@ class ApplySRAttention(io.ComfyNode):
                 io.Mask.Input("target_mask", optional=True,
                               tooltip="A fixed M_t (where to put the reference object) instead of the word's map."),
                 *_sr_option_inputs(),
+                map_downscale_input(),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The patched clone: use it in any sampler.")],
         )
@@ -227,8 +233,9 @@ class ApplySRAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, ref_features, target_text, target_words, mt_threshold, ms_threshold,
                 uncond_shared_kv, reference_mask=None, target_mask=None, sr_layers="",
-                mask_resize=SR_DEFAULTS.mask_resize) -> io.NodeOutput:
+                mask_resize=SR_DEFAULTS.mask_resize, map_downscale=SR_DEFAULTS.map_downscale) -> io.NodeOutput:
         check_stored_features(model, ref_features)
+        check_map_downscale(model, map_downscale)
         words = split_words(target_words)
         positions = None
         if words:
@@ -236,7 +243,8 @@ class ApplySRAttention(io.ComfyNode):
         elif target_mask is None:
             raise SpecRefError("RealEdit Apply SR-Attention needs target_words (word(s) of the target prompt naming "
                                "the object to copy) or a target_mask.")
-        settings = SpecRefSettings(mt_threshold=mt_threshold, ms_threshold=ms_threshold, mask_resize=mask_resize)
+        settings = SpecRefSettings(mt_threshold=mt_threshold, ms_threshold=ms_threshold, mask_resize=mask_resize,
+                                   map_downscale=map_downscale)
         controls = SpecRefControls(settings=settings, target_positions=positions, target_mask=target_mask,
                                    ref_mask=reference_mask, sr_uncond_shared_kv=uncond_shared_kv,
                                    sr_layers=parse_layers(sr_layers))

@@ -22,11 +22,13 @@ from .common import (
     EDIT_MODES,
     Inversion,
     blend_positions,
+    check_map_downscale,
     convention_input,
     encode,
     image_mask,
     latent_output,
     latent_samples,
+    map_downscale_input,
     progress,
     prompt_edit,
     scheduler_input,
@@ -178,6 +180,7 @@ class StyleDiffusionEditSampler(io.ComfyNode):
                                 tooltip="Words of the target prompt to reweight (edit_mode reweight)."),
                 io.Float.Input("reweight_factor", default=SD_DEFAULTS.reweight_factor, min=-10.0, max=10.0,
                                step=0.1, optional=True, tooltip=origin("reweight_factor")),
+                map_downscale_input(),
             ],
             outputs=[
                 io.Latent.Output(display_name="edited"),
@@ -191,8 +194,10 @@ class StyleDiffusionEditSampler(io.ComfyNode):
     def execute(cls, model, clip, inversion, source_text: str, target_text: str, negative, steps: int, cfg: float,
                 edit_mode: str, tau_v: float, tau_c: float, tau_s: float, tau_u: float, source_row: str,
                 blend_words: str = "", blend_threshold: float = SD_DEFAULTS.blend_threshold, reweight_words: str = "",
-                reweight_factor: float = SD_DEFAULTS.reweight_factor) -> io.NodeOutput:
+                reweight_factor: float = SD_DEFAULTS.reweight_factor,
+                map_downscale: int = SD_DEFAULTS.map_downscale) -> io.NodeOutput:
         inversion = check_value_inversion(inversion)
+        check_map_downscale(model, map_downscale)
         if steps != inversion.steps:
             raise StyleDiffusionError(f"RealEdit: the INVERSION was made with {inversion.steps} steps but this node "
                                       f"uses {steps}; set the same steps on both nodes (or re-run the inversion).")
@@ -204,7 +209,7 @@ class StyleDiffusionEditSampler(io.ComfyNode):
         controls = P2PlusControls(tau_v=tau_v, tau_c=tau_c, tau_s=tau_s, tau_u=tau_u,
                                   pin_source=source_row == "pinned",
                                   cross_edit=edit.cross_edit, local_blend=local_blend,
-                                  blend_threshold=blend_threshold)
+                                  blend_threshold=blend_threshold, map_downscale=map_downscale)
         step = progress(inversion.steps)
         result = stylediffusion_edit(model, inversion, encode(clip, source_text), encode(clip, target_text), negative,
                                      cfg=cfg, controls=controls, callback=lambda info: step(info.step))

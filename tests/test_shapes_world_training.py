@@ -213,22 +213,26 @@ def test_the_cpu_recipe_trains_the_same_models_on_fewer_samples():
 
 
 def test_a_setting_added_later_changes_the_hash_only_away_from_the_value_older_files_have(comfy):
-    """``prediction`` (eps before session 13) and ``unet_rounds`` (1 before session 14) came after the first files:
-    at those values they are left out of the hash and the recorded JSON (so older files and stage caches keep
-    their hash and names), away from them they are in both, and they name the UNet stages' files, not those of the
-    stages before them."""
+    """``prediction`` (eps before session 13), ``unet_rounds`` (1 before session 14) and ``token_grounding`` (0 before
+    session 17) came after the first files: at those values they are left out of the hash and the recorded JSON
+    (so older files and stage caches keep their hash and names), away from them they are in both, and they name the
+    files of the UNet stages they train (token grounding: the text-to-image one's), not those of the stages before
+    them."""
     from realedit.testbed.shapes_world.config import DEFAULT_CONFIG, LATER_SETTINGS, RECIPES, WorldConfig
     from realedit.testbed.shapes_world.training import _STAGE_FIELDS, stage_key
 
-    assert LATER_SETTINGS == {"prediction": "eps", "unet_rounds": 1} and DEFAULT_CONFIG.prediction == "v"
+    assert LATER_SETTINGS == {"prediction": "eps", "unet_rounds": 1, "token_grounding": 0.0}
+    assert DEFAULT_CONFIG.prediction == "v"
     older = dataclasses.replace(DEFAULT_CONFIG, **LATER_SETTINGS)
-    for name, later in (("prediction", "v"), ("unet_rounds", 2)):
+    unets = ("t2i", "ip2p")
+    laters = (("prediction", "v", unets), ("unet_rounds", 2, unets), ("token_grounding", 0.1, unets[:1]))
+    for name, later, named in laters:
         newer = dataclasses.replace(older, **{name: later})
         assert f'"{name}"' not in older.to_json() and f'"{name}": {json.dumps(later)}' in newer.to_json()
         assert WorldConfig.from_json(older.to_json()) == older and WorldConfig.from_json(newer.to_json()) == newer
         assert newer.key() != older.key()
         for stage, fields in _STAGE_FIELDS.items():
-            assert (stage_key(newer, fields) != stage_key(older, fields)) == (stage in ("t2i", "ip2p")), (name, stage)
+            assert (stage_key(newer, fields) != stage_key(older, fields)) == (stage in named), (name, stage)
     earlier = dataclasses.replace(RECIPES["cpu"], decoder_steps=600)  # the decoder of sessions 7-14
     assert dataclasses.replace(earlier, prediction="eps", unet_rounds=1).key() == "6586959c0c5f7490"  # 9-12
     assert dataclasses.replace(earlier, unet_rounds=1).key() == "523bac92ee6df241"  # session 13's files

@@ -132,6 +132,8 @@ BAD_INPUTS = {
     "SR layers unreadable": (_sampler(sr_layers="last three"), "give layer indices like"),
     "subtract words without blend words": (_sampler(blend_words="", blend_subtract_words="cat"),
                                            "blend_subtract_words need blend_words"),
+    "maps from layers the model lacks": (_sampler(map_downscale=3),
+                                         r"no attention layers at map_downscale 3; its attention layers sit at"),
     "live reference of another size": (_small_live_reference,
                                        "live REF_FEATURES need a reference latent of the source's size"),
 }
@@ -160,6 +162,20 @@ def test_empty_target_word_map_falls_back_to_the_edit_without_reference(runner, 
     assert torch.equal(a[SAMPLER][0]["samples"], b[SAMPLER][0]["samples"])
     text = a.ui[SAMPLER]["text"][0]
     assert _sr_calls(a) == 0 and "M_t was empty at every SR-attention call" in text
+
+
+def test_map_downscale_chooses_the_layers_the_word_maps_are_read_from(runner, overrides, workflow, tmp_path):
+    """M_t and LocalBlend's mask come from the layers at ``map_downscale``: other layers give other masks (and so
+    another edit), while the reconstruction path, which reads no map, stays bit-identical."""
+    runs = {}
+    for downscale in (1, 4):
+        changed = copy.deepcopy(workflow)
+        changed[SAMPLER]["inputs"]["map_downscale"] = downscale
+        runs[downscale] = runner.run_workflow(changed, outputs=[SAMPLER], overrides=overrides,
+                                              output_dir=tmp_path)[SAMPLER]
+    assert torch.equal(runs[1][1]["samples"], runs[4][1]["samples"])
+    assert not torch.equal(runs[1][2], runs[4][2]) or not torch.equal(runs[1][3], runs[4][3])
+    assert not torch.equal(runs[1][0]["samples"], runs[4][0]["samples"])
 
 
 def test_stored_reference_of_another_size_is_used_on_its_own_grid(runner, overrides, workflow, tmp_path):
@@ -242,6 +258,10 @@ def test_apply_sr_attention_input_errors(runner, overrides, workflow):
     graph["20"]["inputs"]["target_words"] = "zebra"
     with pytest.raises(runner.WorkflowError, match="'zebra' is not in the prompt 'a photo of a tiger'"):
         runner.run_workflow(graph, outputs=["22"], overrides=overrides)
+    graph["20"]["inputs"].update(target_words="tiger", map_downscale=3)
+    with pytest.raises(runner.WorkflowError, match="no attention layers at map_downscale 3"):
+        runner.run_workflow(graph, outputs=["22"], overrides=overrides)
+    del graph["20"]["inputs"]["map_downscale"]
     graph["20"]["inputs"]["target_words"] = ""
     with pytest.raises(runner.WorkflowError, match="needs target_words"):
         runner.run_workflow(graph, outputs=["22"], overrides=overrides)

@@ -108,7 +108,7 @@ def test_a_stylediffusion_inversion_is_refused_by_the_specref_sampler_by_name(ru
         runner.run_workflow(workflow, outputs=["8"], overrides=overrides, tiny_checkpoint=family, output_dir=tmp_path)
 
 
-def test_steps_other_than_the_inversions_and_long_prompts_are_refused_by_name(runner, tmp_path):
+def test_steps_other_than_the_inversions_long_prompts_and_absent_map_layers_are_refused_by_name(runner, tmp_path):
     workflow, overrides, family = _workflow()
     workflow["8"]["inputs"]["steps"] = 3
     with pytest.raises(runner.WorkflowError, match="made with 2 steps"):
@@ -116,6 +116,10 @@ def test_steps_other_than_the_inversions_and_long_prompts_are_refused_by_name(ru
     workflow, overrides, family = _workflow()
     workflow["8"]["inputs"]["target_text"] = "a cat " * 60
     with pytest.raises(runner.WorkflowError, match="target prompt.*tokens"):
+        runner.run_workflow(workflow, outputs=["8"], overrides=overrides, tiny_checkpoint=family, output_dir=tmp_path)
+    workflow, overrides, family = _workflow()
+    workflow["8"]["inputs"]["map_downscale"] = 3
+    with pytest.raises(runner.WorkflowError, match="no attention layers at map_downscale 3"):
         runner.run_workflow(workflow, outputs=["8"], overrides=overrides, tiny_checkpoint=family, output_dir=tmp_path)
 
 

@@ -96,12 +96,20 @@ class WorldConfig:
     # ``ip2p_steps`` and its own seed; round 1 is the single run of the files before. Round r's stage file is
     # the file of this config with ``unet_rounds = r``, so a config with more rounds resumes from a cached one.
     unet_rounds: int = 1
+    # Weight of the text-to-image UNet's token-grounding loss on its cross-attention (grounding.py, after
+    # TokenCompose's L_token): each object's shape and colour words attend to the object, the background's name
+    # to the background, as SD's word maps do and P2P, SpecRef and StyleDiffusion read them. 0: the denoising
+    # loss alone (the files before session 17, whose word maps marked no object).
+    token_grounding: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"RealEdit: WorldConfig.prediction '{self.prediction}' is not one of {PREDICTIONS}")
         if not isinstance(self.unet_rounds, int) or self.unet_rounds < 1:
             raise ValueError(f"RealEdit: WorldConfig.unet_rounds must be a whole number >= 1, not {self.unet_rounds!r}")
+        if not self.token_grounding >= 0:
+            raise ValueError(f"RealEdit: WorldConfig.token_grounding must be >= 0 (0: off), not "
+                             f"{self.token_grounding!r}")
 
     def hashed_settings(self) -> dict[str, Any]:
         """Every setting, less those added later while they keep the value the files before them were trained
@@ -124,7 +132,7 @@ class WorldConfig:
 
 # Settings added after the first checkpoints were trained, with the value those were trained with: left out
 # of the hash at that value, so the stage files and checkpoints of such a config keep their names and hash.
-LATER_SETTINGS: dict[str, Any] = {"prediction": "eps", "unet_rounds": 1}
+LATER_SETTINGS: dict[str, Any] = {"prediction": "eps", "unet_rounds": 1, "token_grounding": 0.0}
 PREDICTIONS = ("eps", "v")
 
 DEFAULT_CONFIG = WorldConfig()

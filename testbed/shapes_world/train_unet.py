@@ -24,8 +24,10 @@ import comfy.sd
 import torch
 import torch.nn.functional as F
 
+from ...attention.tokens import from_hf_tokenizer
 from .config import PREDICTIONS, WorldConfig
 from .edits import IP2P_KINDS, instruction, random_edit, render_edit_pairs
+from .grounding import CrossAttentionProbs, grounding_loss, grounding_targets
 from .scene import Scene, map_chunks, random_scene, render_pool
 from .schedule import StepPlan, cosine_lr, ema_decay_at
 from .train_vae import SD15_SCALE, to_vae_input
@@ -34,6 +36,13 @@ from .train_vae import SD15_SCALE, to_vae_input
 def t2i_scene(rng: random.Random) -> Scene:
     """Text-to-image training scenes: 40% two objects, 15% unnamed appearances (no colour word)."""
     return random_scene(rng, two_objects=0.4, unnamed=0.15, textured=0.25)
+
+
+def t2i_scenes(config: WorldConfig) -> tuple[list[Scene], list[str]]:
+    """The text-to-image training set's scenes (seeded) and its sorted captions (with the empty one)."""
+    rng = random.Random(config.seed + 1)
+    scenes = [t2i_scene(rng) for _ in range(config.dataset_scenes)]
+    return scenes, sorted({s.caption() for s in scenes} | {""})
 
 
 def ip2p_scene(rng: random.Random) -> Scene:
@@ -78,9 +87,7 @@ def build_dataset(vae: comfy.sd.VAE, clip: comfy.sd.CLIP, config: WorldConfig, l
     """The t2i and IP2P training tensors (see module doc); texts are indices into ``*_texts``. Renders in
     ``workers`` processes (same pixels whatever their number)."""
     start = time.perf_counter()
-    rng = random.Random(config.seed + 1)
-    scenes = [t2i_scene(rng) for _ in range(config.dataset_scenes)]
-    captions = sorted({s.caption() for s in scenes} | {""})
+    scenes, captions = t2i_scenes(config)
     index = {c: i for i, c in enumerate(captions)}
     data = {"t2i_latents": encode_images(vae, render_pool(scenes, workers)),
             "t2i_text": torch.tensor([index[s.caption()] for s in scenes]),
@@ -103,6 +110,20 @@ def build_dataset(vae: comfy.sd.VAE, clip: comfy.sd.CLIP, config: WorldConfig, l
                  "ip2p_empty": torch.tensor(index[""])})
     log(f"  ip2p data: {len(instructions)} pairs, {len(texts)} instructions ({time.perf_counter() - start:.0f} s)")
     return data
+
+
+def add_grounding_targets(data: dict[str, torch.Tensor], clip: comfy.sd.CLIP, config: WorldConfig) -> None:
+    """Add the t2i set's token-grounding targets to ``data`` (:mod:`.grounding`): ``t2i_ground_positions``
+    (scenes, words) and ``t2i_ground_regions`` (scenes, words, h, w), from the same seeded scenes as the data
+    stage's latents (checked against their caption indices)."""
+    scenes, captions = t2i_scenes(config)
+    index = {c: i for i, c in enumerate(captions)}
+    if not torch.equal(torch.tensor([index[s.caption()] for s in scenes]), data["t2i_text"]):
+        raise RuntimeError("RealEdit: the data stage's file does not hold this config's text-to-image scenes; "
+                           "delete it (REALEDIT_CACHE) and train again")
+    tokenize = from_hf_tokenizer(clip.tokenizer.clip_l.tokenizer)
+    positions, regions = grounding_targets(scenes, tokenize, tuple(data["t2i_latents"].shape[-2:]))
+    data.update({"t2i_ground_positions": positions, "t2i_ground_regions": regions})
 
 
 def training_noise(shape: torch.Size, offset: float, generator: torch.Generator) -> torch.Tensor:
@@ -186,13 +207,20 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
         targets, sources = data["t2i_latents"].to(device), None
     else:
         targets, sources = data["ip2p_target"].to(device), data["ip2p_source"].to(device)
+    grounding = config.token_grounding if kind == "t2i" else 0.0
+    if grounding:
+        if "t2i_ground_positions" not in data:
+            raise ValueError("RealEdit: token grounding needs the t2i set's targets: add_grounding_targets(data, ...)")
+        recorder = CrossAttentionProbs(unet)
+        ground_positions = data["t2i_ground_positions"].to(device)
+        ground_regions = data["t2i_ground_regions"].to(device)
     generator = torch.Generator().manual_seed(unet_seed(config, kind))
     params = [p.requires_grad_(True) for p in unet.parameters()]  # ComfyUI 0.31+ builds it with grads off
     ema = [p.detach().clone() for p in params]
     optimiser = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.01, fused=device.type == "cuda")
     plan, batch, n = StepPlan(planned, seconds, probe=(60, 190)), config.unet_batch, len(text_rows)
     synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    start, window, step = time.perf_counter(), [], 0
+    start, window, ground_window, step = time.perf_counter(), [], [], 0
     unet.train()
     with torch.inference_mode(False), torch.enable_grad():
         while step < plan.total:
@@ -216,19 +244,28 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
             if concat is not None:
                 x_t = torch.cat([x_t, concat], 1)  # (B, 8, h, w): ComfyUI's c_concat order
             target = training_target(config.prediction, x0, noise, a)
-            loss = F.mse_loss(unet(x_t, timesteps=t.float(), context=context), target)
+            options = recorder.options() if grounding else {}
+            loss = F.mse_loss(unet(x_t, timesteps=t.float(), context=context, transformer_options=options), target)
+            window.append(loss.detach())  # the denoising loss alone
+            if grounding:
+                captioned = (u >= config.caption_dropout)[:, None]  # a dropped caption grounds nothing
+                positions = torch.where(captioned, ground_positions[rows], -1)
+                token_loss = grounding_loss(recorder.probs, positions, ground_regions[rows])
+                recorder.probs.clear()
+                ground_window.append(token_loss.detach())
+                loss = loss + grounding * token_loss
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             with torch.no_grad():
                 torch._foreach_lerp_(ema, params, 1.0 - ema_decay_at(step, config.ema_decay, config.ema_warmup))
-            window.append(loss.detach())
             plan.after(step, synchronise)
             step += 1
             if step % log_every == 0 or step == plan.total:
-                log(f"  {kind} step {step:5d}/{plan.total}  loss {torch.stack(window).mean().item():.4f}  "
+                token = f"  token grounding {torch.stack(ground_window).mean().item():.4f}" if ground_window else ""
+                log(f"  {kind} step {step:5d}/{plan.total}  loss {torch.stack(window).mean().item():.4f}{token}  "
                     f"({time.perf_counter() - start:.0f} s)")
-                window = []
+                window, ground_window = [], []
     unet.eval()
     with torch.no_grad():
         for param, average in zip(params, ema):

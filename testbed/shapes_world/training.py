@@ -26,14 +26,15 @@ import torch
 
 from .config import CHECKPOINT_DIR, DEFAULT_CONFIG, GATES_FILE, IP2P_FILE, T2I_FILE, WorldConfig
 from .models import load_checkpoint, make_clip, make_unet, make_vae, save_checkpoint
-from .train_unet import build_dataset, train_unet
+from .train_unet import add_grounding_targets, build_dataset, train_unet
 from .train_vae import held_out_scenes, round_trip_psnr, standardise_latents, train_vae
 
 _VAE_FIELDS = ("vae", "seed", "vae_pool", "vae_steps", "vae_batch", "vae_crop", "vae_lr", "vae_kl", "data_version")
 _DATA_FIELDS = _VAE_FIELDS + ("clip", "clip_seed", "dataset_scenes")
 _DECODER_FIELDS = _VAE_FIELDS + ("decoder_steps", "decoder_batch", "decoder_lr")
 _UNET_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "unet_steps", "unet_batch", "unet_lr", "ema_decay",
-                               "ema_warmup", "caption_dropout", "offset_noise", "prediction", "unet_rounds")
+                               "ema_warmup", "caption_dropout", "offset_noise", "prediction", "unet_rounds",
+                               "token_grounding")
 _IP2P_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "ip2p_steps", "unet_batch", "unet_lr", "ema_decay",
                                "ema_warmup", "ip2p_dropout", "offset_noise", "prediction", "unet_rounds")
 # The settings each stage's file depends on; the data stage's file is the only one that is not weights.
@@ -164,6 +165,10 @@ def _train(config: WorldConfig, kind: str, log: Callable[[str], None], seconds: 
         unet.load_state_dict(safetensors.torch.load_file(str(found)))
         numbers.update({k: _numbers(found)[k] for k in numbers})
     data = safetensors.torch.load_file(str(work_path(config, "data", _DATA_FIELDS)))
+    if kind == "t2i" and config.token_grounding:
+        begun = time.perf_counter()
+        add_grounding_targets(data, make_clip(config), config)
+        log(f"{kind}: token-grounding targets of {len(data['t2i_text'])} scenes ({time.perf_counter() - begun:.0f} s)")
     steps = config.unet_steps if kind == "t2i" else config.ip2p_steps
     for this in rounds[first:]:
         log(f"{kind}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, round {this.unet_rounds}: "
