@@ -48,7 +48,7 @@ def main() -> None:
                         help="also sweep ZONE's M_b threshold T against the true edit regions (--tasks tasks)")
     parser.add_argument("--sweep", nargs="*", default=[], metavar="NAME",
                         help="also sweep these open defaults on --tasks tasks (fidelity.SWEEPS: specref-window, "
-                             "specref-layers, specref-thresholds, specref-uncond, baret-lambda)")
+                             "specref-layers, specref-thresholds, specref-uncond, p2p-map-downscale, baret-lambda)")
     args = parser.parse_args()
 
     from realedit.testbed.comfy_env import bootstrap_comfyui

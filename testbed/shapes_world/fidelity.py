@@ -295,6 +295,10 @@ SWEEPS: dict[str, Sweep] = {
     # under CFG the former's change is multiplied by the cfg scale (see the Apply SR-Attention tooltip).
     "specref-uncond": Sweep("SpecRef", "SR-attention rows (uncond_shared_kv)", "11", {
         "cond only": {"uncond_shared_kv": False}, "cond + uncond": {"uncond_shared_kv": True}}, "cond only"),
+    # The layers word maps are read from (LocalBlend's; M_t's in SpecRef): P2P reads 16x16 maps at 512 px, the
+    # layers at 4x below a 64x64 latent; the world's 16x16 latents have 16x16 layers at 1, 8x8 at 2, 4x4 at 4.
+    "p2p-map-downscale": Sweep(P2P_NTI, "word-map layers (map_downscale)", "8", {
+        f"{d}": {"map_downscale": d} for d in (1, 2, 4)}, "4"),
     # BARET's progressive transition lambda (Eq. 3), linear from start to end; 1 -> 1 is the rigid setting.
     "baret-lambda": Sweep("BARET", "transition lambda start -> end", "7", {
         f"{a:g} -> {b:g}": {"lambda_start": a, "lambda_end": b}
