@@ -1,6 +1,6 @@
 """Token grounding of the world's text-to-image UNet: a loss on its cross-attention that draws each named
-thing's words to where it is (TokenCompose's token loss: Wang et al. 2024, "TokenCompose: Text-to-Image
-Diffusion with Token-level Supervision", Sec. 3.2, L_token).
+thing's words to where it is (the token loss L_token of Wang et al., "TokenCompose: Grounding Diffusion with
+Token-level Supervision", CVPR 2024, arXiv 2312.03626).
 
 Why the world needs it: trained on the denoising loss alone, the world's UNet reads its caption through
 cross-attention that marks no object (session 17: the IoU of a word's P2P region with its object was 0.04-0.15 at
@@ -14,7 +14,7 @@ The grounded words of a scene: each object's shape word and colour word (within 
 caption), on the object's coverage; the background's name, on everything the objects leave. For word i,
 with A_i its attention probabilities over the layer's queries (mean over heads) and B_i its region,
 
-    L_token = mean_i (1 - sum_{u in B_i} A_i[u] / sum_u A_i[u])^2        (TokenCompose, Eq. 3)
+    L_token = mean_i (1 - sum_{u in B_i} A_i[u] / sum_u A_i[u])^2        (TokenCompose's L_token)
 
 averaged over every cross-attention layer (regions resized to each layer's grid by area averaging).
 """
@@ -59,7 +59,7 @@ def scene_words(scene: Scene, tokenize: Tokenizer) -> list[tuple[list[int], torc
 
 def grounding_targets(scenes: Sequence[Scene], tokenize: Tokenizer, latent_hw: tuple[int, int]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per scene, its grounded words' first token positions ``(S, WORDS_PER_SCENE)`` (-1: none) and regions
+    """Per scene, the token position of each grounded word ``(S, WORDS_PER_SCENE)`` (-1: none) and its region
     ``(S, WORDS_PER_SCENE, h, w)`` at the latent's size (area averages, fp16)."""
     positions = torch.full((len(scenes), WORDS_PER_SCENE), -1, dtype=torch.long)
     regions = torch.zeros(len(scenes), WORDS_PER_SCENE, *latent_hw, dtype=torch.float16)

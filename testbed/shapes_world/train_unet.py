@@ -9,7 +9,8 @@ in SD1.5's model space (x 0.18215); captions and instructions encoded once by th
 latent is concatenated to the noisy latent (8 input channels, ComfyUI's ``concat`` order), unscaled as
 the hosts feed it (:func:`ip2p_concat`); text, image and both are dropped with 5% each, for
 classifier-free guidance over either. The weights kept are an exponential
-moving average of the trained ones (``ema_decay``), as in SD's training.
+moving average of the trained ones (``ema_decay``), as in SD's training. With ``token_grounding`` > 0 the
+text-to-image loss adds that weight times TokenCompose's token loss on the cross-attention (:mod:`.grounding`).
 """
 
 from __future__ import annotations
