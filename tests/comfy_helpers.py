@@ -27,3 +27,19 @@ def sample(model, family: str = "sd1", *, steps: int = 4, cfg: float = 7.0, samp
         conditioning(family, 1), conditioning(family, 2, uncond_tokens), latent,
         seed=seed, disable_pbar=True,
     )
+
+
+def miniature_world_with_data(cache, monkeypatch, **changes):
+    """A miniature shapes-world config (8 VAE scenes, 12 training scenes, batches of 4; ``changes`` on top) whose
+    VAE and data stages are trained into the stage cache at ``cache``, made the session's ``REALEDIT_CACHE``."""
+    import dataclasses
+
+    from realedit.testbed.shapes_world import training
+    from realedit.testbed.shapes_world.config import DEFAULT_CONFIG
+
+    config = dataclasses.replace(DEFAULT_CONFIG, vae_pool=8, vae_steps=2, vae_batch=2, vae_crop=64, dataset_scenes=12,
+                                 unet_batch=4, **changes)
+    monkeypatch.setenv("REALEDIT_CACHE", str(cache))
+    training.stage_vae(config, log=lambda line: None)
+    training.stage_data(config, log=lambda line: None)
+    return config

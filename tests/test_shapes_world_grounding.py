@@ -86,18 +86,14 @@ def test_a_grounded_run_checks_its_scenes_and_trains_other_weights(comfy, tmp_pa
     """The targets are the data stage's own scenes (a data file of other scenes is refused), and the grounded UNet
     stage (its own stage file) trains other weights than the plain one from the same start and batches."""
     import safetensors.torch
+    from comfy_helpers import miniature_world_with_data
     from realedit.testbed.shapes_world import training
     from realedit.testbed.shapes_world.config import DEFAULT_CONFIG
     from realedit.testbed.shapes_world.models import make_clip
     from realedit.testbed.shapes_world.train_unet import add_grounding_targets
 
-    plain = dataclasses.replace(DEFAULT_CONFIG, vae_pool=8, vae_steps=2, vae_batch=2, vae_crop=64, dataset_scenes=12,
-                                unet_steps=2, unet_batch=4, token_grounding=0.0)
+    plain = miniature_world_with_data(tmp_path, monkeypatch, unet_steps=2, token_grounding=0.0)
     grounded = dataclasses.replace(plain, token_grounding=1.0)
-    monkeypatch.setenv("REALEDIT_CACHE", str(tmp_path))
-    quiet = lambda line: None  # noqa: E731
-    training.stage_vae(plain, log=quiet)
-    training.stage_data(plain, log=quiet)
     data = safetensors.torch.load_file(str(training.work_path(plain, "data", training._DATA_FIELDS)))
     add_grounding_targets(data, make_clip(plain), plain)
     assert data["t2i_ground_positions"].shape == (12, 5) and data["t2i_ground_regions"].shape == (12, 5, 16, 16)

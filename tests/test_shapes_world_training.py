@@ -246,16 +246,12 @@ def test_a_setting_added_later_changes_the_hash_only_away_from_the_value_older_f
 def test_a_second_round_restarts_from_the_first_rounds_weights_with_its_own_seed(comfy, tmp_path, monkeypatch):
     """``unet_rounds = 2``: round 1 is the one-round config's stage file (trained, or found in the cache), round 2
     starts from exactly those weights, draws another seed, and the file records both rounds' steps."""
+    from comfy_helpers import miniature_world_with_data
     from realedit.testbed.shapes_world import train_unet, training
-    from realedit.testbed.shapes_world.config import DEFAULT_CONFIG
 
-    one = dataclasses.replace(DEFAULT_CONFIG, vae_pool=8, vae_steps=2, vae_batch=2, vae_crop=64, dataset_scenes=12,
-                              unet_steps=3, unet_batch=4, ip2p_steps=2)
+    one = miniature_world_with_data(tmp_path, monkeypatch, unet_steps=3, ip2p_steps=2)
     two = dataclasses.replace(one, unet_rounds=2)
-    monkeypatch.setenv("REALEDIT_CACHE", str(tmp_path))
     quiet = lambda line: None  # noqa: E731
-    training.stage_vae(one, log=quiet)
-    training.stage_data(one, log=quiet)
     starts, seeds = [], []
 
     def recording(model, data, config, kind, **kwargs):

@@ -109,11 +109,14 @@ def grounding_loss(probs: Sequence[torch.Tensor], positions: torch.Tensor, regio
     if not valid.any() or not probs:
         return torch.zeros((), device=positions.device)
     index, latent_hw = positions.clamp(min=0), tuple(regions.shape[-2:])
+    resized: dict[int, torch.Tensor] = {}  # query count -> the regions on that grid (B, J, N); 3 grids, 10 calls
     losses = []
     for p in probs:
-        downscale = max(1, round((latent_hw[0] * latent_hw[1] / p.shape[1]) ** 0.5))
-        grid = grid_for(latent_hw, downscale, p.shape[1])
-        region = F.interpolate(regions.float(), size=grid, mode="area").flatten(2)  # (B, J, N)
+        if p.shape[1] not in resized:
+            downscale = max(1, round((latent_hw[0] * latent_hw[1] / p.shape[1]) ** 0.5))
+            grid = grid_for(latent_hw, downscale, p.shape[1])
+            resized[p.shape[1]] = F.interpolate(regions.float(), size=grid, mode="area").flatten(2)
+        region = resized[p.shape[1]]
         attention = p.gather(2, index[:, None, :].expand(-1, p.shape[1], -1)).transpose(1, 2)  # (B, J, N)
         inside = (attention * region).sum(-1) / attention.sum(-1).clamp(min=1e-12)
         losses.append((1 - inside)[valid].pow(2).mean())
