@@ -4,7 +4,8 @@
 # both cores busy throughout (the VAE and the data on two threads; then the two UNets and the decoder side
 # by side on one thread each: three processes on two cores, as the UNets do not need the decoder).
 # `train --recipe cpu --threads 2` runs the same stages one after the other in about the same time. The log
-# goes to $LOG (default ./shapes_world_cpu.log).
+# goes to $LOG (default ./shapes_world_cpu.log; a rerun appends). Stopped, the same command goes on: finished
+# stages and rounds are cached, and a UNet round keeps its progress every 500 steps.
 #   PYTHON        a Python with torch and ComfyUI's requirements (default .venv/bin/python)
 #   COMFYUI_PATH  a ComfyUI checkout; the pack must be importable as `realedit`
 #   PREDICTION    what the UNets predict (default: the config's, v: v-prediction); eps: SD1.5's objective
@@ -34,7 +35,7 @@ train() {  # train NAME ARGS...: one stage process, its output prefixed with NAM
   return "$rc"
 }
 
-echo "start $(date -u +%T)" >"$log"
+echo "start $(date -u +%T)" >>"$log"
 train vae --stage vae --threads 2 --workers 2 || exit 1
 train data --stage data --threads 2 --workers 2 || exit 1
 train decoder --stage decoder --threads 1 &

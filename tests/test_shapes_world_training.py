@@ -278,6 +278,45 @@ def test_a_second_round_restarts_from_the_first_rounds_weights_with_its_own_seed
     assert all(torch.equal(starts[4][k], second[k]) for k in second) and seeds[4] == one.seed + 203
 
 
+class _Stopped(Exception):
+    """Stands for the run being killed."""
+
+
+def test_a_stopped_round_goes_on_from_its_progress_to_the_same_weights(comfy, tmp_path, monkeypatch):
+    """A UNet round killed after its progress was kept (step 2 of 4) and started again goes on from step 2 and
+    trains exactly the weights of a run that never stopped (grounding on: every random draw and AdamW's state
+    come back); the progress file goes once the round's file is written. A time-capped run keeps none."""
+    import safetensors.torch
+    from comfy_helpers import miniature_world_with_data
+    from realedit.testbed.shapes_world import training
+
+    config = miniature_world_with_data(tmp_path / "straight", monkeypatch, unet_steps=4, token_grounding=0.1)
+    monkeypatch.setattr(training, "PROGRESS_EVERY", 2)
+    training.stage_t2i(config, log=lambda line: None)
+    straight = safetensors.torch.load_file(str(training.work_path(config, "t2i", training._UNET_FIELDS)))
+
+    miniature_world_with_data(tmp_path / "stopped", monkeypatch, unet_steps=4, token_grounding=0.1)
+    stage_file = training.work_path(config, "t2i", training._UNET_FIELDS)
+    progress = stage_file.with_suffix(".progress.pt")
+
+    def killed_at_step_2(line: str) -> None:
+        if "step     2/4" in line:
+            raise _Stopped
+
+    with pytest.raises(_Stopped):
+        training.stage_t2i(config, log=killed_at_step_2)
+    assert progress.is_file() and not stage_file.exists()
+    lines: list[str] = []
+    training.stage_t2i(config, log=lines.append)
+    assert any("going on from step 2" in line for line in lines)
+    assert [line for line in lines if "t2i step" in line] == [lines[-1]] and "step     4/4" in lines[-1]
+    resumed = safetensors.torch.load_file(str(stage_file))
+    assert set(resumed) == set(straight) and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert not progress.exists()
+    with pytest.raises(ValueError, match="only without a time cap"):
+        training.train_unet(training.make_unet(config, 4), {}, config, "t2i", seconds=1.0, progress=progress)
+
+
 def test_the_recipe_follows_the_training_device(comfy, monkeypatch):
     """``--recipe auto`` (the default): the GPU recipe where ComfyUI trains on CUDA, else the CPU one."""
     import comfy.model_management

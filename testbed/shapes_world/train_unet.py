@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import comfy.model_management
 import comfy.model_patcher
@@ -189,13 +190,41 @@ def _drop(keep: torch.Tensor, rows: torch.Tensor, replacement: torch.Tensor) -> 
     return torch.where(keep.view(shape), rows, replacement.expand_as(rows))
 
 
+def _save_progress(path: Path, step: int, seconds: float, params: list[torch.Tensor], ema: list[torch.Tensor],
+                   optimiser: torch.optim.Optimizer, generator: torch.Generator) -> None:
+    """Everything a run needs to go on from ``step`` as if it had not stopped (written whole, then renamed)."""
+    state = {"step": step, "seconds": seconds, "params": [p.detach().cpu() for p in params],
+             "ema": [e.cpu() for e in ema], "optimiser": optimiser.state_dict(), "generator": generator.get_state()}
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    temporary.replace(path)
+
+
+def _resume(path: Path, params: list[torch.Tensor], ema: list[torch.Tensor], optimiser: torch.optim.Optimizer,
+            generator: torch.Generator) -> dict[str, Any]:
+    """Load what :func:`_save_progress` wrote into the run's tensors; its step and seconds."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for tensor, saved in zip(params + ema, state["params"] + state["ema"]):
+            tensor.copy_(saved)
+    optimiser.load_state_dict(state["optimiser"])
+    generator.set_state(state["generator"])
+    return state
+
+
 def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Tensor], config: WorldConfig,
                kind: str, log: Callable[[str], None] = print, seconds: float | None = None,
-               log_every: int = 500) -> tuple[float, int]:
+               log_every: int = 500, progress: Path | None = None) -> tuple[float, int]:
     """Train ``model``'s UNet for ``kind`` ``"t2i"`` or ``"ip2p"`` on ComfyUI's torch device, from the weights it
     holds (random, or a previous round's: ``WorldConfig.unet_rounds``); the UNet is left holding the EMA weights,
     on that device. Returns (seconds, steps run: the config's unless
-    ``seconds`` cut it short, see :class:`.schedule.StepPlan`)."""
+    ``seconds`` cut it short, see :class:`.schedule.StepPlan`).
+
+    ``progress``: a file where the run keeps its state (weights, EMA, AdamW's moments, the random generator)
+    every ``log_every`` steps, and goes on from when it exists: a run stopped and started again trains the same
+    weights, to the bit, as one that never stopped. Not with ``seconds`` (its plan is timed per run)."""
+    if progress is not None and seconds is not None:
+        raise ValueError("RealEdit: train_unet keeps its progress only without a time cap (seconds=None)")
     unet = model.model.diffusion_model
     device = comfy.model_management.get_torch_device()
     unet.to(device)
@@ -222,6 +251,10 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
     plan, batch, n = StepPlan(planned, seconds, probe=(60, 190)), config.unet_batch, len(text_rows)
     synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start, window, ground_window, step = time.perf_counter(), [], [], 0
+    if progress is not None and progress.is_file():
+        resumed = _resume(progress, params, ema, optimiser, generator)
+        step, start = resumed["step"], start - resumed["seconds"]
+        log(f"  {kind}: going on from step {step} ({progress})")
     unet.train()
     with torch.inference_mode(False), torch.enable_grad():
         while step < plan.total:
@@ -262,6 +295,8 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
                 torch._foreach_lerp_(ema, params, 1.0 - ema_decay_at(step, config.ema_decay, config.ema_warmup))
             plan.after(step, synchronise)
             step += 1
+            if progress is not None and step % log_every == 0 and step < plan.total:
+                _save_progress(progress, step, time.perf_counter() - start, params, ema, optimiser, generator)
             if step % log_every == 0 or step == plan.total:
                 token = f"  token grounding {torch.stack(ground_window).mean().item():.4f}" if ground_window else ""
                 log(f"  {kind} step {step:5d}/{plan.total}  loss {torch.stack(window).mean().item():.4f}{token}  "

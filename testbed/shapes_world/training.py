@@ -3,7 +3,8 @@
 Each stage saves fp32 weights under ``$REALEDIT_CACHE/shapes_world/`` (else ``~/.cache/realedit``),
 in files named by a hash of the settings the stage depends on, so a stage reruns only when those
 change. The UNet stages train in rounds (``WorldConfig.unet_rounds``), each in a file of its own: a config
-with more rounds than the cache holds trains only the rounds it lacks. Training runs on ComfyUI's torch
+with more rounds than the cache holds trains only the rounds it lacks, and an uncapped round keeps its progress
+every :data:`PROGRESS_EVERY` steps, so a stopped run goes on where it was. Training runs on ComfyUI's torch
 device (CUDA when there is one). ``seconds`` caps each stage's (each round's) steps to what fits in that
 time (:class:`.schedule.StepPlan`; the steps run are recorded in the file); ``workers`` renders the
 training sets in that many processes (same pixels). ``pack`` measures the gates on the fp16 checkpoints
@@ -41,6 +42,9 @@ _IP2P_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "ip2p_steps", "unet_batch",
 _STAGE_FIELDS = {"vae": _VAE_FIELDS, "data": _DATA_FIELDS, "decoder": _DECODER_FIELDS, "t2i": _UNET_FIELDS,
                  "ip2p": _IP2P_FIELDS}
 _IN_CHANNELS = {"t2i": 4, "ip2p": 8}
+# A UNet round logs and keeps its progress every this many steps (about 4 minutes on a CPU core), so a stopped
+# run loses at most that much: the same command goes on from there (train_unet's ``progress``).
+PROGRESS_EVERY = 500
 
 
 def stage_key(config: WorldConfig, fields: tuple[str, ...]) -> str:
@@ -173,10 +177,15 @@ def _train(config: WorldConfig, kind: str, log: Callable[[str], None], seconds: 
     for this in rounds[first:]:
         log(f"{kind}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, round {this.unet_rounds}: "
             f"{steps} steps of batch {config.unet_batch}")
-        seconds_run, steps_run = train_unet(model, data, this, kind, log=log, seconds=seconds)
+        stage_file = work_path(this, kind, fields)
+        progress = stage_file.with_suffix(".progress.pt") if seconds is None else None  # see train_unet
+        seconds_run, steps_run = train_unet(model, data, this, kind, log=log, seconds=seconds,
+                                            log_every=PROGRESS_EVERY, progress=progress)
         numbers[f"{kind}_seconds"] += seconds_run
         numbers[f"{kind}_steps_run"] += steps_run
-        _save(work_path(this, kind, fields), unet.state_dict(), numbers)
+        _save(stage_file, unet.state_dict(), numbers)
+        if progress is not None:
+            progress.unlink(missing_ok=True)
     return numbers
 
 
