@@ -82,6 +82,7 @@ def main() -> None:
         report["methods"][method.name] = {
             "metric": method.metric, "verdicts": verdicts,
             "variants": {name: dataclasses.asdict(summary) for name, summary in summaries.items()}}
+        _write(report, args.json)  # after each method and sweep: a long run stopped midway keeps what it measured
     if args.sweep_zone_threshold:
         from realedit.masks.settings import ZONE_DEFAULTS
         from realedit.testbed.shapes_world.fidelity import zone_threshold_sweep
@@ -92,11 +93,17 @@ def main() -> None:
               + ", ".join(f"T {t:g}: {iou:.3f}" for t, iou in sweep.items())
               + f" -> best {chosen:g} (default {ZONE_DEFAULTS.mask_threshold:g})")
         report["zone_threshold_sweep"] = {"iou": sweep, "best": chosen}
+        _write(report, args.json)
     for name in args.sweep:
         report.setdefault("sweeps", {})[name] = _sweep(name, args.tasks, args.steps)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str))
+        _write(report, args.json)
+    _write(report, args.json)
     print(f"wrote {args.json}")
+
+
+def _write(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
 
 
 def _sweep(name: str, tasks: int, steps: int) -> dict:
