@@ -297,7 +297,7 @@ def test_a_stopped_round_goes_on_from_its_progress_to_the_same_weights(comfy, tm
 
     miniature_world_with_data(tmp_path / "stopped", monkeypatch, unet_steps=4, token_grounding=0.1)
     stage_file = training.work_path(config, "t2i", training._UNET_FIELDS)
-    progress = stage_file.with_suffix(".progress.pt")
+    progress = training.progress_file(stage_file)
 
     def killed_at_step_2(line: str) -> None:
         if "step     2/4" in line:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import comfy.model_management
 import comfy.model_patcher
@@ -201,15 +201,15 @@ def _save_progress(path: Path, step: int, seconds: float, params: list[torch.Ten
 
 
 def _resume(path: Path, params: list[torch.Tensor], ema: list[torch.Tensor], optimiser: torch.optim.Optimizer,
-            generator: torch.Generator) -> dict[str, Any]:
-    """Load what :func:`_save_progress` wrote into the run's tensors; its step and seconds."""
+            generator: torch.Generator) -> tuple[int, float]:
+    """Load what :func:`_save_progress` wrote into the run's tensors; (its step, its seconds)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     with torch.no_grad():
         for tensor, saved in zip(params + ema, state["params"] + state["ema"]):
             tensor.copy_(saved)
     optimiser.load_state_dict(state["optimiser"])
     generator.set_state(state["generator"])
-    return state
+    return state["step"], state["seconds"]
 
 
 def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Tensor], config: WorldConfig,
@@ -252,8 +252,8 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
     synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start, window, ground_window, step = time.perf_counter(), [], [], 0
     if progress is not None and progress.is_file():
-        resumed = _resume(progress, params, ema, optimiser, generator)
-        step, start = resumed["step"], start - resumed["seconds"]
+        step, seconds_before = _resume(progress, params, ema, optimiser, generator)
+        start -= seconds_before
         log(f"  {kind}: going on from step {step} ({progress})")
     unet.train()
     with torch.inference_mode(False), torch.enable_grad():

@@ -58,6 +58,11 @@ def work_path(config: WorldConfig, name: str, fields: tuple[str, ...]) -> Path:
     return root / f"{name}-{stage_key(config, fields)}.safetensors"
 
 
+def progress_file(stage_file: Path) -> Path:
+    """Where an uncapped UNet round keeps its progress until its stage file is written."""
+    return stage_file.with_suffix(".progress.pt")
+
+
 def _save(path: Path, state: dict[str, torch.Tensor], numbers: dict[str, Any]) -> None:
     temporary = path.with_suffix(".tmp")
     safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(temporary),
@@ -178,7 +183,7 @@ def _train(config: WorldConfig, kind: str, log: Callable[[str], None], seconds: 
         log(f"{kind}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, round {this.unet_rounds}: "
             f"{steps} steps of batch {config.unet_batch}")
         stage_file = work_path(this, kind, fields)
-        progress = stage_file.with_suffix(".progress.pt") if seconds is None else None  # see train_unet
+        progress = progress_file(stage_file) if seconds is None else None  # see train_unet
         seconds_run, steps_run = train_unet(model, data, this, kind, log=log, seconds=seconds,
                                             log_every=PROGRESS_EVERY, progress=progress)
         numbers[f"{kind}_seconds"] += seconds_run
