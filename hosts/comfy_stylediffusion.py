@@ -102,6 +102,7 @@ def value_invert(
     eps: float = SD_DEFAULTS.early_stop_eps,
     delta: float = SD_DEFAULTS.early_stop_delta,
     attention_weight: float = SD_DEFAULTS.attention_weight,
+    map_downscale: int = SD_DEFAULTS.map_downscale,
     seed: int = SD_DEFAULTS.seed,
     scheduler: str = "ddim_uniform",
     convention: Convention = DEFAULT_CONVENTION,
@@ -113,7 +114,8 @@ def value_invert(
 
     ``positive``: the source prompt; ``negative``: the unconditional prompt (empty). ``features``: CLIP image
     tokens (:func:`image_features`) for the official ``clip`` parameterisation; None: ``direct``.
-    ``max_iterations`` caps the official per-step iteration count (None: the official caps).
+    ``max_iterations`` caps the official per-step iteration count (None: the official caps). ``map_downscale``:
+    the layers whose maps the attention term keeps (the official 16x16 ones at 512 px: 4; a 128 px image's: 1).
     ``callback(step, iteration, loss)`` after every iteration and ``inversion_callback(i, x)`` after every
     inversion step, each after a check of ComfyUI's Cancel button. The MODEL is never modified.
     """
@@ -123,7 +125,7 @@ def value_invert(
     check_one_chunk("source CONDITIONING", positive[0][0])
     settings = value_settings(cfg, lr, iteration_base, eps, delta, max_iterations)
     settings.validate(schedule_steps(model, scheduler, steps), "cond")
-    recorder, live = CrossMapRecorder(SD_DEFAULTS.map_downscale), LiveValue()
+    recorder, live = CrossMapRecorder(map_downscale), LiveValue()
     clone = autograd_clone(install_value_schedule(install_hook(model, recorder, self_attention=False), live), dtype)
     targets: list[LayerMaps] = []
     on_step = interruptible(inversion_callback)

@@ -63,18 +63,20 @@ def value_invert(unet: torch.nn.Module, scheduler, latent: torch.Tensor, cond: t
                  max_iterations: int | None = None, lr: float = SD_DEFAULTS.lr,
                  iteration_base: float = SD_DEFAULTS.iteration_base, eps: float = SD_DEFAULTS.early_stop_eps,
                  delta: float = SD_DEFAULTS.early_stop_delta, attention_weight: float = SD_DEFAULTS.attention_weight,
-                 seed: int = SD_DEFAULTS.seed, convention: Convention = DEFAULT_CONVENTION,
+                 map_downscale: int = SD_DEFAULTS.map_downscale, seed: int = SD_DEFAULTS.seed,
+                 convention: Convention = DEFAULT_CONVENTION,
                  callback: IterationCallback | None = None, inversion_callback: StepCallback | None = None,
                  **added_cond: torch.Tensor) -> ValueInversion:
     """StyleDiffusion's value-embedding inversion on a diffusers UNet (as ``comfy_stylediffusion.value_invert``).
 
     ``cond``: the source prompt embedding; ``uncond``: the empty prompt's. ``features``: CLIP image tokens for
-    the official ``clip`` parameterisation (None: ``direct``).
+    the official ``clip`` parameterisation (None: ``direct``). ``map_downscale``: the layers whose maps the
+    attention term keeps (4: the official 16x16 ones at 512 px).
     """
     check_one_chunk("source prompt embedding", cond)
     settings = value_settings(cfg, lr, iteration_base, eps, delta, max_iterations)
     settings.validate(steps, "cond")
-    recorder, live = CrossMapRecorder(SD_DEFAULTS.map_downscale), LiveValue()
+    recorder, live = CrossMapRecorder(map_downscale), LiveValue()
     targets: list[LayerMaps] = []
 
     def record(i: int, x: torch.Tensor) -> None:

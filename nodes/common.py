@@ -56,9 +56,9 @@ MAP_DOWNSCALE_TOOLTIP = (
     "smaller value for maps fine enough to mark an object (the shapes world's 128 px images: 1, its 16x16 layers).")
 
 
-def map_downscale_input() -> io.Int.Input:
+def map_downscale_input(tooltip: str = MAP_DOWNSCALE_TOOLTIP) -> io.Int.Input:
     return io.Int.Input("map_downscale", default=SpecRefSettings().map_downscale, min=1, max=64, optional=True,
-                        tooltip=MAP_DOWNSCALE_TOOLTIP)
+                        tooltip=tooltip)
 
 
 def check_map_downscale(model: object, map_downscale: int) -> None:

@@ -46,6 +46,12 @@ DEVIATIONS = (
 )
 
 
+INVERSION_MAPS_TOOLTIP = (
+    "The attention term keeps the cross-attention maps of the layers whose token grid is the latent divided by "
+    "this. Default 4, " + origin("map_downscale") + ". Smaller images need a smaller value (the shapes world's 128 px "
+    "images: 1, its 16x16 layers); keep it equal to the Edit Sampler's map_downscale.")
+
+
 def _fraction(name: str, tooltip: str = "") -> io.Float.Input:
     return io.Float.Input(name, default=getattr(SD_DEFAULTS, name), min=0.0, max=1.0, step=0.01,
                           tooltip=tooltip + origin(name))
@@ -99,6 +105,7 @@ class ValueEmbeddingInversion(io.ComfyNode):
                                     + origin("parameterisation")),
                 io.Image.Input("image", optional=True, tooltip="The photo itself, encoded by clip_vision (needed "
                                "with clip_vision)."),
+                map_downscale_input(INVERSION_MAPS_TOOLTIP),
             ],
             outputs=[
                 io.Latent.Output(display_name="z_T", tooltip="The inverted noise latent."),
@@ -109,8 +116,10 @@ class ValueEmbeddingInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, latent, source, negative, steps: int, cfg: float, max_iterations: int,
                 learning_rate: float, early_stop_eps: float, early_stop_delta: float, attention_weight: float,
-                seed: int, scheduler: str, convention: str, clip_vision=None, image=None) -> io.NodeOutput:
+                seed: int, scheduler: str, convention: str, clip_vision=None, image=None,
+                map_downscale: int = SD_DEFAULTS.map_downscale) -> io.NodeOutput:
         samples = single_image(latent_samples(latent), "latent")
+        check_map_downscale(model, map_downscale)
         features = None
         if clip_vision is not None:
             if image is None:
@@ -126,8 +135,8 @@ class ValueEmbeddingInversion(io.ComfyNode):
         step = progress(total + sum(caps))
         inversion = value_invert(model, samples, source, negative, steps=steps, cfg=cfg, features=features,
                                  max_iterations=max_iterations, lr=learning_rate, eps=early_stop_eps,
-                                 delta=early_stop_delta, attention_weight=attention_weight, seed=seed,
-                                 scheduler=scheduler, convention=convention,
+                                 delta=early_stop_delta, attention_weight=attention_weight,
+                                 map_downscale=map_downscale, seed=seed, scheduler=scheduler, convention=convention,
                                  callback=lambda s, i, _loss: step(offsets[s] + i), inversion_callback=step)
         return io.NodeOutput(latent_output(model, inversion.z_T, samples), inversion,
                              ui=ui.PreviewText(inversion.report()))

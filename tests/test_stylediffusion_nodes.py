@@ -117,10 +117,26 @@ def test_steps_other_than_the_inversions_long_prompts_and_absent_map_layers_are_
     workflow["8"]["inputs"]["target_text"] = "a cat " * 60
     with pytest.raises(runner.WorkflowError, match="target prompt.*tokens"):
         runner.run_workflow(workflow, outputs=["8"], overrides=overrides, tiny_checkpoint=family, output_dir=tmp_path)
-    workflow, overrides, family = _workflow()
-    workflow["8"]["inputs"]["map_downscale"] = 3
-    with pytest.raises(runner.WorkflowError, match="no attention layers at map_downscale 3"):
-        runner.run_workflow(workflow, outputs=["8"], overrides=overrides, tiny_checkpoint=family, output_dir=tmp_path)
+    for node in ("7", "8"):  # the inversion's maps and the edit's
+        workflow, overrides, family = _workflow()
+        workflow[node]["inputs"]["map_downscale"] = 3
+        with pytest.raises(runner.WorkflowError, match="no attention layers at map_downscale 3"):
+            runner.run_workflow(workflow, outputs=["8"], overrides=overrides, tiny_checkpoint=family,
+                                output_dir=tmp_path)
+
+
+def test_the_inversion_keeps_the_maps_of_the_layers_map_downscale_names(runner, tmp_path):
+    """The attention term of the value inversion reads the layers at ``map_downscale``: at 2 (8x8 maps of the
+    tiny model's 16x16 latent) it differs from the default 4's, and so do the values it learns."""
+    inversions = {}
+    for downscale in (4, 2):
+        workflow, overrides, family = _workflow()
+        workflow["7"]["inputs"]["map_downscale"] = downscale
+        inversions[downscale] = runner.run_workflow(workflow, outputs=["7"], overrides=overrides,
+                                                    tiny_checkpoint=family, output_dir=tmp_path)["7"][1]
+    default, finer = inversions[4], inversions[2]
+    assert default.attention_losses[0][0] != finer.attention_losses[0][0]
+    assert not all(torch.equal(a, b) for a, b in zip(default.shifts, finer.shifts))
 
 
 def test_the_inversion_node_takes_a_clip_vision_of_the_text_width_and_refuses_others(runner, tmp_path):
