@@ -218,16 +218,19 @@ def _world_stylediffusion(model, task: WorldTask, steps: int):
     from .hosts.diffusers_batch import vae_decode, vae_encode
     from .hosts.diffusers_stylediffusion import stylediffusion_edit, value_invert
     from .settings.stylediffusion import SD_DEFAULTS
+    from .testbed.shapes_world.demo_tasks import WORLD_MAP_DOWNSCALE
 
     source, target = task.truth.source_caption, task.truth.target_caption
     old, new = (w.strip() for w in task.inputs["8"]["blend_words"].split(","))
     src, tgt = model.tokenize(source), model.tokenize(target)
     blend = LocalBlend([word_positions(source, old, model.tokenize), word_positions(target, new, model.tokenize)],
                        threshold=SD_DEFAULTS.blend_threshold, start=SD_DEFAULTS.blend_start)
-    controls = P2PlusControls(cross_edit=cross_edit(resolve_mode("auto", src, tgt), src, tgt), local_blend=blend)
+    controls = P2PlusControls(cross_edit=cross_edit(resolve_mode("auto", src, tgt), src, tgt), local_blend=blend,
+                              map_downscale=WORLD_MAP_DOWNSCALE[task.stem])
     latent = vae_encode(model.vae, task.truth.source[None])
     cond, uncond = model.encode(source), model.encode("")
-    inversion = value_invert(model.unet, model.scheduler, latent, cond, uncond, steps=steps)
+    inversion = value_invert(model.unet, model.scheduler, latent, cond, uncond, steps=steps,
+                             map_downscale=WORLD_MAP_DOWNSCALE[task.stem])
     result = stylediffusion_edit(model.unet, model.scheduler, inversion, cond, model.encode(target), uncond,
                                  controls=controls)
     return vae_decode(model.vae, result.latent)[0], inversion.report()

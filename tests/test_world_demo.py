@@ -38,6 +38,24 @@ def test_every_world_task_is_wired_to_its_workflow():
             assert diff.any() and torch.equal(diff, task.truth.region), task.stem
 
 
+def test_every_world_task_reads_word_maps_from_its_methods_world_layers():
+    """Every node of a world task that reads cross-attention maps (P2P's LocalBlend, SpecRef's M_t, the
+    StyleDiffusion inversion's attention term, the map recorder) gets its method's map_downscale on the world
+    (at 1 its 16x16 latents have the 16x16 maps SD has at 512 px at 4); the shipped workflows keep SD's 4."""
+    from realedit.testbed.shapes_world.demo_tasks import WORLD_MAP_DOWNSCALE
+
+    reading: dict[str, int] = {}
+    for task in world_tasks():
+        for node_id, node in _workflow(task).items():
+            if "map_downscale" in node["inputs"]:
+                assert node["inputs"]["map_downscale"] == 4, (task.stem, node_id)
+                assert task.inputs[node_id]["map_downscale"] == WORLD_MAP_DOWNSCALE[task.stem], (task.stem, node_id)
+                reading[task.stem] = reading.get(task.stem, 0) + 1
+    assert reading == {"nulltext_p2p_edit": 1, "specref_object_replace": 1, "specref_sr_ksampler": 2,
+                       "stylediffusion_edit": 2}
+    assert set(WORLD_MAP_DOWNSCALE) == set(reading)
+
+
 def test_scores_of_the_truth_itself_and_of_the_untouched_source():
     task = next(t for t in world_tasks() if t.stem == "zone_instruction_edit")
     perfect = score(task, task.truth.expected)

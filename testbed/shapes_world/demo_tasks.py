@@ -26,6 +26,14 @@ from .scene import Appearance, Obj, Scene, coverage, render
 RED, BLUE, YELLOW = Appearance("colour", "red"), Appearance("colour", "blue"), Appearance("colour", "yellow")
 STRIPES = Appearance("pattern", "candy_stripes")  # no word for it: only the reference photo carries it
 WORKFLOWS = Path(__file__).resolve().parents[2] / "api_workflows"
+# The layers each method reads word maps from on the world (map_downscale: P2P's LocalBlend, SpecRef's M_t,
+# StyleDiffusion's LocalBlend and its inversion's attention term). SD reads its 16x16 maps at 512 px, 4x below a
+# 64x64 latent (the shipped workflows' 4); the world's 16x16 latents have 16x16 maps at 1, 8x8 at 2 and 4x4 at 4
+# (whose 3x3 max-pool covers the image). The fidelity benchmark's map_downscale sweeps choose each on its
+# method's tasks (README.md's fidelity table; session 18's files: P2P 2, SpecRef 4, its SR-KSampler workflow
+# with it, StyleDiffusion 2).
+WORLD_MAP_DOWNSCALE: dict[str, int] = {
+    "nulltext_p2p_edit": 2, "specref_object_replace": 4, "specref_sr_ksampler": 4, "stylediffusion_edit": 2}
 
 
 @dataclass(frozen=True)
@@ -91,10 +99,12 @@ def task_for(stem: str, scene: Scene, edit: Edit, reference: Scene | None = None
     if stem == "baret_text_edit":
         return WorldTask(stem, T2I_FILE, truth, {"4": {"text": target}}, photos, "9",
                          f"BARET: {source!r} -> {target!r}")
+    maps = WORLD_MAP_DOWNSCALE.get(stem)
     if stem == "nulltext_p2p_edit":
         old, new = _words(scene, edit)
         return WorldTask(stem, T2I_FILE, truth,
-                         {"4": {"value": source}, "8": {"target_text": target, "blend_words": f"{old}, {new}"}},
+                         {"4": {"value": source}, "8": {"target_text": target, "blend_words": f"{old}, {new}",
+                                                        "map_downscale": maps}},
                          photos, "10", f"null-text inversion + P2P: {old} -> {new}")
     if stem in ("specref_object_replace", "specref_sr_ksampler"):
         if reference is None or edit.kind != "appearance":
@@ -105,15 +115,18 @@ def task_for(stem: str, scene: Scene, edit: Edit, reference: Scene | None = None
         summary = f"SpecRef: the {shape} takes the reference object's appearance (no word for it)"
         if stem == "specref_object_replace":
             inputs = {"20": {"value": source},
-                      "11": {"target_text": target, "blend_words": f"{shape}, {shape}", "target_words": shape}}
+                      "11": {"target_text": target, "blend_words": f"{shape}, {shape}", "target_words": shape,
+                             "map_downscale": maps}}
             return WorldTask(stem, T2I_FILE, truth, inputs, photos, "13", summary, reference=render(reference))
-        inputs = {"6": {"text": source}, "20": {"value": target}, "21": {"value": shape}}
+        inputs = {"6": {"text": source}, "20": {"value": target}, "21": {"value": shape},
+                  "12": {"map_downscale": maps}, "13": {"map_downscale": maps}}
         return WorldTask(stem, T2I_FILE, truth, inputs, photos, "16", "SR attention in a plain KSampler; " + summary,
                          reference=render(reference))
     if stem == "stylediffusion_edit":
         old, new = _words(scene, edit)
-        inputs = {"4": {"value": source},
-                  "8": {"target_text": target, "blend_words": f"{old}, {new}", "reweight_words": new}}
+        inputs = {"4": {"value": source}, "7": {"map_downscale": maps},
+                  "8": {"target_text": target, "blend_words": f"{old}, {new}", "reweight_words": new,
+                        "map_downscale": maps}}
         return WorldTask(stem, T2I_FILE, truth, inputs, photos, "10", f"StyleDiffusion: {source!r} -> {target!r}")
     if stem == "zone_instruction_edit":
         return WorldTask(stem, IP2P_FILE, truth, {"3": {"value": truth.instruction}}, photos, "12",

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ...batching.outputs import atomic_write, png_bytes
-from .demo_tasks import CIRCLE, PAIR, REFERENCE, RESHAPE, WorldTask, _words, world_tasks
+from .demo_tasks import CIRCLE, PAIR, REFERENCE, RESHAPE, WORLD_MAP_DOWNSCALE, WorldTask, _words, world_tasks
 from .scene import SIZE, Scene, coverage, render
 
 # batch method -> the shipped workflow whose task it runs
@@ -52,12 +52,14 @@ def _rows(steps: int) -> list[tuple[dict, WorldTask]]:
     return [
         ({"id": "specref", "method": "specref", "image": "circle.png", "prompt": adopt.truth.source_caption,
           "target": adopt.truth.target_caption, "word": shape, "blend_words": shape, "reference": "reference.png",
-          "reference_mask": "reference_mask.png", "settings": s}, adopt),
+          "reference_mask": "reference_mask.png",
+          "settings": {**s, "map_downscale": WORLD_MAP_DOWNSCALE[adopt.stem]}}, adopt),
         ({"id": "baret", "method": "baret", "image": "circle.png", "target": reshape.truth.target_caption,
           "settings": s}, reshape),
         ({"id": "nulltext-p2p", "method": "nulltext-p2p", "image": "circle.png",
           "prompt": reshape.truth.source_caption, "target": reshape.truth.target_caption,
-          "blend_words": new, "settings": s}, nulltext),
+          "blend_words": new,
+          "settings": {**s, "map_downscale": WORLD_MAP_DOWNSCALE[nulltext.stem]}}, nulltext),
         ({"id": "zone", "method": "zone", "image": "pair.png", "instruction": recolour.truth.instruction,
           "segments": zone_segments, "settings": s}, recolour),
         ({"id": "keep-pixels", "method": "keep-pixels", "image": "pair.png", "edited": "pair_edited_elsewhere.png"},
