@@ -214,7 +214,7 @@ def test_the_cpu_recipe_trains_the_same_models_on_fewer_samples():
 
 def test_a_setting_added_later_changes_the_hash_only_away_from_the_value_older_files_have(comfy):
     """``prediction`` (eps before session 13), ``unet_rounds`` (1 before session 14) and ``token_grounding`` (0 before
-    session 17) came after the first files: at those values they are left out of the hash and the recorded JSON
+    session 18) came after the first files: at those values they are left out of the hash and the recorded JSON
     (so older files and stage caches keep their hash and names), away from them they are in both, and they name the
     files of the UNet stages they train (token grounding: the text-to-image one's), not those of the stages before
     them."""
@@ -233,10 +233,13 @@ def test_a_setting_added_later_changes_the_hash_only_away_from_the_value_older_f
         assert newer.key() != older.key()
         for stage, fields in _STAGE_FIELDS.items():
             assert (stage_key(newer, fields) != stage_key(older, fields)) == (stage in named), (name, stage)
-    earlier = dataclasses.replace(RECIPES["cpu"], decoder_steps=600)  # the decoder of sessions 7-14
+    session_15 = dataclasses.replace(RECIPES["cpu"], vae_steps=1200, token_grounding=0.0)  # VAE of sessions 7-15
+    assert session_15.key() == "6cd9fb29ef649ce7"  # session 15's files
+    earlier = dataclasses.replace(session_15, decoder_steps=600)  # the decoder of sessions 7-14
     assert dataclasses.replace(earlier, prediction="eps", unet_rounds=1).key() == "6586959c0c5f7490"  # 9-12
     assert dataclasses.replace(earlier, unet_rounds=1).key() == "523bac92ee6df241"  # session 13's files
     assert dataclasses.replace(earlier, unet_rounds=3).key() == "c7d594277fef5deb"  # session 14's files
+    assert RECIPES["cpu"].key() == "1bac22b959e30f44"  # session 18's files
     with pytest.raises(ValueError, match="prediction 'x0'"):
         dataclasses.replace(DEFAULT_CONFIG, prediction="x0")
     with pytest.raises(ValueError, match="unet_rounds must be a whole number >= 1, not 0"):
