@@ -56,9 +56,10 @@ MAP_DOWNSCALE_TOOLTIP = (
     "smaller value for maps fine enough to mark an object (the shapes world's 128 px images: 1, its 16x16 layers).")
 
 
-def map_downscale_input(tooltip: str = MAP_DOWNSCALE_TOOLTIP) -> io.Int.Input:
-    return io.Int.Input("map_downscale", default=SpecRefSettings().map_downscale, min=1, max=64, optional=True,
-                        tooltip=tooltip)
+def map_downscale_input(tooltip: str = MAP_DOWNSCALE_TOOLTIP,
+                        default: int = SpecRefSettings().map_downscale) -> io.Int.Input:
+    """The ``map_downscale`` input; ``default``: the node's method's (its execute's default)."""
+    return io.Int.Input("map_downscale", default=default, min=1, max=64, optional=True, tooltip=tooltip)
 
 
 def check_map_downscale(model: object, map_downscale: int) -> None:

@@ -105,7 +105,7 @@ class ValueEmbeddingInversion(io.ComfyNode):
                                     + origin("parameterisation")),
                 io.Image.Input("image", optional=True, tooltip="The photo itself, encoded by clip_vision (needed "
                                "with clip_vision)."),
-                map_downscale_input(INVERSION_MAPS_TOOLTIP),
+                map_downscale_input(INVERSION_MAPS_TOOLTIP, SD_DEFAULTS.map_downscale),
             ],
             outputs=[
                 io.Latent.Output(display_name="z_T", tooltip="The inverted noise latent."),
@@ -189,7 +189,7 @@ class StyleDiffusionEditSampler(io.ComfyNode):
                                 tooltip="Words of the target prompt to reweight (edit_mode reweight)."),
                 io.Float.Input("reweight_factor", default=SD_DEFAULTS.reweight_factor, min=-10.0, max=10.0,
                                step=0.1, optional=True, tooltip=origin("reweight_factor")),
-                map_downscale_input(),
+                map_downscale_input(default=SD_DEFAULTS.map_downscale),
             ],
             outputs=[
                 io.Latent.Output(display_name="edited"),
