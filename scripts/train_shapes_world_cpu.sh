@@ -2,7 +2,8 @@
 # Train the shapes world on two CPU cores with the CPU recipe (config.CPU_RECIPE), then pack the committed
 # checkpoints and measure their gates: the stages of `python -m realedit.testbed.shapes_world train` with
 # both cores busy throughout (the VAE and the data on two threads; then the two UNets and the decoder side
-# by side on one thread each: three processes on two cores, as the UNets do not need the decoder).
+# by side on one thread each: three processes on two cores, as the UNets do not need the decoder; the IP2P
+# UNet's edit-grounding fine-tuning follows its rounds).
 # `train --recipe cpu --threads 2` runs the same stages one after the other in about the same time. The log
 # goes to $LOG (default ./shapes_world_cpu.log; a rerun appends). Stopped, the same command goes on: finished
 # stages and rounds are cached, and a UNet round keeps its progress every 500 steps.
@@ -40,7 +41,8 @@ train vae --stage vae --threads 2 --workers 2 || exit 1
 train data --stage data --threads 2 --workers 2 || exit 1
 train decoder --stage decoder --threads 1 &
 train t2i --stage t2i --threads 1 "${unet[@]}" &
-train ip2p --stage ip2p --threads 1 "${unet[@]}" &
+{ train ip2p --stage ip2p --threads 1 "${unet[@]}" \
+    && train ip2p_grounding --stage ip2p_grounding --threads 1 --workers 2 "${unet[@]}"; } &
 wait
 train pack --stage pack --threads 2 "${unet[@]}" || exit 1
 echo "done $(date -u +%T) after ${SECONDS} s" >>"$log"

@@ -37,8 +37,8 @@ def miniature_world_with_data(cache, monkeypatch, **changes):
     from realedit.testbed.shapes_world import training
     from realedit.testbed.shapes_world.config import DEFAULT_CONFIG
 
-    config = dataclasses.replace(DEFAULT_CONFIG, vae_pool=8, vae_steps=2, vae_batch=2, vae_crop=64, dataset_scenes=12,
-                                 unet_batch=4, **changes)
+    settings = dict(vae_pool=8, vae_steps=2, vae_batch=2, vae_crop=64, dataset_scenes=12, unet_batch=4)
+    config = dataclasses.replace(DEFAULT_CONFIG, **{**settings, **changes})
     monkeypatch.setenv("REALEDIT_CACHE", str(cache))
     training.stage_vae(config, log=lambda line: None)
     training.stage_data(config, log=lambda line: None)

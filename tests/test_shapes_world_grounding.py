@@ -110,3 +110,110 @@ def test_a_grounded_run_checks_its_scenes_and_trains_other_weights(comfy, tmp_pa
     assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     with pytest.raises(ValueError, match="token_grounding must be >= 0"):
         dataclasses.replace(DEFAULT_CONFIG, token_grounding=-1.0)
+
+
+def test_edit_grounding_grounds_the_start_token_outside_the_edit_and_the_end_of_text_inside(tokenize):
+    """The two keys ZONE's rough mask reads: the start token (0) on everything the edit leaves, the instruction's
+    end-of-text position (n + 1 for n tokens, where ZONE's A^L is read) on what it changes, area-averaged."""
+    from realedit.testbed.shapes_world.edits import Edit, edit_regions, ground_truth, instruction
+    from realedit.testbed.shapes_world.grounding import edit_grounding_targets
+    from realedit.testbed.shapes_world.scene import Appearance, Obj, Scene
+
+    scene = Scene("grey", (Obj("circle", Appearance("colour", "red"), "left", "large"),
+                           Obj("square", Appearance("colour", "blue"), "right", "small")))
+    pairs = [(scene, Edit("remove", 1)), (scene, Edit("recolour", 0, "green"))]
+    texts = [instruction(s, e) for s, e in pairs]
+    assert texts == ["remove the square", "make the circle green"]
+    regions = edit_regions(pairs)
+    assert all(torch.equal(r, ground_truth(s, e).region) for r, (s, e) in zip(regions, pairs))
+    positions, targets = edit_grounding_targets(texts, regions, tokenize, (16, 16))
+    assert positions.tolist() == [[0, 4], [0, 5]]  # BOS, then "remove the square" + EOT, "make the circle green" + EOT
+    assert targets.shape == (2, 2, 16, 16) and targets.dtype == torch.float16
+    changed = regions.float().view(2, 16, 8, 16, 8).mean((2, 4))  # 8x8 pixel cells of the 128 px image
+    torch.testing.assert_close(targets[:, 1].float(), changed, atol=1e-3, rtol=0)
+    torch.testing.assert_close(targets.float().sum(1), torch.ones(2, 16, 16), atol=1e-3, rtol=0)
+    assert targets[0, 1, :, :8].sum() == 0 and targets[0, 1, :, 8:].sum() > 0  # the square on the right
+
+
+def test_the_edit_grounding_stage_fine_tunes_the_last_ip2p_round_on_the_rows_that_keep_the_image(
+        comfy, tmp_path, monkeypatch):
+    """``ip2p_grounding`` starts from the last IP2P round's weights exactly, grounds only the rows whose image is
+    kept (a dropped image has no edit region), trains other weights than the round it starts from, and is the IP2P
+    UNet the config packs; without that round, or with a data file of other pairs, it refuses; with 0 steps it is
+    no stage at all."""
+    import safetensors.torch
+    from comfy_helpers import miniature_world_with_data
+    from realedit.testbed.shapes_world import grounding, train_unet, training
+    from realedit.testbed.shapes_world.models import make_clip
+
+    config = miniature_world_with_data(tmp_path, monkeypatch, ip2p_steps=2, edit_grounding_steps=2,
+                                       edit_grounding=1.0, ip2p_dropout=0.3, unet_batch=8)
+    quiet = lambda line: None  # noqa: E731
+    with pytest.raises(FileNotFoundError, match="run `train --stage ip2p` first"):
+        training.stage_ip2p_grounding(config, log=quiet)
+    training.stage_ip2p(config, log=quiet)
+    start = training.trained_unet(config, "ip2p").model.diffusion_model.state_dict()
+    starts, grounded_rows = [], []
+
+    def recording(model, data, cfg, kind, **kwargs):
+        starts.append({k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()})
+        return train_unet.train_unet(model, data, cfg, kind, **kwargs)
+
+    def loss(probs, positions, regions):
+        grounded_rows.append(positions.clone())
+        return grounding.grounding_loss(probs, positions, regions)
+
+    monkeypatch.setattr(training, "train_unet", recording)
+    monkeypatch.setattr(train_unet, "grounding_loss", loss)
+    lines: list[str] = []
+    assert training.stage_ip2p_grounding(config, log=lines.append)["ip2p_grounding_steps_run"] == 2
+    assert "edit-grounding targets of 12 pairs" in "".join(lines) and any("edit grounding" in line for line in lines)
+    assert len(starts) == 1 and all(torch.equal(starts[0][k], start[k]) for k in start)
+    # The first batch's draws, in train_unet's order: rows, then u; u in [p, 3p) drops the image.
+    generator = torch.Generator().manual_seed(train_unet.unet_seed(config, "ip2p_grounding"))
+    rows = torch.randint(0, 12, (config.unet_batch,), generator=generator)
+    u = torch.rand(config.unet_batch, generator=generator)
+    image_kept = ~((u >= 0.3) & (u < 0.9))
+    assert not image_kept.all() and image_kept.any()  # the seed draws both kinds of row
+    data = safetensors.torch.load_file(str(training.work_path(config, "data", training._DATA_FIELDS)))
+    train_unet.add_edit_grounding_targets(data, make_clip(config), config)
+    expected = torch.where(image_kept[:, None], data["ip2p_ground_positions"][rows], -1)
+    assert torch.equal(grounded_rows[0], expected)
+    assert training.ip2p_stage(config) == "ip2p_grounding"
+    tuned = training.trained_unet(config, "ip2p_grounding").model.diffusion_model.state_dict()
+    assert not all(torch.equal(tuned[k], start[k]) for k in start)
+    assert training.stage_ip2p_grounding(config, log=quiet)["ip2p_grounding_steps_run"] == 2 and len(starts) == 1
+    data["ip2p_text"] = data["ip2p_text"].flip(0)
+    with pytest.raises(RuntimeError, match="does not hold this config's IP2P pairs"):
+        train_unet.add_edit_grounding_targets(data, make_clip(config), config)
+    none = dataclasses.replace(config, edit_grounding_steps=0)
+    assert training.stage_ip2p_grounding(none, log=quiet) == {} and training.ip2p_stage(none) == "ip2p"
+
+
+def test_the_committed_checkpoints_seed_the_cache_as_the_stages_they_were_packed_from(comfy, tmp_path, monkeypatch):
+    """``train --stage committed``: the stage files of the committed config hold the committed weights (fp16 values
+    in fp32), so the later stages start from them; a file in the cache stays, and a config that trained a stage
+    otherwise is refused."""
+    import safetensors.torch
+    from realedit.testbed.shapes_world import training
+    from realedit.testbed.shapes_world.config import CHECKPOINT_DIR, IP2P_FILE, T2I_FILE, WorldConfig
+    from realedit.testbed.shapes_world.models import CONFIG_METADATA_KEY
+
+    monkeypatch.setenv("REALEDIT_CACHE", str(tmp_path))
+    with safetensors.safe_open(str(CHECKPOINT_DIR / T2I_FILE), framework="pt") as file:
+        config = WorldConfig.from_json(file.metadata()[CONFIG_METADATA_KEY])  # the committed files' config
+    ip2p = training.ip2p_stage(config)  # the edit-grounding stage's file, when the config has one
+    written = training.stage_committed(config, log=lambda line: None)
+    assert sorted(written) == sorted(["decoder", ip2p, "t2i", "vae"])
+    committed = {name: safetensors.torch.load_file(str(CHECKPOINT_DIR / name)) for name in (T2I_FILE, IP2P_FILE)}
+    for kind, name in (("t2i", T2I_FILE), (ip2p, IP2P_FILE)):
+        unet = training.trained_unet(config, kind).model.diffusion_model.state_dict()
+        prefix = "model.diffusion_model."
+        assert set(unet) == {k[len(prefix):] for k in committed[name] if k.startswith(prefix)}
+        assert all(torch.equal(unet[k], committed[name][prefix + k].float()) for k in unet)
+    vae = training.trained_vae(config).first_stage_model.state_dict()
+    assert all(torch.equal(v.float(), committed[T2I_FILE]["first_stage_model." + k].float()) for k, v in vae.items())
+    assert training.training_record(config)["t2i_from_checkpoint"] == config.key()
+    assert training.stage_committed(config, log=lambda line: None) == {}  # all there already
+    with pytest.raises(ValueError, match="t2i stage .* other settings"):
+        training.stage_committed(dataclasses.replace(config, unet_steps=1), log=lambda line: None)

@@ -175,17 +175,18 @@ def test_a_miniature_run_trains_every_stage_exports_and_resumes_elsewhere(comfy,
     from realedit.testbed.shapes_world.config import DEFAULT_CONFIG
 
     config = dataclasses.replace(DEFAULT_CONFIG, vae_pool=8, vae_steps=3, vae_batch=2, vae_crop=64, decoder_steps=2,
-                                 decoder_batch=2, dataset_scenes=12, unet_steps=2, unet_batch=4, ip2p_steps=2)
+                                 decoder_batch=2, dataset_scenes=12, unet_steps=2, unet_batch=4, ip2p_steps=2,
+                                 edit_grounding_steps=1)
     monkeypatch.setenv("REALEDIT_CACHE", str(tmp_path / "first"))
     quiet = lambda line: None  # noqa: E731
-    planned = {"vae": 3, "decoder": 2, "data": None, "t2i": 2, "ip2p": 2}
+    planned = {"vae": 3, "decoder": 2, "data": None, "t2i": 2, "ip2p": 2, "ip2p_grounding": 1}
     for stage, steps in planned.items():
         numbers = getattr(training, f"stage_{stage}")(config, log=quiet)
         assert numbers.get(f"{stage}_steps_run") == steps, stage
     record = training.training_record(config)
     assert record["t2i_steps_run"] == 2 and "data_seconds" in record
-    exported = training.export_stages(config, tmp_path / "out", ("vae", "decoder", "data", "t2i", "ip2p"))
-    assert sorted(p.name.split("-")[0] for p in exported) == ["decoder", "ip2p", "t2i", "vae"]  # never the data
+    exported = training.export_stages(config, tmp_path / "out", tuple(planned))
+    assert sorted(p.name.split("-")[0] for p in exported) == ["decoder", "ip2p", "ip2p_grounding", "t2i", "vae"]
     for path in exported:
         assert {v.dtype for v in safetensors.torch.load_file(str(path)).values()} == {torch.float16}
 
@@ -213,19 +214,21 @@ def test_the_cpu_recipe_trains_the_same_models_on_fewer_samples():
 
 
 def test_a_setting_added_later_changes_the_hash_only_away_from_the_value_older_files_have(comfy):
-    """``prediction`` (eps before session 13), ``unet_rounds`` (1 before session 14) and ``token_grounding`` (0 before
-    session 18) came after the first files: at those values they are left out of the hash and the recorded JSON
-    (so older files and stage caches keep their hash and names), away from them they are in both, and they name the
-    files of the UNet stages they train (token grounding: the text-to-image one's), not those of the stages before
-    them."""
+    """``prediction`` (eps before session 13), ``unet_rounds`` (1 before session 14), ``token_grounding`` (0 before
+    session 18) and the edit grounding (none before session 20) came after the first files: at those values they are
+    left out of the hash and the recorded JSON (so older files and stage caches keep their hash and names), away from
+    them they are in both, and they name the files of the UNet stages they train (token grounding: the text-to-image
+    one's; edit grounding: its own fine-tuning stage's), not those of the stages before them."""
     from realedit.testbed.shapes_world.config import DEFAULT_CONFIG, LATER_SETTINGS, RECIPES, WorldConfig
     from realedit.testbed.shapes_world.training import _STAGE_FIELDS, stage_key
 
-    assert LATER_SETTINGS == {"prediction": "eps", "unet_rounds": 1, "token_grounding": 0.0}
+    assert LATER_SETTINGS == {"prediction": "eps", "unet_rounds": 1, "token_grounding": 0.0, "edit_grounding": 0.0,
+                              "edit_grounding_steps": 0}
     assert DEFAULT_CONFIG.prediction == "v"
     older = dataclasses.replace(DEFAULT_CONFIG, **LATER_SETTINGS)
-    unets = ("t2i", "ip2p")
-    laters = (("prediction", "v", unets), ("unet_rounds", 2, unets), ("token_grounding", 0.1, unets[:1]))
+    unets = ("t2i", "ip2p", "ip2p_grounding")
+    laters = (("prediction", "v", unets), ("unet_rounds", 2, unets), ("token_grounding", 0.1, unets[:1]),
+              ("edit_grounding", 0.1, unets[2:]), ("edit_grounding_steps", 2000, unets[2:]))
     for name, later, named in laters:
         newer = dataclasses.replace(older, **{name: later})
         assert f'"{name}"' not in older.to_json() and f'"{name}": {json.dumps(later)}' in newer.to_json()
@@ -233,17 +236,23 @@ def test_a_setting_added_later_changes_the_hash_only_away_from_the_value_older_f
         assert newer.key() != older.key()
         for stage, fields in _STAGE_FIELDS.items():
             assert (stage_key(newer, fields) != stage_key(older, fields)) == (stage in named), (name, stage)
-    session_15 = dataclasses.replace(RECIPES["cpu"], vae_steps=1200, token_grounding=0.0)  # VAE of sessions 7-15
+    session_18 = dataclasses.replace(RECIPES["cpu"], edit_grounding=0.0, edit_grounding_steps=0)
+    assert session_18.key() == "1bac22b959e30f44"  # session 18's files
+    session_15 = dataclasses.replace(session_18, vae_steps=1200, token_grounding=0.0)  # VAE of sessions 7-15
     assert session_15.key() == "6cd9fb29ef649ce7"  # session 15's files
     earlier = dataclasses.replace(session_15, decoder_steps=600)  # the decoder of sessions 7-14
     assert dataclasses.replace(earlier, prediction="eps", unet_rounds=1).key() == "6586959c0c5f7490"  # 9-12
     assert dataclasses.replace(earlier, unet_rounds=1).key() == "523bac92ee6df241"  # session 13's files
     assert dataclasses.replace(earlier, unet_rounds=3).key() == "c7d594277fef5deb"  # session 14's files
-    assert RECIPES["cpu"].key() == "1bac22b959e30f44"  # session 18's files
+    assert RECIPES["cpu"].key() != session_18.key()  # session 20's: the IP2P UNet fine-tuned with edit grounding
     with pytest.raises(ValueError, match="prediction 'x0'"):
         dataclasses.replace(DEFAULT_CONFIG, prediction="x0")
     with pytest.raises(ValueError, match="unet_rounds must be a whole number >= 1, not 0"):
         dataclasses.replace(DEFAULT_CONFIG, unet_rounds=0)
+    with pytest.raises(ValueError, match="edit_grounding must be >= 0"):
+        dataclasses.replace(DEFAULT_CONFIG, edit_grounding=-0.1)
+    with pytest.raises(ValueError, match="edit_grounding_steps must be a whole number >= 0"):
+        dataclasses.replace(DEFAULT_CONFIG, edit_grounding_steps=-1)
 
 
 def test_a_second_round_restarts_from_the_first_rounds_weights_with_its_own_seed(comfy, tmp_path, monkeypatch):

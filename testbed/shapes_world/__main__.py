@@ -1,14 +1,15 @@
 """``python -m realedit.testbed.shapes_world train [--stage STAGE] [--recipe auto|gpu|cpu] [--threads 1] [--workers 1]
 [--seconds S] [--prediction eps|v] [--rounds N]``.
 
-Seeded (``WorldConfig.seed``); trains on CUDA when ComfyUI finds it, with the GPU recipe (the config's
-defaults), else with the CPU recipe (``config.CPU_RECIPE``: fewer samples, sized for two cores). Stages
-run in order and each saves its result under ``$REALEDIT_CACHE/shapes_world/``: ``vae``, ``decoder``
-(needs ``vae``), ``data`` (needs ``vae``), ``t2i`` and ``ip2p`` (need ``data``); ``measure`` prints the
-gates on those weights; ``pack`` measures the gates on the fp16 single-file checkpoints it writes to
-``testbed/shapes_world_models/``. ``--seconds`` caps each stage's steps to what fits in that time (a GPU
-lease is short); ``--workers`` renders the training sets in that many processes.
-``scripts/train_shapes_world_gpu.sh`` runs the stages side by side on one GPU,
+Seeded (``WorldConfig.seed``); trains on CUDA when ComfyUI finds it, with the GPU recipe (the config's defaults),
+else with the CPU recipe (``config.CPU_RECIPE``: fewer samples, sized for two cores). Stages run in order and each
+saves its result under ``$REALEDIT_CACHE/shapes_world/``: ``vae``, ``decoder`` (needs ``vae``), ``data`` (needs
+``vae``), ``t2i`` and ``ip2p`` (need ``data``), ``ip2p_grounding`` (the IP2P UNet's edit-grounding fine-tuning:
+needs ``ip2p``); ``measure`` prints the gates on those weights; ``pack`` measures the gates on the fp16 single-file
+checkpoints it writes to ``testbed/shapes_world_models/``. ``--seconds`` caps each stage's steps to what fits in
+that time (a GPU lease is short); ``--workers`` renders the training sets in that many processes. ``--stage
+committed`` writes the committed checkpoints' weights into the cache as their stages' files, so that a later stage
+fine-tunes them. ``scripts/train_shapes_world_gpu.sh`` runs the stages side by side on one GPU,
 ``scripts/train_shapes_world_cpu.sh`` on two CPU cores.
 """
 
@@ -22,14 +23,16 @@ import sys
 
 from .config import PREDICTIONS
 
-STAGES = ("vae", "decoder", "data", "t2i", "ip2p", "pack")
+STAGES = ("vae", "decoder", "data", "t2i", "ip2p", "ip2p_grounding", "pack")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m realedit.testbed.shapes_world")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the world's models and measure the gates")
-    train.add_argument("--stage", default="all", choices=("all",) + STAGES + ("measure",))
+    train.add_argument("--stage", default="all", choices=("all",) + STAGES + ("measure", "committed"),
+                       help="one stage (default: all of them in order); committed: write the committed checkpoints' "
+                            "weights into the cache as their stages' files, to fine-tune from them")
     train.add_argument("--recipe", default="auto", choices=("auto", "gpu", "cpu"),
                        help="step counts and batches for a GPU or for two CPU cores (config.CPU_RECIPE); auto "
                             "(default): gpu where ComfyUI trains on CUDA, else cpu")
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import gates
 
         config = dataclasses.replace(config, vae_pool=64, vae_steps=40, vae_batch=4, decoder_steps=40,
-                                     decoder_batch=4, dataset_scenes=450, unet_steps=45, unet_batch=8, ip2p_steps=45)
+                                     decoder_batch=4, dataset_scenes=450, unet_steps=45, unet_batch=8, ip2p_steps=45,
+                                     edit_grounding_steps=20)
         gates.FULL_SIZES.update({"t2i": 2, "vae": 2, "ip2p": 2})
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.smoke and "pack" in stages:  # never overwrite the committed checkpoints with miniature weights

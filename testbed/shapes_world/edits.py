@@ -193,3 +193,9 @@ def render_edit_pairs(pairs: list[tuple[Scene, Edit]]) -> tuple[torch.Tensor, to
     training set; a worker process runs this, so it stays free of ComfyUI)."""
     truths = [ground_truth(scene, edit) for scene, edit in pairs]
     return to_uint8(torch.stack([t.source for t in truths])), to_uint8(torch.stack([t.expected for t in truths]))
+
+
+def edit_regions(pairs: list[tuple[Scene, Edit]]) -> torch.Tensor:
+    """The regions ``(B, H, W)`` bool that the edits of ``(scene, edit)`` pairs change (:func:`ground_truth`'s; the
+    IP2P UNet's edit-grounding targets; a worker process runs this, so it stays free of ComfyUI)."""
+    return torch.stack([ground_truth(scene, edit).region for scene, edit in pairs])

@@ -17,6 +17,12 @@ with A_i its attention probabilities over the layer's queries (mean over heads) 
     L_token = mean_i (1 - sum_{u in B_i} A_i[u] / sum_u A_i[u])^2        (TokenCompose's L_token)
 
 averaged over every cross-attention layer (regions resized to each layer's grid by area averaging).
+
+Edit grounding of the world's InstructPix2Pix UNet (:func:`edit_grounding_targets`) applies the same loss to the
+two keys ZONE's rough mask reads (ZONE, Sec. 4.2, Eq. 4: M_b = (A^1 - A^L) < T in the empty-text branches): the
+start token (key 0) on everything the edit leaves, the instruction's end-of-text position (key n + 1 for n
+instruction tokens) on the region it changes. SD-scale IP2P shows these maps untaught; the world's UNet, trained
+on the denoising loss alone, did not (M_b's median IoU with the edit region 0.02-0.05).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 
 from ...attention.hooks import grid_for
 from ...attention.tokens import Tokenizer, word_token_indices
+from ...masks.ip2p_mask import instruction_eot_position
 from .scene import SIZE, Scene, coverage
 
 WORDS_PER_SCENE = 2 * 2 + 1  # two objects' shape and colour words, and the background's name
@@ -68,6 +75,17 @@ def grounding_targets(scenes: Sequence[Scene], tokenize: Tokenizer, latent_hw: t
             positions[i, j] = tokens[-1]  # a word of several BPE tokens: its last (the one marked </w>)
             regions[i, j] = F.interpolate(region[None, None], size=latent_hw, mode="area")[0, 0].half()
     return positions, regions
+
+
+def edit_grounding_targets(instructions: Sequence[str], regions: torch.Tensor, tokenize: Tokenizer,
+                           latent_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per IP2P pair, the keys ``(N, 2)``: the start token (0) and the instruction's end-of-text position, and their
+    regions ``(N, 2, h, w)`` at the latent's size (area averages, fp16): everything outside the edit region
+    ``regions`` ``(N, H, W)`` bool, and the region itself. The empty text's key at that position is an end-of-text
+    padding token, so the same keys ground the rows whose instruction was dropped, as ZONE reads them."""
+    changed = F.interpolate(regions[:, None].float(), size=latent_hw, mode="area")[:, 0]  # (N, h, w)
+    positions = torch.tensor([[0, instruction_eot_position(text, tokenize)] for text in instructions])
+    return positions, torch.stack([1 - changed, changed], 1).half()
 
 
 def attn2_blocks(unet: torch.nn.Module) -> list[tuple[str, int]]:

@@ -10,7 +10,9 @@ latent is concatenated to the noisy latent (8 input channels, ComfyUI's ``concat
 the hosts feed it (:func:`ip2p_concat`); text, image and both are dropped with 5% each, for
 classifier-free guidance over either. The weights kept are an exponential
 moving average of the trained ones (``ema_decay``), as in SD's training. With ``token_grounding`` > 0 the
-text-to-image loss adds that weight times TokenCompose's token loss on the cross-attention (:mod:`.grounding`).
+text-to-image loss adds that weight times TokenCompose's token loss on the cross-attention (:mod:`.grounding`);
+the IP2P UNet's edit-grounding stage (kind ``"ip2p_grounding"``: ``edit_grounding_steps`` more steps from the last
+IP2P round) adds ``edit_grounding`` times the same loss on the keys ZONE's rough mask reads.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ import torch.nn.functional as F
 
 from ...attention.tokens import from_hf_tokenizer
 from .config import PREDICTIONS, WorldConfig
-from .edits import IP2P_KINDS, instruction, random_edit, render_edit_pairs
-from .grounding import CrossAttentionProbs, grounding_loss, grounding_targets
+from .edits import IP2P_KINDS, Edit, edit_regions, instruction, random_edit, render_edit_pairs
+from .grounding import CrossAttentionProbs, edit_grounding_targets, grounding_loss, grounding_targets
 from .scene import Scene, map_chunks, random_scene, render_pool
 from .schedule import StepPlan, cosine_lr, ema_decay_at
 from .train_vae import SD15_SCALE, to_vae_input
@@ -49,6 +51,16 @@ def t2i_scenes(config: WorldConfig) -> tuple[list[Scene], list[str]]:
 
 def ip2p_scene(rng: random.Random) -> Scene:
     return random_scene(rng, two_objects=0.4, unnamed=0.0, textured=0.25)
+
+
+def ip2p_pairs(config: WorldConfig) -> list[tuple[Scene, Edit]]:
+    """The IP2P training set's (scene, edit) pairs (seeded)."""
+    rng = random.Random(config.seed + 2)
+    pairs = []
+    for _ in range(config.dataset_scenes):
+        scene = ip2p_scene(rng)
+        pairs.append((scene, random_edit(scene, rng, IP2P_KINDS)))
+    return pairs
 
 
 @torch.no_grad()
@@ -96,11 +108,7 @@ def build_dataset(vae: comfy.sd.VAE, clip: comfy.sd.CLIP, config: WorldConfig, l
             "t2i_texts": encode_texts(clip, captions).half(),
             "t2i_empty": torch.tensor(index[""])}
     log(f"  t2i data: {len(scenes)} scenes, {len(captions)} captions ({time.perf_counter() - start:.0f} s)")
-    rng = random.Random(config.seed + 2)
-    pairs = []
-    for _ in range(config.dataset_scenes):
-        scene = ip2p_scene(rng)
-        pairs.append((scene, random_edit(scene, rng, IP2P_KINDS)))
+    pairs = ip2p_pairs(config)
     instructions = [instruction(scene, edit) for scene, edit in pairs]
     chunks = map_chunks(render_edit_pairs, pairs, workers, 200)
     texts = sorted(set(instructions) | {""})
@@ -126,6 +134,25 @@ def add_grounding_targets(data: dict[str, torch.Tensor], clip: comfy.sd.CLIP, co
     tokenize = from_hf_tokenizer(clip.tokenizer.clip_l.tokenizer)
     positions, regions = grounding_targets(scenes, tokenize, tuple(data["t2i_latents"].shape[-2:]))
     data.update({"t2i_ground_positions": positions, "t2i_ground_regions": regions})
+
+
+def add_edit_grounding_targets(data: dict[str, torch.Tensor], clip: comfy.sd.CLIP, config: WorldConfig,
+                               workers: int = 1) -> None:
+    """Add the IP2P set's edit-grounding targets to ``data`` (:func:`.grounding.edit_grounding_targets`):
+    ``ip2p_ground_positions`` (pairs, 2) and ``ip2p_ground_regions`` (pairs, 2, h, w), from the same seeded pairs as
+    the data stage's latents (checked against their instruction indices); the regions are rendered in ``workers``
+    processes."""
+    pairs = ip2p_pairs(config)
+    instructions = [instruction(scene, edit) for scene, edit in pairs]
+    texts = sorted(set(instructions) | {""})
+    index = {c: i for i, c in enumerate(texts)}
+    if not torch.equal(torch.tensor([index[t] for t in instructions]), data["ip2p_text"]):
+        raise RuntimeError("RealEdit: the data stage's file does not hold this config's IP2P pairs; "
+                           "delete it (REALEDIT_CACHE) and train again")
+    regions = torch.cat(map_chunks(edit_regions, pairs, workers, 200))
+    tokenize = from_hf_tokenizer(clip.tokenizer.clip_l.tokenizer)
+    positions, regions = edit_grounding_targets(instructions, regions, tokenize, tuple(data["ip2p_source"].shape[-2:]))
+    data.update({"ip2p_ground_positions": positions, "ip2p_ground_regions": regions})
 
 
 def training_noise(shape: torch.Size, offset: float, generator: torch.Generator) -> torch.Tensor:
@@ -178,10 +205,19 @@ def alphas_cumprod(model: comfy.model_patcher.ModelPatcher) -> torch.Tensor:
     return 1.0 / (1.0 + sigmas**2)
 
 
+# What each kind of UNet training reads and runs: its data set's prefix, its steps and its grounding loss's weight
+# (config fields), and its seed's offset.
+_KINDS: dict[str, tuple[str, str, str, int]] = {
+    "t2i": ("t2i", "unet_steps", "token_grounding", 3),
+    "ip2p": ("ip2p", "ip2p_steps", "", 4),
+    "ip2p_grounding": ("ip2p", "edit_grounding_steps", "edit_grounding", 5),
+}
+
+
 def unet_seed(config: WorldConfig, kind: str) -> int:
     """The seed of ``kind``'s batches, noise and timesteps in round ``config.unet_rounds`` (round 1's is the
-    files' before rounds existed)."""
-    return config.seed + (3 if kind == "t2i" else 4) + 100 * (config.unet_rounds - 1)
+    files' before rounds existed; the edit-grounding stage runs after the last round)."""
+    return config.seed + _KINDS[kind][3] + 100 * (config.unet_rounds - 1)
 
 
 def _drop(keep: torch.Tensor, rows: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
@@ -215,8 +251,9 @@ def _resume(path: Path, params: list[torch.Tensor], ema: list[torch.Tensor], opt
 def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Tensor], config: WorldConfig,
                kind: str, log: Callable[[str], None] = print, seconds: float | None = None,
                log_every: int = 500, progress: Path | None = None) -> tuple[float, int]:
-    """Train ``model``'s UNet for ``kind`` ``"t2i"`` or ``"ip2p"`` on ComfyUI's torch device, from the weights it
-    holds (random, or a previous round's: ``WorldConfig.unet_rounds``); the UNet is left holding the EMA weights,
+    """Train ``model``'s UNet for ``kind`` ``"t2i"``, ``"ip2p"`` or ``"ip2p_grounding"`` (the IP2P UNet's edit-grounding
+    fine-tuning) on ComfyUI's torch device, from the weights it holds (random, or a previous round's:
+    ``WorldConfig.unet_rounds``); the UNet is left holding the EMA weights,
     on that device. Returns (seconds, steps run: the config's unless
     ``seconds`` cut it short, see :class:`.schedule.StepPlan`).
 
@@ -228,22 +265,24 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
     unet = model.model.diffusion_model
     device = comfy.model_management.get_torch_device()
     unet.to(device)
-    planned = config.unet_steps if kind == "t2i" else config.ip2p_steps
+    prefix, steps_field, weight_field, _ = _KINDS[kind]
+    planned = getattr(config, steps_field)
     schedule = alphas_cumprod(model).to(device)
-    texts = data[f"{kind}_texts"].float().to(device)
-    empty = texts[int(data[f"{kind}_empty"])]
-    text_rows = data[f"{kind}_text"].to(device)
+    texts = data[f"{prefix}_texts"].float().to(device)
+    empty = texts[int(data[f"{prefix}_empty"])]
+    text_rows = data[f"{prefix}_text"].to(device)
     if kind == "t2i":
         targets, sources = data["t2i_latents"].to(device), None
     else:
         targets, sources = data["ip2p_target"].to(device), data["ip2p_source"].to(device)
-    grounding = config.token_grounding if kind == "t2i" else 0.0
+    grounding = getattr(config, weight_field) if weight_field else 0.0
     if grounding:
-        if "t2i_ground_positions" not in data:
-            raise ValueError("RealEdit: token grounding needs the t2i set's targets: add_grounding_targets(data, ...)")
+        if f"{prefix}_ground_positions" not in data:
+            adder = "add_grounding_targets" if kind == "t2i" else "add_edit_grounding_targets"
+            raise ValueError(f"RealEdit: {weight_field} needs the {prefix} set's targets: {adder}(data, ...)")
         recorder = CrossAttentionProbs(unet)
-        ground_positions = data["t2i_ground_positions"].to(device)
-        ground_regions = data["t2i_ground_regions"].to(device)
+        ground_positions = data[f"{prefix}_ground_positions"].to(device)
+        ground_regions = data[f"{prefix}_ground_regions"].to(device)
     generator = torch.Generator().manual_seed(unet_seed(config, kind))
     params = [p.requires_grad_(True) for p in unet.parameters()]  # ComfyUI 0.31+ builds it with grads off
     ema = [p.detach().clone() for p in params]
@@ -266,11 +305,13 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
             noise = training_noise(targets[:batch].shape, config.offset_noise, generator).to(device)
             context, x0 = texts[text_rows[rows]], targets[rows]
             if sources is None:
-                context = _drop(u >= config.caption_dropout, context, empty)
+                grounded = u >= config.caption_dropout  # a dropped caption grounds nothing
+                context = _drop(grounded, context, empty)
                 concat = None
             else:
                 p = config.ip2p_dropout  # u in [0, p): text dropped; [p, 2p): both; [2p, 3p): image
                 drop_text, drop_image = u < 2 * p, (u >= p) & (u < 3 * p)
+                grounded = ~drop_image  # the edit region is the image's: without it, nothing to ground
                 context = _drop(~drop_text, context, empty)
                 concat = _drop(~drop_image, ip2p_concat(sources[rows]), torch.zeros(1, device=device))
             a = schedule[t][:, None, None, None]
@@ -282,8 +323,7 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
             loss = F.mse_loss(unet(x_t, timesteps=t.float(), context=context, transformer_options=options), target)
             window.append(loss.detach())  # the denoising loss alone
             if grounding:
-                captioned = (u >= config.caption_dropout)[:, None]  # a dropped caption grounds nothing
-                positions = torch.where(captioned, ground_positions[rows], -1)
+                positions = torch.where(grounded[:, None], ground_positions[rows], -1)
                 token_loss = grounding_loss(recorder.probs, positions, ground_regions[rows])
                 recorder.probs.clear()
                 ground_window.append(token_loss.detach())
@@ -298,7 +338,8 @@ def train_unet(model: comfy.model_patcher.ModelPatcher, data: dict[str, torch.Te
             if progress is not None and step % log_every == 0 and step < plan.total:
                 _save_progress(progress, step, time.perf_counter() - start, params, ema, optimiser, generator)
             if step % log_every == 0 or step == plan.total:
-                token = f"  token grounding {torch.stack(ground_window).mean().item():.4f}" if ground_window else ""
+                token = (f"  {weight_field.replace('_', ' ')} {torch.stack(ground_window).mean().item():.4f}"
+                         if ground_window else "")
                 log(f"  {kind} step {step:5d}/{plan.total}  loss {torch.stack(window).mean().item():.4f}{token}  "
                     f"({time.perf_counter() - start:.0f} s)")
                 window, ground_window = [], []

@@ -27,7 +27,7 @@ import torch
 
 from .config import CHECKPOINT_DIR, DEFAULT_CONFIG, GATES_FILE, IP2P_FILE, T2I_FILE, WorldConfig
 from .models import load_checkpoint, make_clip, make_unet, make_vae, save_checkpoint
-from .train_unet import add_grounding_targets, build_dataset, train_unet
+from .train_unet import add_edit_grounding_targets, add_grounding_targets, build_dataset, train_unet
 from .train_vae import held_out_scenes, round_trip_psnr, standardise_latents, train_vae
 
 _VAE_FIELDS = ("vae", "seed", "vae_pool", "vae_steps", "vae_batch", "vae_crop", "vae_lr", "vae_kl", "data_version")
@@ -38,10 +38,11 @@ _UNET_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "unet_steps", "unet_batch",
                                "token_grounding")
 _IP2P_FIELDS = _DATA_FIELDS + ("unet", "unet_heads", "ip2p_steps", "unet_batch", "unet_lr", "ema_decay",
                                "ema_warmup", "ip2p_dropout", "offset_noise", "prediction", "unet_rounds")
+_GROUNDING_FIELDS = _IP2P_FIELDS + ("edit_grounding", "edit_grounding_steps")
 # The settings each stage's file depends on; the data stage's file is the only one that is not weights.
 _STAGE_FIELDS = {"vae": _VAE_FIELDS, "data": _DATA_FIELDS, "decoder": _DECODER_FIELDS, "t2i": _UNET_FIELDS,
-                 "ip2p": _IP2P_FIELDS}
-_IN_CHANNELS = {"t2i": 4, "ip2p": 8}
+                 "ip2p": _IP2P_FIELDS, "ip2p_grounding": _GROUNDING_FIELDS}
+_IN_CHANNELS = {"t2i": 4, "ip2p": 8, "ip2p_grounding": 8}
 # A UNet round logs and keeps its progress every this many steps (about 4 minutes on a CPU core), so a stopped
 # run loses at most that much: the same command goes on from there (train_unet's ``progress``).
 PROGRESS_EVERY = 500
@@ -204,6 +205,47 @@ def stage_ip2p(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] 
     return _train(config, "ip2p", log, seconds)
 
 
+def stage_ip2p_grounding(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print, *,
+                         workers: int = 1, seconds: float | None = None) -> dict[str, Any]:
+    """Fine-tune the last IP2P round's weights ``config.edit_grounding_steps`` steps with the edit-grounding loss
+    (``config.edit_grounding``; :func:`.grounding.edit_grounding_targets`), like the decoder's fine-tuning after
+    the VAE: the rounds before keep their files, so adding this stage retrains nothing else. Its file is the IP2P
+    UNet the checkpoint packs (:func:`ip2p_stage`); its progress is kept as a round's is."""
+    fields = _STAGE_FIELDS["ip2p_grounding"]
+    if not config.edit_grounding_steps:
+        log("ip2p_grounding: none in this config (edit_grounding_steps = 0)")
+        return {}
+    path = work_path(config, "ip2p_grounding", fields)
+    if path.is_file():
+        log(f"ip2p_grounding: done before ({path})")
+        return _numbers(path)
+    start = work_path(config, "ip2p", _IP2P_FIELDS)
+    if not start.is_file():
+        raise FileNotFoundError(f"RealEdit: edit grounding fine-tunes the IP2P UNet's last round, {start.name}, which "
+                                f"is not in the cache: run `train --stage ip2p` first")
+    model = make_unet(config, _IN_CHANNELS["ip2p"])
+    model.model.diffusion_model.load_state_dict(safetensors.torch.load_file(str(start)))
+    data = safetensors.torch.load_file(str(work_path(config, "data", _DATA_FIELDS)))
+    begun = time.perf_counter()
+    add_edit_grounding_targets(data, make_clip(config), config, workers)
+    log(f"ip2p_grounding: edit-grounding targets of {len(data['ip2p_text'])} pairs "
+        f"({time.perf_counter() - begun:.0f} s); {config.edit_grounding_steps} steps of batch {config.unet_batch} from "
+        f"{start.name}, loss weight {config.edit_grounding}")
+    progress = progress_file(path) if seconds is None else None
+    seconds_run, steps_run = train_unet(model, data, config, "ip2p_grounding", log=log, seconds=seconds,
+                                        log_every=PROGRESS_EVERY, progress=progress)
+    numbers = {"ip2p_grounding_seconds": seconds_run, "ip2p_grounding_steps_run": steps_run}
+    _save(path, model.model.diffusion_model.state_dict(), numbers)
+    if progress is not None:
+        progress.unlink(missing_ok=True)
+    return numbers
+
+
+def ip2p_stage(config: WorldConfig) -> str:
+    """The stage whose IP2P UNet the config's checkpoint holds: the edit-grounding fine-tuning when it has one."""
+    return "ip2p_grounding" if config.edit_grounding_steps else "ip2p"
+
+
 def trained_unet(config: WorldConfig, kind: str):
     fields, in_channels = _STAGE_FIELDS[kind], _IN_CHANNELS[kind]
     model = make_unet(config, in_channels)
@@ -218,7 +260,8 @@ def training_record(config: WorldConfig) -> dict[str, Any]:
     for name, fields in _STAGE_FIELDS.items():
         path = work_path(config, name, fields)
         if path.is_file():
-            record.update({k: v for k, v in _numbers(path).items() if k.endswith(("seconds", "steps_run"))})
+            record.update({k: v for k, v in _numbers(path).items()
+                           if k.endswith(("seconds", "steps_run", "from_checkpoint"))})
     return record
 
 
@@ -241,6 +284,43 @@ def export_stages(config: WorldConfig, out: Path, names: tuple[str, ...]) -> lis
     return written
 
 
+def stage_committed(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print, *,
+                    folder: Path = CHECKPOINT_DIR, **_: Any) -> dict[str, Any]:
+    """Write the committed checkpoints' weights into the cache as the stage files they were packed from (the VAE
+    with its tuned decoder, the t2i UNet, the IP2P UNet; fp16 values in fp32), so that a stage added after them (a
+    fine-tuning such as :func:`stage_ip2p_grounding`) starts from the committed files instead of hours of training
+    again. Each stage's settings must be ``config``'s (its file name says so); a file already in the cache is kept.
+    The data stage is rendered and encoded again (by the fp16 encoder: latents within fp16 rounding of a full run's).
+    The VAE stage's file holds the tuned decoder (only the encoder is read from it, by the data stage)."""
+    from .models import CONFIG_METADATA_KEY, GATES_METADATA_KEY
+
+    with safetensors.safe_open(str(folder / T2I_FILE), framework="pt") as file:
+        metadata = file.metadata() or {}
+    recorded = WorldConfig.from_json(metadata[CONFIG_METADATA_KEY])
+    record = json.loads(metadata.get(GATES_METADATA_KEY, "{}")).get("training", {})
+    sources = {"vae": (T2I_FILE, "first_stage_model."), "decoder": (T2I_FILE, "first_stage_model."),
+               "t2i": (T2I_FILE, "model.diffusion_model."), ip2p_stage(recorded): (IP2P_FILE, "model.diffusion_model.")}
+    written: dict[str, Any] = {}
+    for stage, (file_name, prefix) in sources.items():
+        fields = _STAGE_FIELDS[stage]
+        if stage_key(recorded, fields) != stage_key(config, fields):
+            raise ValueError(f"RealEdit: the committed files' {stage} stage ({recorded.key()}) was trained with other "
+                             f"settings than this config's; train that stage instead")
+        path = work_path(config, stage, fields)
+        if path.is_file():
+            log(f"{stage}: in the cache already ({path})")
+            continue
+        state = {k[len(prefix):]: v.float() for k, v in safetensors.torch.load_file(str(folder / file_name)).items()
+                 if k.startswith(prefix)}
+        if stage == "decoder":
+            state = {k: v for k, v in state.items() if k.startswith(("decoder.", "post_quant_conv."))}
+        numbers = {k: v for k, v in record.items() if k in (f"{stage}_seconds", f"{stage}_steps_run")}
+        _save(path, state, {**numbers, f"{stage}_from_checkpoint": recorded.key()})
+        written[stage] = str(path)
+        log(f"{stage}: from {file_name} ({recorded.key()}) -> {path}")
+    return written
+
+
 def stage_measure(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print, *, workers: int = 1,
                   seconds: float | None = None) -> dict[str, Any]:
     """The gates on the trained weights as they are (fp32, nothing packed): a quick check where training
@@ -249,8 +329,8 @@ def stage_measure(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], Non
 
     clip, vae = make_clip(config), trained_vae(config)
     start = time.perf_counter()
-    measured = gates.measure((trained_unet(config, "t2i"), clip, vae), (trained_unet(config, "ip2p"), clip, vae),
-                             gates.FULL_SIZES)
+    t2i, ip2p = trained_unet(config, "t2i"), trained_unet(config, ip2p_stage(config))
+    measured = gates.measure((t2i, clip, vae), (ip2p, clip, vae), gates.FULL_SIZES)
     for line in gate_lines(measured):
         log(line)
     return {"config_hash": config.key(), "measured": measured, "training": training_record(config),
@@ -265,7 +345,7 @@ def stage_pack(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] 
     record = training_record(config)
     clip, vae = make_clip(config), trained_vae(config)
     out.mkdir(parents=True, exist_ok=True)
-    for kind, file in (("t2i", T2I_FILE), ("ip2p", IP2P_FILE)):
+    for kind, file in (("t2i", T2I_FILE), (ip2p_stage(config), IP2P_FILE)):
         save_checkpoint(out / file, trained_unet(config, kind), clip, vae, config, {"training": record})
     t2i, ip2p = load_checkpoint(out / T2I_FILE), load_checkpoint(out / IP2P_FILE)
     start = time.perf_counter()
