@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Train the shapes world on one GPU machine in about nine minutes: the stages of
 # `python -m realedit.testbed.shapes_world train` side by side (decoder beside data; the two UNets of
-# each variant beside those of the others, the IP2P UNet's edit grounding after it), then the gates of each variant. What comes back
-# (fp16 stage files under their cache names, report.json, log.txt) goes to $OUT; drop the stage files
-# into $REALEDIT_CACHE/shapes_world/ and run `train --recipe gpu --stage pack` to write the committed checkpoints.
+# each variant beside those of the others, the IP2P UNet's edit grounding after it), then the gates of each
+# variant. What comes back (fp16 stage files under their cache names, report.json, log.txt) goes to $OUT; drop
+# the stage files into $REALEDIT_CACHE/shapes_world/ and run `train --recipe gpu --stage pack` to write the
+# committed checkpoints.
 #   PYTHON        a Python with CUDA torch and ComfyUI's requirements (default python3)
 #   COMFYUI_PATH  a ComfyUI checkout; the pack must be importable as `realedit`
 #   OUT           results (default ./shapes_world_gpu); REALEDIT_CACHE: stage files (default /tmp/realedit-cache)

@@ -53,14 +53,16 @@ def ip2p_scene(rng: random.Random) -> Scene:
     return random_scene(rng, two_objects=0.4, unnamed=0.0, textured=0.25)
 
 
-def ip2p_pairs(config: WorldConfig) -> list[tuple[Scene, Edit]]:
-    """The IP2P training set's (scene, edit) pairs (seeded)."""
+def ip2p_pairs(config: WorldConfig) -> tuple[list[tuple[Scene, Edit]], list[str], list[str]]:
+    """The IP2P training set's (scene, edit) pairs (seeded), their instructions and the sorted instruction texts
+    (with the empty one)."""
     rng = random.Random(config.seed + 2)
     pairs = []
     for _ in range(config.dataset_scenes):
         scene = ip2p_scene(rng)
         pairs.append((scene, random_edit(scene, rng, IP2P_KINDS)))
-    return pairs
+    instructions = [instruction(scene, edit) for scene, edit in pairs]
+    return pairs, instructions, sorted(set(instructions) | {""})
 
 
 @torch.no_grad()
@@ -108,10 +110,8 @@ def build_dataset(vae: comfy.sd.VAE, clip: comfy.sd.CLIP, config: WorldConfig, l
             "t2i_texts": encode_texts(clip, captions).half(),
             "t2i_empty": torch.tensor(index[""])}
     log(f"  t2i data: {len(scenes)} scenes, {len(captions)} captions ({time.perf_counter() - start:.0f} s)")
-    pairs = ip2p_pairs(config)
-    instructions = [instruction(scene, edit) for scene, edit in pairs]
+    pairs, instructions, texts = ip2p_pairs(config)
     chunks = map_chunks(render_edit_pairs, pairs, workers, 200)
-    texts = sorted(set(instructions) | {""})
     index = {c: i for i, c in enumerate(texts)}
     data.update({"ip2p_source": encode_images(vae, torch.cat([c[0] for c in chunks])),
                  "ip2p_target": encode_images(vae, torch.cat([c[1] for c in chunks])),
@@ -142,9 +142,7 @@ def add_edit_grounding_targets(data: dict[str, torch.Tensor], clip: comfy.sd.CLI
     ``ip2p_ground_positions`` (pairs, 2) and ``ip2p_ground_regions`` (pairs, 2, h, w), from the same seeded pairs as
     the data stage's latents (checked against their instruction indices); the regions are rendered in ``workers``
     processes."""
-    pairs = ip2p_pairs(config)
-    instructions = [instruction(scene, edit) for scene, edit in pairs]
-    texts = sorted(set(instructions) | {""})
+    pairs, instructions, texts = ip2p_pairs(config)
     index = {c: i for i, c in enumerate(texts)}
     if not torch.equal(torch.tensor([index[t] for t in instructions]), data["ip2p_text"]):
         raise RuntimeError("RealEdit: the data stage's file does not hold this config's IP2P pairs; "

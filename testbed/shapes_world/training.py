@@ -183,16 +183,24 @@ def _train(config: WorldConfig, kind: str, log: Callable[[str], None], seconds: 
     for this in rounds[first:]:
         log(f"{kind}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, round {this.unet_rounds}: "
             f"{steps} steps of batch {config.unet_batch}")
-        stage_file = work_path(this, kind, fields)
-        progress = progress_file(stage_file) if seconds is None else None  # see train_unet
-        seconds_run, steps_run = train_unet(model, data, this, kind, log=log, seconds=seconds,
-                                            log_every=PROGRESS_EVERY, progress=progress)
-        numbers[f"{kind}_seconds"] += seconds_run
-        numbers[f"{kind}_steps_run"] += steps_run
-        _save(stage_file, unet.state_dict(), numbers)
-        if progress is not None:
-            progress.unlink(missing_ok=True)
+        numbers = _train_stage_file(model, data, this, kind, work_path(this, kind, fields), numbers, log, seconds)
     return numbers
+
+
+def _train_stage_file(model, data: dict[str, torch.Tensor], config: WorldConfig, kind: str, stage_file: Path,
+                      totals: dict[str, Any], log: Callable[[str], None], seconds: float | None) -> dict[str, Any]:
+    """Train ``model`` for ``kind`` (keeping its progress next to ``stage_file`` when uncapped, see train_unet), add
+    the seconds and steps run to ``totals``' ``{kind}_seconds`` and ``{kind}_steps_run``, save the UNet with those
+    numbers as ``stage_file`` and return them."""
+    progress = progress_file(stage_file) if seconds is None else None
+    seconds_run, steps_run = train_unet(model, data, config, kind, log=log, seconds=seconds,
+                                        log_every=PROGRESS_EVERY, progress=progress)
+    totals = {**totals, f"{kind}_seconds": totals.get(f"{kind}_seconds", 0.0) + seconds_run,
+              f"{kind}_steps_run": totals.get(f"{kind}_steps_run", 0) + steps_run}
+    _save(stage_file, model.model.diffusion_model.state_dict(), totals)
+    if progress is not None:
+        progress.unlink(missing_ok=True)
+    return totals
 
 
 def stage_t2i(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], None] = print, *, workers: int = 1,
@@ -231,14 +239,7 @@ def stage_ip2p_grounding(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[st
     log(f"ip2p_grounding: edit-grounding targets of {len(data['ip2p_text'])} pairs "
         f"({time.perf_counter() - begun:.0f} s); {config.edit_grounding_steps} steps of batch {config.unet_batch} from "
         f"{start.name}, loss weight {config.edit_grounding}")
-    progress = progress_file(path) if seconds is None else None
-    seconds_run, steps_run = train_unet(model, data, config, "ip2p_grounding", log=log, seconds=seconds,
-                                        log_every=PROGRESS_EVERY, progress=progress)
-    numbers = {"ip2p_grounding_seconds": seconds_run, "ip2p_grounding_steps_run": steps_run}
-    _save(path, model.model.diffusion_model.state_dict(), numbers)
-    if progress is not None:
-        progress.unlink(missing_ok=True)
-    return numbers
+    return _train_stage_file(model, data, config, "ip2p_grounding", path, {}, log, seconds)
 
 
 def ip2p_stage(config: WorldConfig) -> str:
@@ -300,6 +301,7 @@ def stage_committed(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], N
     record = json.loads(metadata.get(GATES_METADATA_KEY, "{}")).get("training", {})
     sources = {"vae": (T2I_FILE, "first_stage_model."), "decoder": (T2I_FILE, "first_stage_model."),
                "t2i": (T2I_FILE, "model.diffusion_model."), ip2p_stage(recorded): (IP2P_FILE, "model.diffusion_model.")}
+    loaded: dict[str, dict[str, torch.Tensor]] = {}  # each file read once, when a stage needs it
     written: dict[str, Any] = {}
     for stage, (file_name, prefix) in sources.items():
         fields = _STAGE_FIELDS[stage]
@@ -310,8 +312,9 @@ def stage_committed(config: WorldConfig = DEFAULT_CONFIG, log: Callable[[str], N
         if path.is_file():
             log(f"{stage}: in the cache already ({path})")
             continue
-        state = {k[len(prefix):]: v.float() for k, v in safetensors.torch.load_file(str(folder / file_name)).items()
-                 if k.startswith(prefix)}
+        if file_name not in loaded:
+            loaded[file_name] = safetensors.torch.load_file(str(folder / file_name))
+        state = {k[len(prefix):]: v.float() for k, v in loaded[file_name].items() if k.startswith(prefix)}
         if stage == "decoder":
             state = {k: v for k, v in state.items() if k.startswith(("decoder.", "post_quant_conv."))}
         numbers = {k: v for k, v in record.items() if k in (f"{stage}_seconds", f"{stage}_steps_run")}
