@@ -18,7 +18,7 @@ from typing import Any
 from ..attention.baret import BaretControls
 from ..attention.settings import P2PSettings, SpecRefSettings
 from ..inversion.baret_settings import BARET_DEFAULTS
-from ..masks.settings import ZONE_DEFAULTS
+from ..masks.settings import DEFAULT_MASK_LAYERS, DEFAULT_MASK_ROWS, MASK_LAYER_CHOICES, MASK_ROW_CHOICES, ZONE_DEFAULTS
 
 EDIT_MODES = ("auto", "replace", "refine", "none")  # P2P cross-attention control (nodes' edit_mode, no reweight)
 ZONE_FALLBACKS = ("rough", "error")
@@ -101,6 +101,8 @@ class ZoneRun:
     text_cfg: float = ZONE_DEFAULTS.text_cfg
     image_cfg: float = ZONE_DEFAULTS.image_cfg
     mask_threshold: float = ZONE_DEFAULTS.mask_threshold
+    mask_rows: str = DEFAULT_MASK_ROWS  # the IP2P Edit Mask node's options
+    mask_layers: str = DEFAULT_MASK_LAYERS
     fft_d0: float = ZONE_DEFAULTS.fft_d0
     fft_threshold: float = ZONE_DEFAULTS.fft_threshold
     blend_alpha: float = ZONE_DEFAULTS.blend_alpha
@@ -146,10 +148,14 @@ _ZONE_NUMBERS = ("text_cfg", "image_cfg", "mask_threshold", "fft_d0", "fft_thres
 def _zone_run(o: Mapping[str, Any], default_steps: int) -> ZoneRun:
     run = ZoneRun(steps=_steps(o.get("steps", default_steps)),
                   **{k: _number(k, v) for k, v in _pick(o, _ZONE_NUMBERS).items()},
-                  fallback=_choice("fallback", o.get("fallback", "rough"), ZONE_FALLBACKS))
-    for name in ("blend_alpha", "mask_threshold"):
-        if not 0.0 <= getattr(run, name) <= 1.0:
-            raise ValueError(f"RealEdit: {name} must lie in [0, 1], got {getattr(run, name)}.")
+                  fallback=_choice("fallback", o.get("fallback", "rough"), ZONE_FALLBACKS),
+                  mask_rows=_choice("mask_rows", o.get("mask_rows", ZoneRun.mask_rows), tuple(MASK_ROW_CHOICES)),
+                  mask_layers=_choice("mask_layers", o.get("mask_layers", ZoneRun.mask_layers),
+                                      tuple(MASK_LAYER_CHOICES)))
+    if not 0.0 <= run.blend_alpha <= 1.0:
+        raise ValueError(f"RealEdit: blend_alpha must lie in [0, 1], got {run.blend_alpha}.")
+    if not -1.0 <= run.mask_threshold <= 1.0:  # M_b thresholds a difference of two [0, 1] maps (the node's range)
+        raise ValueError(f"RealEdit: mask_threshold must lie in [-1, 1], got {run.mask_threshold}.")
     return run
 
 
@@ -251,7 +257,8 @@ METHODS: dict[str, MethodSpec] = {
         "FFT edge smoother, exact composite",
         required=("image",), images=("image", "edited", *_GT), masks=("mask", "segments"),
         same_size=("edited", "mask", "segments", *_GT), word_fields=(),
-        keys=lambda: ("steps", *_ZONE_NUMBERS, "fallback"), build=_zone_run, default_steps=ZONE_DEFAULTS.steps,
+        keys=lambda: ("steps", *_ZONE_NUMBERS, "mask_rows", "mask_layers", "fallback"), build=_zone_run,
+        default_steps=ZONE_DEFAULTS.steps,
         runs_model=zone_needs_ip2p, needs_ip2p=zone_needs_ip2p, check=_zone_check),
     "keep-pixels": MethodSpec(
         "keep-pixels", "keep the original's pixels wherever another editor's output did not mean to change them",

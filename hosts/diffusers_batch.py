@@ -36,6 +36,8 @@ from ..attention.specref import SpecRefControls
 from ..attention.tokens import Tokenizer, TokenLookupError, check_prompt_length, word_positions
 from ..inversion.embedding_opt import OptimisedInversion
 from ..masks import IP2PMaskRecorder, classify_action, local_edit
+from ..masks.ip2p_mask import instruction_eot_position
+from ..masks.settings import MASK_LAYER_CHOICES, MASK_ROW_CHOICES
 from .diffusers import DiffusersHost
 from .diffusers_bank import reference_features
 from .diffusers_baret import baret_edit, null_text_invert, ttis_invert
@@ -221,12 +223,20 @@ def run_baret(model: BatchModel, row: Row, run: Run, timer: _Timer) -> RowResult
     return RowResult(images, info={"ttis": _optimisation_info(inversion), "lambdas": list(result.lambdas)})
 
 
+def zone_recorder(run: Run, instruction: str, tokenize: Tokenizer) -> IP2PMaskRecorder:
+    """M_b's recorder for a zone row (``run``: batching's ZoneRun), as the IP2P Edit Mask node builds it: the
+    row's rows and layers, A^L at the instruction's end-of-text token."""
+    return IP2PMaskRecorder(MASK_ROW_CHOICES[run.mask_rows], MASK_LAYER_CHOICES[run.mask_layers],
+                            eot_position=instruction_eot_position(instruction, tokenize))
+
+
 def _ip2p_edit_and_rough_mask(ip2p: BatchModel, row: Row, run: Run, original: torch.Tensor,
                               timer: _Timer) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """ZONE Sec. 4.2: the IP2P edit of the photo and M_b from its empty-text cross-attention (Eq. 3-4)."""
+    """ZONE Sec. 4.2: the IP2P edit of the photo and M_b from its empty-text (or instruction) cross-attention
+    (Eq. 3-4), A^L at the instruction's end-of-text token."""
     photo = encode_image(ip2p, original) / ip2p.vae.config.scaling_factor  # IP2P's c_I: the unscaled mode
     instruction, empty = ip2p.encode(row.instruction), ip2p.encode("")
-    recorder = IP2PMaskRecorder()
+    recorder = zone_recorder(run, row.instruction, ip2p.tokenize)
     latent = timer("ip2p", lambda: ip2p_edit(ip2p.unet, ip2p.scheduler, photo, instruction, empty, steps=run.steps,
                                              text_cfg=run.text_cfg, image_cfg=run.image_cfg, seed=row.seed,
                                              hook=recorder))

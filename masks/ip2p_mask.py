@@ -4,9 +4,12 @@ Host-neutral: :class:`IP2PMaskRecorder` is an :class:`~..attention.hooks.Attenti
 changes the attention output (it declines every call). In the encoder and decoder cross-attention
 layers at 1/32 of the image size (16x16 at 512 px, a downscale of 4 from the latent: the official
 code's choice; ``downscales=(2, 4)`` adds the 32x32 layers) it computes M = softmax(QK^T / sqrt(d))
-(Eq. 3) for the **empty-text rows** of IP2P's three-way batch only -- the paper's finding is that
-those maps mark the edit region -- and keeps running sums of the first-token map A^1 and the
-last-token map A^L, averaged over steps, heads and rows per layer, then over layers.
+(Eq. 3) for one kind of rows of IP2P's three-way batch -- by default the **empty-text rows**, as the
+official code (its Prompt-to-Prompt attention store keeps the second half of every batch, which in IP2P's
+[instruction, empty text + photo, empty text] batch falls on the empty-text branches; the paper's text names
+no branch) -- and keeps running sums of the first-token map A^1 and the last-token map A^L, averaged over steps,
+heads and rows per layer, then over layers. ``row_kind="cond"`` reads the instruction row instead: the one
+branch that knows the edit (on the Shapes world only its maps mark the edit region, README.md).
 
 A^L is the map at the instruction's end-of-text token (the paper: "the L tokens include the
 start-of-text and end-of-text tokens"; the official code indexes it so), i.e. key position
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention.hooks import UNCOND, AttentionContext, RowKind
+from ..attention.hooks import COND, UNCOND, AttentionContext, RowKind
 from ..attention.maps import normalize_max
 from ..attention.math import attention_probs
 from ..attention.settings import CLIP_CHUNK
@@ -35,6 +38,7 @@ from .settings import ZONE_DEFAULTS
 
 log = logging.getLogger("realedit")
 LAST_KEY = -1  # the context's last key token: only when the instruction is unknown
+ROW_NAMES: dict[RowKind, str] = {UNCOND: "empty-text", COND: "instruction"}  # IP2P's branches by the hosts' row kind
 
 
 def instruction_eot_position(instruction: str, tokenize: Tokenizer) -> int:
@@ -81,10 +85,11 @@ def rough_mask(first_map: torch.Tensor, last_map: torch.Tensor,
 
 
 class IP2PMaskRecorder:
-    """Attention hook: averages A^1 and A^L of the empty-text rows over steps, heads and layers.
+    """Attention hook: averages A^1 and A^L of one kind of IP2P rows over steps, heads and layers.
 
     Args:
-        row_kind: the row kind the host gives the empty-text branches ("uncond").
+        row_kind: the rows read: "uncond", the kind the host gives the empty-text branches (the official
+            code's; default), or "cond", the instruction row (``masks.settings.MASK_ROW_CHOICES``).
         downscales: the layers averaged, by downscale from the latent (default (4,): 1/32 of the image
             size, 16x16 at 512 px, as the official code; (2, 4) adds the 32x32 layers).
         eot_position: key index of A^L, the instruction's end-of-text token
@@ -95,8 +100,11 @@ class IP2PMaskRecorder:
     users) can check which rows and layers the mask came from.
     """
 
-    def __init__(self, row_kind: RowKind = UNCOND, downscales: Collection[int] = ZONE_DEFAULTS.mask_downscales,
-                 eot_position: int | None = None) -> None:
+    def __init__(self, row_kind: RowKind = ZONE_DEFAULTS.mask_rows,
+                 downscales: Collection[int] = ZONE_DEFAULTS.mask_downscales, eot_position: int | None = None) -> None:
+        if row_kind not in ROW_NAMES:
+            raise ValueError(f"RealEdit: the IP2P mask reads 'cond' (instruction) or 'uncond' (empty-text) rows, not "
+                             f"{row_kind!r}.")
         if not downscales:
             raise ValueError("RealEdit: the IP2P mask needs at least one layer downscale (4: 16x16 at 512 px).")
         self.row_kind, self.downscales = row_kind, frozenset(downscales)
@@ -142,8 +150,8 @@ class IP2PMaskRecorder:
         ``size`` (default: the finest recorded grid), then the mean over layers; on the CPU."""
         if self.empty:
             raise RuntimeError(
-                "IP2P mask: no cross-attention of the empty-text rows was recorded. The model must be an "
-                "InstructPix2Pix UNet sampled with three-way guidance (text + image CFG)."
+                f"IP2P mask: no cross-attention of the {ROW_NAMES[self.row_kind]} rows was recorded. The model must "
+                "be an InstructPix2Pix UNet sampled with three-way guidance (text + image CFG)."
             )
         means = [self.sums[i].cpu() / self.counts[i] for i in sorted(self.sums)]
         if size is None:

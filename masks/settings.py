@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..attention.hooks import COND, UNCOND, RowKind
 from ..attention.settings import field_origin
 from ..attention.settings import with_origin as _d
 
@@ -22,6 +23,12 @@ class ZoneSettings:
         "~54/255; T = 0.21 on our max-scaled maps reproduces its mask (IoU 0.97-0.99 on synthetic maps). The "
         "paper's T = 128/255 (0.502) covers far more of the image (68-98% against 13-63% there) and stays "
         "reachable. To be re-chosen by measuring M_b against true edit regions (Shapes world)"
+    )
+    mask_rows: RowKind = _d(
+        UNCOND, "official code: its attention store (Prompt-to-Prompt's) keeps the second half of every attention "
+        "batch, which in IP2P's [instruction, empty text + photo, empty text] batch falls on the empty-text "
+        "branches (half the first's heads, all the second's); we average both over every head. The paper's text "
+        "does not say which branch"
     )
     mask_downscales: tuple[int, ...] = _d(
         (4,), "official code: A^1 and A^L averaged over the layers at 1/32 of the image size only "
@@ -62,10 +69,19 @@ class ZoneSettings:
 
 ZONE_DEFAULTS = ZoneSettings()
 PAPER_MASK_THRESHOLD = 128 / 255  # ZONE Eq. 4 as printed: T = 128 (of 255)
+MASK_ROW_CHOICES: dict[str, RowKind] = {  # node option -> the IP2P rows A^1 and A^L are read from
+    "empty text (official code)": UNCOND,
+    "instruction": COND,
+}
 MASK_LAYER_CHOICES: dict[str, tuple[int, ...]] = {  # node option -> downscales of the averaged layers
     "1/32 (official code)": (4,),
     "1/16 and 1/32": (2, 4),
 }
+
+# The node options that name the defaults.
+DEFAULT_MASK_ROWS = next(name for name, kind in MASK_ROW_CHOICES.items() if kind == ZONE_DEFAULTS.mask_rows)
+DEFAULT_MASK_LAYERS = next(name for name, downscales in MASK_LAYER_CHOICES.items()
+                           if downscales == ZONE_DEFAULTS.mask_downscales)
 
 
 def origin(name: str) -> str:

@@ -21,7 +21,15 @@ from ..masks.ip2p_mask import IP2PMaskRecorder, instruction_eot_position
 from ..masks.pipeline import smooth_and_composite
 from ..masks.region_iou import FALLBACKS, as_segments, region_iou
 from ..masks.sam_auto import HF_SAM_REPOS, SamSettings, load_sam, sam_segments
-from ..masks.settings import MASK_LAYER_CHOICES, PAPER_MASK_THRESHOLD, ZONE_DEFAULTS, origin
+from ..masks.settings import (
+    DEFAULT_MASK_LAYERS,
+    DEFAULT_MASK_ROWS,
+    MASK_LAYER_CHOICES,
+    MASK_ROW_CHOICES,
+    PAPER_MASK_THRESHOLD,
+    ZONE_DEFAULTS,
+    origin,
+)
 from .common import progress
 
 CATEGORY = "RealEdit/zone"
@@ -77,12 +85,9 @@ def instruction_tokens(text: str) -> list[Token]:
     return [(i, "") for i in ids]
 
 
-def _layer_choice_default() -> str:
-    return next(k for k, v in MASK_LAYER_CHOICES.items() if v == ZONE_DEFAULTS.mask_downscales)
-
-
 class IP2PEditMask(io.ComfyNode):
-    """IP2P three-way guidance with capture of the empty-text cross-attention (Sec. 4.2, Eq. 3-5)."""
+    """IP2P three-way guidance with capture of the empty-text (or instruction) cross-attention (Sec. 4.2,
+    Eq. 3-5)."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -90,8 +95,9 @@ class IP2PEditMask(io.ComfyNode):
             "RealEditIP2PEditMask", "RealEdit IP2P Edit Mask",
             "ZONE Sec. 4.2: samples the InstructPix2Pix edit of the photo (three-way guidance as ComfyUI's "
             "DualCFG: text and image guidance) while recording the cross-attention of the two empty-text "
-            "branches in the encoder and decoder layers at 1/32 of the image size (16x16 at 512 px, as the "
-            "official code), averaged over steps, heads and layers. Rough mask M_b = (A^1 - A^L) < T (Eq. 4), "
+            "branches (as the official code; mask_rows: the instruction branch) in the encoder and decoder layers "
+            "at 1/32 of the image size (16x16 at 512 px, as the official code), averaged over steps, heads and "
+            "layers. Rough mask M_b = (A^1 - A^L) < T (Eq. 4), "
             "maps scaled to [0, 1], A^L at the instruction's end-of-text token. "
             "Optional second model (MagicBrush): fused after every step, Eq. 5.",
             inputs=[
@@ -131,9 +137,14 @@ class IP2PEditMask(io.ComfyNode):
                                 tooltip="The instruction's text (connect the String node that feeds CLIP Text "
                                         "Encode): A^L is read at its end-of-text token (paper; official code). "
                                         "Unconnected: at the last key, a padding token, with a warning."),
-                io.Combo.Input("mask_layers", options=list(MASK_LAYER_CHOICES), default=_layer_choice_default(),
+                io.Combo.Input("mask_layers", options=list(MASK_LAYER_CHOICES), default=DEFAULT_MASK_LAYERS,
                                optional=True, tooltip=_tip("Cross-attention layers averaged for A^1 and A^L, by "
                                                            "size relative to the image.", "mask_downscales")),
+                io.Combo.Input("mask_rows", options=list(MASK_ROW_CHOICES), default=DEFAULT_MASK_ROWS,
+                               optional=True, tooltip=_tip(
+                                   "The IP2P branch whose cross-attention gives A^1 and A^L. instruction: the branch "
+                                   "that knows the edit; on the trained Shapes world only its maps mark the edit "
+                                   "region (README).", "mask_rows")),
             ],
             outputs=[
                 io.Latent.Output(display_name="edited", tooltip="The globally edited latent (I_sty after VAE Decode)."),
@@ -145,9 +156,9 @@ class IP2PEditMask(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, image, positive, negative, seed, steps, text_guidance, image_guidance, threshold,
                 sampler_name, scheduler, second_model=None, action=DEFAULT_ACTION, beta=AUTO_BETA, instruction=None,
-                mask_layers=None) -> io.NodeOutput:
+                mask_layers=None, mask_rows=None) -> io.NodeOutput:
         check_ip2p_model(model)
-        recorder = mask_recorder(instruction, mask_layers)
+        recorder = mask_recorder(instruction, mask_layers, mask_rows)
         beta = fusion_beta(parse_action(action), beta)
         if second_model is not None:
             check_fusion_partner(model, second_model)
@@ -172,13 +183,11 @@ class IP2PEditMask(io.ComfyNode):
                              ui=ui.PreviewText(summary))
 
 
-def mask_recorder(instruction: str | None, mask_layers: str | None) -> IP2PMaskRecorder:
-    """The M_b recorder for the node's inputs: A^L at the instruction's end-of-text token, the chosen layers."""
-    if mask_layers is None:
-        mask_layers = _layer_choice_default()
-    if mask_layers not in MASK_LAYER_CHOICES:
-        raise ValueError(f"RealEdit IP2P Edit Mask: mask_layers is {mask_layers!r}; use one of "
-                         f"{', '.join(MASK_LAYER_CHOICES)}.")
+def mask_recorder(instruction: str | None, mask_layers: str | None, mask_rows: str | None = None) -> IP2PMaskRecorder:
+    """The M_b recorder for the node's inputs: A^L at the instruction's end-of-text token, the chosen layers and
+    rows."""
+    mask_layers = _choice("mask_layers", mask_layers, MASK_LAYER_CHOICES, DEFAULT_MASK_LAYERS)
+    mask_rows = _choice("mask_rows", mask_rows, MASK_ROW_CHOICES, DEFAULT_MASK_ROWS)
     if instruction is None:
         log.warning("RealEdit IP2P Edit Mask: the 'instruction' input is not connected, so A^L is read at the last "
                     "key (a padding token), not at the instruction's end-of-text token as in the paper and the "
@@ -187,7 +196,16 @@ def mask_recorder(instruction: str | None, mask_layers: str | None) -> IP2PMaskR
     else:
         classify_action(instruction)  # refuses an instruction without words, by name
         eot = instruction_eot_position(instruction, instruction_tokens)
-    return IP2PMaskRecorder(downscales=MASK_LAYER_CHOICES[mask_layers], eot_position=eot)
+    return IP2PMaskRecorder(MASK_ROW_CHOICES[mask_rows], MASK_LAYER_CHOICES[mask_layers], eot_position=eot)
+
+
+def _choice(name: str, value: str | None, choices: dict, default: str) -> str:
+    """``value`` (None: ``default``), refused by name unless it is one of ``choices``."""
+    if value is None:
+        return default
+    if value not in choices:
+        raise ValueError(f"RealEdit IP2P Edit Mask: {name} is {value!r}; use one of {', '.join(choices)}.")
+    return value
 
 
 class InstructionAction(io.ComfyNode):

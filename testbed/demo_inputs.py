@@ -4,6 +4,8 @@ Workflows load photos with LoadImage and SAM from ``models/sams``; on a machine 
 LoadImage is replaced by a synthetic scene (the first by the source scene, the next by the reference
 scene with its object mask) and the SAM loader by a tiny random SAM. A random SAM proposes no segment
 that passes SAM's quality thresholds, so Region-IoU takes every segment and falls back to the rough mask.
+On the shapes world (:func:`world_run`) Region-IoU takes the world's segments instead (each object and the
+background, ``shapes_world.comfy_world.WorldSegments``).
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ def tiny_run(workflow: dict[str, Any], size: int = 128, steps: int = 4,
 
 def world_run(workflow: dict[str, Any], task: WorldTask, steps: int) -> tuple[dict[str, Any], dict[str, tuple]]:
     """(workflow, node overrides) for ``run_workflow(..., tiny_checkpoint=None)`` on the shapes world: the
-    task's checkpoint, photos and texts (``shapes_world.demo_tasks``), ``steps`` sampling steps."""
+    task's checkpoint, photos and texts (``shapes_world.demo_tasks``), ``steps`` sampling steps; ZONE's Region-IoU
+    takes the world's segments (``comfy_world.WorldSegments``), not a tiny random SAM's."""
+    from .shapes_world.comfy_world import with_world_segments
+
     workflow, overrides = _stand_ins(workflow, SIZE, steps, list(task.photos))
+    workflow = with_world_segments(workflow)
     for node_id, node in workflow.items():
         if node["class_type"] == "CheckpointLoaderSimple":
             node["inputs"]["ckpt_name"] = task.checkpoint

@@ -331,6 +331,40 @@ def test_ip2p_three_way_guidance_at_unit_scales_is_the_instruction_branch_and_m_
     assert not torch.allclose(again, expected, rtol=1e-4, atol=1e-4)  # the guidance scales act
 
 
+def test_zone_rows_read_m_b_from_the_rows_and_layers_the_node_offers():
+    """A zone row's mask_rows / mask_layers are the IP2P Edit Mask node's options (default: the official code's
+    empty-text rows at 1/32), its mask_threshold the node's range [-1, 1]; anything else is refused by name."""
+    from realedit.batching.methods import METHODS
+    from realedit.masks.settings import DEFAULT_MASK_LAYERS, DEFAULT_MASK_ROWS
+
+    zone = METHODS["zone"]
+    default = zone.settings({})
+    assert (default.mask_rows, default.mask_layers) == (DEFAULT_MASK_ROWS, DEFAULT_MASK_LAYERS)
+    chosen = zone.settings({"mask_rows": "instruction", "mask_layers": "1/16 and 1/32", "mask_threshold": -0.1})
+    assert (chosen.mask_rows, chosen.mask_layers, chosen.mask_threshold) == ("instruction", "1/16 and 1/32", -0.1)
+    for bad, named in (({"mask_rows": "negative"}, "mask_rows must be one of"),
+                       ({"mask_layers": "1/8"}, "mask_layers must be one of"),
+                       ({"mask_threshold": 1.5}, "mask_threshold must lie in [-1, 1]")):
+        with pytest.raises(ValueError, match=named.replace("[", "\\[").replace("]", "\\]")):
+            zone.settings(bad)
+
+
+def test_a_zone_rows_m_b_comes_from_the_rows_it_names_with_a_l_at_the_end_of_text():
+    """The diffusers host's recorder for a zone row: the rows and layers it names, A^L at the instruction's
+    end-of-text token (the node's rule), not at the last padding key."""
+    from realedit.batching.methods import METHODS
+    from realedit.hosts.diffusers_batch import zone_recorder
+
+    def tokenize(text):
+        return [(i, w) for i, w in enumerate(text.split())]
+
+    default = zone_recorder(METHODS["zone"].settings({}), "make the square green", tokenize)
+    assert (default.row_kind, default.downscales, default.last_token) == ("uncond", {4}, 5)
+    chosen = zone_recorder(METHODS["zone"].settings({"mask_rows": "instruction", "mask_layers": "1/16 and 1/32"}),
+                           "make it green", tokenize)
+    assert (chosen.row_kind, chosen.downscales, chosen.last_token) == ("cond", {2, 4}, 4)
+
+
 def test_zone_rows_without_an_edit_need_an_ip2p_model(example):
     rows, problems = validate(example, ip2p=False)
     assert [p.id for p in problems] == ["zone-ip2p"] and "--ip2p-model" in problems[0].reasons[0]

@@ -118,6 +118,22 @@ def test_reader_reads_edits_as_the_edited_scene():
         assert scene_matches(read(truth.expected), truth.edited, size=True), truth.instruction
 
 
+def test_segments_are_each_object_and_the_background_as_the_renderer_draws_them():
+    """The world's stand-in for SAM: one mask per object and one for the background, each overlapping the
+    renderer's own mask of it (IoU over 0.9, textures and patterns included), largest first."""
+    from realedit.testbed.shapes_world.reader import segments
+    from realedit.testbed.shapes_world.world_batch import segments as true_segments
+
+    for scene in _scenes(12, seed=8):
+        found = segments(render(scene))
+        truth = [mask > 0.5 for mask in true_segments(scene)]
+        assert found.dtype == torch.bool and len(found) == len(truth), scene.caption()
+        assert [int(m.sum()) for m in found] == sorted((int(m.sum()) for m in found), reverse=True)
+        for mask in truth:
+            best = max(float((mask & f).sum() / (mask | f).sum()) for f in found)
+            assert best > 0.9, scene.caption()
+
+
 def test_attributes_are_counted_per_object_and_a_misplaced_object_has_none_right():
     """What the gates report per attribute: each object paired by position, its colour and shape judged apart;
     the score counts an extra object's attributes wrong."""

@@ -67,6 +67,27 @@ def test_recorder_reads_only_empty_text_rows_of_small_encoder_decoder_layers():
         recorder.maps()
 
 
+def test_the_instruction_rows_give_the_maps_when_asked_and_nothing_else_does():
+    """mask_rows "instruction": A^1 and A^L of the instruction row (the hosts' cond row) alone; the default reads
+    the empty-text rows; another row kind is refused by name."""
+    rows = RowInfo(("uncond", "cond", "uncond"), (0, 0, 0))
+    layer = LayerInfo(4, "down", 4, ("input", 7, 0))
+    q, k = torch.randn(3, 4, HEADS * DIM), torch.randn(3, 77, HEADS * DIM)
+    instruction, empty = IP2PMaskRecorder("cond", eot_position=5), IP2PMaskRecorder(eot_position=5)
+    for recorder in (instruction, empty):
+        recorder(q, k, k, _ctx(layer, rows, (2, 2)))
+    assert instruction.recorded[0][2] == (1,) and empty.recorded[0][2] == (0, 2)
+    probs = attention_probs(q[1:2], k[1:2], HEADS).mean(dim=(0, 1))  # (4, 77): the instruction row's heads
+    assert torch.allclose(instruction.maps()[0], probs[:, 0].reshape(2, 2), atol=1e-7)
+    assert torch.allclose(instruction.maps()[1], probs[:, 5].reshape(2, 2), atol=1e-7)
+    assert not torch.allclose(instruction.maps()[0], empty.maps()[0])
+    with pytest.raises(ValueError, match="'cond' \\(instruction\\) or 'uncond'"):
+        IP2PMaskRecorder("negative")
+    instruction.begin_run()
+    with pytest.raises(RuntimeError, match="no cross-attention of the instruction rows"):
+        instruction.maps()
+
+
 def test_by_default_only_the_layers_at_1_32_of_the_image_are_averaged():
     """Official code: M_b from the 16x16 layers at 512 px only (downscale 4), not the 32x32 ones too."""
     rows = RowInfo(("uncond", "cond"), (0, 0))
@@ -489,6 +510,13 @@ def test_ip2p_node_reads_a_l_at_the_connected_instructions_end_of_text_token(com
     assert mask_recorder("make (his tie:1.2) blue", None).last_token == 5
     wide = mask_recorder("make his tie blue", "1/16 and 1/32")
     assert wide.downscales == {2, 4} and mask_recorder("x y", None).downscales == {4}
+    assert inputs["mask_rows"].default == "empty text (official code)"
+    assert "official code" in inputs["mask_rows"].tooltip
+    assert mask_recorder("x y", None).row_kind == "uncond"
+    assert mask_recorder("x y", None, "instruction").row_kind == "cond"
+    for name, value in (("mask_layers", "1/8"), ("mask_rows", "negative")):
+        with pytest.raises(ValueError, match=f"{name} is '{value}'; use one of"):
+            mask_recorder("x y", **{"mask_layers": None, name: value})
     with pytest.raises(ValueError, match="has no words"):
         mask_recorder(" !! ", None)
     with caplog.at_level("WARNING", logger="realedit"):

@@ -8,8 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ...masks.actions import DEFAULT_ACTION, parse_action
 from .config import CHECKPOINT_DIR, GATES_FILE, IP2P_FILE, T2I_FILE
 from .models import register_comfy
+from .reader import segments
 
 
 @dataclass
@@ -45,3 +49,50 @@ def load_world(directory: Path = CHECKPOINT_DIR) -> ComfyWorld:
     result = comfy_runner.run_workflow(loader_workflow(), outputs=["1", "2"], tiny_checkpoint=None, pack=False)
     gates = json.loads((directory / GATES_FILE).read_text()) if (directory / GATES_FILE).is_file() else {}
     return ComfyWorld(tuple(result["1"]), tuple(result["2"]), directory, gates)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------
+# ZONE's segmenter on the world.
+# ---------------------------------------------------------------------------------------------------
+
+SEGMENTER_NODE = "TestbedWorldSegments"
+REGION_IOU_NODE = "RealEditRegionIoURefine"
+
+
+class WorldSegments:
+    """A testbed node (never the pack's): the world's stand-in for SAM's automatic masks in ZONE's Region-IoU
+    (Sec. 4.3), which segments the edited image (the original for 'remove'). A tiny random SAM proposes random
+    blobs, which would decide ZONE's final mask whatever M_b says; on the world's flat shapes SAM would find each
+    object and the background, which is what :func:`.reader.segments` returns."""
+
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("segments",)
+    FUNCTION = "segment"
+    CATEGORY = "testbed"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict[str, Any]]:  # noqa: N802  (ComfyUI's name)
+        return {"required": {"original": ("IMAGE",), "edited": ("IMAGE",)},
+                "optional": {"action": ("STRING", {"forceInput": True})}}
+
+    def segment(self, original: torch.Tensor, edited: torch.Tensor, action: str = DEFAULT_ACTION) -> tuple:
+        image = original if parse_action(action) == "remove" else edited
+        return (segments(image[0]).float(),)  # (N, H, W): a MASK batch
+
+
+def with_world_segments(workflow: dict[str, Any]) -> dict[str, Any]:
+    """``workflow`` with each Region-IoU node's candidates from a :class:`WorldSegments` node on the same images
+    and action (registered with ComfyUI here); the SAM loader stays, unused."""
+    import nodes
+
+    nodes.NODE_CLASS_MAPPINGS.setdefault(SEGMENTER_NODE, WorldSegments)
+    out = dict(workflow)
+    next_id = max(int(node_id) for node_id in workflow) + 1
+    for node_id, node in workflow.items():
+        if node["class_type"] != REGION_IOU_NODE:
+            continue
+        links = {key: node["inputs"][key] for key in ("original", "edited", "action") if key in node["inputs"]}
+        out[str(next_id)] = {"class_type": SEGMENTER_NODE, "inputs": links}
+        out[node_id] = {**node, "inputs": {**node["inputs"], "segments": [str(next_id), 0]}}
+        next_id += 1
+    return out

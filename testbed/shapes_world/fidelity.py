@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ...masks.settings import MASK_LAYER_CHOICES, MASK_ROW_CHOICES
 from .config import T2I_FILE
 from .demo_tasks import WorldTask, photo, score, task_for
 from .edits import Edit, ground_truth, random_edit
@@ -246,8 +247,27 @@ def beats_baselines(method: Method, summaries: dict[str, Summary]) -> dict[str, 
 # Defaults the papers leave open, chosen on the world.
 # ---------------------------------------------------------------------------------------------------
 
-ZONE_THRESHOLDS: tuple[float, ...] = (0.1, 0.15, 0.21, 0.3, 0.4, 0.5)
+ZONE_THRESHOLDS: tuple[float, ...] = (-0.3, -0.2, -0.1, 0.0, 0.1, 0.21, 0.3, 0.5)
 ZONE_ROUGH_MASK_NODE = "14"  # zone_instruction_edit's SaveImage of M_b
+ZONE_MASK_NODE = "7"  # zone_instruction_edit's IP2P Edit Mask
+
+
+@dataclass(frozen=True)
+class ZoneMask:
+    """How the IP2P Edit Mask node reads M_b: its ``mask_rows``, ``mask_layers`` and ``threshold`` inputs."""
+
+    mask_rows: str
+    mask_layers: str
+    threshold: float
+
+    def inputs(self) -> dict[str, str | float]:
+        return dataclasses.asdict(self)
+
+
+def zone_mask_grid(thresholds: tuple[float, ...] = ZONE_THRESHOLDS) -> tuple[ZoneMask, ...]:
+    """Every row choice x layer choice x threshold of the node."""
+    return tuple(ZoneMask(rows, layers, t) for rows in MASK_ROW_CHOICES for layers in MASK_LAYER_CHOICES
+                 for t in thresholds)
 
 
 def mask_iou(mask: torch.Tensor, region: torch.Tensor) -> float:
@@ -256,19 +276,25 @@ def mask_iou(mask: torch.Tensor, region: torch.Tensor) -> float:
     return int((mask & region).sum()) / union if union else 1.0
 
 
-def zone_threshold_sweep(count: int, steps: int, thresholds: tuple[float, ...] = ZONE_THRESHOLDS,
-                         seed: int = 50_000) -> dict[float, float]:
-    """ZONE's M_b threshold T (``A^1 - A^L < T``; the paper's 128/255, the official code's ~0.21 of ours) on
-    the world: {T: median IoU of M_b with the region that should change} over ``count`` seeded ZONE tasks."""
+def zone_tasks(count: int, seed: int = 50_000) -> list[WorldTask]:
+    """The fidelity suite's first ``count`` ZONE tasks."""
     method = next(m for m in METHODS if m.stem == "zone_instruction_edit")
-    ious: dict[float, list[float]] = {t: [] for t in thresholds}
-    for case in cases(method, count, seed):
-        task = case.method
-        for threshold in thresholds:
-            inputs = {**task.inputs, "7": {"threshold": threshold}}
+    return [case.method for case in cases(method, count, seed)]
+
+
+def zone_mask_sweep(tasks: list[WorldTask], steps: int,
+                    settings: tuple[ZoneMask, ...] | None = None) -> dict[ZoneMask, float]:
+    """How ZONE reads M_b on the world: the IP2P branch (the official code's empty-text rows or the instruction
+    row), the layers and the threshold T (``A^1 - A^L < T``; the paper's 128/255, the official code's ~0.21 of
+    ours): {setting: median IoU of M_b with the region that should change} over ZONE ``tasks``
+    (:func:`zone_tasks`; default settings: :func:`zone_mask_grid`)."""
+    ious: dict[ZoneMask, list[float]] = {setting: [] for setting in settings or zone_mask_grid()}
+    for task in tasks:
+        for setting, values in ious.items():
+            inputs = {**task.inputs, ZONE_MASK_NODE: setting.inputs()}
             rough = run_task(dataclasses.replace(task, inputs=inputs, edit_node=ZONE_ROUGH_MASK_NODE), steps)
-            ious[threshold].append(mask_iou(rough[..., 0] > 0.5, task.truth.region))
-    return {threshold: statistics.median(values) for threshold, values in ious.items()}
+            values.append(mask_iou(rough[..., 0] > 0.5, task.truth.region))
+    return {setting: statistics.median(values) for setting, values in ious.items()}
 
 
 @dataclass(frozen=True)

@@ -168,21 +168,33 @@ def _read_object(mask: np.ndarray, others: np.ndarray, image: np.ndarray, backgr
     return ReadObject(shape, appearance, position, size, centre, radius, iou)
 
 
-def read(image: torch.Tensor) -> Reading:
-    """Read an IMAGE ``(H, W, 3)`` (or ``(1, H, W, 3)``) in [0, 1] back into background and objects."""
-    array = _as_array(image)
+def _objects_and_backdrop(array: np.ndarray) -> tuple[str, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(background name, its render, the foreground labels (H, W), each object's mask): the objects are the
+    connected components, ``MIN_AREA`` pixels or more, of what lies ``THRESHOLD`` or further from the background."""
     background = read_background(array)
     backdrop = background_image(background).numpy()
     distance = np.linalg.norm(array - backdrop, axis=-1)
     foreground = scipy.ndimage.binary_opening(distance > THRESHOLD, iterations=1)
     labels, count = scipy.ndimage.label(foreground)
-    objects = []
-    for index in range(1, count + 1):
-        mask = labels == index
-        if mask.sum() >= MIN_AREA:
-            objects.append(_read_object(mask, (labels > 0) & ~mask, array, backdrop))
-    objects.sort(key=lambda o: o.centre[0])
+    masks = [labels == index for index in range(1, count + 1)]
+    return background, backdrop, labels, [mask for mask in masks if mask.sum() >= MIN_AREA]
+
+
+def read(image: torch.Tensor) -> Reading:
+    """Read an IMAGE ``(H, W, 3)`` (or ``(1, H, W, 3)``) in [0, 1] back into background and objects."""
+    array = _as_array(image)
+    background, backdrop, labels, masks = _objects_and_backdrop(array)
+    objects = sorted((_read_object(mask, (labels > 0) & ~mask, array, backdrop) for mask in masks),
+                     key=lambda o: o.centre[0])
     return Reading(background, tuple(objects))
+
+
+def segments(image: torch.Tensor) -> torch.Tensor:
+    """What an automatic segmenter such as SAM finds in a world image, as the reader sees it: each object's
+    mask and the background around them (the pixels of no object), largest first; ``(N, H, W)`` bool."""
+    _, _, labels, masks = _objects_and_backdrop(_as_array(image))
+    found = [torch.from_numpy(mask) for mask in masks] + [torch.from_numpy(labels == 0)]
+    return torch.stack(sorted(found, key=lambda mask: -int(mask.sum())))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,7 +16,17 @@ from pathlib import Path
 import torch
 
 from ...batching.outputs import atomic_write, png_bytes
-from .demo_tasks import CIRCLE, PAIR, REFERENCE, RESHAPE, WORLD_MAP_DOWNSCALE, WorldTask, _words, world_tasks
+from .demo_tasks import (
+    CIRCLE,
+    PAIR,
+    REFERENCE,
+    RESHAPE,
+    WORLD_MAP_DOWNSCALE,
+    WORLD_ZONE_MASK,
+    WorldTask,
+    _words,
+    world_tasks,
+)
 from .scene import SIZE, Scene, coverage, render
 
 # batch method -> the shipped workflow whose task it runs
@@ -40,6 +50,13 @@ def segments(scene: Scene) -> list[torch.Tensor]:
     return [*masks, 1 - covered]
 
 
+def _zone_mask_settings() -> dict[str, str | float]:
+    """The world's M_b settings (:data:`.demo_tasks.WORLD_ZONE_MASK`) under the batch runner's names."""
+    settings = dict(WORLD_ZONE_MASK)
+    settings["mask_threshold"] = settings.pop("threshold")
+    return settings
+
+
 def _rows(steps: int) -> list[tuple[dict, WorldTask]]:
     """(row with paths relative to the manifest's folder, the task it is scored as: the ComfyUI demo's)."""
     s = {"steps": steps}
@@ -61,7 +78,7 @@ def _rows(steps: int) -> list[tuple[dict, WorldTask]]:
           "blend_words": new,
           "settings": {**s, "map_downscale": WORLD_MAP_DOWNSCALE[nulltext.stem]}}, nulltext),
         ({"id": "zone", "method": "zone", "image": "pair.png", "instruction": recolour.truth.instruction,
-          "segments": zone_segments, "settings": s}, recolour),
+          "segments": zone_segments, "settings": {**s, **_zone_mask_settings()}}, recolour),
         ({"id": "keep-pixels", "method": "keep-pixels", "image": "pair.png", "edited": "pair_edited_elsewhere.png"},
          dataclasses.replace(keep, summary=f"Keep Unedited Pixels on a stand-in editor's output for "
                                            f"{keep.truth.instruction!r}: the true edit, shifted and colour-drifted")),
