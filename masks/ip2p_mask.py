@@ -9,7 +9,7 @@ official code (its Prompt-to-Prompt attention store keeps the second half of eve
 [instruction, empty text + photo, empty text] batch falls on the empty-text branches; the paper's text names
 no branch) -- and keeps running sums of the first-token map A^1 and the last-token map A^L, averaged over steps,
 heads and rows per layer, then over layers. ``row_kind="cond"`` reads the instruction row instead: the one
-branch that knows the edit (on the Shapes world only its maps mark the edit region, README.md).
+branch that knows the edit (on the Shapes world its maps mark the edit region best, README.md).
 
 A^L is the map at the instruction's end-of-text token (the paper: "the L tokens include the
 start-of-text and end-of-text tokens"; the official code indexes it so), i.e. key position

@@ -143,8 +143,8 @@ class IP2PEditMask(io.ComfyNode):
                 io.Combo.Input("mask_rows", options=list(MASK_ROW_CHOICES), default=DEFAULT_MASK_ROWS,
                                optional=True, tooltip=_tip(
                                    "The IP2P branch whose cross-attention gives A^1 and A^L. instruction: the branch "
-                                   "that knows the edit; on the trained Shapes world only its maps mark the edit "
-                                   "region (README).", "mask_rows")),
+                                   "that knows the edit; on the trained Shapes world its maps mark the edit region "
+                                   "best (README).", "mask_rows")),
             ],
             outputs=[
                 io.Latent.Output(display_name="edited", tooltip="The globally edited latent (I_sty after VAE Decode)."),
