@@ -129,7 +129,7 @@ def test_m_b_from_the_instruction_rows_finds_the_edit_the_empty_text_rows_miss(s
     the renderer says an object edit changes far more than the official code's empty-text branches at their default
     T (README.md's sweep over 30 tasks: median IoU 0.40 against 0.12). Background edits change most of the image,
     where any mask that covers it scores well: left out."""
-    world = ZoneMask(**WORLD_ZONE_MASK)
+    world = WORLD_ZONE_MASK
     official = ZoneMask(DEFAULT_MASK_ROWS, DEFAULT_MASK_LAYERS, ZONE_DEFAULTS.mask_threshold)
     object_edits = [task for task in zone_tasks(12) if task.truth.region.float().mean() < 0.5][:3]
     assert len(object_edits) == 3

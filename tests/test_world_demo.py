@@ -73,7 +73,7 @@ def test_the_worlds_zone_reads_m_b_as_swept_and_segments_as_sam_would(shapes_wor
         for node_id, node in _workflow(task).items():
             if node["class_type"] == "RealEditIP2PEditMask":
                 assert {k: node["inputs"][k] for k in shipped} == shipped, (task.stem, node_id)
-                assert task.inputs[node_id] == WORLD_ZONE_MASK, (task.stem, node_id)
+                assert task.inputs[node_id] == WORLD_ZONE_MASK.inputs(), (task.stem, node_id)
                 masks += 1
         workflow, _ = world_run(task.api_workflow(), task, 2)
         for node in workflow.values():

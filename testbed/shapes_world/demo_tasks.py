@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -34,12 +34,23 @@ WORKFLOWS = Path(__file__).resolve().parents[2] / "api_workflows"
 # with it, StyleDiffusion 2).
 WORLD_MAP_DOWNSCALE: dict[str, int] = {
     "nulltext_p2p_edit": 2, "specref_object_replace": 4, "specref_sr_ksampler": 4, "stylediffusion_edit": 2}
+@dataclass(frozen=True)
+class ZoneMask:
+    """How the IP2P Edit Mask node reads M_b: its ``mask_rows``, ``mask_layers`` and ``threshold`` inputs."""
+
+    mask_rows: str
+    mask_layers: str
+    threshold: float
+
+    def inputs(self) -> dict[str, str | float]:
+        return asdict(self)
+
+
 # How ZONE's M_b reads the world's IP2P UNet (the IP2P Edit Mask node's inputs): the instruction branch's maps
 # at the 8x8 and 4x4 layers, T 0. The shipped workflows keep the official code's empty-text branches, 1/32 layers
 # and T 0.21 (median IoU with the true edit region 0.12 on the committed UNet; 0.05 on session 20's); the fidelity
 # benchmark's --sweep-zone-mask chose these (README.md's ZONE sweep; session 21, median IoU 0.40).
-WORLD_ZONE_MASK: dict[str, str | float] = {"mask_rows": "instruction", "mask_layers": "1/16 and 1/32",
-                                           "threshold": 0.0}
+WORLD_ZONE_MASK = ZoneMask("instruction", "1/16 and 1/32", 0.0)
 
 
 @dataclass(frozen=True)
@@ -135,8 +146,8 @@ def task_for(stem: str, scene: Scene, edit: Edit, reference: Scene | None = None
                         "map_downscale": maps}}
         return WorldTask(stem, T2I_FILE, truth, inputs, photos, "10", f"StyleDiffusion: {source!r} -> {target!r}")
     if stem == "zone_instruction_edit":
-        return WorldTask(stem, IP2P_FILE, truth, {"3": {"value": truth.instruction}, "7": WORLD_ZONE_MASK}, photos,
-                         "12", f"ZONE: {truth.instruction!r}")
+        return WorldTask(stem, IP2P_FILE, truth, {"3": {"value": truth.instruction}, "7": WORLD_ZONE_MASK.inputs()},
+                         photos, "12", f"ZONE: {truth.instruction!r}")
     if stem == "keep_unedited_ip2p":
         return WorldTask(stem, IP2P_FILE, truth, {"3": {"text": truth.instruction}}, photos, "9",
                          f"IP2P + Keep Unedited Pixels: {truth.instruction!r}")
@@ -171,7 +182,7 @@ def world_tasks() -> list[WorldTask]:
                            both.target_caption, both.edited)
     tasks.append(WorldTask("zone_multi_turn", IP2P_FILE, combined,
                            {"5": {"value": first_truth.instruction}, "12": {"value": both.instruction},
-                            "8": WORLD_ZONE_MASK, "15": WORLD_ZONE_MASK},
+                            "8": WORLD_ZONE_MASK.inputs(), "15": WORLD_ZONE_MASK.inputs()},
                            (photo(PAIR),), "19", f"ZONE, two turns: {combined.instruction!r}"))
     return tasks
 

@@ -35,7 +35,7 @@ import torch
 
 from ...masks.settings import MASK_LAYER_CHOICES, MASK_ROW_CHOICES
 from .config import T2I_FILE
-from .demo_tasks import WorldTask, photo, score, task_for
+from .demo_tasks import WorldTask, ZoneMask, photo, score, task_for
 from .edits import Edit, ground_truth, random_edit
 from .scene import BACKGROUNDS, SHAPES, Obj, Scene, random_scene
 
@@ -250,18 +250,6 @@ def beats_baselines(method: Method, summaries: dict[str, Summary]) -> dict[str, 
 ZONE_THRESHOLDS: tuple[float, ...] = (-0.3, -0.2, -0.1, 0.0, 0.1, 0.21, 0.3, 0.5)
 ZONE_ROUGH_MASK_NODE = "14"  # zone_instruction_edit's SaveImage of M_b
 ZONE_MASK_NODE = "7"  # zone_instruction_edit's IP2P Edit Mask
-
-
-@dataclass(frozen=True)
-class ZoneMask:
-    """How the IP2P Edit Mask node reads M_b: its ``mask_rows``, ``mask_layers`` and ``threshold`` inputs."""
-
-    mask_rows: str
-    mask_layers: str
-    threshold: float
-
-    def inputs(self) -> dict[str, str | float]:
-        return dataclasses.asdict(self)
 
 
 def zone_mask_grid(thresholds: tuple[float, ...] = ZONE_THRESHOLDS) -> tuple[ZoneMask, ...]:

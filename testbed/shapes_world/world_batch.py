@@ -52,9 +52,8 @@ def segments(scene: Scene) -> list[torch.Tensor]:
 
 def _zone_mask_settings() -> dict[str, str | float]:
     """The world's M_b settings (:data:`.demo_tasks.WORLD_ZONE_MASK`) under the batch runner's names."""
-    settings = dict(WORLD_ZONE_MASK)
-    settings["mask_threshold"] = settings.pop("threshold")
-    return settings
+    return {"mask_rows": WORLD_ZONE_MASK.mask_rows, "mask_layers": WORLD_ZONE_MASK.mask_layers,
+            "mask_threshold": WORLD_ZONE_MASK.threshold}
 
 
 def _rows(steps: int) -> list[tuple[dict, WorldTask]]:
