@@ -22,12 +22,14 @@ estimated on the BT.601 luma in two stages:
    edit model produces).
 
 The transform is reported (:class:`Alignment`) and undone on the full-size edit with
-``torch.nn.functional.grid_sample`` (:func:`warp_to_original`). A pair that cannot be aligned (the
-aligned luma correlates with the original less than ``min_score``, or the transform leaves the allowed
-range) is refused with a :class:`AlignmentError` naming the fix. The identity is kept, and the edit's
-pixels used as they are (no resampling), when the transform moves no pixel by ``identity_tolerance``,
-when most pixels are the original's own (an inpainting output), when the original is too flat to
-register, and when the transform found matches no better than none (structure in one direction only).
+``torch.nn.functional.grid_sample`` (:func:`warp_to_original`). A transform that correlates (at least
+``min_score``) but leaves the allowed range (another framing, a crop) is refused with a
+:class:`AlignmentError` naming the fix. The identity is kept, and the edit's pixels used as they are (no
+resampling), when the transform moves no pixel by ``identity_tolerance``, when most pixels are the
+original's own (an inpainting output), when the original is too flat to register, when the transform found
+matches no better than none (structure in one direction only), and when nothing correlates ``min_score``
+or more (:data:`UNVERIFIED`: a new background or the only object removed leaves little luma in common, as
+does another photo; the report says so, and the change map then covers the picture where it is another).
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class Alignment:
     def describe(self) -> str:
         if self.note == OFF:
             return "alignment: off"
+        if self.note.startswith(UNVERIFIED):
+            return (f"alignment: {self.note} (best {self.score:.3f}): the edit changed most of the picture, or it "
+                    "is not an edit of 'original'; the edit is used on its own grid")
         if self.identity:
             return f"alignment: none needed ({self.note or 'below tolerance'}; correlation {self.score:.3f})"
         return (f"alignment: shift x {self.shift[0]:+.2f} px, y {self.shift[1]:+.2f} px, scale {self.scale:.4f}, "
@@ -93,6 +98,7 @@ class Alignment:
 
 
 OFF = "off"
+UNVERIFIED = "unverified"  # note of an identity kept because no registration was trustworthy
 IDENTITY = Alignment(shift=(0.0, 0.0), scale=1.0, rotation=0.0, score=1.0, score_before=1.0, identity=True)
 NOT_ALIGNED = Alignment(shift=(0.0, 0.0), scale=1.0, rotation=0.0, score=1.0, score_before=1.0, identity=True,
                         note=OFF)  # what keep_unedited reports when alignment is turned off
@@ -322,8 +328,8 @@ def estimate_alignment(original: torch.Tensor, edited: torch.Tensor,
         settings: search ranges and sizes (:class:`AlignSettings`).
 
     Raises:
-        AlignmentError: the aligned images do not correlate (``score < min_score``), or the transform found
-            leaves the allowed range (``max_shift``, ``max_scale_change``, ``max_rotation``).
+        AlignmentError: the transform found correlates (``score >= min_score``) but leaves the allowed range
+            (``max_shift``, ``max_scale_change``, ``max_rotation``).
     """
     settings = settings or AlignSettings()
     height, width = original.shape[:2]
@@ -366,27 +372,26 @@ def estimate_alignment(original: torch.Tensor, edited: torch.Tensor,
     score_before = _robust_score(o, e, border)
     finite = all(math.isfinite(v) for v in (p.tx, p.ty, p.a, p.b))
     score = _robust_score(o, warped[0], inside & border) if finite else -math.inf
+    if max(score, score_before) < settings.min_score:  # no registration to trust, in range or not
+        return Alignment((0.0, 0.0), 1.0, 0.0, score=max(score, score_before), score_before=score_before,
+                         identity=True, note=f"{UNVERIFIED}: no transform correlates {settings.min_score:g} or more")
     if score_before >= score:  # e.g. structure in one direction only (a ramp): the fit drifted along it
-        identity = Alignment((0.0, 0.0), 1.0, 0.0, score=score_before, score_before=score_before, identity=True,
-                             note="no transform matched better than none")
-        _check_range(_Params(), 1.0, 0.0, score_before, height, width, settings)
-        return identity
+        return Alignment((0.0, 0.0), 1.0, 0.0, score=score_before, score_before=score_before, identity=True,
+                         note="no transform matched better than none")
     scale = math.hypot(1 + p.a, p.b)
     rotation = math.degrees(math.atan2(p.b, 1 + p.a))
-    _check_range(p, scale, rotation, score, height, width, settings)
+    _check_range(p, scale, rotation, height, width, settings)
     moved = _max_displacement((p.tx, p.ty), scale, rotation, height, width)
     return Alignment(shift=(p.tx, p.ty), scale=scale, rotation=rotation, score=score, score_before=score_before,
                      identity=moved < settings.identity_tolerance)
 
 
-def _check_range(p: _Params, scale: float, rotation: float, score: float, height: int, width: int,
+def _check_range(p: _Params, scale: float, rotation: float, height: int, width: int,
                  settings: AlignSettings) -> None:
-    """Refuse a failed registration with the reason and the fix."""
+    """Refuse a registration that correlates (``score >= min_score``) but moves the picture further than edit
+    models do: another framing or a crop, with the reason and the fix."""
     fix = ("Check that 'edited' is an edit of 'original' (same photo, same framing), or turn alignment off "
-           "for an edit that restyles or recomposes the whole picture.")
-    values = (p.tx, p.ty, scale, rotation, score)
-    if not all(math.isfinite(v) for v in values):
-        raise AlignmentError(f"RealEdit: could not align 'edited' onto 'original' (the registration diverged). {fix}")
+           "for an edit that recomposes the whole picture.")
     limit = settings.max_shift * min(height, width)
     if max(abs(p.tx), abs(p.ty)) > limit:
         raise AlignmentError(f"RealEdit: 'edited' seems shifted by ({p.tx:+.1f}, {p.ty:+.1f}) px against "
@@ -394,9 +399,6 @@ def _check_range(p: _Params, scale: float, rotation: float, score: float, height
     if abs(scale - 1) > settings.max_scale_change or abs(rotation) > settings.max_rotation:
         raise AlignmentError(f"RealEdit: 'edited' seems scaled by {scale:.3f} and rotated by {rotation:+.1f} deg "
                              f"against 'original', beyond the range edit models drift in. {fix}")
-    if score < settings.min_score:
-        raise AlignmentError(f"RealEdit: 'edited' does not match 'original' well enough to align (correlation "
-                             f"{score:.2f} < {settings.min_score:.2f}). {fix}")
 
 
 def _theta(alignment: Alignment, height: int, width: int) -> torch.Tensor:

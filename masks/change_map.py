@@ -12,7 +12,10 @@ the edited region a lot. The change map separates the two:
    offset per channel) fitted by iteratively reweighted least squares with Tukey weights on the colour
    residual, so the edited region does not take part in the fit (Reinhard-style mean/std transfer is the
    diagonal special case; the full affine also absorbs hue and saturation drift). A fit that is not
-   plausible drift (:func:`plausible_drift`: a near-singular map, as few-colour images allow) is dropped.
+   plausible drift is dropped: a near-singular map (:func:`plausible_drift`), or one that moves the typical
+   colour further than the threshold (:func:`drift_reach`). On a picture of few colours an affine map can send
+   edited colours back onto the original ones (a background made black, an object recoloured); undoing
+   such a fit would undo the edit, while leaving a true drift in place at worst marks more as changed.
 3. **Perceptual difference**: CIE76 Delta E (Euclidean distance in CIE L*a*b*, kornia's formulas) between the
    original and the colour-matched edit, smoothed with a Gaussian (``blur_sigma``). Delta E is in the
    units users know (about 2.3 is a just-noticeable difference; a recoloured object is 20-80).
@@ -76,14 +79,19 @@ def _planes(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-                         iterations: int = 12) -> torch.Tensor:
+                         iterations: int = 12, max_delta_e: float | None = None) -> torch.Tensor:
     """A (3, 4) affine colour transform M with target ~ M [source; 1], robust to a local edit.
 
     Args:
         source, target: (1, 3, h, w) images (the edit and the original).
         valid: (h, w) bool, the pixels that may take part.
+        max_delta_e: drift moves the typical colour less far (the change map's threshold: a colour moved
+            further is edited by its own measure); a fit that moves it further (:func:`drift_reach`) explains an
+            edit away, as an affine map can on a picture of few colours (a background made beige mapped back
+            onto grey), and is dropped.
     IRLS: least squares, then Tukey weights on the residual's length scaled by its median (MAD), until the
-    transform moves less than 1e-4 (a strongly edited region takes several rounds to drop out).
+    transform moves less than 1e-4 (a strongly edited region takes several rounds to drop out). A fit that is
+    not drift (:func:`plausible_drift`, ``max_delta_e``) gives the identity.
     """
     stride = max(1, valid.numel() // FIT_PIXELS)
     keep = valid.reshape(-1)[::stride]
@@ -109,7 +117,20 @@ def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torc
         weight = (1 - u * u) ** 2
         if float(weight.sum()) < 8:
             break
-    return transform.float() if plausible_drift(transform) else IDENTITY_COLOUR.clone()
+    transform = transform.float()
+    if not plausible_drift(transform) or (max_delta_e is not None and drift_reach(src, transform) > max_delta_e):
+        return IDENTITY_COLOUR.clone()
+    return transform
+
+
+def drift_reach(colours: torch.Tensor, transform: torch.Tensor) -> float:
+    """How far a colour transform (3, 4) moves the colours (P, 3) of a picture: the median CIE76 Delta E between
+    each colour and its image (drift moves the typical colour a few units; a background recoloured and mapped
+    back, tens)."""
+    matched = (colours @ transform[:, :3].T + transform[:, 3]).clamp(0, 1)  # (P, 3)
+    before, after = (c.T[None, :, :, None] for c in (colours, matched))  # (1, 3, P, 1): images of P x 1 pixels
+    moved = delta_e(before, after)  # (P, 1)
+    return float(moved.median())
 
 
 def plausible_drift(transform: torch.Tensor) -> bool:
@@ -225,7 +246,8 @@ def change_map_of_planes(planes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     size); the mask comes back at ``full_size`` (CPU), inside the valid pixels of the working size."""
     small_o, small_e, small_valid = planes
     size = tuple(small_o.shape[-2:])
-    transform = fit_colour_transform(small_e, small_o, small_valid) if match_colours else IDENTITY_COLOUR
+    transform = (fit_colour_transform(small_e, small_o, small_valid, max_delta_e=settings.threshold)
+                 if match_colours else IDENTITY_COLOUR)
     matched = torch.einsum("ck,kp->cp", transform[:, :3], small_e[0].reshape(3, -1)) + transform[:, 3:]
     matched = matched.reshape(1, 3, *size).clamp(0, 1)  # (1, 3, h, w)
     difference = delta_e(small_o, matched)[None, None]

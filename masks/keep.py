@@ -60,13 +60,15 @@ class KeepSettings:
                            "pixels; aligning first keeps an edge from being taken for an edit")
     align_scale: bool = _d(True, "ours: estimate scale and a small rotation as well as the shift")
     max_shift: float = _d(0.15, "ours: shifts beyond 15% of the shorter side mean another framing, refused")
-    min_alignment_score: float = _d(0.3, "ours: robust correlation of the aligned lumas; in our synthetic tests "
+    min_alignment_score: float = _d(0.3, "ours: robust correlation of the aligned lumas below which no transform "
+                                         "is trusted and the edit is used on its own grid; in our synthetic tests "
                                          "unrelated images score about 0.1, local edits 0.8-0.9")
     threshold: float = _d(10.0, "ours, not tuned on real edit-model outputs (none here): CIE76 Delta E after "
                                 "colour matching; 2.3 is just noticeable, recoloured objects reach 20-80; raise it "
                                 "if redrawn texture is picked up")
     colour_drift: bool = _d(True, "ours: a global affine colour change is drift: ignored by the change map and "
-                                  "undone on the kept edit so it meets the original without a seam")
+                                  "undone on the kept edit so it meets the original without a seam; one that "
+                                  "moves the typical colour more than the threshold is an edit and is kept")
     working_size: int = _d(256, "ours: M_b is rough (ZONE's comes from a 64x64 grid): computed at <= 256 px on "
                                 "the long side (4x ZONE's grid; 384 cost 25 ms more at 1024 px), then refined by "
                                 "Region-IoU and the smoother at full size")
@@ -262,7 +264,7 @@ def keep_one(original: torch.Tensor, edited: torch.Tensor, rough_mask: torch.Ten
     else:
         rough = edit.restrict(rough_mask.to(original.device))
         if settings.colour_drift:
-            colour = fit_colour_transform(planes[1], planes[0], planes[2])
+            colour = fit_colour_transform(planes[1], planes[0], planes[2], max_delta_e=settings.threshold)
     lines = [edit.alignment.describe()]
     coverage = int(rough.count_nonzero()) / rough.numel()
     source = "the given rough_mask" if rough_mask is not None else f"Delta E > {settings.threshold:g}"
@@ -318,7 +320,7 @@ def keep_unedited(original: TensorLike, edited: TensorLike, rough_mask: TensorLi
 
     Raises:
         ValueError: a bad input (message starting ``RealEdit:`` that names it), or
-        :class:`~.align.AlignmentError` when the pair cannot be aligned.
+        :class:`~.align.AlignmentError` when the pair aligns only beyond the range edit models drift in.
     """
     settings = replace(settings or KEEP_DEFAULTS, **overrides) if overrides else (settings or KEEP_DEFAULTS)
     batched = torch.as_tensor(edited).ndim == 4 or torch.as_tensor(original).ndim == 4

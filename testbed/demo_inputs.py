@@ -36,7 +36,7 @@ def tiny_run(workflow: dict[str, Any], size: int = 128, steps: int = 4,
     workflow, overrides = _stand_ins(workflow, size, steps, photos, tiny_sam)
     for node in workflow.values():
         if node["class_type"] == "RealEditKeepUneditedPixels":
-            node["inputs"]["align"] = False  # a random model's output is no edit of the photo: alignment refuses it
+            node["inputs"]["align"] = False  # a random model's output is no edit of the photo: nothing to align
     family = "ip2p" if any(n["class_type"] in IP2P_NODES for n in workflow.values()) else "sd1"
     return workflow, overrides, family
 

@@ -18,8 +18,8 @@ from realedit.masks import (
     segment_ious,
     warp_to_original,
 )
-from realedit.masks.align import AlignedEdit
-from realedit.masks.change_map import apply_colour_transform
+from realedit.masks.align import UNVERIFIED, AlignedEdit
+from realedit.masks.change_map import IDENTITY_COLOUR, apply_colour_transform, drift_reach
 
 RED = torch.tensor([0.9, 0.15, 0.1])
 
@@ -107,9 +107,22 @@ def test_identical_images_align_to_the_identity_without_resampling():
     assert aligned is original and bool(inside.all())
 
 
-def test_unrelated_images_are_refused_with_a_message():
-    with pytest.raises(AlignmentError, match="^RealEdit: .*'edited'.*'original'.*turn alignment off"):
-        estimate_alignment(texture(96, 128, seed=1), texture(96, 128, seed=7))
+def test_unrelated_images_keep_the_identity_and_the_edit_whole_and_say_so():
+    """No transform correlates: nothing says how to align, and nothing of the original can be kept (the
+    change covers the picture); the edit comes back as it is, with the reason, instead of an error."""
+    original, unrelated = texture(96, 128, seed=1), texture(96, 128, seed=7)
+    found = estimate_alignment(original, unrelated)
+    assert found.identity and found.note.startswith(UNVERIFIED)
+    item = keep_unedited(original, unrelated).items[0]
+    assert item.status == "global" and torch.equal(item.image, unrelated) and bool(item.final_mask.all())
+    assert "not an edit of 'original'" in item.report
+
+
+def test_a_picture_moved_beyond_the_range_edit_models_drift_in_is_refused():
+    """A registration that correlates but moves the picture by a quarter of its height: another framing."""
+    original = texture(96, 128)
+    with pytest.raises(AlignmentError, match="^RealEdit: 'edited' seems shifted by .*turn alignment off"):
+        estimate_alignment(original, moved(original, (0.0, 24.0)))
 
 
 def test_a_box_of_the_warp_and_the_validity_of_a_mask_equal_those_of_the_whole_warp():
@@ -244,8 +257,8 @@ def test_bad_inputs_are_refused_naming_the_input():
         keep_unedited(original, broken)
     with pytest.raises(ValueError, match="'original' must be an image"):
         keep_unedited(original[..., 0], edited)
-    with pytest.raises(AlignmentError, match="^RealEdit: "):
-        keep_unedited(original, texture(120, 200, seed=9))
+    with pytest.raises(AlignmentError, match="^RealEdit: 'edited' seems shifted"):
+        keep_unedited(original, moved(original, (40.0, 0.0)))
 
 
 # ---------------------------------------------------------------- Region-IoU on float MASK batches
@@ -318,4 +331,52 @@ def test_an_inpainting_output_keeps_the_grid_and_the_edit_exactly(size):
     assert torch.allclose(item.colour_transform, torch.eye(3, 4), atol=1e-3)
     assert bool(item.final_mask[region].all())
     assert torch.allclose(item.image[region], edited[region], atol=1e-3)
+    assert torch.equal(item.image[~item.final_mask], original[~item.final_mask])
+
+
+# ---------------------------------------------------------------- edits of flat scenes (an edit model's own scenes)
+
+
+def flat_scene(background: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(picture, object region): a red square and a blue disc on a flat grey background, 96x128."""
+    height, width = 96, 128
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    square = (ys >= 20) & (ys < 50) & (xs >= 14) & (xs < 44)
+    disc = (ys - 60).square() + (xs - 90).square() < 18 ** 2
+    picture = torch.full((height, width, 3), background)
+    picture[square] = RED
+    picture[disc] = torch.tensor([0.1, 0.2, 0.85])
+    return picture, square | disc
+
+
+def test_drift_reach_is_the_delta_e_a_transform_moves_colours_by():
+    colours = torch.rand(400, 3, generator=torch.Generator().manual_seed(0))
+    assert drift_reach(colours, IDENTITY_COLOUR) == 0.0
+    brighter = torch.cat([torch.eye(3), torch.full((3, 1), 0.1)], 1)
+    assert 5 < drift_reach(colours, brighter) < 15  # +0.1 on every channel: about Delta E 10
+    assert drift_reach(colours, brighter) > drift_reach(colours, torch.cat([torch.eye(3), torch.full((3, 1), 0.02)], 1))
+
+
+def test_a_recoloured_background_is_an_edit_not_colour_drift():
+    """A new background colour for the two objects: on three colours an affine colour map can send the new
+    background back onto the old one and keep the objects, a 'drift' that would undo the edit. It moves the
+    background further than the threshold, so it is dropped: the change covers the background, and the edit
+    comes back whole."""
+    original, objects = flat_scene()
+    edited = torch.where(objects[..., None], original, torch.tensor([0.6, 0.5, 0.3]))
+    edited = (edited + 0.01 * torch.randn(edited.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    item = keep_unedited(original, edited).items[0]
+    assert torch.equal(item.colour_transform, IDENTITY_COLOUR) and "colour drift" not in item.report
+    assert item.status == "global" and torch.equal(item.image, edited)
+
+
+def test_removing_the_only_structure_is_kept_without_alignment():
+    """Removing both objects leaves a flat picture that correlates with nothing: alignment keeps the identity
+    and says it could not verify, and the removal is kept with every other pixel the original's."""
+    original, objects = flat_scene()
+    edited = 0.5 + 0.01 * torch.randn(original.shape, generator=torch.Generator().manual_seed(2))  # redrawn
+    item = keep_unedited(original, edited).items[0]
+    assert item.alignment.note.startswith(UNVERIFIED) and "alignment: unverified" in item.report
+    assert item.status == "local" and bool(item.final_mask[objects].all())
+    assert torch.equal(item.image[objects], edited[objects])
     assert torch.equal(item.image[~item.final_mask], original[~item.final_mask])

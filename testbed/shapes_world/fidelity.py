@@ -228,8 +228,8 @@ def evaluate(method: Method, count: int, steps: int, seed: int = 50_000,
 
 
 def _scored(task: WorldTask, steps: int, log: Callable[[str], None], what: str):
-    """The task's :class:`~.demo_tasks.Scores`, or None when its run raised: a refused input (e.g. an alignment)
-    counts as a failed edit, and is shown."""
+    """The task's :class:`~.demo_tasks.Scores`, or None when its run raised: a refused input (e.g. an edit moved
+    beyond the range alignment allows) counts as a failed edit, and is shown."""
     try:
         return score(task, run_task(task, steps))
     except Exception as exc:
