@@ -4,6 +4,7 @@
 * :func:`fusion_beta`, :func:`fuse_latents` - Eq. 5: IP2P + MagicBrush, (z* + beta z') / (1 + beta).
 * :func:`rough_mask` - Eq. 4: M_b = (A^1 - A^L) < T from the averaged first/last-token maps.
 * :func:`region_iou` - Eq. 6: the segment with the highest IoU against the rough mask M_b -> M_f.
+* :func:`region_iou_union` - ours: Eq. 6 on the edited image and on the original, M_f = the union.
 * :func:`fft_edge_smooth` - Eq. 7-8: M_f -> the final mask M_f*.
 * :func:`composite` - edited inside M_f, 0.6/0.4 blend on M_f* minus M_f, original elsewhere.
 * :func:`local_edit` - the last three in one call; :func:`smooth_and_composite` - the last two.
@@ -47,7 +48,15 @@ from .fusion import AUTO_BETA, fuse_latents, fusion_beta
 from .ip2p_mask import IP2PMaskRecorder, RoughMask, rough_mask
 from .keep import KEEP_DEFAULTS, KeepResult, KeepSettings, KeptImage, keep_unedited
 from .pipeline import LocalEditResult, local_edit, smooth_and_composite
-from .region_iou import FALLBACKS, RegionIoUResult, as_segments, binarize, region_iou, segment_ious
+from .region_iou import (
+    FALLBACKS,
+    RegionIoUResult,
+    as_segments,
+    binarize,
+    region_iou,
+    region_iou_union,
+    segment_ious,
+)
 from .settings import ZONE_DEFAULTS, ZoneSettings, origin
 
 __all__ = [
@@ -100,6 +109,7 @@ __all__ = [
     "luma",
     "origin",
     "region_iou",
+    "region_iou_union",
     "rough_mask",
     "segment_ious",
     "smooth_and_composite",

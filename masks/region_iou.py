@@ -45,6 +45,7 @@ class RegionIoUResult:
     mask: torch.Tensor  # (H, W) bool
     ious: torch.Tensor  # (N,) float64, R(j) for every segment
     fallback_used: bool
+    original_index: int = -1  # region_iou_union: the original's segment in the union; -1 when none
 
 
 def as_segments(segments: TensorLike | list[TensorLike]) -> torch.Tensor:
@@ -250,3 +251,33 @@ def region_iou(
     mask = segs[index].clone() if segs.dtype == torch.bool else binarize(segs[index])
     return RegionIoUResult(index=index, iou=float(best), mask=mask, ious=ious, fallback_used=False)
 
+
+
+def region_iou_union(
+    rough_mask: TensorLike,
+    edited_segments: TensorLike | list[TensorLike],
+    original_segments: TensorLike | list[TensorLike],
+    *,
+    fallback: Fallback = "error",
+) -> RegionIoUResult:
+    """Ours, not the paper's: Eq. 6 on the edited image's segments and on the original's, and M_f = the union of
+    the two choices. An edit that changes an object's shape ("turn the square into a circle") changes both
+    outlines; Eq. 6 on the edited image alone keeps the new one, and the composite restores what the old one
+    covered outside it. Eq. 6 on the original alone is the paper's rule for 'remove'.
+
+    A side whose segments do not overlap M_b adds nothing; when neither does, ``fallback`` as in
+    :func:`region_iou` (on the edited image's segments). ``index``, ``iou`` and ``ious`` are the edited image's
+    choice (index -1 when only the original's overlapped); ``original_index`` the original's.
+    """
+    edited = region_iou(rough_mask, edited_segments, fallback="rough")
+    original = region_iou(rough_mask, original_segments, fallback="rough")
+    if edited.fallback_used and original.fallback_used:
+        return region_iou(rough_mask, edited_segments, fallback=fallback)
+    if not edited.fallback_used and not original.fallback_used and edited.mask.shape != original.mask.shape:
+        raise ValueError(f"RealEdit Region-IoU: the edited image's segments are {tuple(edited.mask.shape)} but the "
+                         f"original's are {tuple(original.mask.shape)}; segment both at the image size.")
+    if original.fallback_used:
+        return edited
+    mask = original.mask if edited.fallback_used else edited.mask | original.mask
+    return RegionIoUResult(index=edited.index, iou=edited.iou, mask=mask, ious=edited.ious, fallback_used=False,
+                           original_index=original.index)

@@ -52,6 +52,11 @@ class ZoneSettings:
     sam_pred_iou_thresh: float = _d(0.88, "segment-anything SamAutomaticMaskGenerator default")
     sam_stability_score_thresh: float = _d(0.95, "segment-anything SamAutomaticMaskGenerator default")
     sam_box_nms_thresh: float = _d(0.7, "segment-anything SamAutomaticMaskGenerator default")
+    segment_original_too: bool = _d(
+        False, "paper Sec. 4.3: Region-IoU segments the edited image (the original for 'remove'). Ours, off by "
+        "default: for a 'change', also segment the original and take the union of each image's segment that best "
+        "matches M_b, so a reshaped object's old outline outside the new one's segment is not restored"
+    )
     # Appendix B and IP2P: sampling.
     steps: int = _d(20, "paper appendix B: 20 sampling steps")
     text_cfg: float = _d(7.5, "InstructPix2Pix default text guidance s_T (Eq. 2)")
@@ -77,11 +82,16 @@ MASK_LAYER_CHOICES: dict[str, tuple[int, ...]] = {  # node option -> downscales 
     "1/32 (official code)": (4,),
     "1/16 and 1/32": (2, 4),
 }
+SEGMENT_CHOICES: dict[str, bool] = {  # node option -> segment_original_too
+    "edited image (paper)": False,
+    "edited and original (ours)": True,
+}
 
 # The node options that name the defaults.
 DEFAULT_MASK_ROWS = next(name for name, kind in MASK_ROW_CHOICES.items() if kind == ZONE_DEFAULTS.mask_rows)
 DEFAULT_MASK_LAYERS = next(name for name, downscales in MASK_LAYER_CHOICES.items()
                            if downscales == ZONE_DEFAULTS.mask_downscales)
+DEFAULT_SEGMENT = next(name for name, both in SEGMENT_CHOICES.items() if both == ZONE_DEFAULTS.segment_original_too)
 
 
 def origin(name: str) -> str:

@@ -19,14 +19,16 @@ from ..masks.composite import as_image_hwc, as_mask_hw, image_pair
 from ..masks.fusion import AUTO_BETA, fusion_beta
 from ..masks.ip2p_mask import IP2PMaskRecorder, instruction_eot_position
 from ..masks.pipeline import smooth_and_composite
-from ..masks.region_iou import FALLBACKS, as_segments, region_iou
+from ..masks.region_iou import FALLBACKS, as_segments, region_iou, region_iou_union
 from ..masks.sam_auto import HF_SAM_REPOS, SamSettings, load_sam, sam_segments
 from ..masks.settings import (
     DEFAULT_MASK_LAYERS,
     DEFAULT_MASK_ROWS,
+    DEFAULT_SEGMENT,
     MASK_LAYER_CHOICES,
     MASK_ROW_CHOICES,
     PAPER_MASK_THRESHOLD,
+    SEGMENT_CHOICES,
     ZONE_DEFAULTS,
     origin,
 )
@@ -199,12 +201,12 @@ def mask_recorder(instruction: str | None, mask_layers: str | None, mask_rows: s
     return IP2PMaskRecorder(MASK_ROW_CHOICES[mask_rows], MASK_LAYER_CHOICES[mask_layers], eot_position=eot)
 
 
-def _choice(name: str, value: str | None, choices: dict, default: str) -> str:
+def _choice(name: str, value: str | None, choices: dict, default: str, node: str = "IP2P Edit Mask") -> str:
     """``value`` (None: ``default``), refused by name unless it is one of ``choices``."""
     if value is None:
         return default
     if value not in choices:
-        raise ValueError(f"RealEdit IP2P Edit Mask: {name} is {value!r}; use one of {', '.join(choices)}.")
+        raise ValueError(f"RealEdit {node}: '{name}' is {value!r}; use one of {', '.join(choices)}.")
     return value
 
 
@@ -331,6 +333,17 @@ def _candidate_segments(target: torch.Tensor, size: tuple[int, int], sam, segmen
     return torch.stack([_resize_mask(s, size) for s in candidates])
 
 
+def _original_candidates(original: torch.Tensor, size: tuple[int, int], sam, original_segments,
+                         settings: SamSettings) -> torch.Tensor:
+    """The original's candidates for segment 'edited and original': 'original_segments' when connected, else SAM
+    on the original (refused by name when neither is connected)."""
+    if original_segments is None and sam is None:
+        raise ValueError("RealEdit Region-IoU: segment 'edited and original (ours)' also needs the original's "
+                         "segments: connect them on 'original_segments' (the segmenter run on the original) or a "
+                         "SAM model on 'sam', or set segment to 'edited image (paper)'.")
+    return _candidate_segments(original, size, sam, original_segments, settings)
+
+
 class RegionIoURefine(io.ComfyNode):
     """Eq. 6: the segment with the highest IoU against M_b becomes the refined mask M_f."""
 
@@ -340,7 +353,8 @@ class RegionIoURefine(io.ComfyNode):
             "RealEditRegionIoURefine", "RealEdit Region-IoU Refine",
             "ZONE Sec. 4.3, Eq. 6: segments the edited image with SAM's automatic masks (the original for "
             "'remove'), or takes candidate segments from any segmenter on 'segments', and picks the one "
-            "with the highest IoU against the rough mask M_b.",
+            "with the highest IoU against the rough mask M_b. With 'segment' on 'edited and original (ours)' a "
+            "'change' also segments the original and keeps the union of both images' choices.",
             inputs=[
                 *_image_pair_inputs("The original photo (segmented instead for 'remove')."),
                 io.Mask.Input("rough_mask", tooltip="M_b from RealEdit IP2P Edit Mask."),
@@ -354,6 +368,17 @@ class RegionIoURefine(io.ComfyNode):
                                tooltip="error: stop when M_b is empty or no segment overlaps it; rough: use M_b "
                                        "(an empty M_b then leaves the photo unchanged), with a warning."),
                 *_sam_setting_inputs(),
+                io.Combo.Input("segment", options=list(SEGMENT_CHOICES), default=DEFAULT_SEGMENT, optional=True,
+                               tooltip=_tip(
+                                   "Which images a 'change' segments. edited and original: the union of the "
+                                   "segment of each that best matches M_b, so an object whose shape changes "
+                                   "leaves no piece of its old outline (SAM runs twice; with 'segments' "
+                                   "connected, connect the original's on 'original_segments'). 'add' segments "
+                                   "the edited image and 'remove' the original either way.",
+                                   "segment_original_too")),
+                io.Mask.Input("original_segments", optional=True,
+                              tooltip="With segment 'edited and original': the original's candidate segments "
+                                      "from any segmenter (default: SAM on the original)."),
             ],
             outputs=[
                 io.Mask.Output(display_name="refined_mask", tooltip="M_f (Eq. 6) at the image size."),
@@ -364,20 +389,31 @@ class RegionIoURefine(io.ComfyNode):
 
     @classmethod
     def execute(cls, original, edited, rough_mask, fallback, points_per_side, pred_iou_thresh, stability_score_thresh,
-                box_nms_thresh, action=DEFAULT_ACTION, sam=None, segments=None) -> io.NodeOutput:
+                box_nms_thresh, action=DEFAULT_ACTION, sam=None, segments=None, segment=None,
+                original_segments=None) -> io.NodeOutput:
         orig, edit = image_pair(original, edited, node="Region-IoU")
         size = tuple(edit.shape[:2])
-        target = orig if parse_action(action) == "remove" else edit
+        action = parse_action(action)
+        segment = _choice("segment", segment, SEGMENT_CHOICES, DEFAULT_SEGMENT, node="Region-IoU")
+        both = SEGMENT_CHOICES[segment] and action == "change"
         settings = SamSettings(points_per_side, pred_iou_thresh, stability_score_thresh, box_nms_thresh)
-        candidates = _candidate_segments(target, size, sam, segments, settings)
+        candidates = _candidate_segments(orig if action == "remove" else edit, size, sam, segments, settings)
         rough = _resize_mask(as_mask_hw(rough_mask, "rough_mask"), size)
-        result = region_iou(rough, candidates, fallback=fallback)
+        text = ""
+        if both:
+            from_original = _original_candidates(orig, size, sam, original_segments, settings)
+            result = region_iou_union(rough, candidates, from_original, fallback=fallback)
+            if result.original_index >= 0:  # its index in the preview batch below
+                text = f"; and segment {len(candidates) + result.original_index} (the original's)"
+            candidates = torch.cat([candidates, from_original])
+        else:
+            result = region_iou(rough, candidates, fallback=fallback)
         if result.fallback_used:
             log.warning("RealEdit Region-IoU: %s; using M_b itself as the refined mask (fallback 'rough').",
                         "M_b is empty" if not bool(rough.any()) else "no segment overlaps M_b")
         preview = candidates.float() if len(candidates) else torch.zeros(1, *size)
-        return io.NodeOutput(_mask_out(result.mask), float(result.iou), preview,
-                             ui=ui.PreviewText(f"segment {result.index} of {len(candidates)}, IoU {result.iou:.3f}"))
+        text = f"segment {result.index} of {len(candidates)}, IoU {result.iou:.3f}" + text
+        return io.NodeOutput(_mask_out(result.mask), float(result.iou), preview, ui=ui.PreviewText(text))
 
 
 class FFTEdgeSmooth(io.ComfyNode):

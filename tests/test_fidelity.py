@@ -35,7 +35,11 @@ from realedit.testbed.shapes_world.fidelity import (
     zone_tasks,
 )
 
-SUBSET_TASKS, SUBSET_STEPS = 1, 4
+SUBSET_TASKS, SUBSET_STEPS = 3, 4
+# The methods that do not beat their baselines on the committed weights (README.md's fidelity table says by how
+# much and why; on the subset as on the 30 tasks). Strict: a method that starts beating them fails its mark, so
+# it leaves this list (issue 12).
+NOT_BEATING_YET = ("P2P (null-text inversion)", "BARET", "SpecRef", "StyleDiffusion", "Keep Unedited Pixels")
 WORKFLOWS = Path(__file__).resolve().parents[1] / "api_workflows"
 
 
@@ -78,6 +82,7 @@ def subset(shapes_world):
 
 
 def test_the_subset_runs_every_method_and_baseline(subset):
+    assert set(NOT_BEATING_YET) < {method.name for method in METHODS}
     for method in METHODS:
         summaries = subset[method.name]
         assert set(summaries) == {method.name, *method.baselines}
@@ -86,12 +91,15 @@ def test_the_subset_runs_every_method_and_baseline(subset):
             assert 0.0 <= summary.success <= 1.0 and not math.isnan(summary.preservation_db)
 
 
-@pytest.mark.xfail(strict=True, reason="not every method beats its baselines on the committed shapes world weights "
-                                       "(on sessions 18 to 22's none does; README.md's fidelity table says by how "
-                                       "much and why); drop this mark when they all do (issue 12)")
-def test_each_method_beats_its_baselines_on_its_metric(subset):
-    verdicts = {method.name: beats_baselines(method, subset[method.name]) for method in METHODS}
-    assert all(all(v.values()) for v in verdicts.values()), verdicts
+@pytest.mark.parametrize("method", [
+    pytest.param(method, id=method.name, marks=[pytest.mark.xfail(
+        strict=True, reason=f"{method.name} does not beat its baselines on the committed shapes world weights "
+                            "(README.md's fidelity table); drop it from NOT_BEATING_YET when it does (issue 12)")]
+                 if method.name in NOT_BEATING_YET else [])
+    for method in METHODS])
+def test_each_method_beats_its_baselines_on_its_metric(subset, method):
+    verdicts = beats_baselines(method, subset[method.name])
+    assert all(verdicts.values()), verdicts
 
 
 def test_preservation_methods_are_judged_on_the_edits_they_make():

@@ -30,6 +30,7 @@ from realedit.masks import (
     luma,
     origin,
     region_iou,
+    region_iou_union,
     segment_ious,
     smooth_and_composite,
 )
@@ -294,6 +295,44 @@ def test_region_iou_no_overlap_and_no_segments():
     assert region_iou(rough, [], fallback="rough").index == -1
     with pytest.raises(ValueError, match="fallback must be"):
         region_iou(rough, segs, fallback="nearest")  # type: ignore[arg-type]
+
+
+def reshape_segments() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M_b, the edited image's segments, the original's, the true region) of 'turn the square into a circle':
+    a 12x12 square at rows/columns 4-16 became a disc of radius 5 inside it; M_b marks about the disc."""
+    ys, xs = torch.meshgrid(torch.arange(24), torch.arange(24), indexing="ij")
+    square = (ys >= 4) & (ys < 16) & (xs >= 4) & (xs < 16)
+    disc = (ys - 10).square() + (xs - 10).square() <= 25
+    return disc.clone(), torch.stack([disc, ~disc]), torch.stack([square, ~square]), square | disc
+
+
+def test_region_iou_union_adds_the_originals_outline_of_a_reshaped_object():
+    """The edited image's choice (the disc) restores the square's corners outside it; the union with the
+    original's choice (the square) covers both outlines: the region the edit changed."""
+    rough, edited, original, changed = reshape_segments()
+    paper = region_iou(rough, edited)
+    assert torch.equal(paper.mask, edited[0]) and not bool(paper.mask[changed].all())
+    union = region_iou_union(rough, edited, original)
+    assert torch.equal(union.mask, changed) and (union.index, union.original_index) == (0, 0)
+    assert union.iou == paper.iou and torch.equal(union.ious, paper.ious)
+    same = region_iou_union(rough, edited, edited)  # a recolour: both images segment alike
+    assert torch.equal(same.mask, paper.mask)
+
+
+def test_region_iou_union_takes_the_side_that_overlaps_and_falls_back_as_region_iou():
+    rough, edited, original, _ = reshape_segments()
+    apart = torch.zeros(1, 24, 24, dtype=torch.bool)
+    apart[0, 20:, 20:] = True
+    only_original = region_iou_union(rough, apart, original)
+    assert torch.equal(only_original.mask, original[0])
+    assert (only_original.index, only_original.original_index) == (-1, 0)
+    only_edited = region_iou_union(rough, edited, apart)
+    assert torch.equal(only_edited.mask, edited[0]) and only_edited.original_index == -1
+    with pytest.raises(ValueError, match="none of the 1 segments overlaps"):
+        region_iou_union(rough, apart, apart)
+    assert torch.equal(region_iou_union(rough, apart, apart, fallback="rough").mask, rough)
+    with pytest.raises(ValueError, match="segment both at the image size"):
+        region_iou_union(rough, edited, original[:, :12, :12])
 
 
 def test_region_iou_resizes_rough_mask_and_binarises_floats():

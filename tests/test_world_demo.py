@@ -58,35 +58,42 @@ def test_every_world_task_reads_word_maps_from_its_methods_world_layers():
 
 def test_the_worlds_zone_reads_m_b_as_swept_and_segments_as_sam_would(shapes_world):
     """Every IP2P Edit Mask node of a world task reads M_b as the world's sweep chose (the shipped workflows keep
-    the official code's rows, layers and T), and each Region-IoU takes its candidates from the world's segmenter
-    on the same images and action, which segments the original for 'remove' and the edit otherwise."""
-    from realedit.masks.settings import DEFAULT_MASK_LAYERS, DEFAULT_MASK_ROWS, ZONE_DEFAULTS
+    the official code's rows, layers and T), and each Region-IoU segments both images as its sweep chose (the
+    shipped workflows: the paper's edited image), its candidates from the world's segmenter on the same images
+    and action, which segments the original for 'remove' and the edit otherwise, and the original besides."""
+    from realedit.masks.settings import DEFAULT_MASK_LAYERS, DEFAULT_MASK_ROWS, DEFAULT_SEGMENT, ZONE_DEFAULTS
     from realedit.testbed.demo_inputs import world_run
     from realedit.testbed.shapes_world.comfy_world import SEGMENTER_NODE, WorldSegments
-    from realedit.testbed.shapes_world.demo_tasks import WORLD_ZONE_MASK
+    from realedit.testbed.shapes_world.demo_tasks import WORLD_ZONE_MASK, WORLD_ZONE_SEGMENT
     from realedit.testbed.shapes_world.reader import segments
 
     shipped = {"mask_rows": DEFAULT_MASK_ROWS, "mask_layers": DEFAULT_MASK_LAYERS,
                "threshold": round(ZONE_DEFAULTS.mask_threshold, 4)}
-    masks = 0
+    masks = refiners = 0
     for task in world_tasks():
         for node_id, node in _workflow(task).items():
             if node["class_type"] == "RealEditIP2PEditMask":
                 assert {k: node["inputs"][k] for k in shipped} == shipped, (task.stem, node_id)
                 assert task.inputs[node_id] == WORLD_ZONE_MASK.inputs(), (task.stem, node_id)
                 masks += 1
+            if node["class_type"] == "RealEditRegionIoURefine":
+                assert node["inputs"]["segment"] == DEFAULT_SEGMENT, (task.stem, node_id)
+                assert task.inputs[node_id] == WORLD_ZONE_SEGMENT, (task.stem, node_id)
+                refiners += 1
         workflow, _ = world_run(task.api_workflow(), task, 2)
         for node in workflow.values():
             if node["class_type"] == "RealEditRegionIoURefine":
                 segmenter = workflow[node["inputs"]["segments"][0]]
                 assert segmenter["class_type"] == SEGMENTER_NODE
                 assert segmenter["inputs"] == {k: node["inputs"][k] for k in ("original", "edited", "action")}
-    assert masks == 3  # zone_instruction_edit, zone_multi_turn's two turns
+                assert node["inputs"]["original_segments"] == [node["inputs"]["segments"][0], 1]
+    assert masks == refiners == 3  # zone_instruction_edit, zone_multi_turn's two turns
     tasks = {task.stem: task for task in world_tasks()}
     one, two = (tasks[stem].truth.source[None] for stem in ("baret_text_edit", "zone_instruction_edit"))
     assert len(segments(one[0])) != len(segments(two[0]))  # one object, two
-    assert torch.equal(WorldSegments().segment(one, two, "remove")[0], segments(one[0]).float())
-    assert torch.equal(WorldSegments().segment(one, two, "change")[0], segments(two[0]).float())
+    for action, first in (("remove", one), ("change", two)):
+        found, from_original = WorldSegments().segment(one, two, action)
+        assert torch.equal(found, segments(first[0]).float()) and torch.equal(from_original, segments(one[0]).float())
 
 
 def test_scores_of_the_truth_itself_and_of_the_untouched_source():

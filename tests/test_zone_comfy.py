@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from realedit.attention.hooks import AttentionContext, LayerInfo, RowInfo
 from realedit.attention.maps import normalize_max
 from realedit.attention.math import attention_probs
 from realedit.masks.ip2p_mask import IP2PMaskRecorder, rough_mask
+from test_masks import reshape_segments
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADS, DIM = 2, 8
@@ -442,6 +444,31 @@ def test_region_iou_node_with_a_mask_batch(comfy):
         RegionIoURefine.execute(image, image, rough, "error", 32, 0.88, 0.95, 0.7, segments=segments[2:])
 
 
+def test_region_iou_node_segments_both_images_for_a_change_when_asked(comfy):
+    """segment 'edited and original (ours)': a 'change' takes the union of both images' choices (the original's
+    from 'original_segments', else SAM); 'add' and 'remove' segment one image as in the paper; the default is the
+    paper's, bit for bit; without the original's candidates the node says what to connect."""
+    from realedit.masks.settings import DEFAULT_SEGMENT, SEGMENT_CHOICES
+    from realedit.nodes.zone import RegionIoURefine
+
+    rough, edited, original, changed = (x.float() for x in reshape_segments())
+    image = torch.rand(1, 24, 24, 3)
+    both = next(label for label, value in SEGMENT_CHOICES.items() if value)
+    run = functools.partial(RegionIoURefine.execute, image, image, rough[None], "error", 32, 0.88, 0.95, 0.7,
+                            segments=edited)
+    paper = run().result
+    assert DEFAULT_SEGMENT == "edited image (paper)"
+    for same in (run(segment=DEFAULT_SEGMENT), *(run(action=action, segment=both, original_segments=original)
+                                                 for action in ("add", "remove"))):
+        assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(same.result, paper))
+    refined, iou, preview = run(action="change", segment=both, original_segments=original).result
+    assert torch.equal(refined[0], changed) and iou == paper[1] and preview.shape == (4, 24, 24)
+    with pytest.raises(ValueError, match="connect them on 'original_segments'"):
+        run(segment=both)
+    with pytest.raises(ValueError, match="RealEdit Region-IoU: 'segment' is 'both'"):
+        run(segment="both")
+
+
 def test_fft_smooth_node_composite_is_the_original_outside_the_final_mask(comfy):
     from realedit.nodes.zone import FFTEdgeSmooth
 
@@ -515,7 +542,7 @@ def test_ip2p_node_reads_a_l_at_the_connected_instructions_end_of_text_token(com
     assert mask_recorder("x y", None).row_kind == "uncond"
     assert mask_recorder("x y", None, "instruction").row_kind == "cond"
     for name, value in (("mask_layers", "1/8"), ("mask_rows", "negative")):
-        with pytest.raises(ValueError, match=f"{name} is '{value}'; use one of"):
+        with pytest.raises(ValueError, match=f"RealEdit IP2P Edit Mask: '{name}' is '{value}'; use one of"):
             mask_recorder("x y", **{"mask_layers": None, name: value})
     with pytest.raises(ValueError, match="has no words"):
         mask_recorder(" !! ", None)

@@ -65,8 +65,8 @@ class WorldSegments:
     blobs, which would decide ZONE's final mask whatever M_b says; on the world's flat shapes SAM would find each
     object and the background, which is what :func:`.reader.segments` returns."""
 
-    RETURN_TYPES = ("MASK",)
-    RETURN_NAMES = ("segments",)
+    RETURN_TYPES = ("MASK", "MASK")
+    RETURN_NAMES = ("segments", "original_segments")
     FUNCTION = "segment"
     CATEGORY = "testbed"
 
@@ -76,13 +76,16 @@ class WorldSegments:
                 "optional": {"action": ("STRING", {"forceInput": True})}}
 
     def segment(self, original: torch.Tensor, edited: torch.Tensor, action: str = DEFAULT_ACTION) -> tuple:
-        image = original if parse_action(action) == "remove" else edited
-        return (segments(image[0]).float(),)  # (N, H, W): a MASK batch
+        """(the segments of the image Region-IoU segments, the original's for its 'edited and original' option),
+        each (N, H, W): a MASK batch."""
+        from_original = segments(original[0]).float()
+        return (from_original if parse_action(action) == "remove" else segments(edited[0]).float(), from_original)
 
 
 def with_world_segments(workflow: dict[str, Any]) -> dict[str, Any]:
-    """``workflow`` with each Region-IoU node's candidates from a :class:`WorldSegments` node on the same images
-    and action (registered with ComfyUI here); the SAM loader stays, unused."""
+    """``workflow`` with each Region-IoU node's candidates (and the original's, for its 'edited and original'
+    option) from a :class:`WorldSegments` node on the same images and action (registered with ComfyUI here); the
+    SAM loader stays, unused."""
     import nodes
 
     nodes.NODE_CLASS_MAPPINGS.setdefault(SEGMENTER_NODE, WorldSegments)
@@ -93,6 +96,7 @@ def with_world_segments(workflow: dict[str, Any]) -> dict[str, Any]:
             continue
         links = {key: node["inputs"][key] for key in ("original", "edited", "action") if key in node["inputs"]}
         out[str(next_id)] = {"class_type": SEGMENTER_NODE, "inputs": links}
-        out[node_id] = {**node, "inputs": {**node["inputs"], "segments": [str(next_id), 0]}}
+        out[node_id] = {**node, "inputs": {**node["inputs"], "segments": [str(next_id), 0],
+                                           "original_segments": [str(next_id), 1]}}
         next_id += 1
     return out

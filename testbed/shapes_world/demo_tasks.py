@@ -51,6 +51,11 @@ class ZoneMask:
 # and T 0.21 (median IoU with the true edit region 0.12 on the committed UNet; 0.05 on session 20's); the fidelity
 # benchmark's --sweep-zone-mask chose these (README.md's ZONE sweep; session 21, median IoU 0.40).
 WORLD_ZONE_MASK = ZoneMask("instruction", "1/16 and 1/32", 0.0)
+# Which images ZONE's Region-IoU segments on the world (the node's ``segment`` input): a 'change' also segments the
+# original and keeps the union of both choices, so a reshaped object leaves no piece of its old outline. The
+# shipped workflows keep the paper's edited image; the fidelity benchmark's --sweep zone-segment chose this
+# (README.md's sweeps; session 22).
+WORLD_ZONE_SEGMENT = {"segment": "edited and original (ours)"}
 
 
 @dataclass(frozen=True)
@@ -146,8 +151,9 @@ def task_for(stem: str, scene: Scene, edit: Edit, reference: Scene | None = None
                         "map_downscale": maps}}
         return WorldTask(stem, T2I_FILE, truth, inputs, photos, "10", f"StyleDiffusion: {source!r} -> {target!r}")
     if stem == "zone_instruction_edit":
-        return WorldTask(stem, IP2P_FILE, truth, {"3": {"value": truth.instruction}, "7": WORLD_ZONE_MASK.inputs()},
-                         photos, "12", f"ZONE: {truth.instruction!r}")
+        return WorldTask(stem, IP2P_FILE, truth, {"3": {"value": truth.instruction}, "7": WORLD_ZONE_MASK.inputs(),
+                                                  "10": WORLD_ZONE_SEGMENT}, photos, "12",
+                         f"ZONE: {truth.instruction!r}")
     if stem == "keep_unedited_ip2p":
         return WorldTask(stem, IP2P_FILE, truth, {"3": {"text": truth.instruction}}, photos, "9",
                          f"IP2P + Keep Unedited Pixels: {truth.instruction!r}")
@@ -182,7 +188,8 @@ def world_tasks() -> list[WorldTask]:
                            both.target_caption, both.edited)
     tasks.append(WorldTask("zone_multi_turn", IP2P_FILE, combined,
                            {"5": {"value": first_truth.instruction}, "12": {"value": both.instruction},
-                            "8": WORLD_ZONE_MASK.inputs(), "15": WORLD_ZONE_MASK.inputs()},
+                            "8": WORLD_ZONE_MASK.inputs(), "15": WORLD_ZONE_MASK.inputs(),
+                            "10": WORLD_ZONE_SEGMENT, "17": WORLD_ZONE_SEGMENT},
                            (photo(PAIR),), "19", f"ZONE, two turns: {combined.instruction!r}"))
     return tasks
 

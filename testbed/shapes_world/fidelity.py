@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ...masks.settings import MASK_LAYER_CHOICES, MASK_ROW_CHOICES
+from ...masks.settings import DEFAULT_SEGMENT, MASK_LAYER_CHOICES, MASK_ROW_CHOICES, SEGMENT_CHOICES
 from .config import T2I_FILE
 from .demo_tasks import WorldTask, ZoneMask, photo, score, task_for
 from .edits import Edit, ground_truth, random_edit
@@ -326,6 +326,9 @@ SWEEPS: dict[str, Sweep] = {
     # the edit's LocalBlend and the value inversion's attention term (node 7) read the same layers
     "stylediffusion-map-downscale": Sweep("StyleDiffusion", "word-map layers (map_downscale)", "8", {
         f"{d}": {"map_downscale": d} for d in (1, 2, 4)}, "4", also=("7",)),
+    # ZONE's Region-IoU on the edited image (the paper's) or, for a 'change', on both images (ours: the union).
+    "zone-segment": Sweep("ZONE", "Region-IoU's segmented images (segment)", "10", {
+        label: {"segment": label} for label in SEGMENT_CHOICES}, DEFAULT_SEGMENT),
     # BARET's progressive transition lambda (Eq. 3), linear from start to end; 1 -> 1 is the rigid setting.
     "baret-lambda": Sweep("BARET", "transition lambda start -> end", "7", {
         f"{a:g} -> {b:g}": {"lambda_start": a, "lambda_end": b}
