@@ -252,7 +252,6 @@ def region_iou(
     return RegionIoUResult(index=index, iou=float(best), mask=mask, ious=ious, fallback_used=False)
 
 
-
 def region_iou_union(
     rough_mask: TensorLike,
     edited_segments: TensorLike | list[TensorLike],
