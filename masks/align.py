@@ -23,8 +23,10 @@ estimated on the BT.601 luma in two stages:
 
 The transform is reported (:class:`Alignment`) and undone on the full-size edit with
 ``torch.nn.functional.grid_sample`` (:func:`warp_to_original`). A transform that correlates (at least
-``min_score``) but leaves the allowed range (another framing, a crop) is refused with a
-:class:`AlignmentError` naming the fix. The identity is kept, and the edit's pixels used as they are (no
+``min_score``) but leaves the allowed range (another framing, a small crop) is refused with a
+:class:`AlignmentError` naming the fix; a zoom or crop too large for the search to lock onto (1.5x and
+more on our synthetic textures; up to 1.4x is found and refused) correlates less and counts as unverified,
+below. The identity is kept, and the edit's pixels used as they are (no
 resampling), when the transform moves no pixel by ``identity_tolerance``, when most pixels are the
 original's own (an inpainting output), when the original is too flat to register, when the transform found
 matches no better than none (structure in one direction only), and when nothing correlates ``min_score``
@@ -372,6 +374,7 @@ def estimate_alignment(original: torch.Tensor, edited: torch.Tensor,
     score_before = _robust_score(o, e, border)
     finite = all(math.isfinite(v) for v in (p.tx, p.ty, p.a, p.b))
     score = _robust_score(o, warped[0], inside & border) if finite else -math.inf
+    score = score if math.isfinite(score) else -math.inf  # a diverged fit: no transform
     if max(score, score_before) < settings.min_score:  # no registration to trust, in range or not
         return Alignment((0.0, 0.0), 1.0, 0.0, score=max(score, score_before), score_before=score_before,
                          identity=True, note=f"{UNVERIFIED}: no transform correlates {settings.min_score:g} or more")

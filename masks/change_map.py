@@ -64,6 +64,7 @@ class ChangeMap:
     mask: torch.Tensor  # (H, W) bool, full size
     delta_e: torch.Tensor  # (h, w) float, Delta E at the working size (after the blur), for preview
     colour_transform: torch.Tensor  # (3, 4): original ~ colour_transform @ [r, g, b, 1] of the edit
+    colour_note: str = ""  # why a colour fit was dropped (colour_drift)
 
     @property
     def coverage(self) -> float:
@@ -80,7 +81,14 @@ def _planes(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
                          iterations: int = 12, max_delta_e: float | None = None) -> torch.Tensor:
-    """A (3, 4) affine colour transform M with target ~ M [source; 1], robust to a local edit.
+    """The transform of :func:`colour_drift` (the identity when no drift was found or the fit was dropped)."""
+    return colour_drift(source, target, valid, iterations, max_delta_e)[0]
+
+
+def colour_drift(source: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, iterations: int = 12,
+                 max_delta_e: float | None = None) -> tuple[torch.Tensor, str]:
+    """A (3, 4) affine colour transform M with target ~ M [source; 1], robust to a local edit, and why a fit was
+    dropped ("" when it was not).
 
     Args:
         source, target: (1, 3, h, w) images (the edit and the original).
@@ -98,7 +106,7 @@ def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torc
     src = source[0].reshape(3, -1)[:, ::stride][:, keep].T  # (P, 3), a strided sample of the valid pixels
     dst = target[0].reshape(3, -1)[:, ::stride][:, keep].T
     if src.shape[0] < 16:
-        return IDENTITY_COLOUR.clone()
+        return IDENTITY_COLOUR.clone(), ""
     design = torch.cat([src, torch.ones(src.shape[0], 1)], 1).double()  # (P, 4)
     dst = dst.double()
     weight = torch.ones(src.shape[0], 1, dtype=torch.float64)
@@ -118,9 +126,12 @@ def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torc
         if float(weight.sum()) < 8:
             break
     transform = transform.float()
-    if not plausible_drift(transform) or (max_delta_e is not None and drift_reach(src, transform) > max_delta_e):
-        return IDENTITY_COLOUR.clone()
-    return transform
+    if not plausible_drift(transform):
+        return IDENTITY_COLOUR.clone(), "a near-singular fit (few colours), not drift: not undone"
+    if max_delta_e is not None and (reach := drift_reach(src, transform)) > max_delta_e:
+        return IDENTITY_COLOUR.clone(), (f"the fit would move the typical colour by Delta E {reach:.0f} > "
+                                         f"{max_delta_e:g}: an edit, not drift; not undone")
+    return transform, ""
 
 
 def drift_reach(colours: torch.Tensor, transform: torch.Tensor) -> float:
@@ -246,8 +257,8 @@ def change_map_of_planes(planes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     size); the mask comes back at ``full_size`` (CPU), inside the valid pixels of the working size."""
     small_o, small_e, small_valid = planes
     size = tuple(small_o.shape[-2:])
-    transform = (fit_colour_transform(small_e, small_o, small_valid, max_delta_e=settings.threshold)
-                 if match_colours else IDENTITY_COLOUR)
+    transform, note = (colour_drift(small_e, small_o, small_valid, max_delta_e=settings.threshold)
+                       if match_colours else (IDENTITY_COLOUR, ""))
     matched = torch.einsum("ck,kp->cp", transform[:, :3], small_e[0].reshape(3, -1)) + transform[:, 3:]
     matched = matched.reshape(1, 3, *size).clamp(0, 1)  # (1, 3, h, w)
     difference = delta_e(small_o, matched)[None, None]
@@ -262,4 +273,4 @@ def change_map_of_planes(planes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     mask = drop_small_regions(mask, int(settings.min_region * size[0] * size[1]))
     if size != tuple(full_size):  # back to full size
         mask = F.interpolate(mask.float()[None, None], size=full_size, mode="nearest-exact")[0, 0] > 0.5
-    return ChangeMap(mask=mask, delta_e=difference, colour_transform=transform)
+    return ChangeMap(mask=mask, delta_e=difference, colour_transform=transform, colour_note=note)

@@ -38,7 +38,7 @@ from .change_map import (
     aligned_working_planes,
     apply_colour_transform,
     change_map_of_planes,
-    fit_colour_transform,
+    colour_drift,
     reduced_pair,
 )
 from .composite import TensorLike, bounding_box, composite
@@ -253,19 +253,20 @@ def keep_one(original: torch.Tensor, edited: torch.Tensor, rough_mask: torch.Ten
     """The pipeline of the module docstring on one (H, W, 3) pair of one size (checked by the caller)."""
     alignment = estimate_alignment(original, edited, settings.align_settings()) if settings.align else NOT_ALIGNED
     edit = AlignedEdit(edited, alignment)
-    colour = IDENTITY_COLOUR
+    colour, colour_note = IDENTITY_COLOUR, ""
     full_size = tuple(original.shape[:2])
     if rough_mask is None or settings.colour_drift:  # (original, aligned edit, valid) at the working size
         planes = aligned_working_planes(reduced_pair(original, edited, settings.working_size), alignment, full_size)
     if rough_mask is None:
         change = change_map_of_planes(planes, full_size, settings.change_settings(),
                                       match_colours=settings.colour_drift)
-        rough, colour = edit.restrict(change.mask.to(original.device)), change.colour_transform
+        rough, colour, colour_note = (edit.restrict(change.mask.to(original.device)), change.colour_transform,
+                                      change.colour_note)
     else:
         rough = edit.restrict(rough_mask.to(original.device))
         if settings.colour_drift:
-            colour = fit_colour_transform(planes[1], planes[0], planes[2], max_delta_e=settings.threshold)
-    lines = [edit.alignment.describe()]
+            colour, colour_note = colour_drift(planes[1], planes[0], planes[2], max_delta_e=settings.threshold)
+    lines = [edit.alignment.describe()] + ([f"colour drift: {colour_note}"] if colour_note else [])
     coverage = int(rough.count_nonzero()) / rough.numel()
     source = "the given rough_mask" if rough_mask is not None else f"Delta E > {settings.threshold:g}"
     lines.append(f"M_b ({source}) covers {coverage:.1%}")
@@ -287,7 +288,7 @@ def keep_one(original: torch.Tensor, edited: torch.Tensor, rough_mask: torch.Ten
         lines.append(f"Region-IoU: segment {index} of {segments.shape[0]}, IoU {iou:.3f}" if index >= 0
                      else f"Region-IoU: none of {segments.shape[0]} segments overlaps M_b; M_b kept")
     kept_edit = _kept_edit(original, edit, colour if settings.colour_drift else None, refined)
-    if settings.colour_drift:
+    if settings.colour_drift and not colour_note:  # the drift undone on the kept edit (a dropped fit is said above)
         lines.insert(1, _describe_colour(colour))
     smoothed = fft_edge_smooth(original, kept_edit, refined, d0=settings.d0, threshold=settings.smooth_threshold)
     final = edit.restrict(smoothed.final_mask)

@@ -264,19 +264,39 @@ def region_iou_union(
     outlines; Eq. 6 on the edited image alone keeps the new one, and the composite restores what the old one
     covered outside it. Eq. 6 on the original alone is the paper's rule for 'remove'.
 
-    A side whose segments do not overlap M_b adds nothing; when neither does, ``fallback`` as in
-    :func:`region_iou` (on the edited image's segments). ``index``, ``iou`` and ``ious`` are the edited image's
-    choice (index -1 when only the original's overlapped); ``original_index`` the original's.
+    The original's choice joins only when more than half of it lies inside M_b or the edited image's choice: the
+    old outline of the object the edit changed, not the background around a grown object (whose best segment in
+    the original can be the background). A side whose segments do not overlap M_b adds nothing; when neither
+    does, ``fallback`` as in :func:`region_iou`. ``index`` and ``ious`` are the edited image's (index -1 when
+    only the original's segment is used), ``original_index`` the original's (-1 when it did not join); ``iou``
+    is R of the returned mask (Eq. 6's IoU with M_b).
     """
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     edited = region_iou(rough_mask, edited_segments, fallback="rough")
     original = region_iou(rough_mask, original_segments, fallback="rough")
-    if edited.fallback_used and original.fallback_used:
-        return region_iou(rough_mask, edited_segments, fallback=fallback)
-    if not edited.fallback_used and not original.fallback_used and edited.mask.shape != original.mask.shape:
+    chosen = [result for result in (edited, original) if not result.fallback_used]
+    if not chosen:
+        return _fallback(edited.mask, edited.ious, fallback, "Region-IoU: none of the edited image's or the "
+                         "original's segments overlaps the rough mask M_b. Lower the segmenter's quality "
+                         "thresholds, or check M_b (raise the threshold T of the IP2P edit mask).")
+    size = tuple(chosen[0].mask.shape)
+    if any(tuple(result.mask.shape) != size for result in chosen):
         raise ValueError(f"RealEdit Region-IoU: the edited image's segments are {tuple(edited.mask.shape)} but the "
                          f"original's are {tuple(original.mask.shape)}; segment both at the image size.")
-    if original.fallback_used:
+    m_b = _match_size(as_mask_hw(rough_mask, "rough_mask").to(chosen[0].mask.device), size)
+    new = torch.zeros_like(m_b) if edited.fallback_used else edited.mask
+    if original.fallback_used or not _mostly_inside(original.mask, m_b | new):
+        if edited.fallback_used:
+            return _fallback(m_b, edited.ious, fallback, "Region-IoU: none of the edited image's segments overlaps "
+                             "the rough mask M_b, and the original's best lies mostly outside it.")
         return edited
-    mask = original.mask if edited.fallback_used else edited.mask | original.mask
-    return RegionIoUResult(index=edited.index, iou=edited.iou, mask=mask, ious=edited.ious, fallback_used=False,
+    mask = new | original.mask
+    iou = float((mask & m_b).sum()) / max(float((mask | m_b).sum()), 1.0)
+    return RegionIoUResult(index=edited.index, iou=iou, mask=mask, ious=edited.ious, fallback_used=False,
                            original_index=original.index)
+
+
+def _mostly_inside(segment: torch.Tensor, region: torch.Tensor) -> bool:
+    """Whether more than half of ``segment``'s pixels lie in ``region`` (both (H, W) bool)."""
+    return 2 * int((segment & region).sum()) > int(segment.sum())

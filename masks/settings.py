@@ -56,7 +56,7 @@ class ZoneSettings:
         False, "paper Sec. 4.3: Region-IoU segments the edited image (the original for 'remove'). Ours, off by "
         "default: for a 'change', also segment the original and take the union of each image's segment that best "
         "matches M_b, so a reshaped object's old outline outside the new one's segment is not restored"
-    )
+    )  # the Region-IoU node's default; local_edit and the batch runner take the segments they are given
     # Appendix B and IP2P: sampling.
     steps: int = _d(20, "paper appendix B: 20 sampling steps")
     text_cfg: float = _d(7.5, "InstructPix2Pix default text guidance s_T (Eq. 2)")

@@ -7,6 +7,7 @@ import logging
 import torch
 from comfy_api.v0_0_2 import io, ui
 
+from ..masks.align import UNVERIFIED
 from ..masks.keep import KEEP_DEFAULTS, KeepSettings, keep_origin, keep_unedited
 
 CATEGORY = "RealEdit/zone"
@@ -95,7 +96,9 @@ class KeepUneditedPixels(io.ComfyNode):
             message = str(exc)
             raise ValueError(message.replace("RealEdit:", f"{NODE_NAME}:", 1)) from exc
         for item in result.items:
-            if item.status != "local":
+            if item.alignment.note.startswith(UNVERIFIED):
+                log.warning("%s: %s", NODE_NAME, item.report)
+            elif item.status != "local":
                 log.info("%s: %s", NODE_NAME, item.report)
         image = result.image
         images = image if image.ndim == 4 else image[None]

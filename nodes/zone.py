@@ -371,7 +371,8 @@ class RegionIoURefine(io.ComfyNode):
                 io.Combo.Input("segment", options=list(SEGMENT_CHOICES), default=DEFAULT_SEGMENT, optional=True,
                                tooltip=_tip(
                                    "Which images a 'change' segments. edited and original: the union of the "
-                                   "segment of each that best matches M_b, so an object whose shape changes "
+                                   "segment of each that best matches M_b (the original's only when it lies "
+                                   "mostly in M_b or the edit's segment), so an object whose shape changes "
                                    "leaves no piece of its old outline (SAM runs twice; with 'segments' "
                                    "connected, connect the original's on 'original_segments'). 'add' segments "
                                    "the edited image and 'remove' the original either way.",
@@ -382,7 +383,8 @@ class RegionIoURefine(io.ComfyNode):
             ],
             outputs=[
                 io.Mask.Output(display_name="refined_mask", tooltip="M_f (Eq. 6) at the image size."),
-                io.Float.Output(display_name="iou", tooltip="R(k): IoU of the chosen segment with M_b (0: fallback)."),
+                io.Float.Output(display_name="iou", tooltip="R(k): IoU of the chosen segment (with 'edited and "
+                                                            "original': of the union) with M_b (0: fallback)."),
                 io.Mask.Output(display_name="segments", tooltip="All candidate segments, for preview."),
             ],
         )
@@ -399,20 +401,20 @@ class RegionIoURefine(io.ComfyNode):
         settings = SamSettings(points_per_side, pred_iou_thresh, stability_score_thresh, box_nms_thresh)
         candidates = _candidate_segments(orig if action == "remove" else edit, size, sam, segments, settings)
         rough = _resize_mask(as_mask_hw(rough_mask, "rough_mask"), size)
-        text = ""
         if both:
             from_original = _original_candidates(orig, size, sam, original_segments, settings)
             result = region_iou_union(rough, candidates, from_original, fallback=fallback)
-            if result.original_index >= 0:  # its index in the preview batch below
-                text = f"; and segment {len(candidates) + result.original_index} (the original's)"
-            candidates = torch.cat([candidates, from_original])
+            chosen = [result.index, len(candidates) + result.original_index if result.original_index >= 0 else -1]
+            candidates = torch.cat([candidates, from_original])  # the preview batch: the edit's, then the original's
         else:
             result = region_iou(rough, candidates, fallback=fallback)
+            chosen = [result.index]
         if result.fallback_used:
             log.warning("RealEdit Region-IoU: %s; using M_b itself as the refined mask (fallback 'rough').",
                         "M_b is empty" if not bool(rough.any()) else "no segment overlaps M_b")
         preview = candidates.float() if len(candidates) else torch.zeros(1, *size)
-        text = f"segment {result.index} of {len(candidates)}, IoU {result.iou:.3f}" + text
+        picked = " + ".join(str(k) for k in chosen if k >= 0) or "none (M_b itself)"
+        text = f"segment {picked} of {len(candidates)}, IoU {result.iou:.3f}"
         return io.NodeOutput(_mask_out(result.mask), float(result.iou), preview, ui=ui.PreviewText(text))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_keep_pixels_core import moved, scene, texture
+from test_keep_pixels_core import flat_scene, moved, scene, texture
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = "RealEditKeepUneditedPixels"
@@ -182,3 +182,18 @@ def test_the_demo_runs_the_ip2p_workflow_on_tiny_models_and_skips_the_edit_model
     assert family == "ip2p" and not untiny_loaders(ip2p)
     assert [n["inputs"]["align"] for n in workflow.values() if n["class_type"] == NODE] == [False]
     assert untiny_loaders(qwen) == ["CLIPLoader", "UNETLoader", "VAELoader"]
+
+
+def test_an_unverified_alignment_is_logged_as_a_warning(comfy, caplog):
+    """No transform to trust keeps the identity (masks/align.py): the user hears of it in the log, not only in
+    the report, since the composite may then rest on an unaligned pair (here both objects removed: a local edit)."""
+    import logging
+
+    from realedit.nodes.keep_pixels import KeepUneditedPixels
+
+    photo, _ = flat_scene()
+    removed = 0.5 + 0.01 * torch.randn(photo.shape, generator=torch.Generator().manual_seed(2))
+    with caplog.at_level(logging.WARNING):
+        out = KeepUneditedPixels.execute(photo[None], removed[None], **SETTINGS)
+    assert out.result[3].startswith("alignment: unverified") and "final mask covers" in out.result[3]
+    assert any("alignment: unverified" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)

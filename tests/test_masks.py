@@ -314,9 +314,21 @@ def test_region_iou_union_adds_the_originals_outline_of_a_reshaped_object():
     assert torch.equal(paper.mask, edited[0]) and not bool(paper.mask[changed].all())
     union = region_iou_union(rough, edited, original)
     assert torch.equal(union.mask, changed) and (union.index, union.original_index) == (0, 0)
-    assert union.iou == paper.iou and torch.equal(union.ious, paper.ious)
+    assert union.iou == pytest.approx(float((changed & rough).sum() / (changed | rough).sum()))
+    assert union.iou < paper.iou and torch.equal(union.ious, paper.ious)  # R of the mask returned, not the edit's
     same = region_iou_union(rough, edited, edited)  # a recolour: both images segment alike
     assert torch.equal(same.mask, paper.mask)
+
+
+def test_region_iou_union_leaves_out_the_originals_background_around_a_grown_object():
+    """'make the dot bigger': M_b marks the big new disc, which in the original is mostly background, so the
+    original's best segment is the background; it lies mostly outside M_b and the disc and does not join."""
+    ys, xs = torch.meshgrid(torch.arange(24), torch.arange(24), indexing="ij")
+    disc = (ys - 12).square() + (xs - 12).square() <= 64
+    dot = (ys >= 11) & (ys < 13) & (xs >= 11) & (xs < 13)
+    grown = region_iou_union(disc, torch.stack([disc, ~disc]), torch.stack([dot, ~dot]))
+    assert region_iou(disc, torch.stack([dot, ~dot])).index == 1  # the background
+    assert torch.equal(grown.mask, disc) and grown.original_index == -1
 
 
 def test_region_iou_union_takes_the_side_that_overlaps_and_falls_back_as_region_iou():
@@ -328,11 +340,13 @@ def test_region_iou_union_takes_the_side_that_overlaps_and_falls_back_as_region_
     assert (only_original.index, only_original.original_index) == (-1, 0)
     only_edited = region_iou_union(rough, edited, apart)
     assert torch.equal(only_edited.mask, edited[0]) and only_edited.original_index == -1
-    with pytest.raises(ValueError, match="none of the 1 segments overlaps"):
+    with pytest.raises(ValueError, match="none of the edited image's or the original's segments overlaps"):
         region_iou_union(rough, apart, apart)
     assert torch.equal(region_iou_union(rough, apart, apart, fallback="rough").mask, rough)
     with pytest.raises(ValueError, match="segment both at the image size"):
         region_iou_union(rough, edited, original[:, :12, :12])
+    with pytest.raises(ValueError, match="fallback must be"):
+        region_iou_union(rough, edited, original, fallback="nearest")  # type: ignore[arg-type]
 
 
 def test_region_iou_resizes_rough_mask_and_binarises_floats():

@@ -78,7 +78,7 @@ def test_the_worlds_zone_reads_m_b_as_swept_and_segments_as_sam_would(shapes_wor
                 masks += 1
             if node["class_type"] == "RealEditRegionIoURefine":
                 assert node["inputs"]["segment"] == DEFAULT_SEGMENT, (task.stem, node_id)
-                assert task.inputs[node_id] == WORLD_ZONE_SEGMENT, (task.stem, node_id)
+                assert task.inputs[node_id] == {"segment": WORLD_ZONE_SEGMENT}, (task.stem, node_id)
                 refiners += 1
         workflow, _ = world_run(task.api_workflow(), task, 2)
         for node in workflow.values():

@@ -444,11 +444,12 @@ def test_region_iou_node_with_a_mask_batch(comfy):
         RegionIoURefine.execute(image, image, rough, "error", 32, 0.88, 0.95, 0.7, segments=segments[2:])
 
 
-def test_region_iou_node_segments_both_images_for_a_change_when_asked(comfy):
+def test_region_iou_node_segments_both_images_for_a_change_when_asked(comfy, monkeypatch):
     """segment 'edited and original (ours)': a 'change' takes the union of both images' choices (the original's
-    from 'original_segments', else SAM); 'add' and 'remove' segment one image as in the paper; the default is the
-    paper's, bit for bit; without the original's candidates the node says what to connect."""
+    from 'original_segments', else SAM on the original); 'add' and 'remove' segment one image as in the paper; the
+    default is the paper's, bit for bit; without the original's candidates the node says what to connect."""
     from realedit.masks.settings import DEFAULT_SEGMENT, SEGMENT_CHOICES
+    from realedit.nodes import zone
     from realedit.nodes.zone import RegionIoURefine
 
     rough, edited, original, changed = (x.float() for x in reshape_segments())
@@ -462,7 +463,16 @@ def test_region_iou_node_segments_both_images_for_a_change_when_asked(comfy):
                                                  for action in ("add", "remove"))):
         assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(same.result, paper))
     refined, iou, preview = run(action="change", segment=both, original_segments=original).result
-    assert torch.equal(refined[0], changed) and iou == paper[1] and preview.shape == (4, 24, 24)
+    assert torch.equal(refined[0], changed) and 0 < iou < paper[1] and preview.shape == (4, 24, 24)
+    segmented = []
+
+    def fake_sam(sam, image, settings):  # SAM's automatic masks of the image it is given
+        segmented.append(image)
+        return list(original.bool())
+
+    monkeypatch.setattr(zone, "sam_segments", fake_sam)
+    with_sam = run(action="change", segment=both, sam=object()).result
+    assert len(segmented) == 1 and torch.equal(segmented[0], image[0]) and torch.equal(with_sam[0][0], changed)
     with pytest.raises(ValueError, match="connect them on 'original_segments'"):
         run(segment=both)
     with pytest.raises(ValueError, match="RealEdit Region-IoU: 'segment' is 'both'"):
