@@ -58,7 +58,8 @@ def world_run(workflow: dict[str, Any], task: WorldTask, steps: int) -> tuple[di
 
 @dataclass(frozen=True)
 class WorldRun:
-    """What a world task's workflow wrote: per SaveImage node, its filename prefix and files; the text outputs."""
+    """What a world task's workflow wrote: per SaveImage node, its filename prefix and files; the text outputs in
+    node-id order (the executor may run independent nodes in either order)."""
 
     saved: dict[str, tuple[str, list[Path]]]
     texts: list[str]
@@ -79,7 +80,8 @@ def run_world_task(task: WorldTask, steps: int, folder: Path) -> WorldRun:
         prefix = str(workflow[node_id]["inputs"].get("filename_prefix", node_id)).split("/")[-1]
         saved[node_id] = (prefix, [folder / image.get("subfolder", "") / image["filename"]
                                    for image in ui.get("images", [])])
-    return WorldRun(saved, [str(text) for ui in result.ui.values() for text in ui.get("text", [])])
+    by_node = sorted(result.ui.items(), key=lambda item: (len(item[0]), item[0]))  # node order, not run order
+    return WorldRun(saved, [str(text) for _, ui in by_node for text in ui.get("text", [])])
 
 
 def _stand_ins(workflow: dict[str, Any], size: int, steps: int, photos: list[tuple],
