@@ -363,7 +363,8 @@ class RegionIoURefine(io.ComfyNode):
                 SamModel.Input("sam", optional=True,
                                tooltip="RealEdit SAM Loader (needed unless 'segments' is connected)."),
                 io.Mask.Input("segments", optional=True,
-                              tooltip="A MASK batch of candidate segments from any segmenter; replaces SAM."),
+                              tooltip="A MASK batch of candidate segments from any segmenter, run on the edited "
+                                      "image (on the original for 'remove'); replaces SAM."),
                 io.Combo.Input("fallback", options=list(FALLBACKS), default="error",
                                tooltip="error: stop when M_b is empty or no segment overlaps it; rough: use M_b "
                                        "(an empty M_b then leaves the photo unchanged), with a warning."),
