@@ -79,12 +79,6 @@ def _planes(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
 
 
-def fit_colour_transform(source: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-                         iterations: int = 12, max_delta_e: float | None = None) -> torch.Tensor:
-    """The transform of :func:`colour_drift` (the identity when no drift was found or the fit was dropped)."""
-    return colour_drift(source, target, valid, iterations, max_delta_e)[0]
-
-
 def colour_drift(source: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, iterations: int = 12,
                  max_delta_e: float | None = None) -> tuple[torch.Tensor, str]:
     """A (3, 4) affine colour transform M with target ~ M [source; 1], robust to a local edit, and why a fit was
