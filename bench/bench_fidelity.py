@@ -14,8 +14,8 @@ value open; the world's tasks use the best, ``demo_tasks.WORLD_ZONE_MASK``). ``-
 open default on its method's tasks and metric (``fidelity.SWEEPS``: the images ZONE's Region-IoU segments
 (``demo_tasks.WORLD_ZONE_SEGMENT`` holds the choice); SpecRef's SR-attention step window, its
 layers, its M_t / M_s thresholds, its rows under CFG; the layers P2P, SpecRef and StyleDiffusion read word
-maps from; BARET's transition lambda schedule) and prints the value it chooses (a tie keeps the shipped
-default).
+maps from; BARET's transition lambda schedule; and, as a measurement of an official value, StyleDiffusion's
+self-attention replacement tau_s) and prints the value it chooses (a tie keeps the shipped default).
 
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py                 # 30 tasks per method, 10 steps
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --tasks 3 --methods ZONE SpecRef
