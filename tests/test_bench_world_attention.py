@@ -4,6 +4,7 @@ its reference, and the hook that switches an attention kind off, on diffusers' t
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from realedit.hosts.diffusers import DiffusersHost
+from realedit.hosts.diffusers import DiffusersHost, discover_layers
 from realedit.testbed.diffusers_models import make_tiny_diffusers_unet
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_world_attention.py"
@@ -22,8 +23,10 @@ REFS = torch.tensor([[10.0, 200, 30], [250, 140, 190], [130, 130, 20], [200, 90,
 def bench():
     spec = importlib.util.spec_from_file_location("bench_world_attention", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules[spec.name]
 
 
 def test_follow_is_one_for_edits_that_take_the_reference_colour_and_zero_for_edits_that_ignore_it(bench):
@@ -31,15 +34,28 @@ def test_follow_is_one_for_edits_that_take_the_reference_colour_and_zero_for_edi
     assert bench.follow(REFS + 17.0, REFS) == pytest.approx(1.0)  # a constant shift of every edit
     assert bench.follow(torch.full_like(REFS, 128.0), REFS) == pytest.approx(0.0)  # the same edit whatever the ref
     assert bench.follow(0.5 * REFS + 64, REFS) == pytest.approx(0.5)  # half of the way
-    assert bench.follow(REFS.flip(0), REFS) < 0.5  # colours that vary, but not with their references
+    assert bench.follow(REFS.flip(0), REFS) == pytest.approx(0.32, abs=0.01)  # varying, but not with the reference
+
+
+def test_describe_tells_stripes_from_their_mean_colour(bench):
+    stripes = torch.zeros(8, 8, 3)
+    stripes[::2] = torch.tensor([0.9, 0.15, 0.2])
+    stripes[1::2] = torch.tensor([0.2, 0.78, 0.86])
+    flat = stripes.mean((0, 1)).expand(8, 8, 3)  # the stripes' mean colour, flat
+    region = torch.zeros(8, 8, dtype=torch.bool)
+    region[2:6, 2:6] = True
+    striped, plain = bench.describe(stripes, region), bench.describe(flat, region)
+    assert torch.allclose(striped[:3], plain[:3], atol=1e-3)  # the same mean colour
+    assert striped[3:].min() > 80 and plain[3:].max() < 1e-3  # told apart by the spread (8-bit units)
+    assert bench.describe(stripes, ~region)[3:].min() > 80  # only the region's pixels count
 
 
 def test_sr_layers_are_the_reference_features_nodes_default_window(bench):
-    host = DiffusersHost(make_tiny_diffusers_unet("sd1"), lambda q, k, v, ctx: None)
-    chosen = bench.sr_layers(host.layers)
-    finest = sorted({layer.downscale for layer in host.layers})[:2]
-    assert chosen == {layer.index for layer in host.layers if layer.stage == "up" and layer.downscale in finest}
-    assert chosen and all(host.layers[i].stage == "up" for i in chosen)
+    layers = discover_layers(make_tiny_diffusers_unet("sd1"))
+    chosen = bench.sr_layers(layers)
+    finest = sorted({layer.downscale for layer in layers})[:2]
+    assert chosen == {layer.index for layer in layers if layer.stage == "up" and layer.downscale in finest}
+    assert chosen and all(layers[i].stage == "up" for i in chosen)
 
 
 @torch.no_grad()
@@ -48,8 +64,8 @@ def test_switching_off_changes_only_what_it_names(bench):
     g = torch.Generator().manual_seed(0)
     inputs = (torch.randn(2, 4, 16, 16, generator=g), torch.tensor(500), torch.randn(2, 7, 64, generator=g))
     plain = unet(*inputs).sample
-    seen: dict[str, list[tuple[str, bool]]] = {}
-    outputs = {}
+    seen: dict[str | None, list[tuple[str, int, bool]]] = {}
+    outputs: dict[str | None, torch.Tensor] = {}
     for which in (None, *bench.SWITCHED_OFF):
         switch = bench.Switch(frozenset({13, 14, 15}))
         switch.off = which

@@ -326,8 +326,9 @@ SWEEPS: dict[str, Sweep] = {
     # the edit's LocalBlend and the value inversion's attention term (node 7) read the same layers
     "stylediffusion-map-downscale": Sweep("StyleDiffusion", "word-map layers (map_downscale)", "8", {
         f"{d}": {"map_downscale": d} for d in (1, 2, 4)}, "4", also=("7",)),
-    # StyleDiffusion's self-attention replacement: the official code's 0.6 against none. Not open (a measurement
-    # of what it does on the world, whose UNet's self-attention decides little: bench_world_attention.py).
+    # StyleDiffusion's self-attention replacement: the official code's 0.6 against none. The official code sets
+    # it; swept to measure what it does on the world, whose UNet decides little through self-attention
+    # (bench_world_attention.py). A tie keeps 0.6.
     "stylediffusion-tau-s": Sweep("StyleDiffusion", "self-attention replacement (tau_s)", "8", {
         f"{t:g}": {"tau_s": t} for t in (0.0, 0.6)}, "0.6"),
     # ZONE's Region-IoU on the edited image (the paper's) or, for a 'change', on both images (ours: the union).
