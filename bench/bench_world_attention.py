@@ -69,6 +69,7 @@ class Switch:
         self.off: str | None = None
 
     def hits(self, ctx: AttentionContext) -> bool:
+        """Whether this call is one ``off`` switches off."""
         if self.off == SWITCHED_OFF[0]:
             return ctx.kind == "self" and ctx.layer.index in self.sr_layers
         if self.off == SWITCHED_OFF[1]:
@@ -90,7 +91,8 @@ def sr_layers(layers: list[LayerInfo]) -> frozenset[int]:
 
 @dataclasses.dataclass
 class World:
-    """The diffusers twin of the world's text-to-image checkpoint with a :class:`Switch` installed."""
+    """The diffusers twin of the world's text-to-image checkpoint, its host carrying a :class:`Switch` (installed
+    while ``with world.host``)."""
 
     model: EditModel
     host: DiffusersHost
@@ -133,7 +135,7 @@ class World:
                                prediction=prediction_type(scheduler))
         latent = sample(denoise, start, self.sigmas)
         vae = self.model.vae
-        return ((vae.decode(latent / vae.config.scaling_factor).sample[0].clamp(-1, 1) + 1) / 2)
+        return (vae.decode(latent / vae.config.scaling_factor).sample[0].clamp(-1, 1) + 1) / 2
 
 
 def leverage(scenes: int, seed: int) -> dict[str, dict[str, float]]:
