@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import statistics
@@ -52,12 +51,6 @@ STEPS = 10  # the fidelity benchmark's steps
 SWITCHED_OFF = ("decoder self (SR-attention's layers)", "self everywhere", "cross everywhere")
 MODES = {"reconstruction, cfg 1": 1.0, "generation, cfg 7.5": 7.5}  # mode -> cfg
 SPECREF_SAMPLER = "11"  # the SpecRef Edit Sampler's node id in specref_object_replace.json
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR (dB) of two images in [0, 1]; inf when they are equal."""
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 class Switch:
@@ -98,6 +91,7 @@ class World:
     host: DiffusersHost
     switch: Switch
     sigmas: torch.Tensor  # the sampling schedule, descending, ending at 0
+    empty: torch.Tensor  # the empty prompt's embedding, CFG's unconditional row
 
     @classmethod
     def load(cls) -> World:
@@ -108,12 +102,8 @@ class World:
 
         model = edit_model("shapes-world", T2I_FILE, torch.device("cpu"), torch.float32)
         switch = Switch(sr_layers(discover_layers(model.unet)))
-        return cls(model, DiffusersHost(model.unet, switch), switch, sampling_sigmas(model.scheduler, STEPS)[1])
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """IMAGE (H, W, 3) in [0, 1] -> the VAE's scaled latent (1, 4, H/8, W/8)."""
-        vae = self.model.vae
-        return vae.encode(image.permute(2, 0, 1)[None] * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+        return cls(model, DiffusersHost(model.unet, switch), switch, sampling_sigmas(model.scheduler, STEPS)[1],
+                   model.encode(""))
 
     def invert(self, latent: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """DDIM inversion with the unchanged model: the noisiest latent (sigma-space, at ``sigmas[0]``)."""
@@ -123,23 +113,24 @@ class World:
         return ddim_invert(self.host, self.model.scheduler, latent, cond, steps=STEPS).trajectory[-1]
 
     def sample(self, start: torch.Tensor, cond: torch.Tensor, cfg: float, off: str | None) -> torch.Tensor:
-        """DDIM from ``start`` with ``off`` switched off: the decoded image (3, H, W) in [0, 1]."""
+        """DDIM from ``start`` with ``off`` switched off: the decoded image (H, W, 3) in [0, 1]."""
+        from realedit.hosts.diffusers_batch import decode_latent
         from realedit.hosts.diffusers_sampling import cfg_denoiser, prediction_type, sample, use_schedule
 
         self.switch.off = off
         scheduler = self.model.scheduler
         use_schedule(self.host, self.sigmas, scheduler.alphas_cumprod)  # the inversion left its own schedule
         self.host.begin_run()
-        uncond = self.model.encode("") if cfg != 1 else None
+        uncond = self.empty if cfg != 1 else None
         denoise = cfg_denoiser(self.host, scheduler.alphas_cumprod, cond, uncond, cfg, total_steps=STEPS,
                                prediction=prediction_type(scheduler))
-        latent = sample(denoise, start, self.sigmas)
-        vae = self.model.vae
-        return (vae.decode(latent / vae.config.scaling_factor).sample[0].clamp(-1, 1) + 1) / 2
+        return decode_latent(self.model, sample(denoise, start, self.sigmas))
 
 
 def leverage(scenes: int, seed: int) -> dict[str, dict[str, float]]:
     """{mode: {switched off: median PSNR against the unchanged model}} over ``scenes`` held-out scenes."""
+    from realedit.hosts.diffusers_batch import encode_image
+    from realedit.testbed.shapes_world.demo_tasks import psnr
     from realedit.testbed.shapes_world.scene import random_scene, render
 
     world = World.load()
@@ -149,14 +140,14 @@ def leverage(scenes: int, seed: int) -> dict[str, dict[str, float]]:
         for i in range(scenes):
             scene = random_scene(rng, two_objects=0.4, unnamed=0.15, textured=0.25)
             cond = world.model.encode(scene.caption())
-            noised = world.invert(world.encode(render(scene)), cond)
+            noised = world.invert(encode_image(world.model, render(scene)), cond)
             generator = torch.Generator().manual_seed(seed + i)
             noise = torch.randn(noised.shape, generator=generator) * float(world.sigmas[0])
             for mode, cfg in MODES.items():
                 start = noised if cfg == 1 else noise
                 unchanged = world.sample(start, cond, cfg, None)
                 for off in SWITCHED_OFF:
-                    results[mode][off].append(_psnr(unchanged, world.sample(start, cond, cfg, off)))
+                    results[mode][off].append(psnr(unchanged, world.sample(start, cond, cfg, off)))
     return {mode: {off: statistics.median(v) for off, v in per.items()} for mode, per in results.items()}
 
 
