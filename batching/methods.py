@@ -76,6 +76,7 @@ class NullTextRun(P2PRun):
     """null-text inversion (``BaretSettings``' null-text names) + the two-path P2P edit."""
 
     null_text_iterations: int = BARET_DEFAULTS.null_text_iterations
+    null_text_lr: float = BARET_DEFAULTS.null_text_lr  # at the first step; it decays as lr * (1 - s / 100)
     early_stop_eps: float = BARET_DEFAULTS.early_stop_eps
     early_stop_delta: float = BARET_DEFAULTS.early_stop_delta
 
@@ -125,12 +126,12 @@ def _p2p_run(o: Mapping[str, Any], default_steps: int) -> P2PRun:
 
 
 def _nulltext_run(o: Mapping[str, Any], default_steps: int) -> NullTextRun:
-    base = dataclasses.replace(BARET_DEFAULTS, **_pick(o, ("null_text_iterations", "early_stop_eps",
+    base = dataclasses.replace(BARET_DEFAULTS, **_pick(o, ("null_text_iterations", "null_text_lr", "early_stop_eps",
                                                            "early_stop_delta")))  # BaretSettings validates
     run = _p2p_run(o, default_steps)
     return NullTextRun(**{f.name: getattr(run, f.name) for f in fields(P2PRun)},
-                       null_text_iterations=base.null_text_iterations, early_stop_eps=base.early_stop_eps,
-                       early_stop_delta=base.early_stop_delta)
+                       null_text_iterations=base.null_text_iterations, null_text_lr=base.null_text_lr,
+                       early_stop_eps=base.early_stop_eps, early_stop_delta=base.early_stop_delta)
 
 
 def _baret_run(o: Mapping[str, Any], default_steps: int) -> BaretRun:
@@ -250,7 +251,8 @@ METHODS: dict[str, MethodSpec] = {
         "nulltext-p2p", "null-text inversion + Prompt-to-Prompt (the classic real-image pipeline)",
         required=("image", "prompt", "target"), images=("image", *_GT), masks=(), same_size=_GT,
         word_fields=(("blend_words", "target"),),
-        keys=lambda: (*_P2P_ALL, "self_replace_uncond", "null_text_iterations", "early_stop_eps", "early_stop_delta"),
+        keys=lambda: (*_P2P_ALL, "self_replace_uncond", "null_text_iterations", "null_text_lr", "early_stop_eps",
+                      "early_stop_delta"),
         build=_nulltext_run, default_steps=BARET_DEFAULTS.steps),
     "zone": MethodSpec(
         "zone", "ZONE: InstructPix2Pix edit and M_b from the instruction (or a given edit and M_b), Region-IoU, "

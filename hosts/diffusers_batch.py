@@ -34,7 +34,7 @@ from ..attention.local_blend import LocalBlend
 from ..attention.p2p import cross_edit
 from ..attention.specref import SpecRefControls
 from ..attention.tokens import Tokenizer, TokenLookupError, check_prompt_length, word_positions
-from ..inversion.embedding_opt import OptimisedInversion
+from ..inversion.embedding_opt import OptimisedInversion, null_text_lr
 from ..masks import IP2PMaskRecorder, classify_action, local_edit
 from ..masks.ip2p_mask import instruction_eot_position
 from ..masks.settings import MASK_LAYER_CHOICES, MASK_ROW_CHOICES
@@ -197,7 +197,8 @@ def run_nulltext(model: BatchModel, row: Row, run: Run, timer: _Timer) -> RowRes
     controls = p2p_controls(run, model.tokenize, row.prompt, row.target, blend_words=row.blend_words)
     inversion = timer("invert", lambda: null_text_invert(
         model.unet, model.scheduler, latent, source, empty, steps=run.steps, cfg=run.cfg,
-        iterations=run.null_text_iterations, eps=run.early_stop_eps, delta=run.early_stop_delta))
+        iterations=run.null_text_iterations, lr=null_text_lr(run.null_text_lr), eps=run.early_stop_eps,
+        delta=run.early_stop_delta))
     result = timer("edit", lambda: specref_edit(model.unet, model.scheduler, inversion, source, target, empty,
                                                 cfg=run.cfg, controls=controls))
     out = _edit_outputs(model, result, tuple(image.shape[:2]), timer)

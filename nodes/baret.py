@@ -118,8 +118,10 @@ class NullTextInversion(io.ComfyNode):
                                       "CLIP Text Encode."),
                 *_optimisation_inputs(BARET_DEFAULTS.null_text_iterations, "null_text_iterations",
                                       BARET_DEFAULTS.null_text_lr,
-                                      "Learning rate at the first step; it decays as lr * (1 - s / 100). "
-                                      + origin("null_text_lr")),
+                                      "Learning rate at the first step; it decays as lr * (1 - s / 100). If the "
+                                      "reconstruction is faithful but edits come out broken (shapes melting, "
+                                      "colours spilling), try a lower rate: on the shapes world 3e-3 edits better "
+                                      "than 1e-2 (README). " + origin("null_text_lr")),
             ],
             outputs=list(_OUTPUTS),
         )

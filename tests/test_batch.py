@@ -299,6 +299,29 @@ def test_nulltext_rows_edit_with_the_per_step_null_text_embeddings():
 
 
 # -- InstructPix2Pix on the diffusers host (ZONE rows without an edit) ------------------------------------------
+def test_a_nulltext_rows_learning_rate_reaches_the_inversion_and_decays_as_the_papers(tmp_path, monkeypatch):
+    """A nulltext-p2p row's null_text_lr (default the paper's 1e-2) is null-text inversion's Adam lr at the first
+    step, decaying as lr * (1 - s / 100); one that is not positive is refused by name before anything runs."""
+    from realedit.batching.methods import METHODS
+    from realedit.hosts import diffusers_batch
+
+    nulltext = METHODS["nulltext-p2p"]
+    assert nulltext.settings({}).null_text_lr == 1e-2
+    with pytest.raises(ValueError, match="null_text_lr must be > 0"):
+        nulltext.settings({"null_text_lr": 0.0})
+    manifest = write_example(tmp_path / "in", size=64, steps=STEPS, methods=("nulltext-p2p",))
+    row = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**row, "settings": {**row["settings"], "null_text_lr": 3e-3}}))
+    schedules = []
+    invert = diffusers_batch.null_text_invert
+    monkeypatch.setattr(diffusers_batch, "null_text_invert", lambda *a, lr, **kw: schedules.append(lr) or invert(
+        *a, lr=lr, **kw))
+    summary = run_batch(manifest, "tiny", tmp_path / "out", _options())
+    assert summary["ok"] == 1 and len(schedules) == 1
+    assert schedules[0](0) == pytest.approx(3e-3) and schedules[0](50) == pytest.approx(1.5e-3)
+    assert _records(tmp_path / "out")[row["id"]]["settings"]["null_text_lr"] == 3e-3
+
+
 def test_ip2p_three_way_guidance_at_unit_scales_is_the_instruction_branch_and_m_b_reads_empty_text_rows():
     """s_T = s_I = 1 leaves e(z, c_I, c_T) alone (Eq. 2): equal to Euler sampling with the instruction branch
     only; the recorder saw the two empty-text rows (1 and 2) of every call, never the instruction row."""

@@ -19,6 +19,7 @@ from realedit.testbed.shapes_world.demo_tasks import WORLD_ZONE_MASK, score
 from realedit.testbed.shapes_world.fidelity import (
     METHODS,
     P2P_NO_SR,
+    SUITE_SEED,
     SWEEPS,
     Summary,
     Sweep,
@@ -153,6 +154,15 @@ def test_every_sweep_sets_inputs_its_node_has_and_lists_its_default():
             inputs = workflow[node]["inputs"]
             assert all(set(values) <= set(inputs) for values in sweep.values.values()), (name, node)
             assert all(inputs[k] == v for k, v in sweep.values[sweep.default].items()), (name, node)  # shipped
+
+
+def test_the_worlds_null_text_lr_is_a_value_of_its_sweep_chosen_on_other_tasks_than_the_tables():
+    from realedit.testbed.shapes_world.demo_tasks import WORLD_NULL_TEXT_LR
+
+    sweep = SWEEPS["p2p-null-text-lr"]
+    assert {"learning_rate": WORLD_NULL_TEXT_LR} in sweep.values.values() and sweep.chosen_on != SUITE_SEED
+    held_out, table = cases(sweep.spec, 5, sweep.chosen_on), cases(sweep.spec, 5)
+    assert not any(torch.equal(a.method.truth.source, b.method.truth.source) for a in held_out for b in table)
 
 
 def test_a_sweep_chooses_the_best_value_and_a_tie_keeps_the_default():

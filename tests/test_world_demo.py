@@ -56,6 +56,30 @@ def test_every_world_task_reads_word_maps_from_its_methods_world_layers():
     assert set(WORLD_MAP_DOWNSCALE) == set(reading)
 
 
+def test_the_worlds_null_text_inversions_take_the_worlds_learning_rate(tmp_path):
+    """Every null-text inversion of a world task (the P2P task, StyleDiffusion's P2P baseline) and the diffusers
+    demo's null-text row run at the world's learning rate (the fidelity benchmark's p2p-null-text-lr sweep); the
+    shipped workflow keeps the paper's 1e-2."""
+    from realedit.testbed.shapes_world import fidelity
+    from realedit.testbed.shapes_world.demo_tasks import WORLD_NULL_TEXT_LR
+    from realedit.testbed.shapes_world.world_batch import write_world_manifest
+
+    inverting = []
+    for task in world_tasks():
+        for node_id, node in _workflow(task).items():
+            if node["class_type"] == "RealEditNullTextInversion":
+                assert node["inputs"]["learning_rate"] == 1e-2, (task.stem, node_id)
+                assert task.inputs[node_id]["learning_rate"] == WORLD_NULL_TEXT_LR, (task.stem, node_id)
+                inverting.append(task.stem)
+    assert inverting == ["nulltext_p2p_edit"] and WORLD_NULL_TEXT_LR != 1e-2
+    style = next(m for m in fidelity.METHODS if m.name == "StyleDiffusion")
+    baseline = fidelity.cases(style, 1)[0].baselines[fidelity.P2P_NTI]
+    assert baseline.inputs["7"]["learning_rate"] == WORLD_NULL_TEXT_LR
+    manifest, _ = write_world_manifest(tmp_path, steps=2)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["settings"]["null_text_lr"] for r in rows if r["method"] == "nulltext-p2p"] == [WORLD_NULL_TEXT_LR]
+
+
 def test_the_worlds_zone_reads_m_b_as_swept_and_segments_as_sam_would(shapes_world):
     """Every IP2P Edit Mask node of a world task reads M_b as the world's sweep chose (the shipped workflows keep
     the official code's rows, layers and T), and each Region-IoU segments both images as its sweep chose (the

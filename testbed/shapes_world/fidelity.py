@@ -44,6 +44,7 @@ SDEDIT = "SDEdit"
 P2P_NO_SR = "P2P without SR-attention"
 P2P_NTI = "P2P (null-text inversion)"
 IP2P = "InstructPix2Pix"
+SUITE_SEED = 50_000  # the tasks README.md's tables report (held out from training's seeds, as any other seed is)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def _reference_for(scene: Scene, edit: Edit, rng: random.Random) -> Scene:
     return Scene(background, (Obj(rng.choice(SHAPES), edit.value, "centre", "large"),))  # type: ignore[arg-type]
 
 
-def cases(method: Method, count: int, seed: int = 50_000) -> list[Case]:
+def cases(method: Method, count: int, seed: int = SUITE_SEED) -> list[Case]:
     """``count`` seeded tasks of ``method`` (scenes with named appearances; held out from training's seeds)."""
     rng = random.Random(seed + 1000 * METHODS.index(method))
     out = []
@@ -217,7 +218,7 @@ def summarise(scores: list) -> Summary:
                                              + [0.0] * failed) if scores else math.nan)
 
 
-def evaluate(method: Method, count: int, steps: int, seed: int = 50_000,
+def evaluate(method: Method, count: int, steps: int, seed: int = SUITE_SEED,
              log: Callable[[str], None] = print) -> dict[str, Summary]:
     """Every variant (the method, then its baselines) on ``count`` seeded tasks: {variant: Summary}."""
     results: dict[str, list] = {method.name: [], **{name: [] for name in method.baselines}}
@@ -264,7 +265,7 @@ def mask_iou(mask: torch.Tensor, region: torch.Tensor) -> float:
     return int((mask & region).sum()) / union if union else 1.0
 
 
-def zone_tasks(count: int, seed: int = 50_000) -> list[WorldTask]:
+def zone_tasks(count: int, seed: int = SUITE_SEED) -> list[WorldTask]:
     """The fidelity suite's first ``count`` ZONE tasks."""
     method = next(m for m in METHODS if m.stem == "zone_instruction_edit")
     return [case.method for case in cases(method, count, seed)]
@@ -288,7 +289,8 @@ def zone_mask_sweep(tasks: list[WorldTask], steps: int,
 @dataclass(frozen=True)
 class Sweep:
     """A default the papers leave open, swept on a method's tasks: each value sets ``node``'s inputs in the
-    method's shipped workflow; the value that scores best on the method's metric is the world's choice."""
+    method's shipped workflow; the value that scores best on the method's metric over the tasks of suite seed
+    ``chosen_on`` (:func:`chosen`) is the world's choice."""
 
     method: str  # a METHODS name
     setting: str
@@ -296,6 +298,7 @@ class Sweep:
     values: dict[str, dict[str, object]]  # label -> node inputs
     default: str  # the label of the shipped default
     also: tuple[str, ...] = ()  # other nodes that take the same inputs
+    chosen_on: int = SUITE_SEED  # the suite seed whose tasks make the world's choice
 
     @property
     def spec(self) -> Method:
@@ -321,6 +324,11 @@ SWEEPS: dict[str, Sweep] = {
     # layers at 4x below a 64x64 latent; the world's 16x16 latents have 16x16 layers at 1, 8x8 at 2, 4x4 at 4.
     "p2p-map-downscale": Sweep(P2P_NTI, "word-map layers (map_downscale)", "8", {
         f"{d}": {"map_downscale": d} for d in (1, 2, 4)}, "4"),
+    # Null-text inversion's Adam learning rate (its paper's 1e-2, chosen on SD; demo_tasks.WORLD_NULL_TEXT_LR holds
+    # the world's choice), chosen on other held-out tasks than the table's: 1e-3 scores best on the table's tasks and
+    # worst on those (README.md's sweeps).
+    "p2p-null-text-lr": Sweep(P2P_NTI, "null-text inversion's learning rate", "7", {
+        f"{lr:g}": {"learning_rate": lr} for lr in (0.01, 0.003, 0.001)}, "0.01", chosen_on=60_000),
     "specref-map-downscale": Sweep("SpecRef", "word-map layers (map_downscale)", "11", {
         f"{d}": {"map_downscale": d} for d in (1, 2, 4)}, "4"),
     # the edit's LocalBlend and the value inversion's attention term (node 7) read the same layers
@@ -341,7 +349,7 @@ SWEEPS: dict[str, Sweep] = {
 }
 
 
-def setting_sweep(sweep: Sweep, count: int, steps: int, seed: int = 50_000,
+def setting_sweep(sweep: Sweep, count: int, steps: int, seed: int = SUITE_SEED,
                   log: Callable[[str], None] = print) -> dict[str, Summary]:
     """{value label: Summary} of the method's workflow with each of ``sweep``'s values, on the same ``count``
     seeded tasks as :func:`evaluate`."""
