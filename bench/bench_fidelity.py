@@ -15,15 +15,16 @@ open default on its method's tasks and metric (``fidelity.SWEEPS``: the images Z
 (``demo_tasks.WORLD_ZONE_SEGMENT`` holds the choice); SpecRef's SR-attention step window, its
 layers, its M_t / M_s thresholds, its rows under CFG; the layers P2P, SpecRef and StyleDiffusion read word
 maps from; BARET's transition lambda schedule; the learning rate of P2P's null-text inversion
-(``demo_tasks.WORLD_NULL_TEXT_LR``, chosen on held-out tasks: ``--seed 60000``); and, as a measurement of an
-official value, StyleDiffusion's self-attention replacement tau_s) and prints the value it chooses (a tie keeps the
-shipped default). ``--seed`` draws other held-out tasks than the ones README.md's tables report.
+(``demo_tasks.WORLD_NULL_TEXT_LR``, chosen on other held-out tasks than the table's: ``Sweep.chosen_on``); and, as
+a measurement of an official value, StyleDiffusion's self-attention replacement tau_s) and prints the value it
+chooses (a tie keeps the shipped default). ``--seed`` draws other held-out tasks; ``--per-task`` prints each task.
 
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py                 # 30 tasks per method, 10 steps
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --tasks 3 --methods ZONE SpecRef
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --methods ZONE --sweep-zone-mask
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --sweep specref-window baret-lambda   # sweeps only
-    COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --sweep p2p-null-text-lr --seed 60000  # other tasks
+    COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --sweep p2p-null-text-lr          # on held-out tasks
+    COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --sweep p2p-null-text-lr --seed 50000 --per-task
 
 The committed world checkpoints meet their four quality gates on the full sets (the IP2P UNet carries out 82.5% of
 its held-out instructions, target 80%). ZONE's M_b localises the edit best from the instruction branch's attention,
@@ -53,9 +54,10 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=30, help="tasks per method")
     parser.add_argument("--steps", type=int, default=10, help="sampling (and inversion) steps of every workflow")
     parser.add_argument("--seed", type=int,
-                        help="the suite's seed (default fidelity.SUITE_SEED: the tasks README.md's tables "
-                             "report); another draws other held-out tasks, e.g. to check a sweep's choice on tasks "
-                             "it was not made on")
+                        help="the suite's seed (default: fidelity.SUITE_SEED, the tasks README.md's tables report, "
+                             "and for a sweep the seed it makes the world's choice on, Sweep.chosen_on); another "
+                             "draws other held-out tasks")
+    parser.add_argument("--per-task", action="store_true", help="also print every task's scores")
     parser.add_argument("--methods", nargs="*", help="method names (default: all, or none with --sweep)")
     parser.add_argument("--json", type=Path, default=Path("out/bench_fidelity.json"))
     parser.add_argument("--sweep-zone-mask", action="store_true",
@@ -82,15 +84,14 @@ def main() -> None:
     add_checkpoint_folder()
     # every method by default; none when only sweeps are asked for (unless --methods names some)
     methods = [m for m in METHODS if (m.name in args.methods if args.methods is not None else not args.sweep)]
-    if args.seed is None:
-        args.seed = SUITE_SEED
-    report = {"tasks": args.tasks, "steps": args.steps, "seed": args.seed, "methods": {}}
-    print(f"fidelity on the shapes world: {args.tasks} tasks per method, {args.steps} steps, seed {args.seed}")
+    seed = SUITE_SEED if args.seed is None else args.seed
+    report = {"tasks": args.tasks, "steps": args.steps, "seed": seed, "methods": {}}
+    print(f"fidelity on the shapes world: {args.tasks} tasks per method, {args.steps} steps, seed {seed}")
     print(f"  {'method / variant':34s} {'success':>8s} {'preservation':>13s} {'of edits made':>14s} {'exact':>6s} "
           f"{'to truth':>9s} {'failed':>6s}")
     for method in methods:
         start = time.perf_counter()
-        summaries = evaluate(method, args.tasks, args.steps, args.seed)
+        summaries = evaluate(method, args.tasks, args.steps, seed, per_task=args.per_task)
         verdicts = beats_baselines(method, summaries)
         for name, summary in summaries.items():
             label = name if name == method.name else f"  vs {name}"
@@ -104,10 +105,10 @@ def main() -> None:
             "variants": {name: dataclasses.asdict(summary) for name, summary in summaries.items()}}
         _write(report, args.json)  # after each method and sweep: a long run stopped midway keeps what it measured
     if args.sweep_zone_mask:
-        report["zone_mask_sweep"] = _zone_mask_sweep(args.tasks, args.steps, args.seed)
+        report["zone_mask_sweep"] = _zone_mask_sweep(args.tasks, args.steps, seed)
         _write(report, args.json)
     for name in args.sweep:
-        report.setdefault("sweeps", {})[name] = _sweep(name, args.tasks, args.steps, args.seed)
+        report.setdefault("sweeps", {})[name] = _sweep(name, args.tasks, args.steps, args.seed, args.per_task)
         _write(report, args.json)
     _write(report, args.json)
     print(f"wrote {args.json}")
@@ -136,26 +137,27 @@ def _zone_mask_sweep(tasks: int, steps: int, seed: int) -> dict:
     return {"iou": [{**s.inputs(), "iou": iou} for s, iou in sweep.items()], "best": best.inputs()}
 
 
-def _sweep(name: str, tasks: int, steps: int, seed: int) -> dict:
-    """Run and print one of ``fidelity.SWEEPS``; its JSON record."""
+def _sweep(name: str, tasks: int, steps: int, seed: int | None, per_task: bool) -> dict:
+    """Run and print one of ``fidelity.SWEEPS`` on the tasks of ``seed`` (None: those it chooses on); its JSON
+    record."""
     from realedit.testbed.shapes_world.fidelity import SWEEPS, chosen, setting_sweep
 
     sweep = SWEEPS[name]
     metric = sweep.spec.metric
-    summaries = setting_sweep(sweep, tasks, steps, seed)
-    print(f"{sweep.method}: {sweep.setting}, over {tasks} tasks (judged on {metric})")
+    seed = sweep.chosen_on if seed is None else seed
+    summaries = setting_sweep(sweep, tasks, steps, seed, per_task=per_task)
+    print(f"{sweep.method}: {sweep.setting}, over {tasks} tasks of seed {seed} (judged on {metric})")
     for label, summary in summaries.items():
         mark = " (shipped default)" if label == sweep.default else ""
         print(f"  {label:14s} success {summary.success:4.0%}  preservation {_db(summary.preservation_db):>9s} "
               f"(of edits made {_db(summary.kept_db):>9s})  "
               f"to truth {_db(summary.psnr_to_truth_db):>8s}{mark}")
     best = chosen(sweep, summaries, tasks)
-    if seed == sweep.chosen_on:
-        print(f"  -> chosen: {best}")
-    else:
-        print(f"  -> best on these tasks: {best} (the world's choice is made on --seed {sweep.chosen_on})")
+    choosing = seed == sweep.chosen_on
+    print(f"  -> chosen: {best}" if choosing else
+          f"  -> best on these tasks: {best} (the world's choice is made on --seed {sweep.chosen_on})")
     return {"setting": sweep.setting, "default": sweep.default, "seed": seed, "chosen_on": sweep.chosen_on,
-            "chosen": best,
+            "chosen" if choosing else "best": best,
             "variants": {label: dataclasses.asdict(summary) for label, summary in summaries.items()}}
 
 

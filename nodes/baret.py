@@ -120,8 +120,8 @@ class NullTextInversion(io.ComfyNode):
                                       BARET_DEFAULTS.null_text_lr,
                                       "Learning rate at the first step; it decays as lr * (1 - s / 100). If the "
                                       "reconstruction is faithful but edits come out broken (shapes melting, "
-                                      "colours spilling), try a lower rate: on the shapes world 3e-3 edits better "
-                                      "than 1e-2 (README). " + origin("null_text_lr")),
+                                      "colours spilling), try a lower rate: on the shapes world 3e-3 keeps more "
+                                      "of the photo than 1e-2 (README). " + origin("null_text_lr")),
             ],
             outputs=list(_OUTPUTS),
         )

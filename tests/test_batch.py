@@ -298,7 +298,6 @@ def test_nulltext_rows_edit_with_the_per_step_null_text_embeddings():
     assert not torch.allclose(result.latent, with_empty, rtol=1e-4, atol=1e-5)
 
 
-# -- InstructPix2Pix on the diffusers host (ZONE rows without an edit) ------------------------------------------
 def test_a_nulltext_rows_learning_rate_reaches_the_inversion_and_decays_as_the_papers(tmp_path, monkeypatch):
     """A nulltext-p2p row's null_text_lr (default the paper's 1e-2) is null-text inversion's Adam lr at the first
     step, decaying as lr * (1 - s / 100); one that is not positive is refused by name before anything runs."""
@@ -322,6 +321,7 @@ def test_a_nulltext_rows_learning_rate_reaches_the_inversion_and_decays_as_the_p
     assert _records(tmp_path / "out")[row["id"]]["settings"]["null_text_lr"] == 3e-3
 
 
+# -- InstructPix2Pix on the diffusers host (ZONE rows without an edit) ------------------------------------------
 def test_ip2p_three_way_guidance_at_unit_scales_is_the_instruction_branch_and_m_b_reads_empty_text_rows():
     """s_T = s_I = 1 leaves e(z, c_I, c_T) alone (Eq. 2): equal to Euler sampling with the instruction branch
     only; the recorder saw the two empty-text rows (1 and 2) of every call, never the instruction row."""

@@ -161,8 +161,20 @@ def test_the_worlds_null_text_lr_is_a_value_of_its_sweep_chosen_on_other_tasks_t
 
     sweep = SWEEPS["p2p-null-text-lr"]
     assert {"learning_rate": WORLD_NULL_TEXT_LR} in sweep.values.values() and sweep.chosen_on != SUITE_SEED
-    held_out, table = cases(sweep.spec, 5, sweep.chosen_on), cases(sweep.spec, 5)
+    held_out, table = cases(sweep.spec, 30, sweep.chosen_on), cases(sweep.spec, 30)
     assert not any(torch.equal(a.method.truth.source, b.method.truth.source) for a in held_out for b in table)
+
+
+def test_per_task_scores_are_logged_for_the_method_and_each_baseline(monkeypatch):
+    from realedit.testbed.shapes_world import fidelity
+
+    monkeypatch.setattr(fidelity, "run_task", lambda task, steps: task.truth.expected)  # a perfect edit
+    lines: list[str] = []
+    method = METHODS[0]
+    summaries = evaluate(method, 2, SUBSET_STEPS, log=lines.append, per_task=True)
+    assert all(s.success == 1.0 for s in summaries.values())
+    assert len(lines) == 2 * len(summaries) and all("read back as asked" in line for line in lines)
+    assert evaluate(method, 2, SUBSET_STEPS, log=lines.append) and len(lines) == 2 * len(summaries)  # quiet
 
 
 def test_a_sweep_chooses_the_best_value_and_a_tie_keeps_the_default():

@@ -31,14 +31,13 @@ WORKFLOWS = Path(__file__).resolve().parents[2] / "api_workflows"
 # 64x64 latent (the shipped workflows' 4); the world's 16x16 latents have 16x16 maps at 1, 8x8 at 2 and 4x4 at 4
 # (whose 3x3 max-pool covers the image). The fidelity benchmark's map_downscale sweeps choose each on its
 # method's tasks (README.md's fidelity table; session 18's files: P2P 2, SpecRef 4, its SR-KSampler workflow
-# with it, StyleDiffusion 2).
+# with it, StyleDiffusion 2; P2P 4 since session 24, at the world's null-text learning rate below).
 WORLD_MAP_DOWNSCALE: dict[str, int] = {
-    "nulltext_p2p_edit": 2, "specref_object_replace": 4, "specref_sr_ksampler": 4, "stylediffusion_edit": 2}
+    "nulltext_p2p_edit": 4, "specref_object_replace": 4, "specref_sr_ksampler": 4, "stylediffusion_edit": 2}
 # Null-text inversion's Adam learning rate on the world (the Null-Text Inversion node's learning_rate; the shipped
-# workflow keeps the paper's 1e-2, chosen on SD). At 1e-2 the optimised unconditional embedding reconstructs the photo
-# more closely, but CFG with the target prompt then breaks the edit inside the blend mask (shapes melt into blobs,
-# colours spill). The fidelity benchmark's p2p-null-text-lr sweep chose 3e-3 on held-out tasks (--seed 60000), and
-# 3e-3 keeps more than 1e-2 on the table's tasks too (README.md's sweeps, session 24).
+# workflow keeps the paper's 1e-2, chosen on SD). At 1e-2 CFG with the target prompt breaks the world's edits inside
+# the blend mask (shapes melt into blobs, colours spill). The fidelity benchmark's p2p-null-text-lr sweep chose 3e-3
+# on held-out tasks (fidelity.HELD_OUT_SEED), with the world's maps at 2 and again at 4 (README.md, session 24).
 WORLD_NULL_TEXT_LR = 0.003
 
 
