@@ -190,8 +190,7 @@ def reference_transfer(photos: int, seed: int, sampler_inputs: dict[str, Any]) -
         for appearance in UNNAMED_APPEARANCES:
             reference = Scene(background, (Obj(shape, appearance, "centre", "large"),))
             task = task_for("specref_object_replace", scene, Edit("appearance", target, appearance), reference)
-            inputs = {**task.inputs, SPECREF_SAMPLER: {**task.inputs[SPECREF_SAMPLER], **sampler_inputs}}
-            edit = fidelity.run_task(dataclasses.replace(task, inputs=inputs), STEPS)  # (H, W, 3) in [0, 1]
+            edit = fidelity.run_task(task.with_inputs({SPECREF_SAMPLER: sampler_inputs}), STEPS)  # (H, W, 3) in [0, 1]
             edits.append(describe(edit, task.truth.region))
             expected.append(describe(task.truth.expected, task.truth.region))
         edit_features, expected_features = torch.stack(edits), torch.stack(expected)  # (5, 6) each

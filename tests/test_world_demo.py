@@ -56,6 +56,16 @@ def test_every_world_task_reads_word_maps_from_its_methods_world_layers():
     assert set(WORLD_MAP_DOWNSCALE) == set(reading)
 
 
+def test_with_inputs_merges_over_a_tasks_node_inputs_and_leaves_the_task_as_it_was():
+    task = next(t for t in world_tasks() if t.stem == "nulltext_p2p_edit")
+    before = {node: dict(values) for node, values in task.inputs.items()}
+    changed = task.with_inputs({"8": {"cross_replace": 0.4}, "9": {"x": 1}})
+    assert changed.inputs["8"] == {**before["8"], "cross_replace": 0.4} and changed.inputs["9"] == {"x": 1}
+    assert {n: v for n, v in changed.inputs.items() if n not in ("8", "9")} == {
+        n: v for n, v in before.items() if n != "8"}
+    assert task.inputs == before and changed.truth is task.truth
+
+
 def test_the_worlds_null_text_inversions_take_the_worlds_learning_rate(tmp_path):
     """Every null-text inversion of a world task (the P2P task, StyleDiffusion's P2P baseline) and the diffusers
     demo's null-text row run at the world's learning rate (the fidelity benchmark's p2p-null-text-lr sweep); the

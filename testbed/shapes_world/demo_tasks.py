@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -84,6 +84,11 @@ class WorldTask:
     generated: bool = False
     reference: torch.Tensor | None = None  # (H, W, 3), shown on the sheet
     workflow: dict | None = None  # an API workflow of its own (a baseline); else the shipped ``stem``.json
+
+    def with_inputs(self, overrides: dict[str, dict[str, object]]) -> WorldTask:
+        """This task with ``overrides`` (node id -> {input: value}) merged over its node inputs."""
+        merged = {node: {**self.inputs.get(node, {}), **values} for node, values in overrides.items()}
+        return replace(self, inputs={**self.inputs, **merged})
 
     def api_workflow(self) -> dict:
         """The workflow to run: its own, or the shipped one named by ``stem``."""

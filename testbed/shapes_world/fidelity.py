@@ -285,8 +285,8 @@ def zone_mask_sweep(tasks: list[WorldTask], steps: int,
     ious: dict[ZoneMask, list[float]] = {setting: [] for setting in settings or zone_mask_grid()}
     for task in tasks:
         for setting, values in ious.items():
-            inputs = {**task.inputs, ZONE_MASK_NODE: setting.inputs()}
-            rough = run_task(dataclasses.replace(task, inputs=inputs, edit_node=ZONE_ROUGH_MASK_NODE), steps)
+            mask_task = task.with_inputs({ZONE_MASK_NODE: setting.inputs()})
+            rough = run_task(dataclasses.replace(mask_task, edit_node=ZONE_ROUGH_MASK_NODE), steps)
             values.append(mask_iou(rough[..., 0] > 0.5, task.truth.region))
     return {setting: statistics.median(values) for setting, values in ious.items()}
 
@@ -362,9 +362,8 @@ def setting_sweep(sweep: Sweep, count: int, steps: int, seed: int = SUITE_SEED,
     for i, case in enumerate(cases(sweep.spec, count, seed)):
         task = case.method
         for label, values in sweep.values.items():
-            inputs = {**task.inputs, **{node: {**task.inputs.get(node, {}), **values}
-                                        for node in (sweep.node, *sweep.also)}}
-            results[label].append(_scored(dataclasses.replace(task, inputs=inputs), steps, log,
+            swept = task.with_inputs({node: values for node in (sweep.node, *sweep.also)})
+            results[label].append(_scored(swept, steps, log,
                                           f"{sweep.method} task {i}, {sweep.setting} {label}", per_task))
     return {label: summarise(scores) for label, scores in results.items()}
 
