@@ -18,6 +18,8 @@ maps from; BARET's transition lambda schedule; the learning rate of P2P's null-t
 (``demo_tasks.WORLD_NULL_TEXT_LR``, chosen on other held-out tasks than the table's: ``Sweep.chosen_on``); and, as
 a measurement of an official value, StyleDiffusion's self-attention replacement tau_s) and prints the value it
 chooses (a tie keeps the shipped default). ``--seed`` draws other held-out tasks; ``--per-task`` prints each task.
+``--set NODE.INPUT=VALUE`` runs an ablation (the methods' own workflows with those inputs, the baselines as they
+are) and ``--kinds`` keeps the suite's tasks of some edit kinds, numbered as in the whole suite.
 
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py                 # 30 tasks per method, 10 steps
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --tasks 3 --methods ZONE SpecRef
@@ -25,6 +27,8 @@ chooses (a tie keeps the shipped default). ``--seed`` draws other held-out tasks
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --sweep specref-window baret-lambda   # sweeps only
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --sweep p2p-null-text-lr          # on held-out tasks
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --sweep p2p-null-text-lr --seed 50000 --per-task
+    COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --methods 'P2P (null-text inversion)' \
+        --kinds background --set 8.cross_replace=0 8.self_replace=0 8.blend_words= --per-task   # an ablation
 
 The committed world checkpoints meet their four quality gates on the full sets (the IP2P UNet carries out 82.5% of
 its held-out instructions, target 80%). ZONE's M_b localises the edit best from the instruction branch's attention,
@@ -59,6 +63,13 @@ def main() -> None:
                              "draws other held-out tasks")
     parser.add_argument("--per-task", action="store_true", help="also print every task's scores")
     parser.add_argument("--methods", nargs="*", help="method names (default: all, or none with --sweep)")
+    parser.add_argument("--kinds", nargs="+", metavar="KIND",
+                        help="only the tasks of these edit kinds among --tasks (recolour, reshape, background, ...): "
+                             "the same tasks as the whole suite's, numbered as there")
+    parser.add_argument("--set", nargs="+", default=[], metavar="NODE.INPUT=VALUE", dest="overrides",
+                        help="an ablation: set an input of each method's own workflow (not its baselines'), the "
+                             "value read as JSON where it parses, else as text; e.g. --methods 'P2P (null-text "
+                             "inversion)' --set 8.cross_replace=0 8.self_replace=0. The JSON records the overrides")
     parser.add_argument("--json", type=Path, default=Path("out/bench_fidelity.json"))
     parser.add_argument("--sweep-zone-mask", action="store_true",
                         help="also sweep how ZONE reads M_b (branch, layers, threshold T) against the true edit "
@@ -75,7 +86,13 @@ def main() -> None:
     bootstrap_comfyui()  # before anything imports comfy
     from realedit.testbed import comfy_runner
     from realedit.testbed.shapes_world.comfy_world import add_checkpoint_folder
-    from realedit.testbed.shapes_world.fidelity import METHODS, SUITE_SEED, beats_baselines, evaluate
+    from realedit.testbed.shapes_world.fidelity import (
+        METHODS,
+        SUITE_SEED,
+        beats_baselines,
+        check_ablation,
+        evaluate,
+    )
     from realedit.testbed.shapes_world.models import register_comfy
 
     comfy_runner.load_comfy_nodes()
@@ -85,13 +102,26 @@ def main() -> None:
     # every method by default; none when only sweeps are asked for (unless --methods names some)
     methods = [m for m in METHODS if (m.name in args.methods if args.methods is not None else not args.sweep)]
     seed = SUITE_SEED if args.seed is None else args.seed
+    overrides = parse_overrides(args.overrides)
+    if (overrides or args.kinds) and (args.sweep or args.sweep_zone_mask):
+        raise SystemExit("--set and --kinds change the --methods runs, not the sweeps: run them apart")
+    for method in methods:  # before anything runs
+        try:
+            check_ablation(method, overrides, tuple(args.kinds) if args.kinds else None)
+        except ValueError as exc:
+            raise SystemExit(f"--set / --kinds: {exc}") from None
     report = {"tasks": args.tasks, "steps": args.steps, "seed": seed, "methods": {}}
-    print(f"fidelity on the shapes world: {args.tasks} tasks per method, {args.steps} steps, seed {seed}")
+    if overrides or args.kinds:
+        report.update(overrides=overrides, kinds=args.kinds)
+    print(f"fidelity on the shapes world: {args.tasks} tasks per method, {args.steps} steps, seed {seed}"
+          + (f", only {', '.join(args.kinds)} edits" if args.kinds else "")
+          + (f", the methods' workflows with {overrides} (an ablation)" if overrides else ""))
     print(f"  {'method / variant':34s} {'success':>8s} {'preservation':>13s} {'of edits made':>14s} {'exact':>6s} "
           f"{'to truth':>9s} {'failed':>6s}")
     for method in methods:
         start = time.perf_counter()
-        summaries = evaluate(method, args.tasks, args.steps, seed, per_task=args.per_task)
+        summaries = evaluate(method, args.tasks, args.steps, seed, per_task=args.per_task,
+                             overrides=overrides or None, kinds=tuple(args.kinds) if args.kinds else None)
         verdicts = beats_baselines(method, summaries)
         for name, summary in summaries.items():
             label = name if name == method.name else f"  vs {name}"
@@ -112,6 +142,23 @@ def main() -> None:
         _write(report, args.json)
     _write(report, args.json)
     print(f"wrote {args.json}")
+
+
+def parse_overrides(settings: list[str]) -> dict[str, dict[str, object]]:
+    """``["8.cross_replace=0", "8.blend_words=cat, tiger"]`` -> {"8": {"cross_replace": 0, "blend_words": "cat,
+    tiger"}}: each value as JSON where it parses, else as text."""
+    overrides: dict[str, dict[str, object]] = {}
+    for setting in settings:
+        target, sep, text = setting.partition("=")
+        node, dot, name = target.partition(".")
+        if not (sep and dot and node and name):
+            raise SystemExit(f"--set {setting!r}: write NODE.INPUT=VALUE, e.g. 8.cross_replace=0")
+        try:
+            value: object = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        overrides.setdefault(node, {})[name] = value
+    return overrides
 
 
 def _write(report: dict, path: Path) -> None:

@@ -177,6 +177,50 @@ def test_per_task_scores_are_logged_for_the_method_and_each_baseline(monkeypatch
     assert evaluate(method, 2, SUBSET_STEPS, log=lines.append) and len(lines) == 2 * len(summaries)  # quiet
 
 
+def test_an_ablation_sets_the_methods_inputs_only_on_the_suites_tasks_of_the_kinds_asked(monkeypatch):
+    """bench_fidelity --set / --kinds: the overrides reach the method's own workflow and no baseline's, merged
+    over the world task's inputs; --kinds runs exactly the suite's tasks of those kinds."""
+    from realedit.testbed.shapes_world import fidelity
+
+    ran: list = []
+    monkeypatch.setattr(fidelity, "run_task", lambda task, steps: ran.append(task) or task.truth.expected)
+    method = METHODS[0]  # P2P: recolours, reshapes and background edits
+    evaluate(method, 8, SUBSET_STEPS, log=lambda line: None, overrides={"8": {"cross_replace": 0.0}},
+             kinds=("background",))
+    suite = [case for case in cases(method, 8) if case.kind == "background"]
+    assert suite and len(suite) < 8
+    mine = [task for task in ran if task.stem == method.stem]
+    assert [task.truth.instruction for task in mine] == [case.method.truth.instruction for case in suite]
+    for task, case in zip(mine, suite):
+        assert task.inputs["8"] == {**case.method.inputs["8"], "cross_replace": 0.0}  # the world's inputs kept
+    others = [task for task in ran if task.stem != method.stem]
+    assert len(others) == len(suite) * len(method.baselines)
+    assert all("cross_replace" not in values for task in others for values in task.inputs.values())
+
+
+@pytest.mark.parametrize("overrides, kinds, message", [
+    ({"99": {"cfg": 1.0}}, None, "node '99' is not in nulltext_p2p_edit's workflow .*8 RealEditSpecRefEditSampler"),
+    ({"8": {"crossreplace": 0.0}}, None, "has no input crossreplace"),
+    (None, ("appearance",), "kinds \\['appearance'\\]"),
+])
+def test_an_ablation_that_would_change_nothing_is_refused(overrides, kinds, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate(METHODS[0], 2, SUBSET_STEPS, overrides=overrides, kinds=kinds)
+
+
+def test_the_bench_reads_each_set_as_node_input_and_a_json_value_or_text():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fidelity", WORKFLOWS.parent / "bench" / "bench_fidelity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_overrides(["8.cross_replace=0", "8.blend_words=cat, tiger", "7.learning_rate=3e-3",
+                                  "8.uncond_shared_kv=true"]) == {
+        "8": {"cross_replace": 0, "blend_words": "cat, tiger", "uncond_shared_kv": True}, "7": {"learning_rate": 0.003}}
+    with pytest.raises(SystemExit, match="write NODE.INPUT=VALUE"):
+        bench.parse_overrides(["cross_replace=0"])
+
+
 def test_a_sweep_chooses_the_best_value_and_a_tie_keeps_the_default():
     """On success, a lead of one task in the suite is a tie (the default stays); two tasks choose."""
     sweep = Sweep("BARET", "lambda", "7", {"a": {}, "b": {}, "c": {}}, "b")

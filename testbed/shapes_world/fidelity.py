@@ -23,6 +23,7 @@ Baselines:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import statistics
@@ -35,7 +36,7 @@ import torch
 
 from ...masks.settings import DEFAULT_SEGMENT, MASK_LAYER_CHOICES, MASK_ROW_CHOICES, SEGMENT_CHOICES
 from .config import T2I_FILE
-from .demo_tasks import WorldTask, ZoneMask, photo, score, task_for
+from .demo_tasks import WORKFLOWS, WorldTask, ZoneMask, photo, score, task_for
 from .edits import Edit, ground_truth, random_edit
 from .scene import BACKGROUNDS, SHAPES, Obj, Scene, random_scene
 
@@ -74,6 +75,7 @@ class Case:
 
     method: WorldTask
     baselines: dict[str, WorldTask]
+    kind: str  # the edit's kind (Edit.kind: "recolour", "background", ...)
 
 
 def _reference_for(scene: Scene, edit: Edit, rng: random.Random) -> Scene:
@@ -94,7 +96,8 @@ def cases(method: Method, count: int, seed: int = SUITE_SEED) -> list[Case]:
             continue
         reference = _reference_for(scene, edit, rng) if edit.kind == "appearance" else None
         task = task_for(method.stem, scene, edit, reference)
-        out.append(Case(task, {name: baseline(name, scene, edit, reference) for name in method.baselines}))
+        out.append(Case(task, {name: baseline(name, scene, edit, reference) for name in method.baselines},
+                        edit.kind))
     return out
 
 
@@ -220,14 +223,43 @@ def summarise(scores: list) -> Summary:
 
 
 def evaluate(method: Method, count: int, steps: int, seed: int = SUITE_SEED,
-             log: Callable[[str], None] = print, per_task: bool = False) -> dict[str, Summary]:
+             log: Callable[[str], None] = print, per_task: bool = False,
+             overrides: dict[str, dict[str, object]] | None = None,
+             kinds: tuple[str, ...] | None = None) -> dict[str, Summary]:
     """Every variant (the method, then its baselines) on ``count`` seeded tasks: {variant: Summary}.
-    ``per_task``: also log each task's scores."""
+
+    ``per_task``: also log each task's scores. ``overrides`` (node id -> {input: value}) change the method's own
+    workflow, not its baselines' (an ablation: e.g. P2P without its attention control). ``kinds``: only the
+    tasks of those edit kinds among the ``count`` (the same tasks, numbered as in the whole suite).
+    """
+    check_ablation(method, overrides, kinds)
+    suite = cases(method, count, seed)
     results: dict[str, list] = {method.name: [], **{name: [] for name in method.baselines}}
-    for i, case in enumerate(cases(method, count, seed)):
-        for name, task in ((method.name, case.method), *case.baselines.items()):
+    for i, case in enumerate(suite):
+        if kinds is not None and case.kind not in kinds:
+            continue
+        mine = case.method.with_inputs(overrides) if overrides else case.method
+        for name, task in ((method.name, mine), *case.baselines.items()):
             results[name].append(_scored(task, steps, log, f"{method.name} task {i}, {name}", per_task))
     return {name: summarise(scores) for name, scores in results.items()}
+
+
+def check_ablation(method: Method, overrides: dict[str, dict[str, object]] | None = None,
+                   kinds: tuple[str, ...] | None = None) -> None:
+    """Refuse edit kinds the method's tasks never draw, and overrides of a node or an input that its workflow
+    lacks: either would silently change nothing."""
+    unknown = sorted(set(kinds or ()) - set(method.kinds))
+    if unknown:
+        raise ValueError(f"kinds {unknown}: {method.name}'s tasks are of the kinds {list(method.kinds)}")
+    workflow = json.loads((WORKFLOWS / f"{method.stem}.json").read_text())
+    for node_id, values in (overrides or {}).items():
+        if node_id not in workflow:
+            nodes = ", ".join(f"{i} {node['class_type']}" for i, node in workflow.items())
+            raise ValueError(f"node {node_id!r} is not in {method.stem}'s workflow (its nodes: {nodes})")
+        unknown = sorted(set(values) - set(workflow[node_id]["inputs"]))
+        if unknown:
+            raise ValueError(f"node {node_id} ({workflow[node_id]['class_type']}) of {method.stem} has no input "
+                             f"{', '.join(unknown)}; its inputs: {', '.join(workflow[node_id]['inputs'])}")
 
 
 def _scored(task: WorldTask, steps: int, log: Callable[[str], None], what: str, per_task: bool = False):
