@@ -18,8 +18,9 @@ maps from; BARET's transition lambda schedule; the learning rate of P2P's null-t
 (``demo_tasks.WORLD_NULL_TEXT_LR``, chosen on other held-out tasks than the table's: ``Sweep.chosen_on``); and, as
 a measurement of an official value, StyleDiffusion's self-attention replacement tau_s) and prints the value it
 chooses (a tie keeps the shipped default). ``--seed`` draws other held-out tasks; ``--per-task`` prints each task.
-``--set NODE.INPUT=VALUE`` runs an ablation (the methods' own workflows with those inputs, the baselines as they
-are) and ``--kinds`` keeps the suite's tasks of some edit kinds, numbered as in the whole suite.
+``--set NODE.INPUT=VALUE`` runs an ablation (one method's own workflow with those inputs, of the types the workflow
+gives them; its baselines as they are) and ``--kinds`` keeps the suite's tasks of some edit kinds, numbered as in
+the whole suite.
 
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py                 # 30 tasks per method, 10 steps
     COMFYUI_PATH=... .venv/bin/python bench/bench_fidelity.py --tasks 3 --methods ZONE SpecRef
@@ -67,9 +68,10 @@ def main() -> None:
                         help="only the tasks of these edit kinds among --tasks (recolour, reshape, background, ...): "
                              "the same tasks as the whole suite's, numbered as there")
     parser.add_argument("--set", nargs="+", default=[], metavar="NODE.INPUT=VALUE", dest="overrides",
-                        help="an ablation: set an input of each method's own workflow (not its baselines'), the "
-                             "value read as JSON where it parses, else as text; e.g. --methods 'P2P (null-text "
-                             "inversion)' --set 8.cross_replace=0 8.self_replace=0. The JSON records the overrides")
+                        help="an ablation of one method (--methods NAME): set inputs of its own workflow, not its "
+                             "baselines', each value of the type the workflow gives that input (8.blend_words= is "
+                             "empty text); e.g. --methods 'P2P (null-text inversion)' --set 8.cross_replace=0 "
+                             "8.self_replace=0. The JSON records the overrides")
     parser.add_argument("--json", type=Path, default=Path("out/bench_fidelity.json"))
     parser.add_argument("--sweep-zone-mask", action="store_true",
                         help="also sweep how ZONE reads M_b (branch, layers, threshold T) against the true edit "
@@ -89,8 +91,9 @@ def main() -> None:
     from realedit.testbed.shapes_world.fidelity import (
         METHODS,
         SUITE_SEED,
+        ablation_inputs,
         beats_baselines,
-        check_ablation,
+        check_kinds,
         evaluate,
     )
     from realedit.testbed.shapes_world.models import register_comfy
@@ -102,14 +105,18 @@ def main() -> None:
     # every method by default; none when only sweeps are asked for (unless --methods names some)
     methods = [m for m in METHODS if (m.name in args.methods if args.methods is not None else not args.sweep)]
     seed = SUITE_SEED if args.seed is None else args.seed
-    overrides = parse_overrides(args.overrides)
-    if (overrides or args.kinds) and (args.sweep or args.sweep_zone_mask):
+    if (args.overrides or args.kinds) and (args.sweep or args.sweep_zone_mask):
         raise SystemExit("--set and --kinds change the --methods runs, not the sweeps: run them apart")
-    for method in methods:  # before anything runs
-        try:
-            check_ablation(method, overrides, tuple(args.kinds) if args.kinds else None)
-        except ValueError as exc:
-            raise SystemExit(f"--set / --kinds: {exc}") from None
+    if args.overrides and len(methods) != 1:
+        raise SystemExit("--set names nodes of one workflow: give exactly one method with --methods")
+    kinds = tuple(args.kinds) if args.kinds else None
+    overrides = {}
+    try:  # before anything runs
+        for method in methods:
+            check_kinds(method, kinds)
+            overrides = ablation_inputs(method, parse_overrides(args.overrides))
+    except ValueError as exc:
+        raise SystemExit(f"--set / --kinds: {exc}") from None
     report = {"tasks": args.tasks, "steps": args.steps, "seed": seed, "methods": {}}
     if overrides or args.kinds:
         report.update(overrides=overrides, kinds=args.kinds)
@@ -121,7 +128,7 @@ def main() -> None:
     for method in methods:
         start = time.perf_counter()
         summaries = evaluate(method, args.tasks, args.steps, seed, per_task=args.per_task,
-                             overrides=overrides or None, kinds=tuple(args.kinds) if args.kinds else None)
+                             overrides=overrides or None, kinds=kinds)
         verdicts = beats_baselines(method, summaries)
         for name, summary in summaries.items():
             label = name if name == method.name else f"  vs {name}"
@@ -129,7 +136,8 @@ def main() -> None:
                   f"{_db(summary.kept_db):>14s} {summary.exact:6.0%} "
                   f"{_db(summary.psnr_to_truth_db):>9s} {summary.failed:6d}")
         wins = ", ".join(f"{'beats' if won else 'does NOT beat'} {name}" for name, won in verdicts.items())
-        print(f"  -> judged on {method.metric}: {wins} ({time.perf_counter() - start:.0f} s)")
+        ran = summaries[method.name].tasks
+        print(f"  -> judged on {method.metric}: {wins} ({ran} tasks, {time.perf_counter() - start:.0f} s)")
         report["methods"][method.name] = {
             "metric": method.metric, "verdicts": verdicts,
             "variants": {name: dataclasses.asdict(summary) for name, summary in summaries.items()}}
@@ -144,20 +152,18 @@ def main() -> None:
     print(f"wrote {args.json}")
 
 
-def parse_overrides(settings: list[str]) -> dict[str, dict[str, object]]:
-    """``["8.cross_replace=0", "8.blend_words=cat, tiger"]`` -> {"8": {"cross_replace": 0, "blend_words": "cat,
-    tiger"}}: each value as JSON where it parses, else as text."""
-    overrides: dict[str, dict[str, object]] = {}
+def parse_overrides(settings: list[str]) -> dict[str, dict[str, str]]:
+    """``["8.cross_replace=0", "8.blend_words=cat, tiger"]`` -> {"8": {"cross_replace": "0", "blend_words": "cat,
+    tiger"}}, the values as text (``fidelity.ablation_inputs`` gives them the workflow's types)."""
+    overrides: dict[str, dict[str, str]] = {}
     for setting in settings:
         target, sep, text = setting.partition("=")
         node, dot, name = target.partition(".")
         if not (sep and dot and node and name):
             raise SystemExit(f"--set {setting!r}: write NODE.INPUT=VALUE, e.g. 8.cross_replace=0")
-        try:
-            value: object = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        overrides.setdefault(node, {})[name] = value
+        if name in overrides.get(node, {}):
+            raise SystemExit(f"--set {node}.{name} is given twice")
+        overrides.setdefault(node, {})[name] = text
     return overrides
 
 

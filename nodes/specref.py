@@ -72,7 +72,10 @@ class SpecRefEditSampler(io.ComfyNode):
                 io.Float.Input("self_replace", default=P2P_DEFAULTS.self_replace, min=0.0, max=1.0, step=0.01,
                                tooltip=describe(P2PSettings, "self_replace")),
                 io.String.Input("blend_words", default="", optional=True,
-                                tooltip="LocalBlend words, comma separated (e.g. 'cat, tiger'); empty = off."),
+                                tooltip="LocalBlend words, comma separated (e.g. 'cat, tiger'); empty = off. "
+                                "LocalBlend keeps the source wherever these words' maps are weak: name the edited "
+                                "object; for an edit of the whole background or style leave it empty, or it can "
+                                "keep patches of the old one (README: Fidelity on the shapes world)."),
                 io.Float.Input("blend_threshold", default=P2P_DEFAULTS.blend_threshold, min=0.0, max=1.0, step=0.01,
                                tooltip=describe(P2PSettings, "blend_threshold")),
                 io.String.Input("reweight_words", default="", optional=True,

@@ -19,6 +19,7 @@ from realedit.testbed.shapes_world.demo_tasks import WORLD_ZONE_MASK, score
 from realedit.testbed.shapes_world.fidelity import (
     METHODS,
     P2P_NO_SR,
+    P2P_NTI,
     SUITE_SEED,
     SWEEPS,
     Summary,
@@ -177,48 +178,83 @@ def test_per_task_scores_are_logged_for_the_method_and_each_baseline(monkeypatch
     assert evaluate(method, 2, SUBSET_STEPS, log=lines.append) and len(lines) == 2 * len(summaries)  # quiet
 
 
-def test_an_ablation_sets_the_methods_inputs_only_on_the_suites_tasks_of_the_kinds_asked(monkeypatch):
-    """bench_fidelity --set / --kinds: the overrides reach the method's own workflow and no baseline's, merged
-    over the world task's inputs; --kinds runs exactly the suite's tasks of those kinds."""
+def test_kinds_run_exactly_the_suites_tasks_of_those_kinds_numbered_as_in_the_suite(monkeypatch):
+    """bench_fidelity --kinds: the suite's own tasks of those kinds (not other draws), logged under their number
+    in the whole suite, each variant scored on as many."""
     from realedit.testbed.shapes_world import fidelity
 
     ran: list = []
     monkeypatch.setattr(fidelity, "run_task", lambda task, steps: ran.append(task) or task.truth.expected)
     method = METHODS[0]  # P2P: recolours, reshapes and background edits
-    evaluate(method, 8, SUBSET_STEPS, log=lambda line: None, overrides={"8": {"cross_replace": 0.0}},
-             kinds=("background",))
-    suite = [case for case in cases(method, 8) if case.kind == "background"]
+    lines: list[str] = []
+    summaries = evaluate(method, 8, SUBSET_STEPS, log=lines.append, per_task=True, kinds=("background",))
+    suite = [(i, case) for i, case in enumerate(cases(method, 8)) if case.kind == "background"]
     assert suite and len(suite) < 8
     mine = [task for task in ran if task.stem == method.stem]
-    assert [task.truth.instruction for task in mine] == [case.method.truth.instruction for case in suite]
-    for task, case in zip(mine, suite):
-        assert task.inputs["8"] == {**case.method.inputs["8"], "cross_replace": 0.0}  # the world's inputs kept
-    others = [task for task in ran if task.stem != method.stem]
-    assert len(others) == len(suite) * len(method.baselines)
-    assert all("cross_replace" not in values for task in others for values in task.inputs.values())
+    assert [task.truth.instruction for task in mine] == [case.method.truth.instruction for _, case in suite]
+    assert [line.split(",")[0] for line in lines if f", {method.name} (" in line] == [
+        f"  {method.name} task {i}" for i, _ in suite]
+    assert {summary.tasks for summary in summaries.values()} == {len(suite)}
+
+
+def test_an_ablation_sets_the_methods_own_inputs_and_no_baselines(monkeypatch):
+    """bench_fidelity --set: StyleDiffusion without LocalBlend; its P2P baseline (node 8 too, with blend words)
+    keeps them, and the world task's other inputs stay."""
+    from realedit.testbed.shapes_world import fidelity
+
+    ran: list = []
+    monkeypatch.setattr(fidelity, "run_task", lambda task, steps: ran.append(task) or task.truth.expected)
+    method = next(m for m in METHODS if m.name == "StyleDiffusion")
+    evaluate(method, 2, SUBSET_STEPS, log=lambda line: None, overrides={"8": {"blend_words": ""}})
+    suite = cases(method, 2)
+    mine = [task for task in ran if task.stem == method.stem]
+    assert [task.inputs["8"] for task in mine] == [{**case.method.inputs["8"], "blend_words": ""} for case in suite]
+    p2p = [task for task in ran if task.stem == "nulltext_p2p_edit"]
+    assert len(p2p) == 2 and all(task.inputs["8"]["blend_words"] for task in p2p)
+    assert [task.inputs for task in p2p] == [case.baselines[P2P_NTI].inputs for case in suite]
 
 
 @pytest.mark.parametrize("overrides, kinds, message", [
     ({"99": {"cfg": 1.0}}, None, "node '99' is not in nulltext_p2p_edit's workflow .*8 RealEditSpecRefEditSampler"),
-    ({"8": {"crossreplace": 0.0}}, None, "has no input crossreplace"),
+    ({"8": {"crossreplace": 0.0}}, None, "does not set input 'crossreplace' of node 8 .*cross_replace"),
+    ({"8": {"model": 0}}, None, "input 'model' of node 8 .* is a link from node"),
     (None, ("appearance",), "kinds \\['appearance'\\]"),
+    (None, ("reshape",), "none of .* first 1 tasks is of the kinds \\['reshape'\\]"),  # task 0: the background
 ])
-def test_an_ablation_that_would_change_nothing_is_refused(overrides, kinds, message):
+def test_an_ablation_that_would_change_nothing_or_break_the_graph_is_refused(overrides, kinds, message):
     with pytest.raises(ValueError, match=message):
-        evaluate(METHODS[0], 2, SUBSET_STEPS, overrides=overrides, kinds=kinds)
+        evaluate(METHODS[0], 1, SUBSET_STEPS, overrides=overrides, kinds=kinds)
 
 
-def test_the_bench_reads_each_set_as_node_input_and_a_json_value_or_text():
+def test_an_ablations_values_take_the_type_the_workflow_gives_each_input():
+    from realedit.testbed.shapes_world.fidelity import ablation_inputs
+
+    p2p = METHODS[0]
+    texts = {"8": {"cross_replace": "0", "blend_words": "", "uncond_shared_kv": "true", "map_downscale": "2",
+                   "target_text": "true"}, "7": {"learning_rate": "3e-3"}}
+    typed = ablation_inputs(p2p, texts)
+    assert typed == {"8": {"cross_replace": 0.0, "blend_words": "", "uncond_shared_kv": True, "map_downscale": 2,
+                           "target_text": "true"}, "7": {"learning_rate": 0.003}}
+    assert type(typed["8"]["cross_replace"]) is float and type(typed["8"]["map_downscale"]) is int
+    for (node, name), text, kind in ((("8", "cross_replace"), "abc", "float"), (("8", "uncond_shared_kv"), "1", "bool"),
+                                     (("7", "learning_rate"), "nan", "float")):
+        with pytest.raises(ValueError, match=f"{node}.{name}='{text}': the workflow's value is .*; give a {kind}"):
+            ablation_inputs(p2p, {node: {name: text}})
+
+
+def test_the_bench_reads_each_set_as_node_input_and_text():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_fidelity", WORKFLOWS.parent / "bench" / "bench_fidelity.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.parse_overrides(["8.cross_replace=0", "8.blend_words=cat, tiger", "7.learning_rate=3e-3",
-                                  "8.uncond_shared_kv=true"]) == {
-        "8": {"cross_replace": 0, "blend_words": "cat, tiger", "uncond_shared_kv": True}, "7": {"learning_rate": 0.003}}
+    assert bench.parse_overrides(["8.cross_replace=0", "8.blend_words=cat, tiger", "8.reweight_words=",
+                                  "7.learning_rate=3e-3"]) == {
+        "8": {"cross_replace": "0", "blend_words": "cat, tiger", "reweight_words": ""}, "7": {"learning_rate": "3e-3"}}
     with pytest.raises(SystemExit, match="write NODE.INPUT=VALUE"):
         bench.parse_overrides(["cross_replace=0"])
+    with pytest.raises(SystemExit, match="8.cross_replace is given twice"):
+        bench.parse_overrides(["8.cross_replace=0", "8.cross_replace=0.2"])
 
 
 def test_a_sweep_chooses_the_best_value_and_a_tie_keeps_the_default():

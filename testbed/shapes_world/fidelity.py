@@ -201,6 +201,7 @@ class Summary:
     psnr_to_truth_db: float  # median
     failed: int  # runs that raised (scored as not read back, 0 dB)
     kept_db: float = math.nan  # median preservation of the edits made: a task not read back as asked scores 0 dB
+    tasks: int = 0  # how many tasks it was scored on
 
     def value(self, metric: str) -> float:
         """The score a method is judged on: ``success``, or ``preservation`` of the edits made (``kept_db``)."""
@@ -219,7 +220,8 @@ def summarise(scores: list) -> Summary:
                    if scores else math.nan,
                    failed=failed,
                    kept_db=statistics.median([s.preservation_psnr if s.success else 0.0 for s in done]
-                                             + [0.0] * failed) if scores else math.nan)
+                                             + [0.0] * failed) if scores else math.nan,
+                   tasks=len(scores))
 
 
 def evaluate(method: Method, count: int, steps: int, seed: int = SUITE_SEED,
@@ -232,34 +234,74 @@ def evaluate(method: Method, count: int, steps: int, seed: int = SUITE_SEED,
     workflow, not its baselines' (an ablation: e.g. P2P without its attention control). ``kinds``: only the
     tasks of those edit kinds among the ``count`` (the same tasks, numbered as in the whole suite).
     """
-    check_ablation(method, overrides, kinds)
-    suite = cases(method, count, seed)
+    check_kinds(method, kinds)
+    for node_id, values in (overrides or {}).items():
+        for name in values:
+            shipped_value(method, node_id, name)  # refuses what the workflow does not set
+    suite = [(i, case) for i, case in enumerate(cases(method, count, seed)) if kinds is None or case.kind in kinds]
+    if kinds is not None and not suite:
+        raise ValueError(f"none of {method.name}'s first {count} tasks is of the kinds {list(kinds)}: "
+                         "ask for more tasks")
     results: dict[str, list] = {method.name: [], **{name: [] for name in method.baselines}}
-    for i, case in enumerate(suite):
-        if kinds is not None and case.kind not in kinds:
-            continue
+    for i, case in suite:
         mine = case.method.with_inputs(overrides) if overrides else case.method
         for name, task in ((method.name, mine), *case.baselines.items()):
             results[name].append(_scored(task, steps, log, f"{method.name} task {i}, {name}", per_task))
     return {name: summarise(scores) for name, scores in results.items()}
 
 
-def check_ablation(method: Method, overrides: dict[str, dict[str, object]] | None = None,
-                   kinds: tuple[str, ...] | None = None) -> None:
-    """Refuse edit kinds the method's tasks never draw, and overrides of a node or an input that its workflow
-    lacks: either would silently change nothing."""
+def check_kinds(method: Method, kinds: tuple[str, ...] | None) -> None:
+    """Refuse edit kinds the method's tasks never draw (they would select nothing)."""
     unknown = sorted(set(kinds or ()) - set(method.kinds))
     if unknown:
         raise ValueError(f"kinds {unknown}: {method.name}'s tasks are of the kinds {list(method.kinds)}")
+
+
+def shipped_value(method: Method, node_id: str, name: str) -> object:
+    """The value the method's shipped workflow gives input ``name`` of node ``node_id``, which an ablation may
+    replace; refused where there is none (a node or an input the workflow does not set, or a link from another
+    node): overriding it would change nothing, or break the graph."""
     workflow = json.loads((WORKFLOWS / f"{method.stem}.json").read_text())
-    for node_id, values in (overrides or {}).items():
-        if node_id not in workflow:
-            nodes = ", ".join(f"{i} {node['class_type']}" for i, node in workflow.items())
-            raise ValueError(f"node {node_id!r} is not in {method.stem}'s workflow (its nodes: {nodes})")
-        unknown = sorted(set(values) - set(workflow[node_id]["inputs"]))
-        if unknown:
-            raise ValueError(f"node {node_id} ({workflow[node_id]['class_type']}) of {method.stem} has no input "
-                             f"{', '.join(unknown)}; its inputs: {', '.join(workflow[node_id]['inputs'])}")
+    if node_id not in workflow:
+        nodes = ", ".join(f"{i} {node['class_type']}" for i, node in workflow.items())
+        raise ValueError(f"node {node_id!r} is not in {method.stem}'s workflow (its nodes: {nodes})")
+    node = workflow[node_id]
+    if name not in node["inputs"]:
+        values = [key for key, value in node["inputs"].items() if not isinstance(value, list)]
+        raise ValueError(f"{method.stem}'s workflow does not set input {name!r} of node {node_id} "
+                         f"({node['class_type']}); it sets {', '.join(values)}")
+    value = node["inputs"][name]
+    if isinstance(value, list):
+        raise ValueError(f"input {name!r} of node {node_id} ({node['class_type']}) is a link from node {value[0]}, "
+                         "not a value an ablation can set")
+    return value
+
+
+def ablation_inputs(method: Method, texts: dict[str, dict[str, str]]) -> dict[str, dict[str, object]]:
+    """Node inputs for an ablation of ``method``'s workflow from text (node id -> {input: text}): each value
+    converted to the type of the value the shipped workflow gives that input (text stays text, so '' is empty)."""
+    return {node_id: {name: _like(shipped_value(method, node_id, name), text, f"{node_id}.{name}")
+                      for name, text in values.items()}
+            for node_id, values in texts.items()}
+
+
+def _like(shipped: object, text: str, label: str) -> object:
+    """``text`` as a value of ``shipped``'s type (bool, int or float; an int input also takes a float, which
+    ComfyUI validates)."""
+    try:
+        if isinstance(shipped, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError(text)
+            return text.lower() == "true"
+        if isinstance(shipped, int | float):
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+            return int(value) if isinstance(shipped, int) and value.is_integer() else value
+    except ValueError:
+        raise ValueError(f"{label}={text!r}: the workflow's value is {shipped!r}; give a "
+                         f"{type(shipped).__name__}") from None
+    return text
 
 
 def _scored(task: WorldTask, steps: int, log: Callable[[str], None], what: str, per_task: bool = False):
