@@ -122,7 +122,7 @@ def main() -> None:
         report.update(overrides=overrides, kinds=args.kinds)
     print(f"fidelity on the shapes world: {args.tasks} tasks per method, {args.steps} steps, seed {seed}"
           + (f", only {', '.join(args.kinds)} edits" if args.kinds else "")
-          + (f", the methods' workflows with {overrides} (an ablation)" if overrides else ""))
+          + (f", the method's workflow with {overrides} (an ablation)" if overrides else ""))
     print(f"  {'method / variant':34s} {'success':>8s} {'preservation':>13s} {'of edits made':>14s} {'exact':>6s} "
           f"{'to truth':>9s} {'failed':>6s}")
     for method in methods:
