@@ -110,11 +110,11 @@ def main() -> None:
     if args.overrides and len(methods) != 1:
         raise SystemExit("--set names nodes of one workflow: give exactly one method with --methods")
     kinds = tuple(args.kinds) if args.kinds else None
-    overrides = {}
+    texts = parse_overrides(args.overrides)
     try:  # before anything runs
         for method in methods:
             check_kinds(method, kinds)
-            overrides = ablation_inputs(method, parse_overrides(args.overrides))
+        overrides = ablation_inputs(methods[0], texts) if texts else {}
     except ValueError as exc:
         raise SystemExit(f"--set / --kinds: {exc}") from None
     report = {"tasks": args.tasks, "steps": args.steps, "seed": seed, "methods": {}}

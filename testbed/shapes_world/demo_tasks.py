@@ -94,7 +94,12 @@ class WorldTask:
         """The workflow to run: its own, or the shipped one named by ``stem``."""
         if self.workflow is not None:
             return copy.deepcopy(self.workflow)
-        return json.loads((WORKFLOWS / f"{self.stem}.json").read_text())
+        return shipped_workflow(self.stem)
+
+
+def shipped_workflow(stem: str) -> dict:
+    """The shipped API workflow ``api_workflows/<stem>.json``, a fresh copy."""
+    return json.loads((WORKFLOWS / f"{stem}.json").read_text())
 
 
 def photo(scene: Scene, mask_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,12 +23,11 @@ Baselines:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 
 from ...masks.settings import DEFAULT_SEGMENT, MASK_LAYER_CHOICES, MASK_ROW_CHOICES, SEGMENT_CHOICES
 from .config import T2I_FILE
-from .demo_tasks import WORKFLOWS, WorldTask, ZoneMask, photo, score, task_for
+from .demo_tasks import WorldTask, ZoneMask, photo, score, shipped_workflow, task_for
 from .edits import Edit, ground_truth, random_edit
 from .scene import BACKGROUNDS, SHAPES, Obj, Scene, random_scene
 
@@ -235,9 +234,7 @@ def evaluate(method: Method, count: int, steps: int, seed: int = SUITE_SEED,
     tasks of those edit kinds among the ``count`` (the same tasks, numbered as in the whole suite).
     """
     check_kinds(method, kinds)
-    for node_id, values in (overrides or {}).items():
-        for name in values:
-            shipped_value(method, node_id, name)  # refuses what the workflow does not set
+    shipped_values(method, overrides or {})  # refuses what the workflow does not set
     suite = [(i, case) for i, case in enumerate(cases(method, count, seed)) if kinds is None or case.kind in kinds]
     if kinds is not None and not suite:
         raise ValueError(f"none of {method.name}'s first {count} tasks is of the kinds {list(kinds)}: "
@@ -257,31 +254,35 @@ def check_kinds(method: Method, kinds: tuple[str, ...] | None) -> None:
         raise ValueError(f"kinds {unknown}: {method.name}'s tasks are of the kinds {list(method.kinds)}")
 
 
-def shipped_value(method: Method, node_id: str, name: str) -> object:
-    """The value the method's shipped workflow gives input ``name`` of node ``node_id``, which an ablation may
+def shipped_values(method: Method, inputs: Mapping[str, Iterable[str]]) -> dict[str, dict[str, object]]:
+    """The values the method's shipped workflow gives ``inputs`` (node id -> input names), which an ablation may
     replace; refused where there is none (a node or an input the workflow does not set, or a link from another
     node): overriding it would change nothing, or break the graph."""
-    workflow = json.loads((WORKFLOWS / f"{method.stem}.json").read_text())
-    if node_id not in workflow:
-        nodes = ", ".join(f"{i} {node['class_type']}" for i, node in workflow.items())
-        raise ValueError(f"node {node_id!r} is not in {method.stem}'s workflow (its nodes: {nodes})")
-    node = workflow[node_id]
-    if name not in node["inputs"]:
-        values = [key for key, value in node["inputs"].items() if not isinstance(value, list)]
-        raise ValueError(f"{method.stem}'s workflow does not set input {name!r} of node {node_id} "
-                         f"({node['class_type']}); it sets {', '.join(values)}")
-    value = node["inputs"][name]
-    if isinstance(value, list):
-        raise ValueError(f"input {name!r} of node {node_id} ({node['class_type']}) is a link from node {value[0]}, "
-                         "not a value an ablation can set")
-    return value
+    workflow = shipped_workflow(method.stem)
+    values: dict[str, dict[str, object]] = {}
+    for node_id, names in inputs.items():
+        if node_id not in workflow:
+            nodes = ", ".join(f"{i} {node['class_type']}" for i, node in workflow.items())
+            raise ValueError(f"node {node_id!r} is not in {method.stem}'s workflow (its nodes: {nodes})")
+        node = workflow[node_id]
+        for name in names:
+            if name not in node["inputs"]:
+                set_here = [key for key, value in node["inputs"].items() if not isinstance(value, list)]
+                raise ValueError(f"{method.stem}'s workflow does not set input {name!r} of node {node_id} "
+                                 f"({node['class_type']}); it sets {', '.join(set_here)}")
+            value = node["inputs"][name]
+            if isinstance(value, list):
+                raise ValueError(f"input {name!r} of node {node_id} ({node['class_type']}) is a link from node "
+                                 f"{value[0]}, not a value an ablation can set")
+            values.setdefault(node_id, {})[name] = value
+    return values
 
 
 def ablation_inputs(method: Method, texts: dict[str, dict[str, str]]) -> dict[str, dict[str, object]]:
     """Node inputs for an ablation of ``method``'s workflow from text (node id -> {input: text}): each value
     converted to the type of the value the shipped workflow gives that input (text stays text, so '' is empty)."""
-    return {node_id: {name: _like(shipped_value(method, node_id, name), text, f"{node_id}.{name}")
-                      for name, text in values.items()}
+    shipped = shipped_values(method, texts)
+    return {node_id: {name: _like(shipped[node_id][name], text, f"{node_id}.{name}") for name, text in values.items()}
             for node_id, values in texts.items()}
 
 
