@@ -17,7 +17,9 @@ layers, its M_t / M_s thresholds, its rows under CFG; the layers P2P, SpecRef an
 maps from; BARET's transition lambda schedule; the learning rate of P2P's null-text inversion
 (``demo_tasks.WORLD_NULL_TEXT_LR``, chosen on other held-out tasks than the table's: ``Sweep.chosen_on``); and, as
 a measurement of an official value, StyleDiffusion's self-attention replacement tau_s) and prints the value it
-chooses (a tie keeps the shipped default). ``--seed`` draws other held-out tasks; ``--per-task`` prints each task.
+chooses (a tie keeps the shipped default). ``--seed`` draws other held-out tasks; ``--per-task`` prints each task;
+``--models DIR`` measures a candidate world (retrained checkpoints under the committed files' names in DIR; a file
+DIR lacks is the committed one) instead of the committed checkpoints.
 ``--set NODE.INPUT=VALUE`` runs an ablation (one method's own workflow with those inputs, of the types the workflow
 gives them; its baselines as they are) and ``--kinds`` keeps the suite's tasks of some edit kinds, numbered as in
 the whole suite.
@@ -72,6 +74,10 @@ def main() -> None:
                              "baselines', each value of the type the workflow gives that input (8.blend_words= is "
                              "empty text); e.g. --methods 'P2P (null-text inversion)' --set 8.cross_replace=0 "
                              "8.self_replace=0. The JSON records the overrides")
+    parser.add_argument("--models", type=Path, metavar="DIR",
+                        help="measure a candidate world instead of the committed checkpoints: DIR holds "
+                             "shapes_world_t2i.safetensors and/or shapes_world_ip2p.safetensors (a file it lacks is "
+                             "the committed one); the JSON records the files loaded")
     parser.add_argument("--json", type=Path, default=Path("out/bench_fidelity.json"))
     parser.add_argument("--sweep-zone-mask", action="store_true",
                         help="also sweep how ZONE reads M_b (branch, layers, threshold T) against the true edit "
@@ -87,7 +93,7 @@ def main() -> None:
 
     bootstrap_comfyui()  # before anything imports comfy
     from realedit.testbed import comfy_runner
-    from realedit.testbed.shapes_world.comfy_world import add_checkpoint_folder
+    from realedit.testbed.shapes_world.comfy_world import add_checkpoint_folder, use_candidate_models
     from realedit.testbed.shapes_world.fidelity import (
         METHODS,
         SUITE_SEED,
@@ -102,6 +108,10 @@ def main() -> None:
     comfy_runner.load_pack()
     register_comfy()
     add_checkpoint_folder()
+    try:  # a candidate world's files come first in ComfyUI's checkpoints folders
+        models = {name: str(path) for name, path in use_candidate_models(args.models).items()} if args.models else {}
+    except ValueError as exc:
+        raise SystemExit(f"--models: {exc}") from None
     # every method by default; none when only sweeps are asked for (unless --methods names some)
     methods = [m for m in METHODS if (m.name in args.methods if args.methods is not None else not args.sweep)]
     seed = SUITE_SEED if args.seed is None else args.seed
@@ -120,7 +130,10 @@ def main() -> None:
     report = {"tasks": args.tasks, "steps": args.steps, "seed": seed, "methods": {}}
     if overrides or args.kinds:
         report.update(overrides=overrides, kinds=args.kinds)
-    print(f"fidelity on the shapes world: {args.tasks} tasks per method, {args.steps} steps, seed {seed}"
+    if models:
+        report["models"] = models
+    print(f"fidelity on the shapes world{' (a candidate world: ' + ', '.join(models.values()) + ')' if models else ''}"
+          f": {args.tasks} tasks per method, {args.steps} steps, seed {seed}"
           + (f", only {', '.join(args.kinds)} edits" if args.kinds else "")
           + (f", the method's workflow with {overrides} (an ablation)" if overrides else ""))
     print(f"  {'method / variant':34s} {'success':>8s} {'preservation':>13s} {'of edits made':>14s} {'exact':>6s} "

@@ -21,10 +21,13 @@ text-to-image checkpoint, to tell a method that fails from a world that gives it
    photos: 1 when the edit takes the reference's appearance, 0 when it changes with the reference no more than by
    chance. *Nearest*: how often the edit's description lies nearest its own reference's expected one among the
    five (chance 20%; the count of trials is printed). ``--sampler-inputs`` sets SpecRef Edit Sampler inputs (e.g.
-   ``'{"uncond_shared_kv": true, "cfg": 3}'``) for both.
+   ``'{"uncond_shared_kv": true, "cfg": 3}'``) for both. ``--models DIR`` measures a candidate text-to-image
+   checkpoint (``DIR/shapes_world_t2i.safetensors``, e.g. a retrain meant to carry appearance through
+   self-attention) instead of the committed one, both parts on it.
 
     COMFYUI_PATH=... .venv/bin/python bench/bench_world_attention.py            # 10 scenes, 10 SpecRef photos
     COMFYUI_PATH=... .venv/bin/python bench/bench_world_attention.py --scenes 4 --photos 2 --json out.json
+    COMFYUI_PATH=... .venv/bin/python bench/bench_world_attention.py --models retrained/ --parts specref
 """
 
 from __future__ import annotations
@@ -94,13 +97,15 @@ class World:
     empty: torch.Tensor  # the empty prompt's embedding, CFG's unconditional row
 
     @classmethod
-    def load(cls) -> World:
+    def load(cls, t2i_file: Path | None = None) -> World:
+        """The committed checkpoint's twin, or ``t2i_file``'s."""
         from realedit.hosts.diffusers import DiffusersHost, discover_layers
         from realedit.hosts.diffusers_sampling import sampling_sigmas
         from realedit.testbed.shapes_world.config import T2I_FILE
         from realedit.testbed.shapes_world.diffusers_loader import edit_model
 
-        model = edit_model("shapes-world", T2I_FILE, torch.device("cpu"), torch.float32)
+        model = edit_model("shapes-world", T2I_FILE, torch.device("cpu"), torch.float32,
+                           t2i_file.parent if t2i_file else None)
         switch = Switch(sr_layers(discover_layers(model.unet)))
         return cls(model, DiffusersHost(model.unet, switch), switch, sampling_sigmas(model.scheduler, STEPS)[1],
                    model.encode(""))
@@ -127,13 +132,14 @@ class World:
         return decode_latent(self.model, sample(denoise, start, self.sigmas))
 
 
-def leverage(scenes: int, seed: int) -> dict[str, dict[str, float]]:
-    """{mode: {switched off: median PSNR against the unchanged model}} over ``scenes`` held-out scenes."""
+def leverage(scenes: int, seed: int, t2i_file: Path | None = None) -> dict[str, dict[str, float]]:
+    """{mode: {switched off: median PSNR against the unchanged model}} over ``scenes`` held-out scenes, on the
+    committed text-to-image checkpoint or ``t2i_file``."""
     from realedit.hosts.diffusers_batch import encode_image
     from realedit.testbed.shapes_world.demo_tasks import psnr
     from realedit.testbed.shapes_world.scene import random_scene, render
 
-    world = World.load()
+    world = World.load(t2i_file)
     rng = random.Random(seed)
     results: dict[str, dict[str, list[float]]] = {mode: {off: [] for off in SWITCHED_OFF} for mode in MODES}
     with world.host, torch.no_grad():
@@ -209,6 +215,9 @@ def main() -> None:
                         help="SpecRef Edit Sampler inputs as JSON, e.g. '{\"uncond_shared_kv\": true}'")
     parser.add_argument("--parts", nargs="+", choices=("leverage", "specref"), default=["leverage", "specref"])
     parser.add_argument("--seed", type=int, default=70_000)
+    parser.add_argument("--models", type=Path, metavar="DIR",
+                        help="measure a candidate text-to-image checkpoint instead of the committed one: DIR holds "
+                             "shapes_world_t2i.safetensors")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -216,7 +225,8 @@ def main() -> None:
 
     bootstrap_comfyui()  # before anything imports comfy
     from realedit.testbed import comfy_runner
-    from realedit.testbed.shapes_world.comfy_world import add_checkpoint_folder
+    from realedit.testbed.shapes_world.comfy_world import add_checkpoint_folder, use_candidate_models
+    from realedit.testbed.shapes_world.config import T2I_FILE
     from realedit.testbed.shapes_world.models import register_comfy
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -224,10 +234,16 @@ def main() -> None:
     comfy_runner.load_pack()
     register_comfy()
     add_checkpoint_folder()
+    try:
+        t2i_file = use_candidate_models(args.models)[T2I_FILE] if args.models else None
+    except ValueError as exc:
+        raise SystemExit(f"--models: {exc}") from None
+    if t2i_file and t2i_file.parent != args.models.resolve():
+        raise SystemExit(f"--models: {args.models} holds no {T2I_FILE}, the checkpoint this bench measures")
 
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"t2i_file": str(t2i_file)} if t2i_file else {}
     if "leverage" in args.parts:
-        results["leverage_psnr_db"] = leverage(args.scenes, args.seed)
+        results["leverage_psnr_db"] = leverage(args.scenes, args.seed, t2i_file)
         print_leverage(results["leverage_psnr_db"], args.scenes)
     if "specref" in args.parts:
         results["sr_reference"] = reference_transfer(args.photos, args.seed, args.sampler_inputs)

@@ -250,3 +250,35 @@ def test_the_gate_report_says_what_each_unet_gate_misses(shapes_world):
     lines = "\n".join(gate_lines(measured))
     assert f"objects read back right, of {objects['objects']}: position {objects['position']}," in lines
     assert "carried out by kind: recolour " in lines and "background" in lines
+
+
+def test_a_candidate_world_folder_comes_before_the_committed_files(runner, tmp_path, monkeypatch):
+    """bench --models DIR: CheckpointLoaderSimple loads DIR's text-to-image file (here the committed one with one
+    bias changed), the committed IP2P file where DIR has none, and the diffusers twin reads the same file; a folder
+    holding neither world file is refused by name. ComfyUI's folder list is restored afterwards."""
+    import folder_paths
+    import safetensors
+    import safetensors.torch
+    from realedit.testbed.shapes_world.comfy_world import loader_workflow, use_candidate_models
+    from realedit.testbed.shapes_world.diffusers_loader import edit_model
+
+    paths, extensions = folder_paths.folder_names_and_paths["checkpoints"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints", (list(paths), extensions))
+    with pytest.raises(ValueError, match=f"holds neither {T2I_FILE} nor {IP2P_FILE}"):
+        use_candidate_models(tmp_path)
+    state = safetensors.torch.load_file(str(CHECKPOINT_DIR / T2I_FILE))
+    with safetensors.safe_open(str(CHECKPOINT_DIR / T2I_FILE), framework="pt") as file:
+        metadata = file.metadata()
+    key = "model.diffusion_model.out.2.bias"
+    state[key] = state[key] + 1
+    safetensors.torch.save_file(state, str(tmp_path / T2I_FILE), metadata=metadata)
+
+    loaded = use_candidate_models(tmp_path)
+    assert loaded == {T2I_FILE: tmp_path.resolve() / T2I_FILE, IP2P_FILE: CHECKPOINT_DIR / IP2P_FILE}
+    assert folder_paths.get_full_path("checkpoints", T2I_FILE) == str(tmp_path.resolve() / T2I_FILE)
+    assert folder_paths.get_full_path("checkpoints", IP2P_FILE) == str(CHECKPOINT_DIR / IP2P_FILE)
+    result = runner.run_workflow(loader_workflow(), outputs=["1", "2"], tiny_checkpoint=None, pack=False)
+    bias = result["1"][0].model.diffusion_model.out[2].bias.float()
+    torch.testing.assert_close(bias, state[key].float())
+    twin = edit_model("shapes-world", T2I_FILE, torch.device("cpu"), torch.float32, tmp_path)
+    torch.testing.assert_close(twin.unet.conv_out.bias, state[key].float())

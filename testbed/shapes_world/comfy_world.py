@@ -26,12 +26,31 @@ class ComfyWorld:
     gates: dict[str, Any]
 
 
-def add_checkpoint_folder(directory: Path = CHECKPOINT_DIR) -> None:
-    """Make ``directory`` one of ComfyUI's ``checkpoints`` folders (as ``extra_model_paths.yaml`` would)."""
+def add_checkpoint_folder(directory: Path = CHECKPOINT_DIR, *, first: bool = False) -> None:
+    """Make ``directory`` one of ComfyUI's ``checkpoints`` folders (as ``extra_model_paths.yaml`` would); ``first``:
+    searched before the others, so its files win over same-named ones elsewhere."""
     import folder_paths
 
-    if str(directory) not in folder_paths.get_folder_paths("checkpoints"):
+    if first:
+        folder_paths.add_model_folder_path("checkpoints", str(directory), is_default=True)
+    elif str(directory) not in folder_paths.get_folder_paths("checkpoints"):
         folder_paths.add_model_folder_path("checkpoints", str(directory))
+
+
+def use_candidate_models(directory: Path) -> dict[str, Path]:
+    """Measure a candidate world (a retrained checkpoint) instead of the committed one: ``directory`` holds
+    ``shapes_world_t2i.safetensors``, ``shapes_world_ip2p.safetensors`` or both, and becomes ComfyUI's first
+    ``checkpoints`` folder (after the committed one is added), so every workflow that loads a world file by name
+    loads the candidate's where it has one and the committed file otherwise. Returns {file name: the path loaded}.
+    """
+    directory = Path(directory).resolve()
+    held = [name for name in (T2I_FILE, IP2P_FILE) if (directory / name).is_file()]
+    if not held:
+        raise ValueError(f"RealEdit: the candidate world folder {directory} holds neither {T2I_FILE} nor {IP2P_FILE}; "
+                         f"put the candidate checkpoints there under those names")
+    add_checkpoint_folder()
+    add_checkpoint_folder(directory, first=True)
+    return {name: (directory if name in held else CHECKPOINT_DIR) / name for name in (T2I_FILE, IP2P_FILE)}
 
 
 def loader_workflow(t2i: str = T2I_FILE, ip2p: str = IP2P_FILE) -> dict[str, Any]:

@@ -122,16 +122,18 @@ def load(path: Path) -> DiffusersWorld:
     return DiffusersWorld(unet, vae.float().eval(), text.float().eval(), world)
 
 
-def edit_model(name: str, file: str, device: torch.device, dtype: torch.dtype) -> EditModel:
+def edit_model(name: str, file: str, device: torch.device, dtype: torch.dtype,
+               folder: Path | None = None) -> EditModel:
     """The batch runner's model ``name`` (``--model shapes-world`` / ``shapes-world-ip2p``) from the committed
-    checkpoint ``file``: its UNet and VAE, SD1.5's DDIM schedule, and its text encoder fed by the world's
-    token table (:mod:`.tokens`; CLIPTextEncode's embedding, without ComfyUI's tokenizer files)."""
+    checkpoint ``file`` (or the one in ``folder``: a candidate world a bench measures): its UNet and VAE, SD1.5's
+    DDIM schedule, and its text encoder fed by the world's token table (:mod:`.tokens`; CLIPTextEncode's
+    embedding, without ComfyUI's tokenizer files)."""
     from ...batching.models import EditModel, place
     from ..diffusers_models import make_ddim_scheduler
     from .config import CHECKPOINT_DIR
     from .tokens import clip_ids, tokenize
 
-    world = load(CHECKPOINT_DIR / file)
+    world = load((folder or CHECKPOINT_DIR) / file)
     place(world.unet, world.vae, device=device, dtype=dtype)
     text = world.text_encoder.to(device)
 
