@@ -7,17 +7,17 @@ method's shipped workflow and each baseline's workflow in ComfyUI's executor wit
 checkpoints. Printed as a table (edit success: read back as asked; preservation: median PSNR outside the
 region that should change, "exact" when no pixel there changed; of edits made: the same with an edit not
 read back at 0 dB, what the preservation methods are judged on; PSNR to the expected image), with the
-verdict on each method's own metric, and written as JSON. ``--sweep-zone-mask`` also chooses how ZONE reads
-M_b on the world: the IP2P branch (the official code's empty-text rows or the instruction row), the layers and
-the threshold T (the median IoU of M_b with the region that should change, for each; the paper leaves the
-value open; the world's tasks use the best, ``demo_tasks.WORLD_ZONE_MASK``). ``--sweep NAME`` sweeps another
-open default on its method's tasks and metric (``fidelity.SWEEPS``: the images ZONE's Region-IoU segments
-(``demo_tasks.WORLD_ZONE_SEGMENT`` holds the choice); SpecRef's SR-attention step window, its
-layers, its M_t / M_s thresholds, its rows under CFG; the layers P2P, SpecRef and StyleDiffusion read word
-maps from; BARET's transition lambda schedule; the learning rate of P2P's null-text inversion
-(``demo_tasks.WORLD_NULL_TEXT_LR``, chosen on other held-out tasks than the table's: ``Sweep.chosen_on``); and, as
-a measurement of an official value, StyleDiffusion's self-attention replacement tau_s) and prints the value it
-chooses (a tie keeps the shipped default). ``--seed`` draws other held-out tasks; ``--per-task`` prints each task;
+verdict on each method's own metric, and written as JSON. ``--sweep-zone-mask`` also chooses how ZONE reads M_b on
+the world: the IP2P branch (the official code's empty-text rows or the instruction row), the layers and the
+threshold T (the median IoU of M_b with the region that should change, for each; the paper leaves the value open;
+the world's tasks use the best, ``demo_tasks.WORLD_ZONE_MASK``). ``--sweep NAME`` sweeps another open default on its
+method's tasks and metric (``fidelity.SWEEPS``: the images ZONE's Region-IoU segments
+(``demo_tasks.WORLD_ZONE_SEGMENT`` holds the choice); SpecRef's SR-attention step window, its layers, its M_t / M_s
+thresholds, its rows under CFG; the layers P2P, SpecRef and StyleDiffusion read word maps from; BARET's transition
+lambda schedule and its attention injection windows; the learning rate of P2P's null-text inversion
+(``demo_tasks.WORLD_NULL_TEXT_LR``, chosen on other held-out tasks than the table's: ``Sweep.chosen_on``); and, as a
+measurement of an official value, StyleDiffusion's self-attention replacement tau_s) and prints the value it chooses
+(a tie keeps the shipped default). ``--seed`` draws other held-out tasks; ``--per-task`` prints each task;
 ``--models DIR`` measures a candidate world (retrained checkpoints under the committed files' names in DIR; a file
 DIR lacks is the committed one) instead of the committed checkpoints.
 ``--set NODE.INPUT=VALUE`` runs an ablation (one method's own workflow with those inputs, of the types the workflow
@@ -86,7 +86,7 @@ def main() -> None:
                         help="also sweep these open defaults on --tasks tasks (fidelity.SWEEPS: specref-window, "
                              "specref-layers, specref-thresholds, specref-uncond, p2p-map-downscale, "
                              "p2p-null-text-lr, specref-map-downscale, stylediffusion-map-downscale, "
-                             "stylediffusion-tau-s, zone-segment, baret-lambda)")
+                             "stylediffusion-tau-s, zone-segment, baret-lambda, baret-attention)")
     args = parser.parse_args()
 
     from realedit.testbed.comfy_env import bootstrap_comfyui

@@ -426,6 +426,12 @@ SWEEPS: dict[str, Sweep] = {
     "baret-lambda": Sweep("BARET", "transition lambda start -> end", "7", {
         f"{a:g} -> {b:g}": {"lambda_start": a, "lambda_end": b}
         for a, b in ((0.8, 0.1), (1.0, 0.4), (0.6, 0.0), (0.8, 0.4), (1.0, 1.0))}, "0.8 -> 0.1"),
+    # BARET's Balanced Attention Module (Eq. 4-5): the steps in which the edit takes reconstruction's self-attention
+    # maps and transition's cross-attention maps. The paper suggests 0.2-0.4 and 0.4-0.8 (Sec. 4.3); "0 / 0" turns
+    # the module off, a measurement of what it does on the world (a tie keeps the shipped 0.3 / 0.6).
+    "baret-attention": Sweep("BARET", "attention injection windows (self / cross fraction)", "7", {
+        f"{a:g} / {c:g}": {"self_attention_fraction": a, "cross_attention_fraction": c}
+        for a, c in ((0.3, 0.6), (0.2, 0.4), (0.4, 0.8), (0.0, 0.0))}, "0.3 / 0.6"),
 }
 
 
