@@ -97,6 +97,7 @@ def main() -> None:
     from realedit.testbed.shapes_world.fidelity import (
         METHODS,
         SUITE_SEED,
+        SWEEPS,
         ablation_inputs,
         beats_baselines,
         check_kinds,
@@ -104,6 +105,8 @@ def main() -> None:
     )
     from realedit.testbed.shapes_world.models import register_comfy
 
+    check_names("--methods", args.methods or [], [method.name for method in METHODS])
+    check_names("--sweep", args.sweep, list(SWEEPS))
     comfy_runner.load_comfy_nodes()
     comfy_runner.load_pack()
     register_comfy()
@@ -163,6 +166,14 @@ def main() -> None:
         _write(report, args.json)
     _write(report, args.json)
     print(f"wrote {args.json}")
+
+
+def check_names(option: str, asked: list[str], known: list[str]) -> None:
+    """Refuse, before anything runs, a name ``option`` does not know (a misspelt method would otherwise run nothing),
+    listing the names it knows."""
+    unknown = [name for name in asked if name not in known]
+    if unknown:
+        raise SystemExit(f"{option}: no {', '.join(map(repr, unknown))}; the names are {', '.join(map(repr, known))}")
 
 
 def parse_overrides(settings: list[str]) -> dict[str, dict[str, str]]:

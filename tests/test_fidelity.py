@@ -242,12 +242,21 @@ def test_an_ablations_values_take_the_type_the_workflow_gives_each_input():
             ablation_inputs(p2p, {node: {name: text}})
 
 
-def test_the_bench_reads_each_set_as_node_input_and_text():
+BENCH = WORKFLOWS.parent / "bench" / "bench_fidelity.py"
+
+
+def _bench():
+    """bench/bench_fidelity.py as a module (its functions; main() is not run)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_fidelity", WORKFLOWS.parent / "bench" / "bench_fidelity.py")
+    spec = importlib.util.spec_from_file_location("bench_fidelity", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_bench_reads_each_set_as_node_input_and_text():
+    bench = _bench()
     assert bench.parse_overrides(["8.cross_replace=0", "8.blend_words=cat, tiger", "8.reweight_words=",
                                   "7.learning_rate=3e-3"]) == {
         "8": {"cross_replace": "0", "blend_words": "cat, tiger", "reweight_words": ""}, "7": {"learning_rate": "3e-3"}}
@@ -255,6 +264,19 @@ def test_the_bench_reads_each_set_as_node_input_and_text():
         bench.parse_overrides(["cross_replace=0"])
     with pytest.raises(SystemExit, match="8.cross_replace is given twice"):
         bench.parse_overrides(["8.cross_replace=0", "8.cross_replace=0.2"])
+
+
+def test_the_bench_refuses_an_unknown_method_or_sweep_and_its_help_lists_every_sweep():
+    bench = _bench()
+    names = [method.name for method in METHODS]
+    bench.check_names("--methods", ["ZONE", "BARET"], names)
+    listed = "the names are 'P2P \\(null-text inversion\\)', 'BARET'"
+    with pytest.raises(SystemExit, match=f"--methods: no 'Zone'; {listed}"):
+        bench.check_names("--methods", ["ZONE", "Zone"], names)
+    with pytest.raises(SystemExit, match="--sweep: no 'baret-bam'"):
+        bench.check_names("--sweep", ["baret-bam"], list(SWEEPS))
+    help_text = BENCH.read_text().split("fidelity.SWEEPS: ", 1)[1].split(")\")", 1)[0]  # the --sweep help's list
+    assert [name for name in SWEEPS if name not in help_text] == []
 
 
 def test_a_sweep_chooses_the_best_value_and_a_tie_keeps_the_default():
