@@ -17,7 +17,8 @@ thresholds, its rows under CFG; the layers P2P, SpecRef and StyleDiffusion read 
 lambda schedule and its attention injection windows; the learning rate of P2P's null-text inversion
 (``demo_tasks.WORLD_NULL_TEXT_LR``, chosen on other held-out tasks than the table's: ``Sweep.chosen_on``); and, as a
 measurement of an official value, StyleDiffusion's self-attention replacement tau_s) and prints the value it chooses
-(a tie keeps the shipped default). ``--seed`` draws other held-out tasks; ``--per-task`` prints each task;
+(a tie keeps the shipped default). ``--seed`` draws other held-out tasks; ``--unnamed P`` draws scenes whose objects
+wear an appearance no word names with chance P (details a caption leaves out); ``--per-task`` prints each task;
 ``--models DIR`` measures a candidate world (retrained checkpoints under the committed files' names in DIR; a file
 DIR lacks is the committed one) instead of the committed checkpoints.
 ``--set NODE.INPUT=VALUE`` runs an ablation (one method's own workflow with those inputs, of the types the workflow
@@ -69,6 +70,11 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", metavar="KIND",
                         help="only the tasks of these edit kinds among --tasks (recolour, reshape, background, ...): "
                              "the same tasks as the whole suite's, numbered as there")
+    parser.add_argument("--unnamed", type=chance, default=0.0, metavar="P",
+                        help="each object's chance of wearing an appearance no word names (an off-vocabulary colour "
+                             "or a pattern), a detail the captions leave out as a real photo's do (default 0: the "
+                             "suite's captions name every colour; other values draw other tasks). The IP2P UNet "
+                             "never trained on such scenes")
     parser.add_argument("--set", nargs="+", default=[], metavar="NODE.INPUT=VALUE", dest="overrides",
                         help="an ablation of one method (--methods NAME): set inputs of its own workflow, not its "
                              "baselines', each value of the type the workflow gives that input (8.blend_words= is "
@@ -118,8 +124,8 @@ def main() -> None:
     # every method by default; none when only sweeps are asked for (unless --methods names some)
     methods = [m for m in METHODS if (m.name in args.methods if args.methods is not None else not args.sweep)]
     seed = SUITE_SEED if args.seed is None else args.seed
-    if (args.overrides or args.kinds) and (args.sweep or args.sweep_zone_mask):
-        raise SystemExit("--set and --kinds change the --methods runs, not the sweeps: run them apart")
+    if (args.overrides or args.kinds or args.unnamed) and (args.sweep or args.sweep_zone_mask):
+        raise SystemExit("--set, --kinds and --unnamed change the --methods runs, not the sweeps: run them apart")
     if args.overrides and len(methods) != 1:
         raise SystemExit("--set names nodes of one workflow: give exactly one method with --methods")
     kinds = tuple(args.kinds) if args.kinds else None
@@ -133,18 +139,21 @@ def main() -> None:
     report = {"tasks": args.tasks, "steps": args.steps, "seed": seed, "methods": {}}
     if overrides or args.kinds:
         report.update(overrides=overrides, kinds=args.kinds)
+    if args.unnamed:
+        report["unnamed"] = args.unnamed
     if models:
         report["models"] = models
     print(f"fidelity on the shapes world{' (a candidate world: ' + ', '.join(models.values()) + ')' if models else ''}"
           f": {args.tasks} tasks per method, {args.steps} steps, seed {seed}"
           + (f", only {', '.join(args.kinds)} edits" if args.kinds else "")
+          + (f", objects of appearances no word names at {args.unnamed:.0%}" if args.unnamed else "")
           + (f", the method's workflow with {overrides} (an ablation)" if overrides else ""))
     print(f"  {'method / variant':34s} {'success':>8s} {'preservation':>13s} {'of edits made':>14s} {'exact':>6s} "
           f"{'to truth':>9s} {'failed':>6s}")
     for method in methods:
         start = time.perf_counter()
         summaries = evaluate(method, args.tasks, args.steps, seed, per_task=args.per_task,
-                             overrides=overrides or None, kinds=kinds)
+                             overrides=overrides or None, kinds=kinds, unnamed=args.unnamed)
         verdicts = beats_baselines(method, summaries)
         for name, summary in summaries.items():
             label = name if name == method.name else f"  vs {name}"
@@ -174,6 +183,14 @@ def check_names(option: str, asked: list[str], known: list[str]) -> None:
     unknown = [name for name in asked if name not in known]
     if unknown:
         raise SystemExit(f"{option}: no {', '.join(map(repr, unknown))}; the names are {', '.join(map(repr, known))}")
+
+
+def chance(text: str) -> float:
+    """``--unnamed``'s value: a probability."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a chance between 0 and 1")
+    return value
 
 
 def parse_overrides(settings: list[str]) -> dict[str, dict[str, str]]:

@@ -3,6 +3,7 @@ and a deterministic subset run through ComfyUI's executor (bench/bench_fidelity.
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from realedit.testbed.shapes_world.fidelity import (
     zone_mask_sweep,
     zone_tasks,
 )
+from realedit.testbed.shapes_world.scene import COLOURS
 
 SUBSET_TASKS, SUBSET_STEPS = 3, 4
 # The methods that do not beat their baselines on the committed weights (README.md's fidelity table says by how
@@ -277,6 +279,23 @@ def test_the_bench_refuses_an_unknown_method_or_sweep_and_its_help_lists_every_s
         bench.check_names("--sweep", ["baret-bam"], list(SWEEPS))
     help_text = BENCH.read_text().split("fidelity.SWEEPS: ", 1)[1].split(")\")", 1)[0]  # the --sweep help's list
     assert [name for name in SWEEPS if name not in help_text] == []
+
+
+def test_unnamed_scenes_caption_no_colour_and_p2ps_blend_words_stay_words_of_its_prompts():
+    """bench_fidelity --unnamed 1: every object wears an appearance no word names, so no caption names a colour;
+    a recolour of such an object blends its shape word (the caption's only word for it) into the new colour's."""
+    method = next(m for m in METHODS if m.stem == "nulltext_p2p_edit")
+    suite = cases(method, 12, unnamed=1.0)
+    assert {case.kind for case in suite} >= {"recolour", "reshape"}
+    for case in suite:
+        truth, inputs = case.method.truth, case.method.inputs["8"]
+        source, target = (set(caption.replace(",", "").split()) for caption in (truth.source_caption,
+                                                                                  truth.target_caption))
+        assert not set(COLOURS) & source, truth.source_caption
+        prompts = source | target
+        assert set(inputs["blend_words"].split(", ")) <= prompts, (inputs["blend_words"], truth.target_caption)
+    with pytest.raises(argparse.ArgumentTypeError, match="1.5 is not a chance between 0 and 1"):
+        _bench().chance("1.5")
 
 
 def test_a_sweep_chooses_the_best_value_and_a_tie_keeps_the_default():

@@ -114,8 +114,8 @@ def _words(scene: Scene, edit: Edit) -> tuple[str, str]:
     obj = scene.objects[edit.target]
     if edit.kind == "reshape":
         return obj.shape, str(edit.value)
-    if edit.kind == "recolour":
-        return str(obj.appearance.word), str(edit.value)
+    if edit.kind == "recolour":  # an appearance no word names: the caption calls the object by its shape alone
+        return obj.appearance.word or obj.shape, str(edit.value)
     if edit.kind == "background":
         return scene.background, str(edit.value)
     raise ValueError(f"no blend words for a {edit.kind} edit")

@@ -83,12 +83,14 @@ def _reference_for(scene: Scene, edit: Edit, rng: random.Random) -> Scene:
     return Scene(background, (Obj(rng.choice(SHAPES), edit.value, "centre", "large"),))  # type: ignore[arg-type]
 
 
-def cases(method: Method, count: int, seed: int = SUITE_SEED) -> list[Case]:
-    """``count`` seeded tasks of ``method`` (scenes with named appearances; held out from training's seeds)."""
+def cases(method: Method, count: int, seed: int = SUITE_SEED, unnamed: float = 0.0) -> list[Case]:
+    """``count`` seeded tasks of ``method`` (held out from training's seeds). ``unnamed``: each object's chance of
+    wearing an appearance no word names, a detail its caption leaves out as a real photo's does (default 0: the
+    suite's captions name every object's colour)."""
     rng = random.Random(seed + 1000 * METHODS.index(method))
     out = []
     while len(out) < count:
-        scene = random_scene(rng, two_objects=0.4, unnamed=0.0, textured=0.25)
+        scene = random_scene(rng, two_objects=0.4, unnamed=unnamed, textured=0.25)
         try:
             edit = random_edit(scene, rng, method.kinds)
         except ValueError:  # no edit of these kinds applies to this scene
@@ -226,16 +228,18 @@ def summarise(scores: list) -> Summary:
 def evaluate(method: Method, count: int, steps: int, seed: int = SUITE_SEED,
              log: Callable[[str], None] = print, per_task: bool = False,
              overrides: dict[str, dict[str, object]] | None = None,
-             kinds: tuple[str, ...] | None = None) -> dict[str, Summary]:
+             kinds: tuple[str, ...] | None = None, unnamed: float = 0.0) -> dict[str, Summary]:
     """Every variant (the method, then its baselines) on ``count`` seeded tasks: {variant: Summary}.
 
     ``per_task``: also log each task's scores. ``overrides`` (node id -> {input: value}) change the method's own
     workflow, not its baselines' (an ablation: e.g. P2P without its attention control). ``kinds``: only the
-    tasks of those edit kinds among the ``count`` (the same tasks, numbered as in the whole suite).
+    tasks of those edit kinds among the ``count`` (the same tasks, numbered as in the whole suite). ``unnamed``:
+    scenes whose objects wear an appearance no word names with that chance (:func:`cases`).
     """
     check_kinds(method, kinds)
     shipped_values(method, overrides or {})  # refuses what the workflow does not set
-    suite = [(i, case) for i, case in enumerate(cases(method, count, seed)) if kinds is None or case.kind in kinds]
+    suite = [(i, case) for i, case in enumerate(cases(method, count, seed, unnamed))
+             if kinds is None or case.kind in kinds]
     if kinds is not None and not suite:
         raise ValueError(f"none of {method.name}'s first {count} tasks is of the kinds {list(kinds)}: "
                          "ask for more tasks")
