@@ -253,7 +253,9 @@ def prepare_edit(fingerprint: str, inversion: Inversion, layers: Callable[[], li
     if inversion.z_T.shape[0] != 1:
         raise SpecRefError(f"RealEdit: the INVERSION holds {inversion.z_T.shape[0]} images; SpecRef edits one "
                            "source image at a time.")
-    inversion.check_compatible(fingerprint, inversion.steps if steps is None else steps)
+    inversion.check_compatible(fingerprint, inversion.steps)
+    if steps is not None:
+        inversion.check_node_steps(steps)
     refs = ReferenceInputs.resolve(ref_features, bank, reference, reference_cond)
     refs.check(fingerprint, inversion, features=ref_features)
     window = live_window or BankSettings(mode="live")

@@ -103,8 +103,10 @@ def cfg_guider(model: Any, positive: list, negative: list | None, cfg: float) ->
 
 
 def _invert_batch(model: Any, latent: torch.Tensor, positive: list, negative: list | None, guidance: float,
-                  sigmas: torch.Tensor, convention: Convention, callback: StepCallback | None) -> Inversion:
-    """Invert every image of a user-space latent batch in one sampler run (one UNet batch per step)."""
+                  sigmas: torch.Tensor, convention: Convention, callback: StepCallback | None,
+                  asked_steps: int) -> Inversion:
+    """Invert every image of a user-space latent batch in one sampler run (one UNet batch per step) on the
+    ``sigmas`` a node given ``asked_steps`` chose."""
     trajectory: list[torch.Tensor] = []
     on_step = callback  # the sampler function's own ``callback`` parameter shadows it
 
@@ -123,7 +125,7 @@ def _invert_batch(model: Any, latent: torch.Tensor, positive: list, negative: li
     noise = torch.zeros_like(latent)
     guider.sample(noise, latent, comfy.samplers.KSAMPLER(sampler_function), sigmas, disable_pbar=True, seed=0)
     return Inversion(trajectory=tuple(trajectory), sigmas=sigmas, convention=convention,
-                     fingerprint=model_fingerprint(model))
+                     fingerprint=model_fingerprint(model), asked_steps=asked_steps)
 
 
 def ddim_invert(
@@ -141,7 +143,7 @@ def ddim_invert(
     """DDIM-invert a user-space LATENT on a ComfyUI MODEL; the trajectory is in model space."""
     check_input_latent(model, latent)
     sigmas = inversion_sigmas(sampling_sigmas(model, scheduler, steps), convention)  # ascending
-    return _invert_batch(model, latent, positive, negative, guidance, sigmas, convention, callback)
+    return _invert_batch(model, latent, positive, negative, guidance, sigmas, convention, callback, steps)
 
 
 def bank_for(model: Any, settings: BankSettings, total_steps: int) -> tuple[list[int], range]:
@@ -309,7 +311,7 @@ def invert_source_and_reference(
     inverting, layers, edit_steps, bank = _recording_model(model, settings, total, convention, slot=1)
     latent = torch.cat([source, reference.to(source)])
     both = _invert_batch(inverting, latent, positive, None, 1.0, inversion_sigmas(descending, convention),
-                         convention, callback)
+                         convention, callback, steps)
     features = ReferenceFeatures(settings.mode, both.row(1), bank, tuple(layers), edit_steps, reference_cond)
     return SourceAndReference(both.row(0), features, batched=True)
 

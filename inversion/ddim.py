@@ -22,7 +22,7 @@ A ``Denoiser`` is the host's model call in k-diffusion form: ``denoised = model(
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -136,13 +136,29 @@ class Inversion:
     sigmas: torch.Tensor
     convention: Convention
     fingerprint: str
+    # The steps the inverting node was given, where its schedule runs another number: ComfyUI's ddim_uniform
+    # runs one more for a count that does not divide its 1000 timesteps evenly (31 for 30), as its KSampler
+    # does. None: as many as it ran.
+    asked_steps: int | None = field(default=None, kw_only=True)
 
     def __deepcopy__(self, memo: dict) -> Inversion:
         return self
 
     @property
     def steps(self) -> int:
+        """The steps of its schedule (the edit runs as many)."""
         return len(self.sigmas) - 1
+
+    @property
+    def steps_asked(self) -> int:
+        """The steps a node must be given to run this inversion's schedule: the inverting node's."""
+        return self.steps if self.asked_steps is None else self.asked_steps
+
+    def check_node_steps(self, steps: int, what: str = "INVERSION", error: type[ValueError] = ValueError) -> None:
+        """Refuse a node's ``steps`` input that differs from the inverting node's."""
+        if steps != self.steps_asked:
+            raise error(f"RealEdit: the {what} was made with {self.steps_asked} steps but this node uses {steps}; "
+                        "set the same steps on both nodes (or re-run the inversion).")
 
     @property
     def sampling_sigmas(self) -> torch.Tensor:

@@ -423,7 +423,8 @@ class OptimisedInversion(Inversion):
         start, fixed = optimised_and_fixed(optimisation.branch, cond, uncond)
         return cls(trajectory=inversion.trajectory, sigmas=inversion.sigmas, convention=inversion.convention,
                    fingerprint=inversion.fingerprint if fingerprint is None else fingerprint,
-                   optimisation=optimisation, cfg=cfg, initial_embedding=start, fixed_embedding=fixed)
+                   asked_steps=inversion.asked_steps, optimisation=optimisation, cfg=cfg, initial_embedding=start,
+                   fixed_embedding=fixed)
 
     @property
     def branch(self) -> Branch:

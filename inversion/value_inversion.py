@@ -152,7 +152,7 @@ class ValueInversion(Inversion):
         """The DDIM ``inversion`` with what :func:`optimise_values` learned for the ``source`` embedding (all on
         the CPU); ``fingerprint`` names the model."""
         return cls(trajectory=tuple(t.cpu() for t in inversion.trajectory), sigmas=inversion.sigmas.cpu(),
-                   convention=inversion.convention, fingerprint=fingerprint,
+                   convention=inversion.convention, fingerprint=fingerprint, asked_steps=inversion.asked_steps,
                    scales=tuple(a.cpu() for a in found.scales), shifts=tuple(b.cpu() for b in found.shifts),
                    source_embedding=source.detach().float().cpu(), parameterisation=parameterisation, cfg=cfg,
                    losses=found.losses, attention_losses=found.attention_losses, final_losses=found.final_losses,

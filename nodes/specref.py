@@ -256,5 +256,5 @@ class ApplySRAttention(io.ComfyNode):
         layers = sorted(hook.sr.layers)
         text = (f"RealEdit SR-attention: layers {layers}, edit steps "
                 f"{ref_features.steps.start}-{ref_features.steps.stop - 1} of {ref_features.total_steps}; M_t from "
-                f"{source}. Sample with {ref_features.total_steps} steps of the reference's scheduler.")
+                f"{source}. Sample with {ref_features.inversion.steps_asked} steps of the reference's scheduler.")
         return io.NodeOutput(patched, ui=ui.PreviewText(text))

@@ -207,9 +207,7 @@ class StyleDiffusionEditSampler(io.ComfyNode):
                 map_downscale: int = SD_DEFAULTS.map_downscale) -> io.NodeOutput:
         inversion = check_value_inversion(inversion)
         check_map_downscale(model, map_downscale)
-        if steps != inversion.steps:
-            raise StyleDiffusionError(f"RealEdit: the INVERSION was made with {inversion.steps} steps but this node "
-                                      f"uses {steps}; set the same steps on both nodes (or re-run the inversion).")
+        inversion.check_node_steps(steps, error=StyleDiffusionError)
         edit = prompt_edit(clip, source_text, target_text, edit_mode, reweight_words, reweight_factor)
         tokenize, mode = edit.tokenize, edit.mode
         blend = split_words(blend_words)

@@ -244,6 +244,27 @@ def test_apply_sr_attention_with_ksampler(runner, overrides, workflow):
     assert "M_t from the words ['tiger'] at tokens [5]" in on.ui["20"]["text"][0]
 
 
+def test_a_step_count_ddim_uniform_runs_one_more_of_edits_as_comfyuis_ksampler_does(runner, overrides, workflow):
+    """ComfyUI's ddim_uniform runs one step more for a count that does not divide its 1000 timesteps evenly (7 for 6;
+    31 for the StyleDiffusion workflow's 30, which every run refused): the same steps on every node edit along the
+    inversion's 7 steps, another count is refused naming the 6 the inversion was given, and Apply SR-Attention
+    names the 6 a KSampler must be given to run the features' schedule."""
+    six = copy.deepcopy(workflow)
+    for node in six.values():
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = 6
+    result = runner.run_workflow(six, outputs=["9", SAMPLER], overrides=overrides)
+    inversion = result["9"][1]
+    assert (inversion.steps, inversion.steps_asked) == (7, 6)
+    assert torch.isfinite(result[SAMPLER][0]["samples"]).all()
+    graph = _sr_graph(six, sampler_steps=6)
+    on = runner.run_workflow(graph, outputs=["20", "22"], overrides=overrides)
+    assert "Sample with 6 steps of the reference's scheduler" in on.ui["20"]["text"][0]
+    six[SAMPLER]["inputs"]["steps"] = 7
+    with pytest.raises(runner.WorkflowError, match="INVERSION was made with 6 steps but this node uses 7"):
+        runner.run_workflow(six, outputs=[SAMPLER], overrides=overrides)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"sampler_steps": 4}, "the sampler runs 4 steps"),
     ({"mode": "live"}, "needs stored REF_FEATURES"),

@@ -108,6 +108,20 @@ def test_a_stylediffusion_inversion_is_refused_by_the_specref_sampler_by_name(ru
         runner.run_workflow(workflow, outputs=["8"], overrides=overrides, tiny_checkpoint=family, output_dir=tmp_path)
 
 
+def test_a_step_count_ddim_uniform_runs_one_more_of_edits_as_set_on_both_nodes(runner, tmp_path):
+    """ComfyUI's ddim_uniform runs 7 steps for 6 (31 for the shipped workflow's 30, which every run refused): the
+    same steps on both nodes edit along the inversion's 7; 7 on the edit node is refused, naming the 6."""
+    workflow, overrides, family = _workflow(steps=6, iterations=1)
+    result = runner.run_workflow(workflow, outputs=["7", "8"], overrides=overrides, tiny_checkpoint=family,
+                                 output_dir=tmp_path)
+    inversion = result["7"][1]
+    assert (inversion.steps, inversion.steps_asked) == (7, 6) and len(inversion.scales) == 7
+    assert torch.isfinite(result["8"][0]["samples"]).all()
+    workflow["8"]["inputs"]["steps"] = 7
+    with pytest.raises(runner.WorkflowError, match="INVERSION was made with 6 steps but this node uses 7"):
+        runner.run_workflow(workflow, outputs=["8"], overrides=overrides, tiny_checkpoint=family, output_dir=tmp_path)
+
+
 def test_steps_other_than_the_inversions_long_prompts_and_absent_map_layers_are_refused_by_name(runner, tmp_path):
     workflow, overrides, family = _workflow()
     workflow["8"]["inputs"]["steps"] = 3
