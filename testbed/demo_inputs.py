@@ -29,9 +29,10 @@ def untiny_loaders(workflow: dict[str, Any]) -> list[str]:
     return sorted({node["class_type"] for node in workflow.values() if node["class_type"] in WEIGHT_LOADERS})
 
 
-def tiny_run(workflow: dict[str, Any], size: int = 128, steps: int = 4,
+def tiny_run(workflow: dict[str, Any], size: int = 128, steps: int | None = 4,
              tiny_sam: bool = True) -> tuple[dict[str, Any], dict[str, tuple], str]:
-    """(workflow at demo size, node overrides, tiny checkpoint family) for ``run_workflow``."""
+    """(workflow at demo size, node overrides, tiny checkpoint family) for ``run_workflow``; ``steps`` None keeps
+    each node's shipped steps."""
     photos = [(scene.image, scene.mask) for scene in (source_scene(size, size), reference_scene(size, size))]
     workflow, overrides = _stand_ins(workflow, size, steps, photos, tiny_sam)
     for node in workflow.values():
@@ -84,10 +85,10 @@ def run_world_task(task: WorldTask, steps: int, folder: Path) -> WorldRun:
     return WorldRun(saved, [str(text) for _, ui in by_node for text in ui.get("text", [])])
 
 
-def _stand_ins(workflow: dict[str, Any], size: int, steps: int, photos: list[tuple],
+def _stand_ins(workflow: dict[str, Any], size: int, steps: int | None, photos: list[tuple],
                tiny_sam: bool = True) -> tuple[dict[str, Any], dict[str, tuple]]:
-    """A copy of ``workflow`` at ``size`` px and ``steps`` steps, and overrides: the LoadImage nodes in id
-    order get ``photos`` (the last one repeats), the SAM loader a tiny random SAM (``tiny_sam``), with
+    """A copy of ``workflow`` at ``size`` px and ``steps`` steps (None: as shipped), and overrides: the LoadImage
+    nodes in id order get ``photos`` (the last one repeats), the SAM loader a tiny random SAM (``tiny_sam``), with
     Region-IoU's quality thresholds off so its segments reach the refinement."""
     workflow = copy.deepcopy(workflow)
     overrides: dict[str, tuple] = {}
@@ -96,7 +97,7 @@ def _stand_ins(workflow: dict[str, Any], size: int, steps: int, photos: list[tup
         node = workflow[node_id]
         inputs = node["inputs"]
         for key, value in (("width", size), ("height", size), ("steps", steps)):
-            if key in inputs and not isinstance(inputs[key], list):
+            if key in inputs and not isinstance(inputs[key], list) and value is not None:
                 inputs[key] = value
         if node["class_type"] == "LoadImage":
             overrides[node_id] = tuple(photos[min(loaded, len(photos) - 1)])

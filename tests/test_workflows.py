@@ -43,6 +43,23 @@ def test_ui_workflow_queues_exactly_its_api_twin(runner, api_path):
     assert ui_to_api(_load(ui_path), nodes.NODE_CLASS_MAPPINGS) == _load(api_path)
 
 
+@pytest.mark.parametrize("api_path", [p for p in API_TWINS if "UNETLoader" not in p.read_text()],
+                         ids=lambda p: p.stem)  # not the Qwen-Image-Edit twin: no stand-in for its models
+def test_each_twin_runs_at_the_steps_it_ships_with(runner, api_path, tmp_path):
+    """Each twin a tiny checkpoint stands in for runs with its shipped step counts and schedulers (the other tests
+    and the demo run fewer steps; at its 30 the StyleDiffusion twin was refused on every run, as ComfyUI's
+    ddim_uniform runs 31 steps for 30)."""
+    from realedit.testbed.demo_inputs import tiny_run
+
+    shipped = _load(api_path)
+    workflow, overrides, family = tiny_run(shipped, steps=None)
+    steps = {node_id: node["inputs"]["steps"] for node_id, node in shipped.items()
+             if isinstance(node["inputs"].get("steps"), int)}
+    assert steps and all(workflow[node_id]["inputs"]["steps"] == count for node_id, count in steps.items())
+    result = runner.run_workflow(workflow, overrides=overrides, tiny_checkpoint=family, output_dir=tmp_path)
+    assert any(ui.get("images") for ui in result.ui.values())
+
+
 def test_template_browser_lists_each_workflow_once():
     """ComfyUI serves templates from every one of these folder names (app/custom_node_manager.py): only
     example_workflows/ may exist, and it holds exactly one UI file per API twin."""
