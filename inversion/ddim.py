@@ -154,10 +154,10 @@ class Inversion:
         """The steps a node must be given to run this inversion's schedule: the inverting node's."""
         return self.steps if self.asked_steps is None else self.asked_steps
 
-    def check_node_steps(self, steps: int, what: str = "INVERSION", error: type[ValueError] = ValueError) -> None:
+    def check_node_steps(self, steps: int, error: type[ValueError] = ValueError) -> None:
         """Refuse a node's ``steps`` input that differs from the inverting node's."""
         if steps != self.steps_asked:
-            raise error(f"RealEdit: the {what} was made with {self.steps_asked} steps but this node uses {steps}; "
+            raise error(f"RealEdit: the INVERSION was made with {self.steps_asked} steps but this node uses {steps}; "
                         "set the same steps on both nodes (or re-run the inversion).")
 
     @property
