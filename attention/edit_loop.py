@@ -255,7 +255,7 @@ def prepare_edit(fingerprint: str, inversion: Inversion, layers: Callable[[], li
                            "source image at a time.")
     inversion.check_compatible(fingerprint, inversion.steps)
     if steps is not None:
-        inversion.check_node_steps(steps)
+        inversion.check_node_steps(steps, error=SpecRefError)
     refs = ReferenceInputs.resolve(ref_features, bank, reference, reference_cond)
     refs.check(fingerprint, inversion, features=ref_features)
     window = live_window or BankSettings(mode="live")

@@ -65,7 +65,7 @@ from ..inversion.embedding_opt import (
     null_text_lr,
     optimise_embeddings,
 )
-from .comfy_sampling import StepCallback, check_sd_model, ddim_invert, model_fingerprint
+from .comfy_sampling import StepCallback, check_sd_model, ddim_invert, model_fingerprint, schedule_steps
 
 # Activations kept for one backward pass, relative to ComfyUI's inference estimate (heuristic).
 BACKWARD_MEMORY_FACTOR = 4
@@ -233,8 +233,8 @@ def optimise_inversion(
     runs after each iteration, ``inversion_callback(i, x)`` after each inversion step; both after a check
     of ComfyUI's interrupt flag. The caller's MODEL is never modified (module docstring).
     """
-    settings.validate(steps, branch)
     check_sd_model(model, latent)
+    settings.validate(schedule_steps(model, scheduler, steps), branch)  # as run (ddim_uniform: 31 for 30)
     check_text_conditioning(positive, "positive")
     check_text_conditioning(negative, "negative")
     clone = autograd_clone(model, dtype)

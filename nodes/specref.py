@@ -255,6 +255,7 @@ class ApplySRAttention(io.ComfyNode):
         source = f"the words {words} at tokens {positions}" if words else "the target_mask"
         layers = sorted(hook.sr.layers)
         text = (f"RealEdit SR-attention: layers {layers}, edit steps "
-                f"{ref_features.steps.start}-{ref_features.steps.stop - 1} of {ref_features.total_steps}; M_t from "
-                f"{source}. Sample with {ref_features.inversion.steps_asked} steps of the reference's scheduler.")
+                f"{ref_features.steps.start}-{ref_features.steps.stop - 1} of the {ref_features.total_steps} its "
+                f"schedule runs; M_t from {source}. Sample with {ref_features.inversion.steps_asked} steps of the "
+                "reference's scheduler.")
         return io.NodeOutput(patched, ui=ui.PreviewText(text))

@@ -48,11 +48,15 @@ def test_ui_workflow_queues_exactly_its_api_twin(runner, api_path):
 def test_each_twin_runs_at_the_steps_it_ships_with(runner, api_path, tmp_path):
     """Each twin a tiny checkpoint stands in for runs with its shipped step counts and schedulers (the other tests
     and the demo run fewer steps; at its 30 the StyleDiffusion twin was refused on every run, as ComfyUI's
-    ddim_uniform runs 31 steps for 30)."""
+    ddim_uniform runs 31 steps for 30), at one optimisation iteration a step (the steps are what is tested)."""
     from realedit.testbed.demo_inputs import tiny_run
 
     shipped = _load(api_path)
     workflow, overrides, family = tiny_run(shipped, steps=None)
+    for node in workflow.values():
+        for cap in ("iterations", "max_iterations"):
+            if isinstance(node["inputs"].get(cap), int):
+                node["inputs"][cap] = 1
     steps = {node_id: node["inputs"]["steps"] for node_id, node in shipped.items()
              if isinstance(node["inputs"].get("steps"), int)}
     assert steps and all(workflow[node_id]["inputs"]["steps"] == count for node_id, count in steps.items())
