@@ -157,8 +157,7 @@ class Inversion:
     def check_node_steps(self, steps: int, error: type[ValueError] = ValueError) -> None:
         """Refuse a node's ``steps`` input that differs from the inverting node's."""
         if steps != self.steps_asked:
-            raise error(f"RealEdit: the INVERSION was made with {self.steps_asked} steps but this node uses {steps}; "
-                        "set the same steps on both nodes (or re-run the inversion).")
+            raise error(_steps_refusal("INVERSION", self.steps_asked, steps))
 
     @property
     def sampling_sigmas(self) -> torch.Tensor:
@@ -207,13 +206,16 @@ class Inversion:
         check_made_with(what, self.fingerprint, self.steps, fingerprint, steps)
 
 
+def _steps_refusal(what: str, made_steps: int, steps: int) -> str:
+    """The message refusing a node whose ``steps`` differ from the ``made_steps`` its ``what`` was made with."""
+    return (f"RealEdit: the {what} was made with {made_steps} steps but this node uses {steps}; "
+            "set the same steps on both nodes (or re-run the inversion).")
+
+
 def check_made_with(what: str, made_fingerprint: str, made_steps: int, fingerprint: str, steps: int) -> None:
     """The error an INVERSION or REF_FEATURES made with another step count or model gets."""
     if steps != made_steps:
-        raise ValueError(
-            f"RealEdit: the {what} was made with {made_steps} steps but this node uses {steps}; "
-            "set the same steps on both nodes (or re-run the inversion)."
-        )
+        raise ValueError(_steps_refusal(what, made_steps, steps))
     if fingerprint != made_fingerprint:
         raise ValueError(
             f"RealEdit: the {what} was made with a different model than this node's: "
